@@ -1,0 +1,33 @@
+# Quick start: `make demo` then `make test` (both create .venv on first use).
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.elucidate-installed
+
+.PHONY: demo test test-fast bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	# test-only references; k-diffusion without its torchvision-importing dependencies
+	$(PY) -m pip install --quiet --no-deps k-diffusion torchsde torchdiffeq trampoline
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/elucidate demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/sampler_overhead.py
+	$(PY) benchmarks/sampler_accuracy.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,14 @@
+"""elucidate: diffusion models on the EDM design space (Karras et al. 2022)."""
+from . import sampling
+from .analytic import EmpiricalDenoiser, GaussianMixture
+from .denoiser import Denoiser
+from .formulations import EDM, IDDPM, VE, VP, Formulation, Preconditioning, make_formulation
+from .losses import denoising_loss
+from .sampling import sample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "sampling", "EmpiricalDenoiser", "GaussianMixture", "Denoiser", "EDM", "IDDPM", "VE", "VP",
+    "Formulation", "Preconditioning", "make_formulation", "denoising_loss", "sample", "__version__",
+]
