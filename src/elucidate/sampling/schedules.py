@@ -87,9 +87,11 @@ def vp_sigmas(num_steps: int, beta_d: float = 19.9, beta_min: float = 0.1, epsil
               device=None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """VP discretization (Table 1): sigma(t_i) with t_i = 1 + i/(N-1) (epsilon_s - 1)."""
     check_steps(num_steps)
-    check_positive(beta_d=beta_d, beta_min=beta_min, epsilon_s=epsilon_s)
+    check_positive(beta_d=beta_d, epsilon_s=epsilon_s)
     if epsilon_s >= 1:
         raise ValueError(f"epsilon_s must be in (0, 1), got {epsilon_s!r}")
+    if not math.isfinite(beta_min) or beta_min + beta_d * epsilon_s <= 0:  # sigma(t) must increase on [eps_s, 1]
+        raise ValueError(f"beta_min must satisfy beta_min + beta_d * epsilon_s > 0, got {beta_min!r}")
     t = 1 + _ramp(num_steps) * (epsilon_s - 1)
     return _finish(torch.sqrt(torch.expm1(0.5 * beta_d * t ** 2 + beta_min * t)), device, dtype)
 

@@ -220,7 +220,8 @@ def lms_coefficients(t: list[float], i: int, order: int) -> list[float]:
     weights = []
     for j in range(order):
         others = [nodes[k] for k in range(order) if k != j]
-        basis = np.polynomial.Polynomial.fromroots(others) / np.prod([nodes[j] - o for o in others])
+        basis = np.polynomial.Polynomial.fromroots(others) if others else np.polynomial.Polynomial([1.0])
+        basis = basis / float(np.prod([nodes[j] - o for o in others]))
         antiderivative = basis.integ()
         weights.append(float(antiderivative(t[i + 1]) - antiderivative(t[i])))
     return weights

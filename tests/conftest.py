@@ -1,0 +1,43 @@
+"""Shared fixtures: small exact-denoiser problems and the k-diffusion reference samplers."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+
+from elucidate import GaussianMixture
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def kdiff():
+    """k-diffusion 0.1.1's ``sampling`` module, loaded without the package ``__init__``
+    (which imports torchvision). Its only use of ``k_diffusion.utils`` is ``append_dims``."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None:
+        pytest.fail("k-diffusion is a test dependency: pip install --no-deps k-diffusion torchsde torchdiffeq trampoline")
+    root = spec.submodule_search_locations[0]
+    package = types.ModuleType("_kdiff_ref")
+    package.__path__ = [root]
+    utils = types.ModuleType("_kdiff_ref.utils")
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+    sys.modules.setdefault("_kdiff_ref", package)
+    sys.modules.setdefault("_kdiff_ref.utils", utils)
+    package.utils = utils
+    sampling_spec = importlib.util.spec_from_file_location("_kdiff_ref.sampling", f"{root}/sampling.py")
+    module = importlib.util.module_from_spec(sampling_spec)
+    sys.modules["_kdiff_ref.sampling"] = module
+    sampling_spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def gmm() -> GaussianMixture:
+    """A 4-D, 3-component mixture with unequal weights and spreads (float64)."""
+    means = torch.tensor([[1.0, -0.5, 0.3, 0.0], [-1.0, 0.8, -0.2, 0.5], [0.2, 0.1, 1.2, -1.0]])
+    stds = torch.tensor([0.2, 0.35, 0.15])
+    return GaussianMixture(means, stds, [0.5, 0.3, 0.2])
