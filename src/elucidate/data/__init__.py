@@ -1,0 +1,19 @@
+"""Datasets for diffusion training, loaded and validated up front and held in memory as tensors.
+
+Kinds: image folders and zips (PNG/JPEG/WEBP/BMP, NVlabs ``dataset.json`` labels), ``.npy``/``.npz``
+arrays (any channel count, uint8 or float), and the bundled real ``digits`` (and ``faces``).
+Every dataset yields ``(image [C, H, W] float32 in model units, label int64 scalar or -1)``, has a
+fast ``get_batch(indices)``, NVlabs-style x-flip indexing and a serializable ``normalizer``.
+Use :func:`build_dataset` with a config dict; all problems raise :class:`DataError` at construction.
+"""
+from .arrays import ArrayDataset
+from .build import CONFIG_KEYS, DATA_KEYS, DATASETS, build_dataset
+from .bundled import DigitsDataset, FacesDataset
+from .dataset import ImageDataset
+from .errors import DataError
+from .images import IMAGE_EXTENSIONS, ImageFolderDataset, ZipImageDataset
+from .normalize import NORMALIZE_MODES, Normalizer
+
+__all__ = ["DataError", "Normalizer", "NORMALIZE_MODES", "ImageDataset", "ImageFolderDataset", "ZipImageDataset",
+           "ArrayDataset", "DigitsDataset", "FacesDataset", "IMAGE_EXTENSIONS", "DATASETS", "CONFIG_KEYS",
+           "DATA_KEYS", "build_dataset"]

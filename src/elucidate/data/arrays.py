@@ -1,0 +1,160 @@
+"""Array datasets from .npy/.npz files: any channel count, uint8 or float, NCHW/NHWC/NHW layouts.
+
+Layout: ``N,H,W`` is gray; for 4-D arrays ``layout`` (``"NCHW"``/``"NHWC"``) says where the
+channels are, or, when omitted, the channel axis is the smaller of axes 1 and 3 (a tie is an error
+unless ``channels`` singles one out). ``.npz`` files with one array need no ``key`` (nor when the
+only other array is ``labels_key``). uint8 stays uint8; float16/32/64 become float32 and must be
+finite. Labels (``labels_key``) must be a 1-D non-negative integer array with one entry per item.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .dataset import ImageDataset, check_positive_int
+from .errors import DataError, describe
+from .transforms import parse_resolution, transform_float, transform_uint8
+
+__all__ = ["ARRAY_SUFFIXES", "LAYOUTS", "ArrayDataset", "read_array", "to_nchw"]
+
+ARRAY_SUFFIXES = (".npy", ".npz")
+LAYOUTS = ("NCHW", "NHWC")
+_LOAD_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError)
+
+
+def _pick_key(keys: list[str], key: str | None, labels_key: str | None, source: str) -> str:
+    listing = ", ".join(keys) if keys else "none"
+    if key is not None:
+        if key not in keys:
+            raise DataError(f"{source}: no array {key!r}; keys: {listing}")
+        return key
+    candidates = [k for k in keys if k != labels_key]
+    if len(candidates) != 1:
+        raise DataError(f"{source}: {'contains no arrays' if not candidates else 'holds several arrays'}; "
+                        f"set key to one of: {listing}")
+    return candidates[0]
+
+
+def read_array(path: str | os.PathLike, key: str | None = None, labels_key: str | None = None, *,
+               with_labels: bool = True) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Load the image array (and the ``labels_key`` array unless ``with_labels`` is False) from .npy/.npz.
+
+    Returns ``(images, labels_or_None, source)`` where ``source`` names file and key for messages.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{file}: no such file" if not file.exists() else f"{file}: not a file")
+    suffix = file.suffix.lower()
+    if suffix not in ARRAY_SUFFIXES:
+        raise DataError(f"{file}: expected a .npy or .npz file, got suffix {file.suffix!r}")
+    if suffix == ".npy":
+        for option, value in (("key", key), ("labels_key", labels_key)):
+            if value is not None:
+                raise DataError(f"{file}: option {option}={value!r} needs an .npz file (a .npy holds one array)")
+    try:
+        loaded = np.load(file, allow_pickle=False)
+    except _LOAD_ERRORS as exc:
+        raise DataError(f"{file}: cannot read {suffix[1:]} ({describe(exc)})") from exc
+    if isinstance(loaded, np.ndarray) != (suffix == ".npy"):
+        if not isinstance(loaded, np.ndarray):
+            loaded.close()
+        raise DataError(f"{file}: content is {'an .npz archive' if suffix == '.npy' else 'a single .npy array'}, "
+                        f"which does not match its suffix {file.suffix!r}")
+    if isinstance(loaded, np.ndarray):
+        return loaded, None, str(file)
+    with loaded as archive:
+        keys = list(archive.files)
+        chosen = _pick_key(keys, key, labels_key, str(file))
+        if labels_key is not None and labels_key not in keys:
+            raise DataError(f"{file}: no labels array {labels_key!r}; keys: {', '.join(keys)}")
+        arrays = []
+        for name in (chosen, labels_key if with_labels else None):
+            try:
+                arrays.append(None if name is None else archive[name])
+            except _LOAD_ERRORS as exc:
+                raise DataError(f"{file}:{name}: cannot read array ({describe(exc)})") from exc
+    return arrays[0], arrays[1], f"{file}:{chosen}"
+
+
+def to_nchw(array: np.ndarray, layout: str | None, channels: int | None, source: str) -> np.ndarray:
+    """Reorder a 3-D (N,H,W) or 4-D array to N,C,H,W following ``layout`` or the small-axis rule."""
+    if layout is not None and layout not in LAYOUTS:
+        raise DataError(f"{source}: layout={layout!r} is not one of {', '.join(LAYOUTS)}")
+    if array.ndim == 3:
+        array = array[:, None]
+        layout = "NCHW"
+    elif array.ndim != 4:
+        raise DataError(f"{source}: array of shape {array.shape} has ndim {array.ndim}; "
+                        "expected N,H,W or N,C,H,W / N,H,W,C")
+    if layout is None:
+        matches = [axis for axis in (1, 3) if channels is not None and array.shape[axis] == channels]
+        if len(matches) == 1:
+            layout = "NCHW" if matches[0] == 1 else "NHWC"
+        elif array.shape[1] != array.shape[3]:
+            layout = "NCHW" if array.shape[1] < array.shape[3] else "NHWC"
+        else:
+            raise DataError(f"{source}: cannot tell the channel axis of shape {array.shape}; set layout: NCHW or NHWC")
+    if layout == "NHWC":
+        array = array.transpose(0, 3, 1, 2)
+    if channels is not None and array.shape[1] != channels:
+        raise DataError(f"{source}: has {array.shape[1]} channels (shape {array.shape} as {layout}), "
+                        f"expected channels={channels}")
+    return array
+
+
+def _to_tensor(array: np.ndarray, source: str) -> torch.Tensor:
+    if array.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    if array.dtype.kind != "f":
+        raise DataError(f"{source}: dtype {array.dtype} is not supported; use uint8 or float (16/32/64)")
+    finite = np.isfinite(array)
+    if not finite.all():
+        first = int(np.argwhere(~finite)[0][0])
+        raise DataError(f"{source}: {int((~finite).sum())} non-finite values (NaN/Inf), first in item {first}")
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if not bool(torch.isfinite(tensor).all()):
+        raise DataError(f"{source}: values overflow float32 (|x| > 3.4e38)")
+    return tensor
+
+
+def _to_labels(labels: np.ndarray, count: int, source: str) -> torch.Tensor:
+    if labels.dtype.kind not in "iu" or labels.ndim != 1 or labels.shape[0] != count:
+        raise DataError(f"{source}: labels must be a 1-D integer array of length {count}, "
+                        f"got {labels.dtype} with shape {labels.shape}")
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{source}: labels must be >= 0, found {int(labels.min())}")
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+class ArrayDataset(ImageDataset):
+    """Images from a ``.npy`` or ``.npz`` array (see the module docstring for layouts and keys).
+
+    uint8 arrays are images in [0, 255]; float arrays keep their units (``normalize='auto'`` is
+    ``none`` for them). ``channels`` asserts the channel count; ``max_size`` keeps the first N items.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, key: str | None = None, labels_key: str | None = None,
+                 layout: str | None = None, resolution: int | list[int] | tuple[int, int] | None = None,
+                 center_crop: bool = False, xflip: bool = False, normalize: str = "auto", target_std: float = 0.5,
+                 channels: int | None = None, labels: bool = True, max_size: int | None = None) -> None:
+        size = parse_resolution(resolution, f"{path}: resolution")
+        channels = check_positive_int(channels, "channels", str(path))
+        max_size = check_positive_int(max_size, "max_size", str(path))
+        if not isinstance(center_crop, bool):
+            raise DataError(f"{path}: center_crop={center_crop!r} must be true or false")
+        array, label_array, source = read_array(path, key, labels_key, with_labels=labels)
+        array = to_nchw(array, layout, channels, source)
+        label_tensor = None
+        if label_array is not None:
+            label_tensor = _to_labels(label_array, array.shape[0], f"{path}:{labels_key}")[:max_size]
+        images = _to_tensor(array[:max_size], source)
+        if images.dtype == torch.uint8:
+            images = transform_uint8(images, size, center_crop)
+        else:
+            images = transform_float(images, size, center_crop)
+        super().__init__(images, label_tensor, name=Path(path).stem, xflip=xflip, normalize=normalize,
+                         target_std=target_std, source=source)

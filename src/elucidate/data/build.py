@@ -1,0 +1,67 @@
+"""``build_dataset(config)``: the one entry point from a data config dict to a dataset.
+
+Accepted keys (all optional except ``dataset``; ``None`` means the default):
+
+* ``dataset``: one of :data:`DATASETS` (``npz`` also reads ``.npy`` files).
+* ``path``: required for folder/zip/npz, not allowed for the bundled digits/faces.
+* ``key``, ``labels_key``, ``layout``: npz only (array key, integer label array key, NCHW|NHWC).
+* ``resolution`` (int or [H, W]), ``center_crop`` (bool), ``xflip`` (bool, doubles the length).
+* ``normalize`` (auto|minus_one_one|zero_one|minmax|standardize|none), ``target_std`` (0.5).
+* ``channels`` (int: converts image files to L/LA/RGB/RGBA, asserts the count for arrays/digits).
+* ``labels`` (bool, default true: use labels when present), ``max_size`` (keep the first N items).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from .arrays import ArrayDataset
+from .bundled import DigitsDataset, FacesDataset
+from .dataset import ImageDataset
+from .errors import DataError
+from .images import ImageFolderDataset, ZipImageDataset
+
+__all__ = ["DATASETS", "CONFIG_KEYS", "DATA_KEYS", "build_dataset"]
+
+DATASETS = ("digits", "folder", "zip", "npz", "faces")
+CONFIG_KEYS = ("dataset", "path", "key", "labels_key", "layout", "resolution", "center_crop", "xflip",
+               "normalize", "target_std", "channels", "labels", "max_size")
+DATA_KEYS = CONFIG_KEYS  # the name the run config uses for the accepted ``data:`` keys
+_BUNDLED = ("digits", "faces")
+_ARRAY_ONLY = ("key", "labels_key", "layout")
+_BOOLS = ("center_crop", "xflip", "labels")
+_STRINGS = ("key", "labels_key", "layout", "normalize")
+
+
+def build_dataset(config: Mapping[str, Any]) -> ImageDataset:
+    """Build the dataset a data config describes; every problem is a one-line DataError at this call."""
+    if not isinstance(config, Mapping):
+        raise DataError(f"data config must be a mapping, got {type(config).__name__}")
+    for name in config:
+        if name not in CONFIG_KEYS:
+            raise DataError(f"data config: unknown key {name!r}; accepted: {', '.join(CONFIG_KEYS)}")
+    options = {name: value for name, value in config.items() if value is not None}
+    kind = options.pop("dataset", None)
+    if kind not in DATASETS:
+        raise DataError(f"data config: dataset={kind!r} is not one of {', '.join(DATASETS)}")
+    for name in _BOOLS:
+        if name in options and not isinstance(options[name], bool):
+            raise DataError(f"data config: {name}={options[name]!r} must be true or false")
+    for name in _STRINGS:
+        if name in options and not isinstance(options[name], str):
+            raise DataError(f"data config: {name}={options[name]!r} must be a string")
+    for name in _ARRAY_ONLY:
+        if name in options and kind != "npz":
+            raise DataError(f"data config: {name} applies only to dataset 'npz', not {kind!r}")
+    path = options.pop("path", None)
+    if kind in _BUNDLED:
+        if path is not None:
+            raise DataError(f"data config: path is not allowed for the bundled dataset {kind!r}")
+        return (DigitsDataset if kind == "digits" else FacesDataset)(**options)
+    if path is None:
+        raise DataError(f"data config: dataset {kind!r} needs a path")
+    if not isinstance(path, (str, os.PathLike)):
+        raise DataError(f"data config: path={path!r} must be a string")
+    factory = {"folder": ImageFolderDataset, "zip": ZipImageDataset, "npz": ArrayDataset}[kind]
+    return factory(path, **options)

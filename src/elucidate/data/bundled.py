@@ -1,0 +1,73 @@
+"""Small real datasets that ship inside installed libraries, so they load offline.
+
+* ``digits``: ``sklearn.datasets.load_digits``: 1,797 real 8x8 handwritten digits, pixel values
+  0..16, labels 0..9. Stored as float32 in those units (value range (0, 16), so ``normalize='auto'``
+  maps 0..16 to [-1, 1]).
+* ``faces``: the 100 face crops of ``skimage.data.lfw_subset()`` (25x25 gray, float in [0, 1];
+  the other 100 images of that set are non-face background patches and are not used). Needs
+  scikit-image, which is optional.
+
+Both upsample with ``resolution`` using bilinear interpolation (``F.interpolate``, align_corners
+False) by default, or nearest with ``interpolation='nearest'``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .dataset import ImageDataset, check_positive_int
+from .errors import DataError, describe
+from .transforms import parse_resolution, transform_float
+
+__all__ = ["DigitsDataset", "FacesDataset"]
+
+
+def _prepare(images: np.ndarray, labels: np.ndarray | None, source: str, *,
+             resolution: int | list[int] | tuple[int, int] | None, center_crop: bool,
+             channels: int | None, use_labels: bool, max_size: int | None,
+             interpolation: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gray ``[N, H, W]`` float array -> cropped/resized float32 ``[N, 1, H, W]`` (+ int64 labels)."""
+    size = parse_resolution(resolution, f"{source}: resolution")
+    max_size = check_positive_int(max_size, "max_size", source)
+    if check_positive_int(channels, "channels", source) not in (None, 1):
+        raise DataError(f"{source}: has 1 channel, expected channels={channels}")
+    if not isinstance(center_crop, bool):
+        raise DataError(f"{source}: center_crop={center_crop!r} must be true or false")
+    tensor = torch.from_numpy(np.ascontiguousarray(images[:max_size, None], dtype=np.float32))
+    tensor = transform_float(tensor, size, center_crop, mode=interpolation)
+    label_tensor = torch.from_numpy(labels[:max_size].astype(np.int64)) if use_labels and labels is not None else None
+    return tensor, label_tensor
+
+
+class DigitsDataset(ImageDataset):
+    """The 1,797 real 8x8 handwritten digits of scikit-learn (values 0..16, labels 0..9), 1 channel."""
+
+    def __init__(self, *, resolution: int | list[int] | tuple[int, int] | None = None, center_crop: bool = False,
+                 xflip: bool = False, normalize: str = "auto", target_std: float = 0.5, channels: int | None = None,
+                 labels: bool = True, max_size: int | None = None, interpolation: str = "bilinear") -> None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images, label_tensor = _prepare(digits.images, digits.target, "digits", resolution=resolution,
+                                        center_crop=center_crop, channels=channels, use_labels=labels,
+                                        max_size=max_size, interpolation=interpolation)
+        super().__init__(images, label_tensor, name="digits", xflip=xflip, normalize=normalize,
+                         target_std=target_std, value_range=(0.0, 16.0), source="digits")
+
+
+class FacesDataset(ImageDataset):
+    """The 100 real 25x25 gray face crops of ``skimage.data.lfw_subset`` (values in [0, 1]), unlabeled."""
+
+    def __init__(self, *, resolution: int | list[int] | tuple[int, int] | None = None, center_crop: bool = False,
+                 xflip: bool = False, normalize: str = "auto", target_std: float = 0.5, channels: int | None = None,
+                 labels: bool = True, max_size: int | None = None, interpolation: str = "bilinear") -> None:
+        try:
+            from skimage.data import lfw_subset
+
+            faces = lfw_subset()[:100]
+        except Exception as exc:  # ImportError, or a missing data file in a trimmed install
+            raise DataError(f"faces: needs scikit-image with its bundled lfw_subset ({describe(exc)})") from exc
+        images, _ = _prepare(faces, None, "faces", resolution=resolution, center_crop=center_crop,
+                             channels=channels, use_labels=labels, max_size=max_size, interpolation=interpolation)
+        super().__init__(images, None, name="faces", xflip=xflip, normalize=normalize,
+                         target_std=target_std, value_range=(0.0, 1.0), source="faces")

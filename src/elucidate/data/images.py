@@ -1,0 +1,220 @@
+"""Image datasets from a folder tree or a .zip: PNG/JPEG/WEBP/BMP decoded with Pillow into uint8.
+
+Files are found recursively (extensions case-insensitive; hidden files/dirs and ``__MACOSX`` are
+skipped) and ordered by sorted relative path. Labels come from an optional ``dataset.json`` at the
+root in the NVlabs/edm format ``{"labels": [["relative/path.png", 3], ...]}`` (or ``"labels": null``).
+
+Image modes: palette/bilevel/CMYK/YCbCr images count as their natural mode (L, LA, RGB or RGBA).
+Without ``channels`` all images must share one mode (otherwise a DataError names one file of each);
+``channels`` (1 -> L, 2 -> LA, 3 -> RGB, 4 -> RGBA) converts every image to that mode.
+16/32-bit and float images are rejected (store them as .npy instead).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .dataset import ImageDataset, check_positive_int
+from .errors import DataError, describe
+from .transforms import parse_resolution, transform_pil
+
+__all__ = ["IMAGE_EXTENSIONS", "LABELS_FILE", "ImageFolderDataset", "ZipImageDataset"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+LABELS_FILE = "dataset.json"
+CHANNEL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+_NATURAL_MODES = {"1": "L", "L": "L", "LA": "LA", "La": "LA", "RGB": "RGB", "RGBA": "RGBA", "RGBa": "RGBA",
+                  "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB", "PA": "RGBA"}
+
+
+def _is_image(name: str) -> bool:
+    parts = name.split("/")
+    hidden = any(part.startswith(".") or part == "__MACOSX" for part in parts)
+    return not hidden and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _natural_mode(image: Image.Image, where: str) -> str:
+    if image.mode == "P":
+        return "RGBA" if "transparency" in image.info else "RGB"
+    if image.mode not in _NATURAL_MODES:
+        raise DataError(f"{where}: unsupported image mode {image.mode!r} (16/32-bit or float); "
+                        "convert it to 8-bit or store the data as .npy")
+    return _NATURAL_MODES[image.mode]
+
+
+def _decode(read: Callable[[str], bytes], name: str, where: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(read(name)))
+        image.load()
+    except DataError:
+        raise
+    except Exception as exc:  # Pillow raises many types for corrupt data
+        raise DataError(f"{where}: cannot read image ({describe(exc)})") from exc
+    return image
+
+
+def parse_labels(raw: bytes, where: str) -> dict[str, int] | None:
+    """Parse an NVlabs ``dataset.json``: relative path -> class index, or None for ``"labels": null``."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{where}: invalid JSON ({describe(exc)})") from exc
+    if not isinstance(data, dict) or "labels" not in data:
+        raise DataError(f"{where}: expected an object with a 'labels' list, e.g. {{\"labels\": [[\"a.png\", 0]]}}")
+    entries = data["labels"]
+    if entries is None:
+        return None
+    if not isinstance(entries, list):
+        raise DataError(f"{where}: 'labels' must be a list of [path, label] pairs, got {type(entries).__name__}")
+    labels: dict[str, int] = {}
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise DataError(f"{where}: each label entry must be [\"relative/path.png\", int], got {str(entry)[:80]}")
+        path, label = entry
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+            raise DataError(f"{where}: label of {path!r} must be an int >= 0, got {label!r}")
+        if path in labels:
+            raise DataError(f"{where}: {path!r} is listed twice")
+        labels[path] = label
+    return labels
+
+
+def _match_labels(table: dict[str, int], all_names: list[str], kept: list[str], where: str) -> torch.Tensor:
+    existing = set(all_names)
+    for path in table:
+        if path not in existing:
+            raise DataError(f"{where}: lists {path!r} but no such image exists")
+    for name in kept:
+        if name not in table:
+            raise DataError(f"{where}: no label for image {name!r}")
+    return torch.tensor([table[name] for name in kept], dtype=torch.int64)
+
+
+def load_images(names: list[str], read: Callable[[str], bytes], source: str, *, sep: str = "/",
+                resolution: tuple[int, int] | None = None, center_crop: bool = False,
+                channels: int | None = None) -> torch.Tensor:
+    """Decode, convert, crop and resize the named images into one uint8 ``[N, C, H, W]`` tensor.
+
+    ``read(name)`` returns a file's bytes; errors name ``f"{source}{sep}{name}"``.
+    """
+    target_mode = CHANNEL_MODES[channels] if channels is not None else None
+    out: np.ndarray | None = None
+    first_name, first_mode = "", ""
+    for i, name in enumerate(names):
+        where = f"{source}{sep}{name}"
+        image = _decode(read, name, where)
+        mode = _natural_mode(image, where)
+        if i == 0:
+            first_name, first_mode = name, mode
+        elif target_mode is None and mode != first_mode:
+            raise DataError(f"{source}: mixed image modes: {first_name!r} is {first_mode}, {name!r} is {mode}; "
+                            "set channels (1=L, 3=RGB, 4=RGBA) to convert all images")
+        if image.mode != mode:
+            image = image.convert(mode)
+        if target_mode is not None and image.mode != target_mode:
+            image = image.convert(target_mode)
+        array = np.asarray(transform_pil(image, resolution, center_crop))
+        array = array[:, :, None] if array.ndim == 2 else array
+        if out is None:
+            out = np.empty((len(names), *array.shape), dtype=np.uint8)
+        elif array.shape != out.shape[1:]:
+            raise DataError(f"{source}: mixed image sizes: {first_name!r} is {out.shape[1]}x{out.shape[2]}, "
+                            f"{name!r} is {array.shape[0]}x{array.shape[1]} (HxW); set resolution to resize them")
+        out[i] = array
+    assert out is not None
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _check_image_options(source: str, channels: int | None, center_crop: bool) -> None:
+    if channels is not None and channels not in CHANNEL_MODES:
+        raise DataError(f"{source}: channels={channels!r} is not supported for images; "
+                        "use 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA)")
+    if not isinstance(center_crop, bool):
+        raise DataError(f"{source}: center_crop={center_crop!r} must be true or false")
+
+
+def _load_tree(all_names: list[str], read: Callable[[str], bytes], labels_raw: bytes | None, source: str,
+               sep: str, *, resolution: int | list[int] | tuple[int, int] | None, center_crop: bool,
+               channels: int | None, max_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Shared folder/zip logic: options, labels matching, then decoding of the first ``max_size`` images."""
+    size = parse_resolution(resolution, f"{source}: resolution")
+    _check_image_options(source, check_positive_int(channels, "channels", source), center_crop)
+    if not all_names:
+        raise DataError(f"{source}: no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) found")
+    kept = all_names[:check_positive_int(max_size, "max_size", source)]
+    labels_where = f"{source}{sep}{LABELS_FILE}"
+    table = parse_labels(labels_raw, labels_where) if labels_raw is not None else None
+    labels = _match_labels(table, all_names, kept, labels_where) if table is not None else None
+    images = load_images(kept, read, source, sep=sep, resolution=size, center_crop=center_crop, channels=channels)
+    return images, labels
+
+
+class ImageFolderDataset(ImageDataset):
+    """All images under a folder (recursive), with labels from ``<folder>/dataset.json`` if present.
+
+    ``labels=False`` ignores ``dataset.json``; ``max_size`` keeps the first N images in path order.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, resolution: int | list[int] | tuple[int, int] | None = None,
+                 center_crop: bool = False, xflip: bool = False, normalize: str = "auto", target_std: float = 0.5,
+                 channels: int | None = None, labels: bool = True, max_size: int | None = None) -> None:
+        root = Path(path)
+        if not root.exists():
+            raise DataError(f"{root}: no such directory")
+        if not root.is_dir():
+            raise DataError(f"{root}: not a directory (use dataset 'zip' or 'npz' for files)")
+        names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        names = [n for n in names if _is_image(n)]
+
+        def read(name: str) -> bytes:
+            try:
+                return (root / name).read_bytes()
+            except OSError as exc:
+                raise DataError(f"{root}/{name}: cannot read file ({describe(exc)})") from exc
+
+        labels_raw = read(LABELS_FILE) if labels and (root / LABELS_FILE).is_file() else None
+        images, label_tensor = _load_tree(names, read, labels_raw, str(root), "/", resolution=resolution,
+                                          center_crop=center_crop, channels=channels, max_size=max_size)
+        super().__init__(images, label_tensor, name=root.resolve().name, xflip=xflip, normalize=normalize,
+                         target_std=target_std, source=str(root))
+
+
+class ZipImageDataset(ImageDataset):
+    """All images inside a .zip (any depth), with labels from a root ``dataset.json`` member if present.
+
+    Same rules as :class:`ImageFolderDataset`; the archive is read fully at construction.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, resolution: int | list[int] | tuple[int, int] | None = None,
+                 center_crop: bool = False, xflip: bool = False, normalize: str = "auto", target_std: float = 0.5,
+                 channels: int | None = None, labels: bool = True, max_size: int | None = None) -> None:
+        file = Path(path)
+        if not file.is_file():
+            raise DataError(f"{file}: no such file" if not file.exists() else f"{file}: not a file")
+        try:
+            archive = zipfile.ZipFile(file)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise DataError(f"{file}: not a readable zip archive ({describe(exc)})") from exc
+        with archive:
+            members = [info.filename for info in archive.infolist() if not info.is_dir()]
+            names = sorted(n for n in members if _is_image(n))
+
+            def read(name: str) -> bytes:
+                try:
+                    return archive.read(name)
+                except (zipfile.BadZipFile, OSError, RuntimeError, EOFError) as exc:
+                    raise DataError(f"{file}:{name}: cannot read zip member ({describe(exc)})") from exc
+
+            labels_raw = read(LABELS_FILE) if labels and LABELS_FILE in members else None
+            images, label_tensor = _load_tree(names, read, labels_raw, str(file), ":", resolution=resolution,
+                                              center_crop=center_crop, channels=channels, max_size=max_size)
+        super().__init__(images, label_tensor, name=file.stem, xflip=xflip, normalize=normalize,
+                         target_std=target_std, source=str(file))
