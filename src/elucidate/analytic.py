@@ -67,12 +67,12 @@ class GaussianMixture:
     def responsibilities(self, x: torch.Tensor, sigma=0.0) -> torch.Tensor:
         """p(k | x; sigma) as ``[B, K]``."""
         _, _, log_joint = self._posterior(x, sigma)
-        return torch.softmax(log_joint, dim=1)
+        return (log_joint - torch.logsumexp(log_joint, dim=1, keepdim=True)).exp()
 
     def denoise(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """The exact E[y | y + sigma n = x], same shape and dtype as ``x``."""
         flat, var, log_joint = self._posterior(x, sigma)
-        resp = torch.softmax(log_joint, dim=1)  # [B, K]
+        resp = (log_joint - torch.logsumexp(log_joint, dim=1, keepdim=True)).exp()  # p(k | x) [B, K]
         # Within component k: E[y | x, k] = mu_k + s_k^2 / (s_k^2 + sigma^2) (x - mu_k)
         gain = self.stds[None] ** 2 / var
         cond_mean = self.means[None] + gain * (flat.to(self.means.dtype)[:, None, :] - self.means[None])

@@ -4,19 +4,21 @@ from __future__ import annotations
 import torch
 
 from .denoiser import Denoiser
+from .formulations import Formulation
 
 __all__ = ["denoising_loss"]
 
 
 def denoising_loss(denoiser: Denoiser, y: torch.Tensor, *, sigma: torch.Tensor | None = None,
                    noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                   **cond) -> torch.Tensor:
+                   formulation: Formulation | None = None, **cond) -> torch.Tensor:
     """Per-sample weighted loss ``[B]``: the mean over elements of lambda(sigma) (D(y + sigma n) - y)^2.
 
     ``sigma`` defaults to draws from the denoiser's formulation and ``noise`` to standard normal
     noise (both from ``generator``); pass them explicitly for exactly reproducible batches.
+    ``formulation`` defaults to ``denoiser.formulation`` (pass it when the denoiser is wrapped, e.g. DDP).
     """
-    formulation = denoiser.formulation
+    formulation = formulation or denoiser.formulation
     if sigma is None:
         sigma = formulation.training_sigma(y.shape[0], generator=generator, device=y.device, dtype=y.dtype)
     sigma = torch.as_tensor(sigma, device=y.device, dtype=y.dtype).reshape(-1)

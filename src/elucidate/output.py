@@ -1,0 +1,69 @@
+"""Writing generated samples: one PNG grid, a folder of PNGs (one per seed), or an .npz archive."""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .generate import to_uint8
+
+__all__ = ["write_samples", "output_kind"]
+
+
+def output_kind(out: Path) -> str:
+    """'grid' for .png/.jpg, 'npz' for .npz, 'dir' for a folder (trailing slash, existing dir or no suffix)."""
+    text = str(out)
+    if text.endswith(("/", os.sep)) or out.is_dir() or out.suffix == "":
+        return "dir"
+    suffix = out.suffix.lower()
+    if suffix in (".png", ".jpg", ".jpeg", ".webp"):
+        return "grid"
+    if suffix == ".npz":
+        return "npz"
+    raise UserError(f"--out {out}: expected a .png grid, a .npz file or a directory (ending in /)")
+
+
+def write_samples(x: torch.Tensor, seeds: Sequence[int], out: Path, *, normalizer=None) -> Path:
+    """Write model-range samples ``[N, C, H, W]``; returns the path written."""
+    from .viz import image_grid, save_image_grid
+
+    out = Path(out)
+    kind = output_kind(out)
+    if kind == "grid":
+        return save_image_grid(x, out)
+    pixels = to_uint8(x, normalizer)
+    if kind == "npz":
+        arrays = {"samples": pixels.numpy(), "seeds": np.asarray(list(seeds), dtype=np.int64)}
+        if normalizer is not None:  # values in the data's own units (e.g. physical fields)
+            arrays["values"] = normalizer.from_model(x).permute(0, 2, 3, 1).numpy().astype(np.float32)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp.npz")
+        os.close(fd)
+        try:
+            np.savez_compressed(tmp, **arrays)
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+    from .viz.common import atomic_write_bytes
+
+    for i, (seed, image) in enumerate(zip(seeds, x)):
+        C = image.shape[0]
+        if C in (1, 3):
+            array = pixels[i].numpy()
+            array = array[..., 0] if C == 1 else array
+        else:
+            array = image_grid(image[None], scale=1)
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        atomic_write_bytes(buffer.getvalue(), out / f"{int(seed):06d}.png")
+    return out

@@ -1,0 +1,101 @@
+"""Sampler accuracy without a network: solve the exact probability-flow ODE of a Gaussian mixture
+with every solver x discretization and measure the RMSE to a converged solution (the analogue of
+EDM Fig. 2, where the error is "distance to the true ODE solution" instead of FID)."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from .analytic import GaussianMixture
+from .sampling import schedules as S
+from .sampling.ablation import vp_betas_for_range
+from .sampling.solvers import SOLVERS
+
+__all__ = ["digits_mixture", "SANDBOX_SOLVERS", "SANDBOX_SCHEDULES", "steps_for_nfe", "sandbox_sweep"]
+
+#: Deterministic solvers (an ODE solution is only defined for these); 3M with eta = 0 is the 3rd-order ODE solver.
+SANDBOX_SOLVERS: dict[str, tuple[str, dict]] = {
+    "euler": ("euler", {}),
+    "heun": ("heun", {}),
+    "dpmpp_2m": ("dpmpp_2m", {}),
+    "dpmpp_3m": ("dpmpp_3m_sde", {"eta": 0.0}),
+    "lms": ("lms", {}),
+}
+
+
+def _vp_range(num_steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    beta_d, beta_min = vp_betas_for_range(sigma_min, sigma_max)
+    return S.vp_sigmas(num_steps, beta_d, beta_min)
+
+
+#: Discretizations over one common range [sigma_min, sigma_max], so all share one exact solution.
+SANDBOX_SCHEDULES: dict[str, Callable[[int, float, float], torch.Tensor]] = {
+    "karras": lambda n, lo, hi: S.karras_sigmas(n, lo, hi, 7.0),
+    "karras_rho3": lambda n, lo, hi: S.karras_sigmas(n, lo, hi, 3.0),
+    "exponential": S.exponential_sigmas,
+    "vp": _vp_range,
+    "linear": S.linear_sigmas,
+}
+
+
+def digits_mixture(min_std: float = 0.02) -> GaussianMixture:
+    """A 10-component diagonal Gaussian mixture fitted to the real 8x8 ``digits`` (one component per
+    class, pixel range [-1, 1]): an image-like distribution whose exact denoiser is known."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float64).reshape(-1, 64) / 8.0 - 1.0
+    y = torch.tensor(data.target)
+    means = torch.stack([x[y == k].mean(0) for k in range(10)])
+    stds = torch.stack([x[y == k].std(0) for k in range(10)]).clamp_min(min_std)
+    weights = torch.bincount(y, minlength=10).double()
+    return GaussianMixture(means, stds, weights)
+
+
+def steps_for_nfe(solver: str, nfe: int) -> int:
+    """Number of steps whose NFE is closest to ``nfe`` without exceeding it (Heun: NFE = 2N - 1)."""
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    return max(1, (nfe + 1) // 2) if SANDBOX_SOLVERS[solver][0] == "heun" else nfe
+
+
+def sandbox_sweep(mixture: GaussianMixture | None = None, *, solvers: Sequence[str] = tuple(SANDBOX_SOLVERS),
+                  schedules: Sequence[str] = ("karras", "exponential", "vp"), nfes: Iterable[int] = (5, 10, 20, 35, 50, 100),
+                  num_samples: int = 256, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                  reference_steps: int = 1000, seed: int = 0, progress: bool = False) -> list[dict]:
+    """RMSE (per element) of each solver x schedule at each NFE to the converged solution.
+
+    The reference is Heun with ``reference_steps`` Karras steps on the same ODE and initial noise.
+    Returns rows ``{solver, schedule, steps, nfe, rmse}``.
+    """
+    for name in solvers:
+        if name not in SANDBOX_SOLVERS:
+            raise ValueError(f"unknown solver {name!r}; expected one of {list(SANDBOX_SOLVERS)}")
+    for name in schedules:
+        if name not in SANDBOX_SCHEDULES:
+            raise ValueError(f"unknown schedule {name!r}; expected one of {list(SANDBOX_SCHEDULES)}")
+    mixture = mixture or digits_mixture()
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(num_samples, mixture.dim, generator=g, dtype=torch.float64) * sigma_max
+    reference = SOLVERS["heun"](mixture.denoise, x_T, S.karras_sigmas(reference_steps, sigma_min, sigma_max))
+    jobs = [(sv, sc, n) for sv in solvers for sc in schedules for n in nfes]
+    rows, done = [], set()
+    iterator = jobs
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(jobs, desc="sandbox sweep", unit="run")
+    for solver, schedule, target in iterator:
+        steps = steps_for_nfe(solver, target)
+        if (solver, schedule, steps) in done:
+            continue
+        done.add((solver, schedule, steps))
+        fn_name, kwargs = SANDBOX_SOLVERS[solver]
+        sigmas = SANDBOX_SCHEDULES[schedule](steps, sigma_min, sigma_max)
+        x = SOLVERS[fn_name](mixture.denoise, x_T, sigmas, **kwargs)
+        rmse = (x - reference).pow(2).mean().sqrt().item()
+        nfe = 2 * steps - 1 if fn_name == "heun" else steps
+        rows.append({"solver": solver, "schedule": schedule, "steps": steps, "nfe": nfe,
+                     "rmse": rmse if math.isfinite(rmse) else float("inf")})
+    return rows

@@ -1,0 +1,294 @@
+"""The training loop: any formulation, any network, one process or many (torchrun + DDP).
+
+Determinism: the data indices, training sigmas and noise of the global batch at step k are pure
+functions of (seed, k), and each process takes its slice; dropout uses a generator reseeded from
+(seed, k, rank). A run resumed from a checkpoint therefore continues bit-exactly, and N processes
+see the same global batch as one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import Config, dump_config, parse_config
+from ..denoiser import Denoiser
+from ..errors import UserError
+from ..generate import autocast_for, generate
+from ..losses import denoising_loss
+from ..model import DataInfo, build_network_for
+from .checkpoint import (atomic_write_text, checkpoint_name, latest_checkpoint, list_checkpoints,
+                         load_checkpoint, optimizer_from_flat, save_checkpoint)
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from .ema import EMA
+from .rng import batch_indices, derive_seed, derived_generator
+
+__all__ = ["Trainer", "SIGMA_EDGES", "RESUMABLE_KEYS"]
+
+#: Loss-by-sigma bins (log-spaced, two per decade from 1e-3 to 1e3; values outside go to the end bins).
+SIGMA_EDGES = [10 ** (e / 2) for e in range(-6, 7)]
+#: training keys that may change when a run is resumed (they do not affect the weights).
+RESUMABLE_KEYS = {"steps", "checkpoint_every", "sample_every", "log_every", "keep_checkpoints", "num_sample_images"}
+
+
+class Trainer:
+    """Train ``config`` into ``run_dir`` (resuming from its latest checkpoint if there is one)."""
+
+    def __init__(self, config: Config, run_dir: str | Path, *, device: str | None = None, progress: bool = True,
+                 log=print):
+        self.config, self.run_dir, self.progress, self.log = config, Path(run_dir), progress, log
+        self.t = config.training
+        self.dist: DistInfo = init_distributed(device)
+        self.device = self.dist.device
+        if self.t.batch_size % (self.dist.world_size * self.t.grad_accumulation):
+            raise UserError(f"training.batch_size = {self.t.batch_size} must be divisible by processes x "
+                            f"grad_accumulation = {self.dist.world_size} x {self.t.grad_accumulation}")
+        self.local_batch = self.t.batch_size // self.dist.world_size
+
+        from ..data import build_dataset
+        self.dataset = build_dataset(config.data)
+        self.info = DataInfo(self.dataset.channels, tuple(self.dataset.resolution), self.dataset.num_classes)
+        torch.manual_seed(derive_seed(self.t.seed, "init"))
+        self.net = build_network_for(config, self.info).to(self.device)
+        if self.t.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.formulation = config.formulation()
+        self.denoiser = Denoiser(self.net, self.formulation)
+        self.model = self.denoiser
+        if self.dist.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.denoiser, device_ids=ids)
+        opt_cls = torch.optim.AdamW if self.t.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(self.net.parameters(), lr=self.t.lr, betas=self.t.betas, eps=self.t.eps,
+                                 weight_decay=self.t.weight_decay)
+        self.ema = EMA(self.net, self.t.ema_halflife, self.t.ema_rampup)
+        self.step, self.skipped, self.seconds = 0, 0, 0.0
+        self.stop_requested = False
+        self._prepare_run_dir()
+
+    # ------------------------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        normalizer = getattr(self.dataset, "normalizer", None)
+        return {"step": self.step, "images": self.step * self.t.batch_size, "skipped_steps": self.skipped,
+                "seconds": self.seconds, "config": self.config.to_dict(), "data": self.info.to_dict(),
+                "normalizer": normalizer.to_config() if normalizer is not None else None,
+                "world_size": self.dist.world_size, "torch": torch.__version__}
+
+    def _prepare_run_dir(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+        if ckpt is None:
+            if self.dist.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            barrier()
+            return
+        tensors, meta = load_checkpoint(ckpt, self.device)
+        self._check_same_run(parse_config(meta["config"]), ckpt)
+        self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        self.ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        self.optimizer.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
+        self.step, self.skipped, self.seconds = int(meta["step"]), int(meta["skipped_steps"]), float(meta["seconds"])
+        if self.dist.is_main:
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))
+            self._truncate_metrics()
+            self._append_metrics({"event": "resume", "step": self.step, "checkpoint": ckpt.name})
+        self.log(f"resuming {self.run_dir} from {ckpt.name} (step {self.step})")
+        barrier()
+
+    def _check_same_run(self, saved: Config, ckpt: Path) -> None:
+        old, new = saved.to_dict(), self.config.to_dict()
+        for section in old:
+            for key in sorted(set(old[section]) | set(new[section])):
+                if section == "training" and key in RESUMABLE_KEYS:
+                    continue
+                if old[section].get(key) != new[section].get(key):
+                    raise UserError(f"{self.run_dir} holds a run with {section}.{key} = {old[section].get(key)!r} "
+                                    f"(in {ckpt.name}) but the config says {new[section].get(key)!r}; "
+                                    f"use a new --out directory or the same config")
+
+    def _truncate_metrics(self) -> None:
+        """Drop log lines written after the checkpoint we resume from (they will be redone)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= self.step:
+                kept.append(line)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def _append_metrics(self, record: dict) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------------------------------
+    def _batch(self, step: int):
+        """This process's slice of the global batch at ``step``: (images, labels, sigma, noise)."""
+        B, C, (H, W) = self.t.batch_size, self.info.channels, self.info.resolution
+        indices = batch_indices(self.t.seed, step, B, len(self.dataset))
+        g = derived_generator(self.t.seed, "noise", step)
+        sigma = self.formulation.training_sigma(B, generator=g, dtype=torch.float32)
+        noise = torch.randn((B, C, H, W), generator=g)
+        part = slice(self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch)
+        images, labels = self.dataset.get_batch(indices[part])
+        to = dict(device=self.device, non_blocking=True)
+        images = images.to(**to)
+        if self.t.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        use_labels = self.net_label_dim > 0
+        return images, labels.to(**to) if use_labels else None, sigma[part].to(**to), noise[part].to(**to)
+
+    @property
+    def net_label_dim(self) -> int:
+        return int(getattr(self.net, "label_dim", 0) or 0)
+
+    def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step; returns (per-sample losses, their sigmas, whether the step was applied)."""
+        images, labels, sigma, noise = self._batch(step)
+        torch.manual_seed(derive_seed(self.t.seed, "dropout", step, self.dist.rank))
+        self.net.train()
+        micro = self.local_batch // self.t.grad_accumulation
+        losses = []
+        for m in range(self.t.grad_accumulation):
+            part = slice(m * micro, (m + 1) * micro)
+            cond = {} if labels is None else {"class_labels": labels[part]}
+            last = m == self.t.grad_accumulation - 1
+            sync = self.model.no_sync() if (self.dist.world_size > 1 and not last) else contextlib.nullcontext()
+            with sync:
+                with autocast_for(self.t.precision, self.device):
+                    loss = denoising_loss(self.model, images[part], sigma=sigma[part], noise=noise[part],
+                                          formulation=self.formulation, **cond)
+                (loss.sum() / self.local_batch).backward()
+            losses.append(loss.detach())
+        params = [p for p in self.net.parameters() if p.grad is not None]
+        max_norm = self.t.grad_clip if self.t.grad_clip is not None else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        applied = bool(torch.isfinite(norm))
+        if applied:  # NaN/Inf guard: skip the update and keep the EMA clean
+            images_seen = (step + 1) * self.t.batch_size
+            lr = self.t.lr * min(images_seen / max(self.t.lr_rampup, 1e-8), 1.0)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.ema.update(self.net, images_seen, self.t.batch_size)
+        self.optimizer.zero_grad(set_to_none=True)
+        return torch.cat(losses), sigma, applied
+
+    # ------------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        """Write a checkpoint for the current step (main process) and prune old ones."""
+        path = self.run_dir / "checkpoints" / checkpoint_name(self.step)
+        if self.dist.is_main:
+            save_checkpoint(path, net=self.net, ema=self.ema.module, optimizer=self.optimizer, meta=self._meta())
+            if self.t.keep_checkpoints:
+                for old in list_checkpoints(path.parent)[:-self.t.keep_checkpoints]:
+                    old.unlink(missing_ok=True)
+        barrier()
+        return path
+
+    def sample_grid(self) -> Path | None:
+        """Write ``samples/step-XXXXXXXX.png`` from the EMA network (main process)."""
+        if not self.dist.is_main:
+            return None
+        from ..viz import save_image_grid
+
+        n = self.t.num_sample_images
+        labels = None
+        if self.net_label_dim:
+            labels = torch.arange(n) % self.net_label_dim
+        denoiser = Denoiser(self.ema.module, self.formulation).eval()
+        x = generate(denoiser, self.formulation, (self.info.channels, *self.info.resolution), range(n),
+                     self.config.sampling, device=self.device, class_labels=labels, precision=self.t.precision)
+        path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image_grid(x, path)
+        return path
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stop_requested = True
+        self.log("interrupt received: finishing this step and writing a checkpoint")
+
+    def train(self) -> dict:
+        """Run until ``training.steps``; returns a summary. Ctrl-C checkpoints and stops cleanly."""
+        total = self.t.steps
+        if self.step >= total:
+            self.log(f"{self.run_dir} is already trained to step {self.step} (training.steps = {total})")
+            latest = latest_checkpoint(self.run_dir / "checkpoints")
+            return {"step": self.step, "skipped_steps": self.skipped, "checkpoint": latest, "samples": None,
+                    "seconds": self.seconds, "interrupted": False}
+        previous = signal.signal(signal.SIGINT, self._request_stop) if _main_thread() else None
+        bar = None
+        if self.progress and self.dist.is_main and self.step < total:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+        edges = torch.tensor(SIGMA_EDGES, dtype=torch.float32)
+        K = len(SIGMA_EDGES) - 1
+        acc = torch.zeros(2 + 2 * K, dtype=torch.float64)  # loss sum, count, per-bin sums, per-bin counts
+        interval_start, interval_images = time.perf_counter(), 0
+        try:
+            while self.step < total and not self.stop_requested:
+                t0 = time.perf_counter()
+                losses, sigma, applied = self.train_step(self.step)
+                self.step += 1
+                self.skipped += 0 if applied else 1
+                self.seconds += time.perf_counter() - t0
+                interval_images += self.t.batch_size
+                finite = torch.isfinite(losses)
+                if finite.any():
+                    l64, s = losses[finite].double().cpu(), sigma.detach()[finite].float().cpu()
+                    bins = (torch.bucketize(s, edges) - 1).clamp(0, K - 1)
+                    acc[0] += l64.sum()
+                    acc[1] += l64.numel()
+                    acc[2:2 + K] += torch.zeros(K, dtype=torch.float64).index_add_(0, bins, l64)
+                    acc[2 + K:] += torch.bincount(bins, minlength=K).double()
+                if bar is not None:
+                    bar.update(1)
+                if self.step % self.t.log_every == 0 or self.step == total:
+                    elapsed = time.perf_counter() - interval_start
+                    self._log_interval(acc, interval_images / max(elapsed, 1e-9), bar)
+                    acc.zero_()
+                    interval_start, interval_images = time.perf_counter(), 0
+                if self.step % self.t.checkpoint_every == 0 and self.step < total:
+                    self.save()
+                if self.t.sample_every and self.step % self.t.sample_every == 0 and self.step < total:
+                    self.sample_grid()
+            ckpt = self.save()
+            grid = self.sample_grid()
+        finally:
+            if bar is not None:
+                bar.close()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        return {"step": self.step, "skipped_steps": self.skipped, "checkpoint": ckpt, "samples": grid,
+                "seconds": self.seconds, "interrupted": self.stop_requested}
+
+    def _log_interval(self, acc: torch.Tensor, images_per_sec: float, bar) -> None:
+        acc = all_reduce_sum(acc.to(self.device)).cpu() if self.dist.world_size > 1 else acc
+        K = len(SIGMA_EDGES) - 1
+        loss = float(acc[0] / acc[1]) if acc[1] > 0 else None
+        counts = acc[2 + K:]
+        by_sigma = [float(acc[2 + i] / counts[i]) if counts[i] > 0 else None for i in range(K)]
+        record = {"step": self.step, "kimg": self.step * self.t.batch_size / 1000, "loss": loss,
+                  "lr": self.optimizer.param_groups[0]["lr"], "images_per_sec": images_per_sec,
+                  "seconds": round(self.seconds, 3), "sigma_edges": SIGMA_EDGES, "loss_by_sigma": by_sigma,
+                  "count_by_sigma": [int(c) for c in counts], "skipped_steps": self.skipped}
+        if self.dist.is_main:
+            self._append_metrics(record)
+            if bar is not None and loss is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_sec']:.0f}")
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
