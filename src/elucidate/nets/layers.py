@@ -1,0 +1,353 @@
+"""Building blocks shared by the U-Nets: initialized linear/conv layers with FIR resampling,
+adaptive group norm, noise-level embeddings, multi-head self-attention and the residual U-Net block.
+
+Every layer is dtype/device agnostic: it runs in whatever dtype its inputs have (or the active
+autocast context chooses) and never assumes a particular device or memory format.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["INIT_MODES", "weight_init", "num_groups", "Linear", "Conv2d", "GroupNorm",
+           "PositionalEmbedding", "FourierEmbedding", "SelfAttention", "UNetBlock",
+           "parse_resolution", "DiffusionNet"]
+
+INIT_MODES = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
+
+
+def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
+    """A tensor of ``shape`` drawn from the Glorot (xavier) or He (kaiming, gain 1) initializer."""
+    if mode not in INIT_MODES:
+        raise ValueError(f"init_mode must be one of {INIT_MODES}, got {mode!r}")
+    uniform = mode.endswith("uniform")
+    variance = 2 / (fan_in + fan_out) if mode.startswith("xavier") else 1 / fan_in
+    out = torch.empty(tuple(shape))
+    if uniform:
+        bound = math.sqrt(3 * variance)  # U(-b, b) has variance b^2 / 3
+        return out.uniform_(-bound, bound)
+    return out.normal_(0.0, math.sqrt(variance))
+
+
+def num_groups(channels: int, max_groups: int = 32, min_channels_per_group: int = 4) -> int:
+    """Group count for GroupNorm: ``min(max_groups, channels // min_channels_per_group)``, at least 1,
+    lowered until it divides ``channels`` (so any channel count works)."""
+    groups = max(1, min(max_groups, channels // min_channels_per_group))
+    while channels % groups:
+        groups -= 1
+    return groups
+
+
+class Linear(nn.Module):
+    """Fully connected layer ``y = x W^T + b`` with EDM-style initialization
+    (``init_weight`` / ``init_bias`` scale the drawn values; 0 gives an exactly zero layer)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 init_mode: str = "kaiming_normal", init_weight: float = 1.0, init_bias: float = 0.0):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
+        self.weight = nn.Parameter(weight_init((out_features, in_features), **fans) * init_weight)
+        self.bias = nn.Parameter(weight_init((out_features,), **fans) * init_bias) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def _is_box(taps: Sequence[float]) -> bool:
+    return len(taps) == 2 and taps[0] == taps[1]
+
+
+class Conv2d(nn.Module):
+    """Square-kernel 'same' convolution with optional 2x up- or down-sampling by a separable FIR
+    filter (``[1, 1]`` = box / nearest, ``[1, 3, 3, 1]`` = bilinear-like). ``kernel=0`` gives a pure
+    resampling layer. ``fused_resample`` (down only) convolves first and filters after, as in the
+    NCSN++ residual encoder."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True,
+                 up: bool = False, down: bool = False, resample_filter: Sequence[float] = (1, 1),
+                 fused_resample: bool = False, init_mode: str = "kaiming_normal",
+                 init_weight: float = 1.0, init_bias: float = 0.0):
+        super().__init__()
+        if up and down:
+            raise ValueError("Conv2d cannot both up- and down-sample")
+        if kernel == 0 and in_channels != out_channels:
+            raise ValueError("a resampling-only Conv2d (kernel=0) must keep the channel count")
+        if fused_resample and up:
+            raise ValueError("fused_resample is only supported for down-sampling")
+        self.in_channels, self.out_channels, self.kernel = in_channels, out_channels, kernel
+        self.up, self.down, self.fused = up, down, fused_resample
+        fans = dict(mode=init_mode, fan_in=in_channels * kernel ** 2, fan_out=out_channels * kernel ** 2)
+        shape = (out_channels, in_channels, kernel, kernel)
+        self.weight = nn.Parameter(weight_init(shape, **fans) * init_weight) if kernel else None
+        self.bias = nn.Parameter(weight_init((out_channels,), **fans) * init_bias) if kernel and bias else None
+        taps = [float(t) for t in resample_filter]
+        self.box = _is_box(taps)  # fast path: average pooling / nearest up-sampling
+        f = torch.tensor(taps)
+        f = torch.outer(f, f) / f.sum() ** 2
+        self.register_buffer("resample_filter", f[None, None] if (up or down) else None, persistent=False)
+
+    def _resample(self, x: torch.Tensor) -> torch.Tensor:
+        if self.box:
+            return F.avg_pool2d(x, 2) if self.down else F.interpolate(x, scale_factor=2.0, mode="nearest")
+        c = x.shape[1]
+        f = self.resample_filter.to(x.dtype)
+        pad = (f.shape[-1] - 1) // 2
+        if self.down:
+            return F.conv2d(x, f.expand(c, 1, -1, -1), stride=2, padding=pad, groups=c)
+        return F.conv_transpose2d(x, (4 * f).expand(c, 1, -1, -1), stride=2, padding=pad, groups=c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = self.kernel // 2
+        if self.fused and self.down and self.weight is not None:
+            # conv on a margin wide enough that filtering without padding lands on H/2 x W/2
+            f = self.resample_filter.to(x.dtype)
+            fpad = 0 if self.box else (f.shape[-1] - 1) // 2
+            x = F.conv2d(x, self.weight, self.bias, padding=pad + fpad)
+            if self.box:
+                return F.avg_pool2d(x, 2)
+            return F.conv2d(x, f.expand(x.shape[1], 1, -1, -1), stride=2, groups=x.shape[1])
+        if self.up or self.down:
+            x = self._resample(x)
+        if self.weight is not None:
+            x = F.conv2d(x, self.weight, self.bias, padding=pad)
+        return x
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm whose group count adapts to small channel counts (see :func:`num_groups`)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, max_groups: int = 32,
+                 min_channels_per_group: int = 4):
+        super().__init__(num_groups(num_channels, max_groups, min_channels_per_group), num_channels, eps=eps)
+
+
+def _noise_input(c_noise: torch.Tensor) -> torch.Tensor:
+    """c_noise as a float column (float64 kept, anything else computed in float32)."""
+    dtype = torch.float64 if c_noise.dtype == torch.float64 else torch.float32
+    return c_noise.to(dtype).reshape(-1, 1)
+
+
+class PositionalEmbedding(nn.Module):
+    """Sinusoidal features ``[cos(c f_k), sin(c f_k)]`` of the noise label ``c`` at frequencies
+    ``f_k = max_positions^(-k / K)`` spanning 1 .. 1/max_positions, so both small (ln sigma / 4) and
+    large (timestep 0..999) noise labels are resolved (DDPM++ uses ``endpoint=True``, ADM ``False``)."""
+
+    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
+        super().__init__()
+        if num_channels < 2 or num_channels % 2:
+            raise ValueError(f"PositionalEmbedding needs an even num_channels >= 2, got {num_channels}")
+        self.num_channels, self.max_positions, self.endpoint = num_channels, max_positions, endpoint
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        c = _noise_input(c_noise)
+        half = self.num_channels // 2
+        k = torch.arange(half, device=c.device, dtype=c.dtype) / max(1, half - int(self.endpoint))
+        angle = c * self.max_positions ** (-k)
+        return torch.cat([angle.cos(), angle.sin()], dim=1)
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features ``[cos(2 pi c f_k), sin(2 pi c f_k)]``, ``f_k ~ N(0, scale^2)``
+    (NCSN++). The frequencies are a saved buffer drawn from the global RNG at construction."""
+
+    def __init__(self, num_channels: int, scale: float = 16.0):
+        super().__init__()
+        if num_channels < 2 or num_channels % 2:
+            raise ValueError(f"FourierEmbedding needs an even num_channels >= 2, got {num_channels}")
+        self.num_channels = num_channels
+        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        c = _noise_input(c_noise)
+        angle = (2 * math.pi) * c * self.freqs.to(c.dtype)
+        return torch.cat([angle.cos(), angle.sin()], dim=1)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the H*W positions of a feature map (pre-norm, 1x1 q/k/v and
+    output projections, ``scaled_dot_product_attention``). Returns the residual update only."""
+
+    def __init__(self, channels: int, num_heads: int, eps: float = 1e-5,
+                 init: dict | None = None, init_zero: dict | None = None):
+        super().__init__()
+        if num_heads < 1 or channels % num_heads:
+            raise ValueError(f"attention needs channels ({channels}) divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.norm = GroupNorm(channels, eps=eps)
+        self.qkv = Conv2d(channels, 3 * channels, kernel=1, **(init or {}))
+        self.proj = Conv2d(channels, channels, kernel=1, **(init_zero or dict(init_weight=0.0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
+        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each [B, heads, HW, C/heads]
+        a = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(a.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class UNetBlock(nn.Module):
+    """Residual block ``x -> skip(x) + conv1(drop(act(norm1(conv0(act(norm0 x))) (+) emb)))``,
+    optionally 2x up/down-sampling, followed by optional self-attention.
+
+    The noise embedding enters as a per-channel shift (DDPM++/NCSN++) or, with ``adaptive_scale``,
+    as scale-and-shift of the normalized features (ADM). ``skip_scale`` rescales each residual sum
+    (sqrt(1/2) in DDPM++/NCSN++). ``init``/``init_zero``/``init_attn`` are keyword dicts for the
+    regular, output (near-)zero and attention q/k/v layers.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, *, up: bool = False,
+                 down: bool = False, attention: bool = False, num_heads: int | None = None,
+                 channels_per_head: int = 64, dropout: float = 0.0, skip_scale: float = 1.0,
+                 eps: float = 1e-5, resample_filter: Sequence[float] = (1, 1),
+                 resample_proj: bool = False, adaptive_scale: bool = True, init: dict | None = None,
+                 init_zero: dict | None = None, init_attn: dict | None = None):
+        super().__init__()
+        init = init or {}
+        init_zero = init_zero if init_zero is not None else dict(init_weight=0.0)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
+        self.norm0 = GroupNorm(in_channels, eps=eps)
+        self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter, **init)
+        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
+        self.norm1 = GroupNorm(out_channels, eps=eps)
+        self.conv1 = Conv2d(out_channels, out_channels, 3, **init_zero)
+        self.skip = None
+        if in_channels != out_channels or up or down:
+            kernel = 1 if resample_proj or in_channels != out_channels else 0
+            self.skip = Conv2d(in_channels, out_channels, kernel, up=up, down=down,
+                               resample_filter=resample_filter, **init)
+        self.attn = None
+        if attention:
+            heads = num_heads if num_heads is not None else max(1, out_channels // channels_per_head)
+            self.attn = SelfAttention(out_channels, heads, eps=eps,
+                                      init=init_attn if init_attn is not None else init, init_zero=init_zero)
+
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.skip_scale == 1 else x * self.skip_scale
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv0(F.silu(self.norm0(x)))
+        params = self.affine(emb)[:, :, None, None]
+        if self.adaptive_scale:
+            scale, shift = params.chunk(2, dim=1)
+            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+        else:
+            h = F.silu(self.norm1(h + params))
+        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
+        x = self._scaled(h + (self.skip(x) if self.skip is not None else x))
+        if self.attn is not None:
+            x = self._scaled(x + self.attn(x))
+        return x
+
+
+# --- the contract every network in this package follows ------------------------------------------
+
+def parse_resolution(img_resolution: int | Sequence[int]) -> tuple[int, int]:
+    """``img_resolution`` (an int for square images or ``(H, W)``) as a ``(H, W)`` tuple."""
+    res = (img_resolution, img_resolution) if isinstance(img_resolution, int) else tuple(img_resolution)
+    if len(res) != 2 or not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in res):
+        raise ValueError(f"img_resolution must be a positive int or (H, W) pair of ints, got {img_resolution!r}")
+    return res
+
+
+class DiffusionNet(nn.Module):
+    """Base class: ``F(x, c_noise, class_labels=None, augment_labels=None) -> [B, out_channels, H, W]``.
+
+    Validates the configuration (resolution divisible by ``2**(levels-1)``, channel counts) and, at
+    call time, the input shape and conditioning. ``class_labels`` may be int labels ``[B]`` or
+    one-hot/soft ``[B, label_dim]`` floats; ``None`` (or an all-zero vector) means unconditional.
+    With ``label_dropout > 0`` whole label vectors are zeroed at that rate in training mode only,
+    so one network serves classifier-free guidance.
+    """
+
+    cond_keys = ("class_labels", "augment_labels")
+
+    def __init__(self, img_resolution: int | Sequence[int], in_channels: int, out_channels: int | None,
+                 channel_mult: Sequence[int], num_blocks: int, attn_resolutions: Sequence[int],
+                 dropout: float, label_dim: int, label_dropout: float, augment_dim: int):
+        super().__init__()
+        self.img_resolution = parse_resolution(img_resolution)
+        out_channels = in_channels if out_channels is None else out_channels
+        self.channel_mult = tuple(int(m) for m in channel_mult)
+        self.attn_resolutions = tuple(int(r) for r in attn_resolutions)
+        for name, value, low in [("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
+                                 ("num_blocks", num_blocks, 1), ("label_dim", label_dim, 0),
+                                 ("augment_dim", augment_dim, 0)]:
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"channel_mult must be a non-empty sequence of positive ints, got {channel_mult!r}")
+        if not (0 <= dropout < 1 and 0 <= label_dropout <= 1):
+            raise ValueError(f"need 0 <= dropout < 1 and 0 <= label_dropout <= 1, got {dropout}, {label_dropout}")
+        factor = 2 ** (len(self.channel_mult) - 1)
+        h, w = self.img_resolution
+        if h % factor or w % factor:
+            raise ValueError(f"img_resolution {h}x{w} is incompatible with channel_mult {self.channel_mult}: "
+                             f"H and W must be divisible by 2**(len(channel_mult)-1) = {factor}")
+        self.in_channels, self.out_channels, self.num_blocks = in_channels, out_channels, num_blocks
+        self.label_dim, self.label_dropout, self.augment_dim = label_dim, float(label_dropout), augment_dim
+        self.dropout = float(dropout)
+
+    def level_resolution(self, level: int) -> tuple[int, int]:
+        """``(H, W)`` of the feature maps at U-Net level ``level`` (0 = input resolution)."""
+        return self.img_resolution[0] >> level, self.img_resolution[1] >> level
+
+    def use_attention(self, level: int) -> bool:
+        """Whether ``attn_resolutions`` selects ``level``; matched against the *smaller* side."""
+        return min(self.level_resolution(level)) in self.attn_resolutions
+
+    def check_inputs(self, x: torch.Tensor, c_noise, class_labels, augment_labels,
+                     cond: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Validate a call; returns ``(c_noise [B], labels [B, label_dim] or None, augment or None)``
+        with label dropout applied in training mode."""
+        name = type(self).__name__
+        if cond:
+            raise TypeError(f"{name}.forward got unknown conditioning key(s) {sorted(cond)}; "
+                            f"accepted: {', '.join(self.cond_keys)}")
+        expected = (self.in_channels, *self.img_resolution)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"{name} expects x of shape [B, {expected[0]}, {expected[1]}, {expected[2]}] "
+                             f"(in_channels, img_resolution), got {list(x.shape)}")
+        batch = x.shape[0]
+        c_noise = torch.as_tensor(c_noise, device=x.device).reshape(-1)
+        if c_noise.numel() == 1:
+            c_noise = c_noise.expand(batch)
+        elif c_noise.numel() != batch:
+            raise ValueError(f"c_noise has {c_noise.numel()} values but x has batch size {batch}")
+        labels = self.prepare_labels(class_labels, batch, x.device)
+        if augment_labels is not None and not self.augment_dim:
+            raise ValueError(f"{name} was built with augment_dim=0 but augment_labels were given")
+        if augment_labels is not None and tuple(augment_labels.shape) != (batch, self.augment_dim):
+            raise ValueError(f"augment_labels must be [{batch}, {self.augment_dim}], got {list(augment_labels.shape)}")
+        return c_noise, labels, augment_labels
+
+    def prepare_labels(self, class_labels, batch: int, device: torch.device) -> torch.Tensor | None:
+        """Class labels as ``[batch, label_dim]`` float vectors (zeros for ``None``), label dropout
+        applied in training mode; ``None`` for an unconditional network."""
+        if not self.label_dim:
+            if class_labels is not None:
+                raise ValueError(f"{type(self).__name__} is unconditional (label_dim=0) but class_labels were given")
+            return None
+        if class_labels is None:
+            return torch.zeros(batch, self.label_dim, device=device)
+        labels = torch.as_tensor(class_labels, device=device)
+        if not labels.is_floating_point():
+            if labels.ndim != 1 or labels.shape[0] != batch:
+                raise ValueError(f"integer class_labels must have shape [{batch}], got {list(labels.shape)}")
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.label_dim):
+                raise ValueError(f"integer class_labels must lie in [0, {self.label_dim}), "
+                                 f"got range [{int(labels.min())}, {int(labels.max())}]")
+            labels = F.one_hot(labels.long(), self.label_dim).float()
+        elif labels.ndim != 2 or labels.shape[1] != self.label_dim or labels.shape[0] not in (1, batch):
+            raise ValueError(f"float class_labels must have shape [{batch}, {self.label_dim}], "
+                             f"got {list(labels.shape)}")
+        labels = labels.expand(batch, -1)
+        if self.training and self.label_dropout > 0:
+            keep = torch.rand(batch, 1, device=device) >= self.label_dropout
+            labels = labels * keep.to(labels.dtype)
+        return labels
