@@ -13,7 +13,7 @@ import yaml
 
 from elucidate.config import parse_config
 from elucidate.training import EMA, Trainer, batch_indices, latest_checkpoint, list_checkpoints, load_checkpoint
-from elucidate.training.checkpoint import save_checkpoint
+from elucidate.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,11 +84,11 @@ def test_checkpoint_roundtrip_and_atomic_failure(tmp_path, monkeypatch):
     tensors, meta = load_checkpoint(path)
     assert meta["step"] == 1 and torch.equal(tensors["net.0.weight"], net[0].weight)
     fresh = torch.optim.Adam(net.parameters(), lr=1e-2)
-    from elucidate.training.checkpoint import optimizer_from_flat
+    from elucidate.checkpoint import optimizer_from_flat
     fresh.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
 
-    import elucidate.training.checkpoint as ck
+    import elucidate.checkpoint as ck
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -1,14 +1,15 @@
 """elucidate: diffusion models on the EDM design space (Karras et al. 2022)."""
-from . import sampling
+from . import nets, sampling
 from .analytic import EmpiricalDenoiser, GaussianMixture
 from .denoiser import Denoiser
 from .formulations import EDM, IDDPM, VE, VP, Formulation, Preconditioning, make_formulation
 from .losses import denoising_loss
+from .nets import NETWORKS, DhariwalUNet, SongUNet, UNet, build_network
 from .sampling import sample
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "sampling", "EmpiricalDenoiser", "GaussianMixture", "Denoiser", "EDM", "IDDPM", "VE", "VP",
+    "nets", "NETWORKS", "DhariwalUNet", "SongUNet", "UNet", "build_network", "sampling", "EmpiricalDenoiser", "GaussianMixture", "Denoiser", "EDM", "IDDPM", "VE", "VP",
     "Formulation", "Preconditioning", "make_formulation", "denoising_loss", "sample", "__version__",
 ]

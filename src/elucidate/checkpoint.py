@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import UserError
+from .errors import UserError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
            "optimizer_to_flat", "optimizer_from_flat", "checkpoint_name", "atomic_write_text", "FORMAT"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import parse_config
-from .training.checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text
 
 __all__ = ["DEMO_CONFIG", "run_demo", "recognizability"]
 

@@ -10,7 +10,7 @@ from torch import nn
 from .config import Config, ConfigError, parse_config
 from .denoiser import Denoiser
 from .errors import UserError
-from .training.checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint
 
 __all__ = ["DataInfo", "build_network_for", "LoadedRun", "load_run", "resolve_checkpoint"]
 

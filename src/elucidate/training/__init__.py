@@ -1,5 +1,5 @@
 """Training: the loop (EMA, checkpoints, exact resume, DDP), and its building blocks."""
-from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from ..checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .ema import EMA
 from .loop import SIGMA_EDGES, Trainer
 from .rng import batch_indices, derive_seed, derived_generator

@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..generate import autocast_for, generate
 from ..losses import denoising_loss
 from ..model import DataInfo, build_network_for
-from .checkpoint import (atomic_write_text, checkpoint_name, latest_checkpoint, list_checkpoints,
+from ..checkpoint import (atomic_write_text, checkpoint_name, latest_checkpoint, list_checkpoints,
                          load_checkpoint, optimizer_from_flat, save_checkpoint)
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from .ema import EMA

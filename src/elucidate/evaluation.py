@@ -1,0 +1,196 @@
+"""Evaluate a trained run: sample with per-sample seeds, extract features, compare with reference
+data or statistics (FD / FID, KID, precision-recall), and sweep samplers over NFE."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .config import SamplingConfig
+from .errors import UserError
+from .generate import generate, to_uint8
+from .model import LoadedRun
+from .sampling.solvers import nfe as solver_nfe
+
+__all__ = ["METRICS", "Reference", "feature_name", "load_reference", "sample_features", "compute_metric",
+           "evaluate", "sweep", "steps_for_nfe", "feature_extractor"]
+
+METRICS = ("fd_digits", "fid", "kid", "pr")
+
+
+def feature_name(metric: str, features: str | None, run_dataset: str | None = None) -> str:
+    """Which feature network a metric uses: fd_digits -> digits classifier, fid -> Inception;
+    kid/pr default to digits features for digits runs and Inception otherwise."""
+    if metric not in METRICS:
+        raise UserError(f"unknown metric {metric!r}; expected one of {list(METRICS)}")
+    if metric == "fd_digits":
+        return "fd_digits"
+    if metric == "fid":
+        return "inception"
+    if features is not None:
+        if features not in ("digits", "inception"):
+            raise UserError(f"--features {features!r}: expected 'digits' or 'inception'")
+        return "fd_digits" if features == "digits" else "inception"
+    return "fd_digits" if run_dataset == "digits" else "inception"
+
+
+def feature_extractor(name: str, inception: str | None = None, device=None):
+    """The feature network by name ("fd_digits" or "inception" from a local weights file)."""
+    from .metrics import get_feature_extractor
+
+    if name == "inception" and inception is None:
+        raise UserError("Inception features need --inception PATH to pt_inception-2015-12-05-6726825d.pth "
+                        "(see docs/metrics.md; nothing is downloaded)")
+    try:
+        return get_feature_extractor(name, path=inception, device=device)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+
+
+@dataclasses.dataclass
+class Reference:
+    """Reference side of a comparison: statistics, and features when KID / PR need them."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: np.ndarray | None
+    source: str
+
+
+def _dataset_from_spec(spec: str):
+    from .data import build_dataset
+
+    path = Path(spec)
+    if spec in ("digits", "faces"):
+        return build_dataset({"dataset": spec})
+    if path.is_dir():
+        return build_dataset({"dataset": "folder", "path": spec})
+    if path.suffix.lower() == ".zip":
+        return build_dataset({"dataset": "zip", "path": spec})
+    if path.suffix.lower() in (".npz", ".npy"):
+        return build_dataset({"dataset": "npz", "path": spec})
+    raise UserError(f"reference {spec!r}: expected 'digits', an image folder, a .zip, an .npz/.npy array "
+                    f"or an .npz of statistics (mu, sigma)")
+
+
+def _pixels(dataset) -> torch.Tensor:
+    """All images of a dataset as float [N, C, H, W] in 0..255 (no x-flip copies)."""
+    n = getattr(dataset, "num_images", len(dataset))
+    x, _ = dataset.get_batch(torch.arange(n))
+    return to_uint8(x, dataset.normalizer).permute(0, 3, 1, 2).float()
+
+
+def load_reference(spec: str | Path, extractor_name: str, *, inception: str | None = None, device=None,
+                   need_features: bool = False) -> Reference:
+    """Reference statistics from an ``.npz`` with ``mu``/``sigma`` (optionally ``features``) or
+    from a dataset spec (``digits``, a folder, a zip, an array file)."""
+    spec = str(spec)
+    if spec.endswith(".npz") and Path(spec).is_file():
+        with np.load(spec, allow_pickle=False) as data:
+            if "mu" in data.files and "sigma" in data.files:
+                feats = data["features"] if "features" in data.files else None
+                if need_features and feats is None:
+                    raise UserError(f"{spec} holds statistics only; KID / precision-recall need features "
+                                    f"(write them with `elucidate ref ... --keep-features`) or the data itself")
+                return Reference(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), feats, spec)
+    from .metrics import compute_stats
+
+    stats = compute_stats(feature_extractor(extractor_name, inception, device), _pixels(_dataset_from_spec(spec)),
+                          keep_features=True)
+    return Reference(stats.mean, stats.cov, stats.features, spec)
+
+
+def sample_features(run: LoadedRun, extractor, seeds: Sequence[int], cfg: SamplingConfig, *,
+                    batch_size: int = 250, device=None, progress: bool = False):
+    """Generate ``len(seeds)`` samples and return their FeatureStats (features kept)."""
+    from .metrics import FeatureStats
+
+    stats = FeatureStats(keep_features=True)
+    label_dim = int(getattr(run.denoiser.net, "label_dim", 0) or 0)
+    seeds = list(seeds)
+    for start in range(0, len(seeds), batch_size):
+        chunk = seeds[start:start + batch_size]
+        labels = torch.tensor(chunk) % label_dim if label_dim else None
+        x = generate(run.denoiser, run.denoiser.formulation, run.shape, chunk, cfg, batch_size=batch_size,
+                     device=device, class_labels=labels)
+        stats.update(extractor(to_uint8(x, run.normalizer).permute(0, 3, 1, 2).float()))
+        if progress:
+            print(f"\r  sampled {min(start + batch_size, len(seeds))}/{len(seeds)}", end="", flush=True)
+    if progress:
+        print()
+    return stats
+
+
+def compute_metric(metric: str, stats, ref: Reference) -> dict:
+    """The metric's value(s) for generated ``stats`` against ``ref``."""
+    from .metrics import frechet_distance, kid, precision_recall
+
+    if metric in ("fd_digits", "fid"):
+        if stats.mean.shape != ref.mu.shape:
+            raise UserError(f"reference {ref.source} has {ref.mu.shape[0]}-d features but the extractor gives "
+                            f"{stats.mean.shape[0]}-d; use statistics computed with the same feature network")
+        return {"value": frechet_distance(stats.mean, stats.cov, ref.mu, ref.sigma)}
+    if metric == "kid":
+        mean, std = kid(stats.features, ref.features, subset_size=min(1000, len(stats.features), len(ref.features)))
+        return {"value": float(mean), "std": float(std)}
+    precision, recall = precision_recall(ref.features, stats.features)
+    return {"value": float(precision), "precision": float(precision), "recall": float(recall)}
+
+
+def evaluate(run: LoadedRun, metric: str, *, num: int, ref: Reference, extractor, cfg: SamplingConfig,
+             repeats: int = 1, batch_size: int = 250, device=None, progress: bool = False) -> dict:
+    """The metric over ``repeats`` disjoint seed ranges (0..num-1, num..2num-1, ...): each value,
+    their mean and min (the EDM paper reports the min of three)."""
+    if num < 2:
+        raise UserError(f"--num must be >= 2, got {num}")
+    values, extras = [], []
+    t0 = time.perf_counter()
+    for r in range(repeats):
+        stats = sample_features(run, extractor, range(r * num, (r + 1) * num), cfg, batch_size=batch_size,
+                                device=device, progress=progress)
+        result = compute_metric(metric, stats, ref)
+        values.append(result.pop("value"))
+        extras.append(result)
+    out = {"metric": metric, "value": float(np.mean(values)), "values": values, "min": float(np.min(values)),
+           "mean": float(np.mean(values)), "num": num, "repeats": repeats, "sampler": cfg.sampler,
+           "steps": cfg.steps, "nfe": solver_nfe(cfg.sampler, cfg.steps), "schedule": cfg.schedule,
+           "s_churn": cfg.s_churn, "features": extractor.name, "reference": ref.source, "step": run.step,
+           "checkpoint": str(run.checkpoint), "seconds": round(time.perf_counter() - t0, 2)}
+    for key in ("precision", "recall", "std"):
+        if key in extras[0]:
+            out[key] = float(np.mean([e[key] for e in extras]))
+    return out
+
+
+def steps_for_nfe(sampler: str, target: int) -> int:
+    """Steps whose NFE is the largest not above ``target`` (Heun: NFE = 2N - 1)."""
+    if target < 1:
+        raise UserError(f"NFE must be >= 1, got {target}")
+    return max(1, (target + 1) // 2) if sampler == "heun" else target
+
+
+def sweep(run: LoadedRun, metric: str, *, samplers: Sequence[str], nfes: Sequence[int], num: int, ref: Reference,
+          extractor, base: SamplingConfig, batch_size: int = 250, device=None, progress: bool = False) -> list[dict]:
+    """Quality vs NFE: rows ``{sampler, steps, nfe, value, ...}`` for each sampler and NFE target."""
+    rows, seen = [], set()
+    for sampler in samplers:
+        for target in nfes:
+            steps = steps_for_nfe(sampler, int(target))
+            if (sampler, steps) in seen:
+                continue
+            seen.add((sampler, steps))
+            cfg = dataclasses.replace(base, sampler=sampler, steps=steps)
+            SamplingConfig.validate(cfg)
+            result = evaluate(run, metric, num=num, ref=ref, extractor=extractor, cfg=cfg, batch_size=batch_size,
+                              device=device)
+            row = {"sampler": sampler, "steps": steps, "nfe": result["nfe"], "value": result["value"]}
+            row.update({k: result[k] for k in ("precision", "recall", "std") if k in result})
+            rows.append(row)
+            if progress:
+                print(f"  {sampler:<16} steps {steps:>3}  NFE {row['nfe']:>3}  {metric} {row['value']:.4g}")
+    return rows
+
