@@ -248,3 +248,12 @@ def test_generator_makes_stochastic_solvers_reproducible(gmm):
         b = solver(gmm.denoise, x, karras_sigmas(6), generator=torch.Generator().manual_seed(4))
         c = solver(gmm.denoise, x, karras_sigmas(6), generator=torch.Generator().manual_seed(5))
         assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_lms_coefficients_are_adams_bashforth():
+    from elucidate.sampling.solvers import lms_coefficients
+    t = [4.0, 3.0, 2.0, 1.0, 0.0]  # uniform step h = -1
+    assert lms_coefficients(t, 0, 1) == pytest.approx([-1.0])
+    assert lms_coefficients(t, 1, 2) == pytest.approx([-1.5, 0.5])  # AB2: h (3/2 f_n - 1/2 f_{n-1})
+    assert lms_coefficients(t, 2, 3) == pytest.approx([-23 / 12, 16 / 12, -5 / 12])
+    assert lms_coefficients(t, 3, 4) == pytest.approx([-55 / 24, 59 / 24, -37 / 24, 9 / 24])

@@ -153,7 +153,6 @@ def test_nan_guard_skips_the_step_and_keeps_the_ema_clean(tmp_path):
     trainer = Trainer(parse_config(tiny_config(steps=4, checkpoint_every=100)), tmp_path / "run", progress=False,
                       log=lambda *a: None)
     original = trainer.net.forward
-    calls = {"n": 0}
 
     def poisoned(x, c_noise, **kw):
         out = original(x, c_noise, **kw)

@@ -7,9 +7,7 @@ written atomically (temp file, fsync, rename): a kill at any moment leaves the p
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import UserError
+from .fileio import atomic_path, atomic_write_text
 
 __all__ = ["save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
-           "optimizer_to_flat", "optimizer_from_flat", "checkpoint_name", "atomic_write_text", "FORMAT"]
+           "optimizer_to_flat", "optimizer_from_flat", "checkpoint_name", "atomic_write_text", "FORMAT"]  # atomic_write_text re-exported
 
 FORMAT = "elucidate-checkpoint/1"
 _NAME = re.compile(r"^ckpt-(\d{8,})\.safetensors$")
@@ -29,22 +28,6 @@ _NAME = re.compile(r"^ckpt-(\d{8,})\.safetensors$")
 def checkpoint_name(step: int) -> str:
     """The file name of the checkpoint after ``step`` steps."""
     return f"ckpt-{step:08d}.safetensors"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (temp file in the same folder, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -88,17 +71,8 @@ def save_checkpoint(path: Path, *, net: torch.nn.Module, ema: torch.nn.Module | 
         tensors.update(opt_tensors)
         meta["optimizer"] = opt_info
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"elucidate": json.dumps(meta)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"elucidate": json.dumps(meta)})
     return path
 
 

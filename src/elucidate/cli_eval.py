@@ -1,7 +1,6 @@
 """Evaluation commands of the CLI: eval, ref, sweep, plot, report."""
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json

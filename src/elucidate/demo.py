@@ -60,7 +60,7 @@ def run_demo(out: Path, *, steps: int | None = None, device: str | None = None, 
     cfg = run.config.sampling
     x = generate(run.denoiser, run.denoiser.formulation, run.shape, range(num_check), cfg, batch_size=250,
                  device=device)
-    grid = save_image_grid(x[:100], out / "samples.png", nrow=10)
+    grid = save_image_grid(x[:100], out / "samples.png", nrow=10, pad=2)
     recorder = TrajectoryRecorder(max_images=4)
     final = generate(run.denoiser, run.denoiser.formulation, run.shape, range(4), cfg, device=device, callback=recorder)
     recorder.finish(final)

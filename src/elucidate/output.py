@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .fileio import atomic_path, atomic_write_bytes
 from .generate import to_uint8
 
 __all__ = ["write_samples", "output_kind"]
@@ -42,19 +42,11 @@ def write_samples(x: torch.Tensor, seeds: Sequence[int], out: Path, *, normalize
         arrays = {"samples": pixels.numpy(), "seeds": np.asarray(list(seeds), dtype=np.int64)}
         if normalizer is not None:  # values in the data's own units (e.g. physical fields)
             arrays["values"] = normalizer.from_model(x).permute(0, 2, 3, 1).numpy().astype(np.float32)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp.npz")
-        os.close(fd)
-        try:
+        with atomic_path(out, suffix=".npz") as tmp:
             np.savez_compressed(tmp, **arrays)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return out
     out.mkdir(parents=True, exist_ok=True)
     from PIL import Image
-    from .viz.common import atomic_write_bytes
 
     for i, (seed, image) in enumerate(zip(seeds, x)):
         C = image.shape[0]

@@ -68,7 +68,8 @@ def sandbox_sweep(mixture: GaussianMixture | None = None, *, solvers: Sequence[s
     """RMSE (per element) of each solver x schedule at each NFE to the converged solution.
 
     The reference is Heun with ``reference_steps`` Karras steps on the same ODE and initial noise.
-    Returns rows ``{solver, schedule, steps, nfe, rmse}``.
+    Returns rows ``{solver, schedule, target_nfe, steps, nfe, rmse}`` (Heun's NFE is odd, so an
+    even target uses one evaluation less).
     """
     for name in solvers:
         if name not in SANDBOX_SOLVERS:
@@ -96,6 +97,6 @@ def sandbox_sweep(mixture: GaussianMixture | None = None, *, solvers: Sequence[s
         x = SOLVERS[fn_name](mixture.denoise, x_T, sigmas, **kwargs)
         rmse = (x - reference).pow(2).mean().sqrt().item()
         nfe = 2 * steps - 1 if fn_name == "heun" else steps
-        rows.append({"solver": solver, "schedule": schedule, "steps": steps, "nfe": nfe,
+        rows.append({"solver": solver, "schedule": schedule, "target_nfe": target, "steps": steps, "nfe": nfe,
                      "rmse": rmse if math.isfinite(rmse) else float("inf")})
     return rows

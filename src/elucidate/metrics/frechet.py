@@ -12,13 +12,14 @@ statistics load as they are.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.linalg
+
+from ..fileio import atomic_path
 
 __all__ = ["FeatureStats", "MissingFileError", "frechet_distance", "load_stats", "save_stats"]
 
@@ -167,18 +168,8 @@ def save_stats(path: str | os.PathLike[str], mu: Any, sigma: Any, **extra: Any) 
     reserved = {"mu", "sigma"} & set(extra)
     if reserved:
         raise ValueError(f"extra may not redefine {sorted(reserved)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=m, sigma=s, **{k: np.asarray(v) for k, v in extra.items()})
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, mu=m, sigma=s, **{k: np.asarray(v) for k, v in extra.items()})
 
 
 def load_stats(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:

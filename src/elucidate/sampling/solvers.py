@@ -9,6 +9,7 @@ Stochastic solvers draw noise from ``noise_sampler(sigma, sigma_next)`` if given
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -213,17 +214,29 @@ def dpmpp_3m_sde(D: DenoiserFn, x: torch.Tensor, sigmas, *, eta: float = 1.0, s_
     return x
 
 
+@functools.lru_cache(maxsize=8)
+def _gauss_legendre(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x, w = np.polynomial.legendre.leggauss(n)
+    return tuple(x.tolist()), tuple(w.tolist())
+
+
 def lms_coefficients(t: list[float], i: int, order: int) -> list[float]:
     """Adams-Bashforth weights: the integral over [t_i, t_{i+1}] of each Lagrange basis polynomial
-    through t_i, t_{i-1}, ..., t_{i-order+1} (computed exactly, in float64)."""
+    through t_i, t_{i-1}, ..., t_{i-order+1}, by Gauss-Legendre quadrature (exact for this degree)."""
     nodes = [t[i - k] for k in range(order)]
+    gx, gw = _gauss_legendre(max(1, (order + 1) // 2))  # n points integrate degree 2n - 1 exactly
+    half, mid = (t[i + 1] - t[i]) / 2, (t[i + 1] + t[i]) / 2
+    points = [mid + half * x for x in gx]
     weights = []
     for j in range(order):
-        others = [nodes[k] for k in range(order) if k != j]
-        basis = np.polynomial.Polynomial.fromroots(others) if others else np.polynomial.Polynomial([1.0])
-        basis = basis / float(np.prod([nodes[j] - o for o in others]))
-        antiderivative = basis.integ()
-        weights.append(float(antiderivative(t[i + 1]) - antiderivative(t[i])))
+        total = 0.0
+        for x, w in zip(points, gw):
+            basis = 1.0
+            for k in range(order):
+                if k != j:
+                    basis *= (x - nodes[k]) / (nodes[j] - nodes[k])
+            total += w * basis
+        weights.append(total * half)
     return weights
 
 

@@ -20,6 +20,7 @@ class EMA:
         self.module = copy.deepcopy(net).eval().requires_grad_(False)
         self.halflife = float(halflife)
         self.rampup = rampup
+        self._tensors: tuple | None = None  # (source net id, tensor lists): module traversal is slow
 
     def beta(self, images_seen: int, batch_size: int) -> float:
         """The decay used after ``images_seen`` images with this batch size."""
@@ -32,7 +33,11 @@ class EMA:
     def update(self, net: nn.Module, images_seen: int, batch_size: int) -> None:
         """Move the average towards ``net``'s current weights (buffers are copied)."""
         beta = self.beta(images_seen, batch_size)
-        for p_ema, p in zip(self.module.parameters(), net.parameters()):
-            p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - beta)
-        for b_ema, b in zip(self.module.buffers(), net.buffers()):
+        if self._tensors is None or self._tensors[0] != id(net):
+            self._tensors = (id(net), list(self.module.parameters()), [p.detach() for p in net.parameters()],
+                             list(self.module.buffers()), list(net.buffers()))
+        _, averaged, current, ema_buffers, buffers = self._tensors
+        if averaged:
+            torch._foreach_lerp_(averaged, [p.to(q.dtype) for p, q in zip(current, averaged)], 1 - beta)
+        for b_ema, b in zip(ema_buffers, buffers):
             b_ema.copy_(b)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 import time
 from pathlib import Path
@@ -68,6 +67,7 @@ class Trainer:
         self.optimizer = opt_cls(self.net.parameters(), lr=self.t.lr, betas=self.t.betas, eps=self.t.eps,
                                  weight_decay=self.t.weight_decay)
         self.ema = EMA(self.net, self.t.ema_halflife, self.t.ema_rampup)
+        self.params = list(self.net.parameters())
         self.step, self.skipped, self.seconds = 0, 0, 0.0
         self.stop_requested = False
         self._prepare_run_dir()
@@ -157,7 +157,8 @@ class Trainer:
         """One optimizer step; returns (per-sample losses, their sigmas, whether the step was applied)."""
         images, labels, sigma, noise = self._batch(step)
         torch.manual_seed(derive_seed(self.t.seed, "dropout", step, self.dist.rank))
-        self.net.train()
+        if not self.net.training:
+            self.net.train()
         micro = self.local_batch // self.t.grad_accumulation
         losses = []
         for m in range(self.t.grad_accumulation):
@@ -171,9 +172,11 @@ class Trainer:
                                           formulation=self.formulation, **cond)
                 (loss.sum() / self.local_batch).backward()
             losses.append(loss.detach())
-        params = [p for p in self.net.parameters() if p.grad is not None]
-        max_norm = self.t.grad_clip if self.t.grad_clip is not None else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        params = [p for p in self.params if p.grad is not None]
+        if self.t.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.t.grad_clip, foreach=True)
+        else:  # the norm is still needed for the NaN/Inf guard
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
         applied = bool(torch.isfinite(norm))
         if applied:  # NaN/Inf guard: skip the update and keep the EMA clean
             images_seen = (step + 1) * self.t.batch_size

@@ -9,7 +9,6 @@ import functools
 import io
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -19,6 +18,8 @@ import numpy as np
 from matplotlib.axis import Axis
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from ..fileio import atomic_write_bytes
 
 __all__ = ["new_figure", "save_figure", "figure_to_png", "atomic_write_bytes", "styled", "STYLE",
            "PALETTE", "DEFAULT_DPI", "plain_log_labels"]
@@ -89,21 +90,6 @@ def _close(fig: Figure) -> None:
     if pyplot is not None:  # only if the caller made the figure through pyplot
         pyplot.close(fig)
     fig.clear()
-
-
-def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _render(fig: Figure, fmt: str, dpi: int, close: bool) -> bytes:
