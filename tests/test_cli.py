@@ -134,3 +134,18 @@ def test_sample_argument_errors(trained, tmp_path):
     assert r.returncode == 2 and "sampling.sampler = 'ddim'" in r.stderr
     r = run_cli("sample", trained, "--out", tmp_path / "x.png", "--class", "3")
     assert r.returncode == 2 and "not class-conditional" in r.stderr
+
+
+def test_class_conditional_training_and_sampling(tmp_path):
+    raw = {**TINY, "network": {**TINY["network"], "label_dim": "auto", "label_dropout": 0.1},
+           "training": {**TINY["training"], "steps": 4, "checkpoint_every": 4, "sample_every": 0}}
+    cfg = tmp_path / "cond.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    from elucidate.model import load_run
+    run = load_run(tmp_path / "run")
+    assert run.denoiser.net.label_dim == 10 and run.info.num_classes == 10
+    assert main(["sample", str(tmp_path / "run"), "--seeds", "0-3", "--class", "3",
+                 "--out", str(tmp_path / "three.npz")]) == 0
+    r = run_cli("sample", tmp_path / "run", "--seeds", "0", "--class", "12", "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "out of range" in r.stderr

@@ -11,6 +11,8 @@ __all__ = ["Denoiser", "batch_sigma"]
 
 def batch_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
     """``sigma`` as a ``[B]`` tensor in x's dtype and device (a float or 0-d tensor is broadcast)."""
+    if not torch.is_tensor(sigma) and x.is_floating_point():  # a Python number: no float32 detour
+        sigma = torch.tensor(sigma, dtype=x.dtype, device=x.device)
     sigma = torch.as_tensor(sigma, device=x.device)
     if sigma.dtype != x.dtype and x.is_floating_point():
         sigma = sigma.to(x.dtype)
