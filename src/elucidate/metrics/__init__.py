@@ -12,15 +12,33 @@ Library level; feature networks never download anything:
 See ``docs/metrics.md``.
 """
 from .digits_net import (
-    DigitsClassifier, DigitsSplit, digits_split, load_digits_classifier, load_digits_metadata,
+    DigitsClassifier,
+    DigitsSplit,
+    digits_split,
+    load_digits_classifier,
+    load_digits_metadata,
 )
 from .features import (
-    ClassifierScore, FeatureExtractor, ModuleExtractor, classifier_score, compute_stats,
+    ClassifierScore,
+    FeatureExtractor,
+    ModuleExtractor,
+    classifier_score,
+    compute_stats,
     get_feature_extractor,
 )
-from .frechet import FeatureStats, MissingFileError, frechet_distance, load_stats, save_stats
+from .frechet import (
+    FeatureStats,
+    MissingFileError,
+    frechet_distance,
+    load_stats,
+    save_stats,
+)
 from .inception import (
-    FID_WEIGHTS_FILENAME, FID_WEIGHTS_SHA256_PREFIX, FID_WEIGHTS_URL, FIDInceptionV3, file_sha256,
+    FID_WEIGHTS_FILENAME,
+    FID_WEIGHTS_SHA256_PREFIX,
+    FID_WEIGHTS_URL,
+    FIDInceptionV3,
+    file_sha256,
     load_inception,
 )
 from .kid import kid, mmd2_unbiased

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .inputs import check_images
+
 __all__ = [
     "DIGITS_RESOLUTION", "DIGITS_SCALE", "DigitsClassifier", "DigitsSplit", "digits_split",
     "load_digits_classifier", "load_digits_metadata", "preprocess_digits",
@@ -35,13 +37,7 @@ METADATA_FILE = "digits_classifier.json"
 def preprocess_digits(images: Tensor) -> Tensor:
     """Map ``[B, C, H, W]`` images in [0, 255] (C = 1 or 3, any size) to the network input:
     gray, area-resized to 8x8, scaled to [-1, 1]."""
-    if not isinstance(images, Tensor):
-        raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
-    if images.ndim != 4:
-        raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
-    if images.shape[1] not in (1, 3):
-        raise ValueError(f"images must have 1 or 3 channels, got C={images.shape[1]}")
-    x = images.float()
+    x = check_images(images)
     if x.shape[1] == 3:
         x = x.mean(dim=1, keepdim=True)
     if x.shape[-2:] != (DIGITS_RESOLUTION, DIGITS_RESOLUTION):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .frechet import MissingFileError
+from .inputs import check_images
 
 __all__ = ["FID_WEIGHTS_FILENAME", "FID_WEIGHTS_SHA256_PREFIX", "FID_WEIGHTS_URL", "FIDInceptionV3",
            "file_sha256", "load_inception", "preprocess_inception"]
@@ -164,13 +165,7 @@ def preprocess_inception(images: Tensor) -> Tensor:
     """``[B, C, H, W]`` images in [0, 255] (float or uint8, C = 1 or 3) -> float32
     ``[B, 3, 299, 299]`` in [-1, 1]: gray is repeated to RGB, resizing is bilinear
     (``align_corners=False``, no antialiasing), as in pytorch-fid."""
-    if not isinstance(images, Tensor):
-        raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
-    if images.ndim != 4:
-        raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
-    if images.shape[1] not in (1, 3):
-        raise ValueError(f"images must have 1 or 3 channels, got C={images.shape[1]}")
-    x = images.float()
+    x = check_images(images)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     if x.shape[-2:] != (INCEPTION_RESOLUTION, INCEPTION_RESOLUTION):

@@ -11,16 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from .inputs import as_features
+
 __all__ = ["kid", "mmd2_unbiased", "polynomial_kernel"]
-
-
-def _features(x: Any, name: str) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch.Tensor
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [N, D], got shape {x.shape}")
-    return x
 
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int = 3, coef0: float = 1.0) -> np.ndarray:
@@ -31,7 +24,7 @@ def polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int = 3, coef0: floa
 def mmd2_unbiased(x: Any, y: Any) -> float:
     """Unbiased MMD^2 of two equal-sized sets ``x, y`` [m, d] under the KID kernel:
     ``(sum_{i!=j} k(x_i, x_j) + sum_{i!=j} k(y_i, y_j)) / (m (m-1)) - 2 sum_{i,j} k(x_i, y_j) / m^2``."""
-    a, b = _features(x, "x"), _features(y, "y")
+    a, b = as_features(x, "x"), as_features(y, "y")
     if a.shape != b.shape:
         raise ValueError(f"x and y must have the same shape [m, d], got {a.shape} and {b.shape}")
     m = a.shape[0]
@@ -50,7 +43,7 @@ def kid(features_a: Any, features_b: Any, *, num_subsets: int = 100, subset_size
     ``generator`` (a ``numpy.random.Generator``) takes precedence over ``seed``; the default
     ``seed=0`` makes the result reproducible.
     """
-    a, b = _features(features_a, "features_a"), _features(features_b, "features_b")
+    a, b = as_features(features_a, "features_a"), as_features(features_b, "features_b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"features_a has D={a.shape[1]} but features_b has D={b.shape[1]}")
     if num_subsets < 1:

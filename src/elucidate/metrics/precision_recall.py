@@ -11,18 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from .inputs import as_features
+
 __all__ = ["knn_radii", "manifold_coverage", "precision_recall"]
-
-
-def _features(x: Any, name: str) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch.Tensor
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [N, D], got shape {x.shape}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is empty")
-    return x
 
 
 def _sq_distances(q: np.ndarray, r: np.ndarray, r_sq: np.ndarray) -> np.ndarray:
@@ -33,7 +24,7 @@ def _sq_distances(q: np.ndarray, r: np.ndarray, r_sq: np.ndarray) -> np.ndarray:
 
 def knn_radii(features: Any, k: int = 3, *, batch_size: int = 1024) -> np.ndarray:
     """Distance of every point to its k-th nearest neighbour in the same set (itself excluded)."""
-    x = _features(features, "features")
+    x = as_features(features, "features")
     n = x.shape[0]
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -51,8 +42,8 @@ def knn_radii(features: Any, k: int = 3, *, batch_size: int = 1024) -> np.ndarra
 def manifold_coverage(manifold: Any, queries: Any, k: int = 3, *, batch_size: int = 1024) -> float:
     """Fraction of ``queries`` within the k-NN manifold of ``manifold``: a query ``q`` is
     inside if ``|q - p| <= r_k(p)`` for some point ``p`` of ``manifold``."""
-    p = _features(manifold, "manifold")
-    q = _features(queries, "queries")
+    p = as_features(manifold, "manifold")
+    q = as_features(queries, "queries")
     if p.shape[1] != q.shape[1]:
         raise ValueError(f"manifold has D={p.shape[1]} but queries has D={q.shape[1]}")
     radii_sq = knn_radii(p, k, batch_size=batch_size) ** 2
@@ -68,8 +59,8 @@ def precision_recall(real_features: Any, fake_features: Any, *, k: int = 3,
                      batch_size: int = 1024) -> tuple[float, float]:
     """``(precision, recall)`` of ``fake_features`` against ``real_features`` ([N, D] each)
     with k-NN manifolds; distances are computed ``batch_size`` rows at a time."""
-    real = _features(real_features, "real_features")
-    fake = _features(fake_features, "fake_features")
+    real = as_features(real_features, "real_features")
+    fake = as_features(fake_features, "fake_features")
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"real_features has D={real.shape[1]} but fake_features has D={fake.shape[1]}")
     for name, x in (("real_features", real), ("fake_features", fake)):

@@ -79,18 +79,6 @@ class DhariwalUNet(DiffusionNet):
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, self.out_channels, 3, **init_zero)
 
-    def embed(self, c_noise: torch.Tensor, labels: torch.Tensor | None,
-              augment_labels: torch.Tensor | None) -> torch.Tensor:
-        """The conditioning embedding ``[B, model_channels * channel_mult_emb]``."""
-        dtype = self.map_layer0.weight.dtype
-        emb = self.map_noise(c_noise).to(dtype)
-        if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels.to(dtype))
-        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
-        if self.map_label is not None:
-            emb = emb + self.map_label(labels.to(dtype))
-        return F.silu(emb)
-
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None,
                 augment_labels: torch.Tensor | None = None, **cond) -> torch.Tensor:
         """``F(x, c_noise)``: ``x`` ``[B, in_channels, H, W]``, ``c_noise`` ``[B]`` -> ``[B, out_channels, H, W]``."""

@@ -293,6 +293,19 @@ class DiffusionNet(nn.Module):
         self.label_dim, self.label_dropout, self.augment_dim = label_dim, float(label_dropout), augment_dim
         self.dropout = float(dropout)
 
+    def embed(self, c_noise: torch.Tensor, labels: torch.Tensor | None,
+              augment_labels: torch.Tensor | None) -> torch.Tensor:
+        """The conditioning embedding ``[B, model_channels * channel_mult_emb]`` (ADM order: noise,
+        augment, MLP, then labels; SongUNet overrides it with its own order)."""
+        dtype = self.map_layer0.weight.dtype
+        emb = self.map_noise(c_noise).to(dtype)
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels.to(dtype))
+        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
+        if self.map_label is not None:
+            emb = emb + self.map_label(labels.to(dtype))
+        return F.silu(emb)
+
     def level_resolution(self, level: int) -> tuple[int, int]:
         """``(H, W)`` of the feature maps at U-Net level ``level`` (0 = input resolution)."""
         return self.img_resolution[0] >> level, self.img_resolution[1] >> level
