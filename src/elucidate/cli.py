@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True,
                    help="grid.png (one grid), DIR/ (one PNG per seed) or samples.npz (uint8 N,H,W,C + seeds)")
     p.add_argument("--class", dest="class_label", type=int, default=None,
-                   help="class label for a class-conditional model (default: cycle through classes)")
+                   help="class label for a class-conditional model (default: seed %% number of classes)")
     _add_sampling_options(p)
 
     p = sub.add_parser("demo", help="train a small EDM model on the bundled digits and write figures")
@@ -92,7 +92,9 @@ def cmd_train(args) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
-def class_labels_for(run, n: int, class_label: int | None):
+def class_labels_for(run, seeds: list[int], class_label: int | None):
+    """Labels for a class-conditional model: ``--class`` for all, else ``seed % num_classes``
+    (so an image's label, like its noise, depends on its seed only)."""
     import torch
 
     from .errors import UserError
@@ -103,8 +105,8 @@ def class_labels_for(run, n: int, class_label: int | None):
             raise UserError("--class was given but the model is not class-conditional")
         if not 0 <= class_label < label_dim:
             raise UserError(f"--class {class_label} is out of range: the model has {label_dim} classes")
-        return torch.full((n,), class_label, dtype=torch.long)
-    return torch.arange(n) % label_dim if label_dim else None
+        return torch.full((len(seeds),), class_label, dtype=torch.long)
+    return torch.tensor(seeds) % label_dim if label_dim else None
 
 
 def cmd_sample(args) -> int:
@@ -119,7 +121,7 @@ def cmd_sample(args) -> int:
         raise UserError(f"--seeds: {e}") from None
     run = load_run(args.run, ema=args.ema, device=args.device)
     cfg = sampling_from_args(run.config.sampling, args)
-    labels = class_labels_for(run, len(seeds), args.class_label)
+    labels = class_labels_for(run, seeds, args.class_label)
     x = generate(run.denoiser, run.denoiser.formulation, run.shape, seeds, cfg, batch_size=args.batch,
                  device=args.device, class_labels=labels, precision=args.precision, progress=True)
     out = write_samples(x, seeds, args.out, normalizer=run.normalizer)
