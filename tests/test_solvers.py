@@ -257,3 +257,14 @@ def test_lms_coefficients_are_adams_bashforth():
     assert lms_coefficients(t, 1, 2) == pytest.approx([-1.5, 0.5])  # AB2: h (3/2 f_n - 1/2 f_{n-1})
     assert lms_coefficients(t, 2, 3) == pytest.approx([-23 / 12, 16 / 12, -5 / 12])
     assert lms_coefficients(t, 3, 4) == pytest.approx([-55 / 24, 59 / 24, -37 / 24, 9 / 24])
+
+
+def test_steps_for_nfe_and_vp_range():
+    from elucidate.sampling import steps_for_nfe, vp_range_sigmas
+    assert [steps_for_nfe("heun", b) for b in (1, 5, 10, 35)] == [1, 3, 5, 18]
+    assert all(nfe("heun", steps_for_nfe("heun", b)) <= b for b in range(1, 50))
+    assert steps_for_nfe("dpmpp_2m", 10) == 10
+    with pytest.raises(ValueError, match="budget"):
+        steps_for_nfe("euler", 0)
+    s = vp_range_sigmas(12, 0.002, 80.0)
+    assert s[0].item() == pytest.approx(80.0) and s[-2].item() == pytest.approx(0.002) and s[-1] == 0

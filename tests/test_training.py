@@ -185,3 +185,13 @@ def test_resume_refuses_a_different_config(tmp_path):
     r = cli("train", cfg, "--out", run, "--no-progress", "--set", "training.steps=6")
     assert r.returncode == 0, r.stderr
     assert latest_checkpoint(run / "checkpoints").name == "ckpt-00000006.safetensors"
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    trainer = Trainer(parse_config(tiny_config(steps=3, keep_checkpoints=2, checkpoint_every=100)), tmp_path / "run",
+                      progress=False, log=lambda *a: None)
+    for step in (1, 2, 3):
+        trainer.step = step
+        trainer.save()
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [
+        "ckpt-00000002.safetensors", "ckpt-00000003.safetensors"]

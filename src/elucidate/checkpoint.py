@@ -16,10 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import UserError
-from .fileio import atomic_path, atomic_write_text
+from .fileio import atomic_path
 
 __all__ = ["save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
-           "optimizer_to_flat", "optimizer_from_flat", "checkpoint_name", "atomic_write_text", "FORMAT"]  # atomic_write_text re-exported
+           "optimizer_to_flat", "optimizer_from_flat", "checkpoint_name", "FORMAT"]
 
 FORMAT = "elucidate-checkpoint/1"
 _NAME = re.compile(r"^ckpt-(\d{8,})\.safetensors$")

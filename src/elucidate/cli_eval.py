@@ -100,7 +100,7 @@ def cmd_eval(args) -> int:
     from .cli import sampling_from_args
     from .evaluation import feature_extractor, evaluate, feature_name
     from .model import load_run
-    from .checkpoint import atomic_write_text
+    from .fileio import atomic_write_text
 
     run = load_run(args.run, ema=args.ema, device=args.device)
     cfg = sampling_from_args(run.config.sampling, args)
@@ -131,7 +131,7 @@ def cmd_ref(args) -> int:
 
 
 def _write_sweep(rows: list[dict], out_dir: Path, stem: str, metric: str, title: str) -> list[Path]:
-    from .checkpoint import atomic_write_text
+    from .fileio import atomic_write_text
     from .viz import plot_quality_vs_nfe, save_figure
 
     columns = list(rows[0])
@@ -154,7 +154,10 @@ def cmd_sweep(args) -> int:
         solvers = args.samplers.split(",")
         if args.samplers == "heun,euler,dpmpp_2m,lms":
             solvers += ["dpmpp_3m"]
-        rows = sandbox_sweep(solvers=solvers, schedules=args.schedules.split(","), nfes=nfes, progress=True)
+        try:
+            rows = sandbox_sweep(solvers=solvers, schedules=args.schedules.split(","), nfes=nfes, progress=True)
+        except ValueError as e:  # unknown solver / schedule names
+            raise UserError(str(e)) from None
         rows = [{"sampler": f"{r['solver']}/{r['schedule']}", "steps": r["steps"], "nfe": r["nfe"], "value": r["rmse"]}
                 for r in rows]
         out_dir = args.out or Path("sweep")

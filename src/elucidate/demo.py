@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import parse_config
-from .checkpoint import atomic_write_text
+from .fileio import atomic_write_text
 
 __all__ = ["DEMO_CONFIG", "run_demo", "recognizability"]
 
@@ -24,14 +24,16 @@ DEMO_CONFIG = {
 }
 
 
-def recognizability(images: torch.Tensor, threshold: float = 0.8) -> dict:
-    """How many generated digits (model range [-1, 1], ``[N, 1, H, W]``) the bundled classifier
-    recognizes with confidence >= ``threshold``, and which classes appear."""
+def recognizability(images: torch.Tensor, normalizer=None, threshold: float = 0.8) -> dict:
+    """How many generated digits (model range, ``[N, 1, H, W]``; ``normalizer`` maps them to pixels,
+    default [-1, 1]) the bundled classifier recognizes with confidence >= ``threshold``, and which
+    classes appear."""
+    from .generate import to_pixels
     from .metrics import classifier_score, load_digits_classifier
 
     classifier = load_digits_classifier()
     with torch.no_grad():
-        probabilities = classifier.predict_proba(((images.clamp(-1, 1) + 1) * 127.5).float())
+        probabilities = classifier.predict_proba(to_pixels(images, normalizer))
     score = classifier_score(probabilities, threshold=threshold)
     return {"num": int(images.shape[0]), "threshold": threshold, "confident_fraction": float(score.confident_fraction),
             "classes_present": int((score.histogram > 0).sum()), "class_counts": score.histogram.tolist(),
@@ -65,7 +67,7 @@ def run_demo(out: Path, *, steps: int | None = None, device: str | None = None, 
     final = generate(run.denoiser, run.denoiser.formulation, run.shape, range(4), cfg, device=device, callback=recorder)
     recorder.finish(final)
     trajectory = save_figure(plot_trajectory(recorder, num_columns=8, max_images=4), out / "trajectory.png")
-    report = recognizability(x)
+    report = recognizability(x, run.normalizer)
     report.update(step=run.step, sampler=cfg.sampler, steps=cfg.steps, seconds=summary["seconds"])
     atomic_write_text(out / "demo.json", json.dumps(report, indent=2) + "\n")
     print(f"  samples:     {grid}")

@@ -12,12 +12,13 @@ import torch
 
 from .config import SamplingConfig
 from .errors import UserError
-from .generate import generate, to_uint8
+from .generate import generate, to_pixels
 from .model import LoadedRun
 from .sampling.solvers import nfe as solver_nfe
+from .sampling.solvers import steps_for_nfe
 
 __all__ = ["METRICS", "Reference", "feature_name", "load_reference", "sample_features", "compute_metric",
-           "evaluate", "sweep", "steps_for_nfe", "feature_extractor"]
+           "evaluate", "sweep", "feature_extractor"]
 
 METRICS = ("fd_digits", "fid", "kid", "pr")
 
@@ -81,7 +82,7 @@ def _pixels(dataset) -> torch.Tensor:
     """All images of a dataset as float [N, C, H, W] in 0..255 (no x-flip copies)."""
     n = getattr(dataset, "num_images", len(dataset))
     x, _ = dataset.get_batch(torch.arange(n))
-    return to_uint8(x, dataset.normalizer).permute(0, 3, 1, 2).float()
+    return to_pixels(x, dataset.normalizer)
 
 
 def load_reference(spec: str | Path, extractor_name: str, *, inception: str | None = None, device=None,
@@ -117,7 +118,7 @@ def sample_features(run: LoadedRun, extractor, seeds: Sequence[int], cfg: Sampli
         labels = torch.tensor(chunk) % label_dim if label_dim else None
         x = generate(run.denoiser, run.denoiser.formulation, run.shape, chunk, cfg, batch_size=batch_size,
                      device=device, class_labels=labels)
-        stats.update(extractor(to_uint8(x, run.normalizer).permute(0, 3, 1, 2).float()))
+        stats.update(extractor(to_pixels(x, run.normalizer)))
         if progress:
             print(f"\r  sampled {min(start + batch_size, len(seeds))}/{len(seeds)}", end="", flush=True)
     if progress:
@@ -166,25 +167,18 @@ def evaluate(run: LoadedRun, metric: str, *, num: int, ref: Reference, extractor
     return out
 
 
-def steps_for_nfe(sampler: str, target: int) -> int:
-    """Steps whose NFE is the largest not above ``target`` (Heun: NFE = 2N - 1)."""
-    if target < 1:
-        raise UserError(f"NFE must be >= 1, got {target}")
-    return max(1, (target + 1) // 2) if sampler == "heun" else target
-
-
 def sweep(run: LoadedRun, metric: str, *, samplers: Sequence[str], nfes: Sequence[int], num: int, ref: Reference,
           extractor, base: SamplingConfig, batch_size: int = 250, device=None, progress: bool = False) -> list[dict]:
     """Quality vs NFE: rows ``{sampler, steps, nfe, value, ...}`` for each sampler and NFE target."""
     rows, seen = [], set()
     for sampler in samplers:
+        SamplingConfig.validate(dataclasses.replace(base, sampler=sampler))  # a named error for a bad sampler
         for target in nfes:
             steps = steps_for_nfe(sampler, int(target))
             if (sampler, steps) in seen:
                 continue
             seen.add((sampler, steps))
             cfg = dataclasses.replace(base, sampler=sampler, steps=steps)
-            SamplingConfig.validate(cfg)
             result = evaluate(run, metric, num=num, ref=ref, extractor=extractor, cfg=cfg, batch_size=batch_size,
                               device=device)
             row = {"sampler": sampler, "steps": steps, "nfe": result["nfe"], "value": result["value"]}

@@ -8,9 +8,9 @@ import torch
 
 from .config import SamplingConfig
 from .formulations import Formulation
-from .sampling import get_schedule, sample
+from .sampling import get_schedule, sample, vp_range_sigmas
 
-__all__ = ["schedule_for", "generate", "to_uint8", "parse_seeds", "autocast_for"]
+__all__ = ["schedule_for", "generate", "to_uint8", "to_pixels", "parse_seeds", "autocast_for"]
 
 
 def schedule_for(cfg: SamplingConfig, formulation: Formulation, *, device=None) -> torch.Tensor:
@@ -23,9 +23,7 @@ def schedule_for(cfg: SamplingConfig, formulation: Formulation, *, device=None) 
     elif cfg.schedule in ("auto", "karras"):
         sigmas = get_schedule("karras")(cfg.steps, lo, hi, cfg.rho or getattr(formulation, "rho", 7.0))
     elif cfg.schedule == "vp":
-        from .sampling import vp_betas_for_range
-        beta_d, beta_min = vp_betas_for_range(lo, hi)
-        sigmas = get_schedule("vp")(cfg.steps, beta_d, beta_min)
+        sigmas = vp_range_sigmas(cfg.steps, lo, hi)
     else:
         sigmas = get_schedule(cfg.schedule)(cfg.steps, lo, hi)
     sigmas = torch.cat([formulation.round_sigma(sigmas[:-1]), sigmas[-1:]])  # discrete nets: known levels only
@@ -78,6 +76,12 @@ def to_uint8(x: torch.Tensor, normalizer=None) -> torch.Tensor:
     else:
         pixels = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).contiguous()
+
+
+def to_pixels(x: torch.Tensor, normalizer=None) -> torch.Tensor:
+    """Model-range images ``[N, C, H, W]`` -> float ``[N, C, H, W]`` pixel values 0..255 (what the
+    feature networks take), quantized exactly like the PNGs and ``.npz`` files we write."""
+    return to_uint8(x, normalizer).permute(0, 3, 1, 2).float()
 
 
 def parse_seeds(text: str) -> list[int]:

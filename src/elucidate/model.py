@@ -39,12 +39,20 @@ def build_network_for(config: Config, info: DataInfo) -> nn.Module:
     """
     from .nets import build_network
 
+    from .nets.layers import parse_resolution
+
     kwargs = {k: v for k, v in config.network.items() if k != "arch"}
     H, W = info.resolution
-    derived = {"img_resolution": H if H == W else (H, W), "in_channels": info.channels, "out_channels": info.channels}
-    for key, value in derived.items():
+    checks = {"img_resolution": (lambda v: parse_resolution(v) == (H, W), H if H == W else [H, W]),
+              "in_channels": (lambda v: v == info.channels, info.channels),
+              "out_channels": (lambda v: v == info.channels, info.channels)}
+    for key, (matches, value) in checks.items():
         given = kwargs.get(key)
-        if given is not None and _hw(given) != _hw(value):
+        try:
+            ok = given is None or matches(given)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
             raise ConfigError(f"network.{key} = {given!r} does not match the data ({value!r}); remove it to use the data's")
         kwargs[key] = value
     label_dim = kwargs.get("label_dim", 0)
@@ -57,13 +65,6 @@ def build_network_for(config: Config, info: DataInfo) -> nn.Module:
         return build_network(config.network.get("arch", "unet"), **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"network: {e}") from None
-
-
-def _hw(v):
-    """A resolution (int or [H, W]) as (H, W); other values unchanged."""
-    if isinstance(v, (list, tuple)):
-        return tuple(v)
-    return (v, v) if isinstance(v, int) else v
 
 
 @dataclass

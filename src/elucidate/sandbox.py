@@ -10,10 +10,10 @@ import torch
 
 from .analytic import GaussianMixture
 from .sampling import schedules as S
-from .sampling.ablation import vp_betas_for_range
-from .sampling.solvers import SOLVERS
+from .sampling.solvers import SOLVERS, steps_for_nfe
+from .sampling.solvers import nfe as solver_nfe
 
-__all__ = ["digits_mixture", "SANDBOX_SOLVERS", "SANDBOX_SCHEDULES", "steps_for_nfe", "sandbox_sweep"]
+__all__ = ["digits_mixture", "SANDBOX_SOLVERS", "SANDBOX_SCHEDULES", "sandbox_sweep"]
 
 #: Deterministic solvers (an ODE solution is only defined for these); 3M with eta = 0 is the 3rd-order ODE solver.
 SANDBOX_SOLVERS: dict[str, tuple[str, dict]] = {
@@ -25,17 +25,12 @@ SANDBOX_SOLVERS: dict[str, tuple[str, dict]] = {
 }
 
 
-def _vp_range(num_steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
-    beta_d, beta_min = vp_betas_for_range(sigma_min, sigma_max)
-    return S.vp_sigmas(num_steps, beta_d, beta_min)
-
-
 #: Discretizations over one common range [sigma_min, sigma_max], so all share one exact solution.
 SANDBOX_SCHEDULES: dict[str, Callable[[int, float, float], torch.Tensor]] = {
     "karras": lambda n, lo, hi: S.karras_sigmas(n, lo, hi, 7.0),
     "karras_rho3": lambda n, lo, hi: S.karras_sigmas(n, lo, hi, 3.0),
     "exponential": S.exponential_sigmas,
-    "vp": _vp_range,
+    "vp": S.vp_range_sigmas,
     "linear": S.linear_sigmas,
 }
 
@@ -52,13 +47,6 @@ def digits_mixture(min_std: float = 0.02) -> GaussianMixture:
     stds = torch.stack([x[y == k].std(0) for k in range(10)]).clamp_min(min_std)
     weights = torch.bincount(y, minlength=10).double()
     return GaussianMixture(means, stds, weights)
-
-
-def steps_for_nfe(solver: str, nfe: int) -> int:
-    """Number of steps whose NFE is closest to ``nfe`` without exceeding it (Heun: NFE = 2N - 1)."""
-    if nfe < 1:
-        raise ValueError(f"nfe must be >= 1, got {nfe}")
-    return max(1, (nfe + 1) // 2) if SANDBOX_SOLVERS[solver][0] == "heun" else nfe
 
 
 def sandbox_sweep(mixture: GaussianMixture | None = None, *, solvers: Sequence[str] = tuple(SANDBOX_SOLVERS),
@@ -88,15 +76,14 @@ def sandbox_sweep(mixture: GaussianMixture | None = None, *, solvers: Sequence[s
         from tqdm.auto import tqdm
         iterator = tqdm(jobs, desc="sandbox sweep", unit="run")
     for solver, schedule, target in iterator:
-        steps = steps_for_nfe(solver, target)
+        fn_name, kwargs = SANDBOX_SOLVERS[solver]
+        steps = steps_for_nfe(fn_name, target)
         if (solver, schedule, steps) in done:
             continue
         done.add((solver, schedule, steps))
-        fn_name, kwargs = SANDBOX_SOLVERS[solver]
         sigmas = SANDBOX_SCHEDULES[schedule](steps, sigma_min, sigma_max)
         x = SOLVERS[fn_name](mixture.denoise, x_T, sigmas, **kwargs)
         rmse = (x - reference).pow(2).mean().sqrt().item()
-        nfe = 2 * steps - 1 if fn_name == "heun" else steps
-        rows.append({"solver": solver, "schedule": schedule, "target_nfe": target, "steps": steps, "nfe": nfe,
-                     "rmse": rmse if math.isfinite(rmse) else float("inf")})
+        rows.append({"solver": solver, "schedule": schedule, "target_nfe": target, "steps": steps,
+                     "nfe": solver_nfe(fn_name, steps), "rmse": rmse if math.isfinite(rmse) else float("inf")})
     return rows

@@ -15,19 +15,12 @@ import torch
 from . import schedules as S
 from .solvers import NoiseSampler, _noise_fn, _report
 
-__all__ = ["ablation", "vp_betas_for_range", "DISCRETIZATIONS"]
+__all__ = ["ablation", "DISCRETIZATIONS"]
 
 DISCRETIZATIONS = ("vp", "ve", "iddpm", "edm")
 _SCHEDULES = ("vp", "ve", "linear")
 _SCALINGS = ("vp", "none")
 _DEFAULT_RANGE = {"vp": None, "ve": (0.02, 100.0), "iddpm": (0.002, 81.0), "edm": (0.002, 80.0)}
-
-
-def vp_betas_for_range(sigma_min: float, sigma_max: float, epsilon_s: float = 1e-3) -> tuple[float, float]:
-    """(beta_d, beta_min) of the VP sigma(t) with sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max."""
-    L0, L1 = math.log1p(sigma_min ** 2), math.log1p(sigma_max ** 2)  # ln(sigma^2 + 1) = beta_d t^2/2 + beta_min t
-    beta_d = 2 * (L0 / epsilon_s - L1) / (epsilon_s - 1)
-    return beta_d, L1 - 0.5 * beta_d
 
 
 def _choice(name: str, value: str, choices) -> str:
@@ -70,11 +63,11 @@ def ablation(D: Callable[..., torch.Tensor], noise: torch.Tensor, *, num_steps: 
     sigma_min = default[0] if sigma_min is None else sigma_min
     sigma_max = default[1] if sigma_max is None else sigma_max
     S.check_range(sigma_min, sigma_max)
-    beta_d, beta_min = vp_betas_for_range(sigma_min, sigma_max, epsilon_s)
+    beta_d, beta_min = S.vp_betas_for_range(sigma_min, sigma_max, epsilon_s)
 
     # Time steps: the discretization's sigmas, mapped to t through the schedule's sigma^-1.
     if discretization == "vp":
-        sigma_steps = S.vp_sigmas(num_steps, beta_d, beta_min, epsilon_s)
+        sigma_steps = S.vp_range_sigmas(num_steps, sigma_min, sigma_max, epsilon_s)
     elif discretization == "ve":
         sigma_steps = S.ve_sigmas(num_steps, sigma_min, sigma_max)
     elif discretization == "iddpm":

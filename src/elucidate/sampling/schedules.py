@@ -12,6 +12,8 @@ __all__ = [
     "karras_sigmas",
     "exponential_sigmas",
     "vp_sigmas",
+    "vp_betas_for_range",
+    "vp_range_sigmas",
     "ve_sigmas",
     "iddpm_sigmas",
     "iddpm_u",
@@ -94,6 +96,21 @@ def vp_sigmas(num_steps: int, beta_d: float = 19.9, beta_min: float = 0.1, epsil
         raise ValueError(f"beta_min must satisfy beta_min + beta_d * epsilon_s > 0, got {beta_min!r}")
     t = 1 + _ramp(num_steps) * (epsilon_s - 1)
     return _finish(torch.sqrt(torch.expm1(0.5 * beta_d * t ** 2 + beta_min * t)), device, dtype)
+
+
+def vp_betas_for_range(sigma_min: float, sigma_max: float, epsilon_s: float = 1e-3) -> tuple[float, float]:
+    """(beta_d, beta_min) of the VP sigma(t) with sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max."""
+    L0, L1 = math.log1p(sigma_min ** 2), math.log1p(sigma_max ** 2)  # ln(sigma^2 + 1) = beta_d t^2/2 + beta_min t
+    beta_d = 2 * (L0 / epsilon_s - L1) / (epsilon_s - 1)
+    return beta_d, L1 - 0.5 * beta_d
+
+
+def vp_range_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, epsilon_s: float = 1e-3, *,
+                    device=None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The VP discretization (t uniform in [epsilon_s, 1]) of a VP sigma(t) fitted to [sigma_min, sigma_max]."""
+    check_range(sigma_min, sigma_max)
+    beta_d, beta_min = vp_betas_for_range(sigma_min, sigma_max, epsilon_s)
+    return vp_sigmas(num_steps, beta_d, beta_min, epsilon_s, device=device, dtype=dtype)
 
 
 def ve_sigmas(num_steps: int, sigma_min: float = 0.02, sigma_max: float = 100.0, *,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 __all__ = ["euler", "heun", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "lms",
-           "ancestral_step", "lms_coefficients", "SOLVERS", "STOCHASTIC", "nfe"]
+           "ancestral_step", "lms_coefficients", "SOLVERS", "STOCHASTIC", "nfe", "steps_for_nfe"]
 
 DenoiserFn = Callable[..., torch.Tensor]
 NoiseSampler = Callable[[float, float], torch.Tensor]
@@ -268,6 +268,15 @@ SOLVERS: dict[str, Callable[..., torch.Tensor]] = {
 
 #: Solvers that inject fresh noise by default (euler/heun only with ``s_churn > 0``).
 STOCHASTIC = frozenset({"euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"})
+
+
+def steps_for_nfe(sampler: str, budget: int) -> int:
+    """The most steps whose NFE does not exceed ``budget`` (Heun: NFE = 2N - 1, so N = (budget + 1) // 2)."""
+    if sampler not in SOLVERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SOLVERS)}")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"NFE budget must be an integer >= 1, got {budget!r}")
+    return max(1, (budget + 1) // 2) if sampler == "heun" else budget
 
 
 def nfe(sampler: str, num_steps: int) -> int:

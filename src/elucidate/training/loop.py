@@ -16,14 +16,21 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..checkpoint import (
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    optimizer_from_flat,
+    save_checkpoint,
+)
 from ..config import Config, dump_config, parse_config
 from ..denoiser import Denoiser
 from ..errors import UserError
+from ..fileio import atomic_write_text
 from ..generate import autocast_for, generate
 from ..losses import denoising_loss
 from ..model import DataInfo, build_network_for
-from ..checkpoint import (atomic_write_text, checkpoint_name, latest_checkpoint, list_checkpoints,
-                         load_checkpoint, optimizer_from_flat, save_checkpoint)
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from .ema import EMA
 from .rng import batch_indices, derive_seed, derived_generator
