@@ -38,14 +38,16 @@ def main() -> None:
     for solver in SANDBOX_SOLVERS:
         for schedule in schedules:
             cells = [by.get((solver, schedule, n)) for n in NFES]
-            print(f"{solver + '/' + schedule:<24}" + "".join(f"{c:>9.2e}" if c is not None else f"{'':>9}" for c in cells))
+            text = "".join(f"{c:>9.2e}" if c is not None else f"{'':>9}" for c in cells)
+            print(f"{solver + '/' + schedule:<24}" + text)
     print()
     for target in (10, 20, 35):
         ranked = sorted((r for r in rows if r["target_nfe"] == target), key=lambda r: r["rmse"])[:3]
         text = ", ".join(f"{r['solver']}/{r['schedule']} {r['rmse']:.2e} (NFE {r['nfe']})" for r in ranked)
         print(f"best at NFE {target}: {text}")
     solvers = [{"sampler": r["solver"], "nfe": r["nfe"], "value": r["rmse"]} for r in rows if r["schedule"] == "karras"]
-    fig = plot_quality_vs_nfe(solvers, "RMSE to converged solution", title="Exact digits-mixture ODE: solvers (Karras rho=7)")
+    fig = plot_quality_vs_nfe(solvers, "RMSE to converged solution",
+                              title="Exact digits-mixture ODE: solvers (Karras rho=7)")
     print(f"wrote {save_figure(fig, args.out.with_name(args.out.stem + '_solvers.png'))}")
     scheds = [{"sampler": f"{r['solver']}/{r['schedule']}", "nfe": r["nfe"], "value": r["rmse"]} for r in rows
               if r["solver"] in ("heun", "dpmpp_2m") and r["schedule"] in ("karras", "exponential", "vp", "linear")]

@@ -24,7 +24,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from elucidate.metrics.digits_net import (
-    DIGITS_RESOLUTION, DIGITS_SCALE, METADATA_FILE, WEIGHTS_FILE, DigitsClassifier, digits_split,
+    DIGITS_RESOLUTION,
+    DIGITS_SCALE,
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    DigitsClassifier,
+    digits_split,
 )
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "elucidate" / "assets"

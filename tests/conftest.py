@@ -19,7 +19,8 @@ def kdiff():
     (which imports torchvision). Its only use of ``k_diffusion.utils`` is ``append_dims``."""
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None:
-        pytest.fail("k-diffusion is a test dependency: pip install --no-deps k-diffusion torchsde torchdiffeq trampoline")
+        pytest.fail("k-diffusion is a test dependency: "
+                    "pip install --no-deps k-diffusion torchsde torchdiffeq trampoline")
     root = spec.submodule_search_locations[0]
     package = types.ModuleType("_kdiff_ref")
     package.__path__ = [root]

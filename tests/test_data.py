@@ -10,8 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-from elucidate.data import (CONFIG_KEYS, DATASETS, ArrayDataset, DataError, DigitsDataset, ImageDataset,
-                            ImageFolderDataset, Normalizer, ZipImageDataset, build_dataset)
+from elucidate.data import (
+    CONFIG_KEYS,
+    DATASETS,
+    ArrayDataset,
+    DataError,
+    DigitsDataset,
+    ImageDataset,
+    ImageFolderDataset,
+    Normalizer,
+    ZipImageDataset,
+    build_dataset,
+)
 from elucidate.data.transforms import crop_box
 
 

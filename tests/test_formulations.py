@@ -178,7 +178,8 @@ def test_loss_matches_definition_and_is_one_at_the_gaussian_optimum():
         sigma = torch.full((y.shape[0],), sigma_value, dtype=f64)
         noise = torch.randn(y.shape, generator=g, dtype=f64)
         loss = denoising_loss(D, y, sigma=sigma, noise=noise)
-        manual = f.loss_weight(sigma)[:, None] * (f.precondition(sigma)[0][:, None] * (y + sigma[:, None] * noise) - y) ** 2
+        c_skip = f.precondition(sigma)[0][:, None]
+        manual = f.loss_weight(sigma)[:, None] * (c_skip * (y + sigma[:, None] * noise) - y) ** 2
         assert torch.allclose(loss, manual.mean(1), rtol=1e-12)
         assert abs(loss.mean() - 1) < 0.02
     losses = denoising_loss(D, y[:8], generator=g)

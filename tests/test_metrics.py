@@ -12,9 +12,22 @@ import torch
 import torch.nn.functional as F
 
 from elucidate.metrics import (
-    FeatureStats, FIDInceptionV3, ModuleExtractor, classifier_score, compute_stats, digits_split,
-    frechet_distance, get_feature_extractor, kid, knn_radii, load_digits_classifier,
-    load_digits_metadata, load_inception, load_stats, precision_recall, save_stats,
+    FeatureStats,
+    FIDInceptionV3,
+    ModuleExtractor,
+    classifier_score,
+    compute_stats,
+    digits_split,
+    frechet_distance,
+    get_feature_extractor,
+    kid,
+    knn_radii,
+    load_digits_classifier,
+    load_digits_metadata,
+    load_inception,
+    load_stats,
+    precision_recall,
+    save_stats,
 )
 
 

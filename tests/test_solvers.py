@@ -7,8 +7,20 @@ import pytest
 import torch
 
 from elucidate import sample
-from elucidate.sampling import (SOLVERS, ablation, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde, euler,
-                                euler_ancestral, exponential_sigmas, heun, karras_sigmas, lms, nfe)
+from elucidate.sampling import (
+    SOLVERS,
+    ablation,
+    dpmpp_2m,
+    dpmpp_2m_sde,
+    dpmpp_3m_sde,
+    euler,
+    euler_ancestral,
+    exponential_sigmas,
+    heun,
+    karras_sigmas,
+    lms,
+    nfe,
+)
 
 f64 = torch.float64
 

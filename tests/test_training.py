@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
+from elucidate.checkpoint import save_checkpoint
 from elucidate.config import parse_config
 from elucidate.training import EMA, Trainer, batch_indices, latest_checkpoint, list_checkpoints, load_checkpoint
-from elucidate.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     r = cli("train", cfg, "--out", full, "--no-progress")
     assert r.returncode == 0, r.stderr
 
-    proc = subprocess.Popen([sys.executable, "-m", "elucidate", "train", str(cfg), "--out", str(killed), "--no-progress"],
+    command = [sys.executable, "-m", "elucidate", "train", str(cfg), "--out", str(killed), "--no-progress"]
+    proc = subprocess.Popen(command,
                             cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not list_checkpoints(killed / "checkpoints"):

@@ -15,11 +15,26 @@ from PIL import Image
 
 from elucidate import GaussianMixture
 from elucidate.sampling import heun, karras_sigmas
-from elucidate.viz import (TrajectoryRecorder, default_alpha_bar_curves, flow_paths, image_grid,
-                           loss_by_sigma_stages, plot_alpha_bar, plot_flow, plot_flow_comparison,
-                           plot_loss, plot_loss_by_sigma, plot_quality_vs_nfe, plot_schedules,
-                           plot_trajectory, quality_series, read_metrics, save_figure,
-                           save_image_grid, to_uint8)
+from elucidate.viz import (
+    TrajectoryRecorder,
+    default_alpha_bar_curves,
+    flow_paths,
+    image_grid,
+    loss_by_sigma_stages,
+    plot_alpha_bar,
+    plot_flow,
+    plot_flow_comparison,
+    plot_loss,
+    plot_loss_by_sigma,
+    plot_quality_vs_nfe,
+    plot_schedules,
+    plot_trajectory,
+    quality_series,
+    read_metrics,
+    save_figure,
+    save_image_grid,
+    to_uint8,
+)
 from elucidate.viz.common import new_figure
 
 

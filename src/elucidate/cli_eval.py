@@ -98,9 +98,9 @@ def _cell(v) -> str:
 
 def cmd_eval(args) -> int:
     from .cli import sampling_from_args
-    from .evaluation import feature_extractor, evaluate, feature_name
-    from .model import load_run
+    from .evaluation import evaluate, feature_extractor, feature_name
     from .fileio import atomic_write_text
+    from .model import load_run
 
     run = load_run(args.run, ema=args.ema, device=args.device)
     cfg = sampling_from_args(run.config.sampling, args)

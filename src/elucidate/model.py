@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import Config, ConfigError, parse_config
 from .denoiser import Denoiser
 from .errors import UserError
-from .checkpoint import latest_checkpoint, load_checkpoint
 
 __all__ = ["DataInfo", "build_network_for", "LoadedRun", "load_run", "resolve_checkpoint"]
 
@@ -27,7 +27,7 @@ class DataInfo:
         return {"channels": self.channels, "resolution": list(self.resolution), "num_classes": self.num_classes}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DataInfo":
+    def from_dict(cls, d: dict) -> DataInfo:
         return cls(int(d["channels"]), tuple(int(v) for v in d["resolution"]), int(d.get("num_classes", 0)))
 
 
@@ -38,7 +38,6 @@ def build_network_for(config: Config, info: DataInfo) -> nn.Module:
     agree with the data.
     """
     from .nets import build_network
-
     from .nets.layers import parse_resolution
 
     kwargs = {k: v for k, v in config.network.items() if k != "arch"}
@@ -53,7 +52,8 @@ def build_network_for(config: Config, info: DataInfo) -> nn.Module:
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise ConfigError(f"network.{key} = {given!r} does not match the data ({value!r}); remove it to use the data's")
+            raise ConfigError(f"network.{key} = {given!r} does not match the data ({value!r}); "
+                              f"remove it to use the data's")
         kwargs[key] = value
     label_dim = kwargs.get("label_dim", 0)
     if label_dim == "auto":

@@ -28,8 +28,8 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 from PIL import Image
 

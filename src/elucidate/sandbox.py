@@ -4,7 +4,7 @@ EDM Fig. 2, where the error is "distance to the true ODE solution" instead of FI
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 

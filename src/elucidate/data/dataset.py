@@ -45,8 +45,8 @@ class ImageDataset(Dataset):
                 raise DataError(f"{source}: {int(bad.sum())} non-finite values (NaN/Inf), first in item {first}")
         if labels is not None:
             if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
-                raise DataError(f"{source}: labels must be an int64 tensor of shape [{images.shape[0]}], got "
-                                f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
+                got = f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}"
+                raise DataError(f"{source}: labels must be an int64 tensor of shape [{images.shape[0]}], got {got}")
             if bool((labels < 0).any()):
                 raise DataError(f"{source}: labels must be >= 0, found {int(labels.min())}")
         if not isinstance(xflip, bool):

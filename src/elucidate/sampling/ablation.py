@@ -8,7 +8,7 @@ the original VP sampler and ``discretization='edm', schedule='linear', scaling='
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

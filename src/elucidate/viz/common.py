@@ -9,8 +9,9 @@ import functools
 import io
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import matplotlib
 import matplotlib.ticker

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..sampling.solvers import SOLVERS, nfe as solver_nfe
+from ..sampling.solvers import SOLVERS
+from ..sampling.solvers import nfe as solver_nfe
 from .common import PALETTE, new_figure, plain_log_labels, styled
 
 __all__ = ["quality_series", "plot_quality_vs_nfe"]

@@ -8,7 +8,7 @@ plus the EDM noise level each one corresponds to, sigma = sqrt((1 - alpha_bar) /
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch

@@ -12,7 +12,7 @@ solver ``callback``, then call :func:`plot_trajectory`::
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
