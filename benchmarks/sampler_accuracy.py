@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from elucidate.sandbox import SANDBOX_SOLVERS, sandbox_sweep
+from elucidate.sampling import sweep_solvers
+from elucidate.sandbox import sandbox_sweep
 from elucidate.viz import plot_quality_vs_nfe, save_figure
 
 NFES = (5, 7, 10, 14, 20, 27, 35, 50, 70, 100)
@@ -35,7 +36,7 @@ def main() -> None:
     header = f"{'solver/schedule':<24}" + "".join(f"{n:>9}" for n in NFES)
     print(header)
     print("-" * len(header))
-    for solver in SANDBOX_SOLVERS:
+    for solver in sweep_solvers(deterministic=True):
         for schedule in schedules:
             cells = [by.get((solver, schedule, n)) for n in NFES]
             text = "".join(f"{c:>9.2e}" if c is not None else f"{'':>9}" for c in cells)

@@ -16,7 +16,7 @@ import torch
 
 from elucidate import EDM, Denoiser
 from elucidate.nets import build_network
-from elucidate.sampling import SOLVERS, STOCHASTIC, karras_sigmas, nfe
+from elucidate.sampling import SOLVERS, karras_sigmas
 
 
 def main() -> None:
@@ -45,13 +45,13 @@ def main() -> None:
     for name, solver in SOLVERS.items():
         inside = [0.0]
 
-        def timed(x, sigma):
+        def timed(x, sigma, inside=inside):
             t0 = time.perf_counter()
             out = D(x, sigma)
             inside[0] += time.perf_counter() - t0
             return out
 
-        kwargs = {"generator": torch.Generator().manual_seed(0)} if name in STOCHASTIC else {}
+        kwargs = {"generator": torch.Generator().manual_seed(0)} if solver.takes("generator") else {}
         ratios, totals, ins = [], [], []
         for _ in range(args.repeats):
             inside[0] = 0.0
@@ -63,7 +63,7 @@ def main() -> None:
             ins.append(inside[0])
         overhead = statistics.median(ratios)
         worst = max(worst, overhead)
-        print(f"{name:<16}{nfe(name, args.steps):>5}{1e3 * statistics.median(totals):>10.1f}"
+        print(f"{name:<16}{solver.nfe(args.steps):>5}{1e3 * statistics.median(totals):>10.1f}"
               f"{1e3 * statistics.median(ins):>9.1f}{overhead:>10.2%}")
     print(f"worst median overhead: {worst:.2%} of the denoiser's time (target < 3%)")
 

@@ -50,7 +50,7 @@ def test_seed_schema_and_per_type_defaults():
     ({"sampling": {"sampler": "hune"}}, "did you mean 'heun'"),
     ({"sampling": {"s_min": 10, "s_max": 1}}, "sampling.s_min"),
     ({"diffusion": {"type": "DDIM"}}, "diffusion.type = 'DDIM'"),
-    ({"diffusion": {"type": "VE", "rho": 7}}, "unknown key diffusion.rho for type VE"),
+    ({"diffusion": {"type": "VE", "rhoo": 7}}, "unknown key diffusion.rhoo for type VE (did you mean 'rho'?)"),
     ({"diffusion": {"type": "EDM", "sigma_min": 0}}, "sigma_min"),
     ({"diffusion": {"type": "EDM", "sigma_data": "big"}}, "diffusion.sigma_data = 'big'"),
     ({"data": {"dataset": "digits", "pth": "x"}}, "unknown key data.pth (did you mean 'path'?)"),

@@ -196,15 +196,6 @@ def test_nfe_and_callback_counts(gmm):
         assert set(steps[0]) == {"x", "i", "sigma", "sigma_hat", "denoised"}
 
 
-@pytest.mark.parametrize("name", sorted(SOLVERS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_dtype_preserved(gmm, name, dtype):
-    x = start(gmm, karras_sigmas(5), dtype=dtype)
-    out = SOLVERS[name](gmm.denoise, x, karras_sigmas(5), generator=torch.Generator().manual_seed(0)) \
-        if "generator" in SOLVERS[name].__code__.co_varnames else SOLVERS[name](gmm.denoise, x, karras_sigmas(5))
-    assert out.dtype == dtype and out.shape == x.shape and torch.isfinite(out).all()
-
-
 @pytest.mark.parametrize("sampler,kwargs", [("heun", {}), ("heun", {"s_churn": 10.0}), ("euler_ancestral", {}),
                                             ("dpmpp_2m_sde", {}), ("dpmpp_3m_sde", {"eta": 0.5})])
 def test_per_sample_seeds_do_not_depend_on_the_batch(gmm, sampler, kwargs):
@@ -243,8 +234,8 @@ def test_bad_arguments_raise_named_value_errors(gmm):
         sample(d, (2, 4), seeds=[1, 2, 3])
     with pytest.raises(ValueError, match="does not take"):
         sample(d, (2, 4), sampler="dpmpp_2m", s_churn=1.0)
-    with pytest.raises(ValueError, match="strictly decreasing"):
-        heun(d, torch.zeros(2, 4), torch.tensor([1.0, 0.5, 0.5, 0.0]))
+    with pytest.raises(ValueError, match="non-increasing"):
+        heun(d, torch.zeros(2, 4), torch.tensor([1.0, 0.5, 0.7, 0.0]))
     with pytest.raises(ValueError, match="sigmas"):
         euler(d, torch.zeros(2, 4), torch.tensor([1.0, -0.5, 0.0]))
     with pytest.raises(ValueError, match="order"):

@@ -1,14 +1,15 @@
 """One YAML file -> a validated ``Config`` (sections data, network, diffusion, training, sampling).
 
 Every key is checked: unknown keys are errors with a "did you mean", values are type- and
-range-checked with messages that name the key, the value and what was expected.
-``--set section.key=value`` overrides are applied before validation.
+range-checked with messages that name the key, the value and what was expected (from the fields'
+declarations, see :mod:`elucidate.params`). ``--set section.key=value`` overrides are applied first.
 """
 from __future__ import annotations
 
 import copy
 import difflib
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -16,17 +17,24 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .formulations import FORMULATIONS, Formulation, make_formulation
+from .formulations import FORMULATIONS, Formulation
+from .params import check_value, describe, param, validate_fields
 
-__all__ = ["Config", "TrainingConfig", "SamplingConfig", "load_config", "parse_config", "apply_overrides",
-           "dump_config", "DIFFUSION_KEYS"]
+__all__ = ["Config", "TrainingConfig", "SamplingConfig", "ConfigWarning", "load_config", "parse_config",
+           "apply_overrides", "dump_config", "diffusion_keys", "SCHEDULE_KEYS"]
 
 SECTIONS = ("data", "network", "diffusion", "training", "sampling")
+#: diffusion keys every type accepts: the sampling schedule's range and curvature (seed config schema).
+SCHEDULE_KEYS = ("sigma_min", "sigma_max", "rho")
 
-#: Keys each diffusion type accepts (matched case-insensitively to the formulation's fields).
-DIFFUSION_KEYS: dict[str, tuple[str, ...]] = {
-    name: tuple(f.name for f in fields(cls)) for name, cls in FORMULATIONS.items()  # type: ignore[arg-type]
-}
+
+class ConfigWarning(UserWarning):
+    """A config key that is accepted but has no effect (the CLI prints it as one line)."""
+
+
+def diffusion_keys(name: str) -> tuple[str, ...]:
+    """The parameters of the formulation ``name`` (its declared fields)."""
+    return tuple(p.name for p in describe(FORMULATIONS[name]))
 
 
 def _suggest(key: str, choices) -> str:
@@ -51,53 +59,44 @@ def _check_number(where: str, value: Any, *, integer: bool = False, minimum: flo
     return value
 
 
+def _validate(obj: Any, section: str) -> None:
+    try:
+        validate_fields(obj, prefix=section + ".")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 @dataclass
 class TrainingConfig:
     """Optimization and bookkeeping (images = training examples seen, as in edm's kimg)."""
 
-    steps: int = 2000
-    batch_size: int = 64            # global batch, over all processes
-    lr: float = 1e-3
-    lr_rampup: int = 10_000         # images over which lr ramps up linearly from 0
-    ema_halflife: int = 20_000      # EMA half-life in images (edm: ema_halflife_kimg * 1000)
-    ema_rampup: float | None = 0.05 # half-life <= ratio * images seen (edm's ema_rampup_ratio); null = off
-    grad_clip: float | None = 1.0   # max global gradient norm; null = off
-    precision: str = "fp32"         # fp32 | bf16 (autocast)
-    seed: int = 0
-    checkpoint_every: int = 500     # steps
-    sample_every: int = 500         # steps; 0 = only at the end
-    log_every: int = 50             # steps between metrics.jsonl lines
-    keep_checkpoints: int = 2       # most recent checkpoints kept; 0 = keep all
-    optimizer: str = "adam"         # adam | adamw
-    weight_decay: float = 0.0
-    betas: tuple = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_accumulation: int = 1      # micro-batches per step (per process)
-    channels_last: bool = False
-    num_sample_images: int = 64     # images in the periodic sample grid
+    steps: int = param(2000, "optimizer steps (may be raised when resuming)", minimum=1)
+    batch_size: int = param(64, "global batch over all processes", minimum=1)
+    lr: float = param(1e-3, "learning rate after the ramp-up", minimum=0, exclusive=True)
+    lr_rampup: int = param(10_000, "images over which lr ramps up linearly from 0", minimum=0)
+    ema_halflife: int = param(20_000, "EMA half-life in images (edm: ema_halflife_kimg x 1000)", minimum=0)
+    ema_rampup: float | None = param(0.05, "half-life <= ratio x images seen (edm's ema_rampup_ratio); null = off",
+                                     minimum=0, exclusive=True)
+    grad_clip: float | None = param(1.0, "max global gradient norm; null = off", minimum=0, exclusive=True)
+    precision: str = param("fp32", "fp32, or bf16 autocast", choices=("fp32", "bf16"))
+    seed: int = param(0, "all randomness of the run derives from it", minimum=0)
+    checkpoint_every: int = param(500, "steps between checkpoints", minimum=1)
+    sample_every: int = param(500, "steps between sample grids; 0 = only at the end", minimum=0)
+    log_every: int = param(50, "steps between metrics.jsonl lines", minimum=1)
+    keep_checkpoints: int = param(2, "most recent checkpoints kept; 0 = keep all", minimum=0)
+    optimizer: str = param("adam", "adam or adamw", choices=("adam", "adamw"))
+    weight_decay: float = param(0.0, "weight decay (decoupled for adamw)", minimum=0)
+    betas: tuple = param(None, "Adam's (beta1, beta2)", default_factory=lambda: (0.9, 0.999))
+    eps: float = param(1e-8, "Adam's epsilon", minimum=0, exclusive=True)
+    grad_accumulation: int = param(1, "micro-batches per step (per process)", minimum=1)
+    channels_last: bool = param(False, "NHWC memory format for the network")
+    num_sample_images: int = param(64, "images in the periodic sample grid", minimum=1)
 
     def validate(self) -> None:
-        w = "training."
-        for key in ("steps", "batch_size", "checkpoint_every", "log_every", "grad_accumulation", "num_sample_images"):
-            _check_number(w + key, getattr(self, key), integer=True, minimum=1)
-        for key in ("lr_rampup", "ema_halflife", "sample_every", "keep_checkpoints", "seed"):
-            _check_number(w + key, getattr(self, key), integer=True, minimum=0)
-        _check_number(w + "lr", self.lr, minimum=0, exclusive=True)
-        _check_number(w + "weight_decay", self.weight_decay, minimum=0)
-        _check_number(w + "eps", self.eps, minimum=0, exclusive=True)
-        if self.ema_rampup is not None:
-            _check_number(w + "ema_rampup", self.ema_rampup, minimum=0, exclusive=True)
-        if self.grad_clip is not None:
-            _check_number(w + "grad_clip", self.grad_clip, minimum=0, exclusive=True)
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"training.precision = {self.precision!r}: expected 'fp32' or 'bf16'")
-        if self.optimizer not in ("adam", "adamw"):
-            raise ConfigError(f"training.optimizer = {self.optimizer!r}: expected 'adam' or 'adamw'")
-        if not isinstance(self.channels_last, bool):
-            raise ConfigError(f"training.channels_last = {self.channels_last!r}: expected true or false")
+        _validate(self, "training")
         betas = self.betas
         if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
-                isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
             raise ConfigError(f"training.betas = {betas!r}: expected two numbers in [0, 1)")
         self.betas = tuple(float(b) for b in betas)
         if self.batch_size % self.grad_accumulation:
@@ -109,53 +108,52 @@ class TrainingConfig:
 class SamplingConfig:
     """Default sampler settings (the schema of the framework config page, plus a few extras)."""
 
-    steps: int = 18
-    sampler: str = "heun"
-    s_churn: float = 0.0
-    s_min: float = 0.0
-    s_max: float = float("inf")
-    s_noise: float = 1.0
-    schedule: str = "auto"          # auto = the formulation's own discretization; or karras|exponential|vp|ve|iddpm
-    sigma_min: float | None = None  # override the schedule's range (default: the formulation's)
-    sigma_max: float | None = None
-    rho: float | None = None
-    eta: float | None = None        # for ancestral / SDE samplers
+    steps: int = param(18, "number of steps N (Heun: NFE = 2N - 1)", minimum=1)
+    sampler: str = param("heun", "a registered solver (elucidate train --help-config lists them)")
+    s_churn: float = param(0.0, "EDM Algorithm 2 stochasticity", symbol="S_churn", minimum=0)
+    s_min: float = param(0.0, "churn only for sigma >= s_min", symbol="S_tmin", minimum=0, allow_inf=True)
+    s_max: float = param(float("inf"), "churn only for sigma <= s_max", symbol="S_tmax", minimum=0, allow_inf=True)
+    s_noise: float = param(1.0, "scale of the churn / ancestral noise", symbol="S_noise", minimum=0, exclusive=True)
+    schedule: str = param("auto", "auto = the formulation's own discretization; or a named schedule "
+                                  "(karras, exponential, vp, ve, iddpm, linear)")
+    sigma_min: float | None = param(None, "lowest sigma of a named schedule (default 0.002, clipped to the "
+                                          "model's range)", minimum=0, exclusive=True)
+    sigma_max: float | None = param(None, "highest sigma of a named schedule (default 80, clipped to the "
+                                          "model's range)", minimum=0, exclusive=True)
+    rho: float | None = param(None, "Karras schedule exponent (default: the formulation's, else 7)", symbol="rho",
+                              minimum=0, exclusive=True)
+    eta: float | None = param(None, "noise of ancestral / SDE / DDIM samplers (null = the solver's default)",
+                              symbol="eta", minimum=0)
+    options: dict = param(None, "other options of the chosen solver, e.g. {order: 3} for lms",
+                          default_factory=dict)
 
     def validate(self) -> None:
-        from .sampling import SCHEDULES, SOLVERS
+        from .sampling import SCHEDULES, SOLVERS, check_options
 
-        _check_number("sampling.steps", self.steps, integer=True, minimum=1)
+        _validate(self, "sampling")
         if self.sampler not in SOLVERS:
             raise ConfigError(f"sampling.sampler = {self.sampler!r}{_suggest(self.sampler, SOLVERS)}: "
                               f"expected one of {sorted(SOLVERS)}")
         if self.schedule != "auto" and self.schedule not in SCHEDULES:
             raise ConfigError(f"sampling.schedule = {self.schedule!r}: expected 'auto' or one of {sorted(SCHEDULES)}")
-        _check_number("sampling.s_churn", self.s_churn, minimum=0)
-        _check_number("sampling.s_noise", self.s_noise, minimum=0, exclusive=True)
-        for key in ("s_min", "s_max"):
-            value = getattr(self, key)
-            if isinstance(value, str) and value.lower() in ("inf", ".inf", "infinity"):
-                setattr(self, key, float("inf"))
-            elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"sampling.{key} = {value!r}: expected a number >= 0 (or inf)")
         if self.s_min > self.s_max:
             raise ConfigError(f"sampling.s_min = {self.s_min} must not exceed sampling.s_max = {self.s_max}")
-        for key in ("sigma_min", "sigma_max", "rho"):
-            if getattr(self, key) is not None:
-                _check_number(f"sampling.{key}", getattr(self, key), minimum=0, exclusive=True)
-        if self.eta is not None:
-            _check_number("sampling.eta", self.eta, minimum=0)
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"sampling.options = {self.options!r}: expected a mapping of solver options")
+        try:
+            check_options(self.sampler, self.options)
+        except ValueError as e:
+            raise ConfigError(f"sampling.options: {e}") from None
 
     def solver_kwargs(self) -> dict:
-        """Keyword arguments for the chosen solver (only those it takes)."""
-        kwargs = {}
-        if self.sampler in ("heun", "euler"):
-            if self.s_churn > 0:
-                kwargs.update(s_churn=self.s_churn, s_tmin=self.s_min, s_tmax=self.s_max, s_noise=self.s_noise)
-        elif self.sampler in ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"):
-            kwargs["s_noise"] = self.s_noise
-            if self.eta is not None:
-                kwargs["eta"] = self.eta
+        """Keyword arguments for the chosen solver: the config values it takes (see
+        ``sampling.CONFIG_OPTIONS`` for the config-name -> argument-name map), then ``options``."""
+        from .sampling import CONFIG_OPTIONS, get_solver
+
+        spec = get_solver(self.sampler)
+        kwargs = {arg: getattr(self, key) for key, arg in CONFIG_OPTIONS.items()
+                  if arg in spec.options and getattr(self, key) is not None}
+        kwargs.update(self.options)
         return kwargs
 
 
@@ -171,7 +169,7 @@ class Config:
 
     def formulation(self) -> Formulation:
         """The diffusion formulation the ``diffusion`` section describes."""
-        return _formulation(self.diffusion)
+        return _formulation(self.diffusion)[0]
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -179,23 +177,43 @@ class Config:
         return out
 
 
-def _formulation(section: dict) -> Formulation:
+def _formulation_class(kind: Any) -> type[Formulation]:
+    by_lower = {k.lower(): v for k, v in FORMULATIONS.items()}
+    cls = by_lower.get(str(kind).lower())
+    if cls is None:
+        raise ConfigError(f"diffusion.type = {kind!r}{_suggest(kind, FORMULATIONS)}: "
+                          f"expected one of {list(FORMULATIONS)}")
+    return cls
+
+
+def _formulation(section: dict) -> tuple[Formulation, dict]:
+    """The formulation, and the schedule keys (sigma_min, sigma_max, rho) that are not its parameters
+    (they drive the sampling schedule). Keys of other formulations give a ConfigWarning."""
     section = dict(section)
-    kind = section.pop("type", "EDM")
-    by_lower = {k.lower(): k for k in FORMULATIONS}
-    if str(kind).lower() not in by_lower:
-        raise ConfigError(f"diffusion.type = {kind!r}{_suggest(kind, FORMULATIONS)}: expected one of {list(FORMULATIONS)}")
-    name = by_lower[str(kind).lower()]
-    allowed = {k.lower(): k for k in DIFFUSION_KEYS[name]}
-    params = {}
+    cls = _formulation_class(section.pop("type", "EDM"))
+    declared = {p.name.lower(): p for p in describe(cls)}
+    elsewhere = {p.name.lower() for other in FORMULATIONS.values() for p in describe(other)}
+    params, schedule, ignored = {}, {}, []
     for key, value in section.items():
-        if str(key).lower() not in allowed:
-            raise ConfigError(f"unknown key diffusion.{key} for type {name}{_suggest(str(key).lower(), allowed)}; "
-                              f"expected one of {sorted(allowed)}")
-        _check_number(f"diffusion.{key}", value, integer=allowed[str(key).lower()] == "M")
-        params[allowed[str(key).lower()]] = value
+        lower = str(key).lower()
+        if lower in declared:
+            try:
+                params[declared[lower].name] = check_value(f"diffusion.{key}", value, declared[lower])
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        elif lower in SCHEDULE_KEYS:
+            schedule[lower] = value
+        elif lower in elsewhere:
+            ignored.append(str(key))
+        else:
+            choices = sorted(set(declared) | set(SCHEDULE_KEYS))
+            raise ConfigError(f"unknown key diffusion.{key} for type {cls.name}{_suggest(lower, choices)}; "
+                              f"expected one of {choices}")
+    if ignored:
+        warnings.warn(f"diffusion keys {', '.join(ignored)} are not parameters of type {cls.name}; ignored",
+                      ConfigWarning, stacklevel=3)
     try:
-        return make_formulation(name, **params)
+        return cls(**params), schedule
     except ValueError as e:
         raise ConfigError(f"diffusion: {e}") from None
 
@@ -250,16 +268,26 @@ def parse_config(raw: dict | None) -> Config:
     diffusion = raw.get("diffusion") or defaults.diffusion
     if not isinstance(diffusion, dict):
         raise ConfigError(f"section 'diffusion' must be a mapping, got {type(diffusion).__name__}")
+    formulation, schedule = _formulation(diffusion)
+    sampling = raw.get("sampling")
+    if schedule:  # the seed schema's diffusion.sigma_min/sigma_max/rho drive the sampling schedule
+        if sampling is not None and not isinstance(sampling, dict):
+            raise ConfigError(f"section 'sampling' must be a mapping, got {type(sampling).__name__}")
+        sampling = {**schedule, **(sampling or {})}
     config = Config(
         data=_check_data(raw.get("data") or defaults.data),
         network=_check_network(raw.get("network") or defaults.network),
-        diffusion=dict(diffusion),
+        diffusion={},
         training=_typed_section(TrainingConfig, "training", raw.get("training")),
-        sampling=_typed_section(SamplingConfig, "sampling", raw.get("sampling")),
+        sampling=_typed_section(SamplingConfig, "sampling", sampling),
     )
-    resolved = config.formulation().to_config()  # explicit per-type defaults, seed-schema spelling
-    config.diffusion = {("p_mean" if k == "P_mean" else "p_std" if k == "P_std" else k): v for k, v in resolved.items()}
+    resolved = formulation.to_config()  # explicit per-type defaults, seed-schema spelling
+    config.diffusion = {SEED_SPELLING.get(k, k): v for k, v in resolved.items()}
     return config
+
+
+#: Field name -> the seed config's spelling, used in resolved configs.
+SEED_SPELLING = {"P_mean": "p_mean", "P_std": "p_std"}
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -294,10 +322,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"config file {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if raw is None:
+        raise ConfigError(f"config file {path} is empty; start from configs/digits-edm.yaml (or write "
+                          f"'data: {{dataset: digits}}' to train with every other default)")
     try:
-        return parse_config(apply_overrides(raw or {}, overrides or []))
+        return parse_config(apply_overrides(raw, overrides or []))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
@@ -306,6 +337,6 @@ def dump_config(config: Config) -> str:
     """The resolved config as YAML (what a run directory's config.yaml holds)."""
     data = config.to_dict()
     for key in ("s_min", "s_max"):
-        if data["sampling"][key] == float("inf"):
+        if data["sampling"][key] == math.inf:
             data["sampling"][key] = "inf"
     return yaml.safe_dump(data, sort_keys=False)

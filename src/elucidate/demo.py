@@ -28,8 +28,8 @@ def recognizability(images: torch.Tensor, normalizer=None, threshold: float = 0.
     """How many generated digits (model range, ``[N, 1, H, W]``; ``normalizer`` maps them to pixels,
     default [-1, 1]) the bundled classifier recognizes with confidence >= ``threshold``, and which
     classes appear."""
-    from .generate import to_pixels
     from .metrics import classifier_score, load_digits_classifier
+    from .pixels import to_pixels
 
     classifier = load_digits_classifier()
     with torch.no_grad():

@@ -28,8 +28,9 @@ class Denoiser(nn.Module):
     """Wrap a raw network ``F(x_in, c_noise, **cond)`` with a formulation's preconditioning.
 
     Works for any data shape ``[B, ...]``. ``sigma`` may be a float, a 0-d tensor or a ``[B]`` tensor.
-    The network runs in whatever dtype/autocast context is active; the skip connection and output
-    are kept in x's dtype.
+    The network is fed in its own parameter dtype (and runs under whatever autocast context is
+    active), while x, c_skip x and the output stay in x's dtype: float64 sampling state works with a
+    float32 network, as in NVlabs/edm.
     """
 
     def __init__(self, net: nn.Module, formulation: Formulation):
@@ -41,11 +42,26 @@ class Denoiser(nn.Module):
         sigma = batch_sigma(sigma, x)
         c_skip, c_out, c_in, c_noise = self.formulation.precondition(sigma)
         view = (-1,) + (1,) * (x.ndim - 1)
-        F_x = self.net(c_in.reshape(view) * x, c_noise.reshape(-1), **cond)
+        x_in = c_in.reshape(view) * x
+        F_x = self.net(x_in.to(_param_dtype(self.net, x_in.dtype)), c_noise.reshape(-1), **cond)
         if F_x.shape != x.shape:
             raise ValueError(f"network output shape {tuple(F_x.shape)} does not match input shape {tuple(x.shape)}")
         return c_skip.reshape(view) * x + c_out.reshape(view) * F_x.to(x.dtype)
 
+    @property
+    def supported_range(self) -> tuple[float, float]:
+        """The noise levels the network is defined on (from the formulation)."""
+        return self.formulation.supported_range
+
     def round_sigma(self, sigma):
         """Noise levels the network knows (iDDPM snaps to its grid; identity otherwise)."""
         return self.formulation.round_sigma(sigma)
+
+
+def _param_dtype(net: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype of the network's first floating parameter (``default`` for parameter-free callables)."""
+    if isinstance(net, nn.Module):
+        for p in net.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return default

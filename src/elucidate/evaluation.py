@@ -12,10 +12,11 @@ import torch
 
 from .config import SamplingConfig
 from .errors import UserError
-from .generate import generate, to_pixels
+from .generate import generate
 from .model import LoadedRun
-from .sampling.solvers import nfe as solver_nfe
-from .sampling.solvers import steps_for_nfe
+from .pixels import to_pixels
+from .sampling.registry import get_solver, steps_for_nfe
+from .sampling.solvers import num_steps
 
 __all__ = ["METRICS", "Reference", "feature_name", "load_reference", "sample_features", "compute_metric",
            "evaluate", "sweep", "feature_extractor"]
@@ -105,6 +106,14 @@ def load_reference(spec: str | Path, extractor_name: str, *, inception: str | No
     return Reference(stats.mean, stats.cov, stats.features, spec)
 
 
+def solver_nfe(cfg: SamplingConfig, formulation) -> int:
+    """Denoiser evaluations per image of ``cfg`` on this formulation (from the schedule actually used:
+    levels merged by rounding to a discrete grid cost nothing)."""
+    from .generate import schedule_for
+
+    return get_solver(cfg.sampler).nfe(num_steps(schedule_for(cfg, formulation)))
+
+
 def sample_features(run: LoadedRun, extractor, seeds: Sequence[int], cfg: SamplingConfig, *,
                     batch_size: int = 250, device=None, progress: bool = False):
     """Generate ``len(seeds)`` samples and return their FeatureStats (features kept)."""
@@ -158,7 +167,7 @@ def evaluate(run: LoadedRun, metric: str, *, num: int, ref: Reference, extractor
         extras.append(result)
     out = {"metric": metric, "value": float(np.mean(values)), "values": values, "min": float(np.min(values)),
            "mean": float(np.mean(values)), "num": num, "repeats": repeats, "sampler": cfg.sampler,
-           "steps": cfg.steps, "nfe": solver_nfe(cfg.sampler, cfg.steps), "schedule": cfg.schedule,
+           "steps": cfg.steps, "nfe": solver_nfe(cfg, run.denoiser.formulation), "schedule": cfg.schedule,
            "s_churn": cfg.s_churn, "features": extractor.name, "reference": ref.source, "step": run.step,
            "checkpoint": str(run.checkpoint), "seconds": round(time.perf_counter() - t0, 2)}
     for key in ("precision", "recall", "std"):

@@ -7,26 +7,43 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .config import SamplingConfig
+from .errors import UserError
 from .formulations import Formulation
-from .sampling import get_schedule, sample, vp_range_sigmas
+from .sampling import get_schedule, iddpm_sigmas, karras_sigmas, sample, vp_range_sigmas
 
-__all__ = ["schedule_for", "generate", "to_uint8", "to_pixels", "parse_seeds", "autocast_for"]
+__all__ = ["schedule_for", "generate", "parse_seeds", "autocast_for"]
 
 
 def schedule_for(cfg: SamplingConfig, formulation: Formulation, *, device=None) -> torch.Tensor:
-    """The sigmas the config asks for: the formulation's own discretization (``schedule: auto``)
-    or a named one over the formulation's (or the config's) sigma range."""
-    lo = cfg.sigma_min if cfg.sigma_min is not None else formulation.sigma_min
-    hi = cfg.sigma_max if cfg.sigma_max is not None else formulation.sigma_max
-    if cfg.schedule == "auto" and cfg.sigma_min is None and cfg.sigma_max is None and cfg.rho is None:
+    """The sigmas the config asks for (float64, ending in 0).
+
+    ``schedule: auto`` with no range override is the formulation's own discretization (EDM Table 1).
+    A named schedule (or ``auto`` with ``sigma_min``/``sigma_max``/``rho`` given, which means Karras)
+    spans ``cfg.sigma_min``..``cfg.sigma_max`` (default: the paper's 0.002..80) clipped to the range the
+    network supports, as EDM's sampler does. Levels are then snapped to the network's grid (iDDPM)
+    and repeated levels dropped, so every step costs evaluations and moves.
+    """
+    own = cfg.schedule == "auto" and cfg.sigma_min is None and cfg.sigma_max is None and cfg.rho is None
+    if own:
         sigmas = formulation.sampling_sigmas(cfg.steps)
-    elif cfg.schedule in ("auto", "karras"):
-        sigmas = get_schedule("karras")(cfg.steps, lo, hi, cfg.rho or getattr(formulation, "rho", 7.0))
-    elif cfg.schedule == "vp":
-        sigmas = vp_range_sigmas(cfg.steps, lo, hi)
     else:
-        sigmas = get_schedule(cfg.schedule)(cfg.steps, lo, hi)
+        lo, hi = formulation.schedule_range(cfg.sigma_min, cfg.sigma_max)
+        if not lo < hi:
+            raise UserError(f"sampling range [{cfg.sigma_min}, {cfg.sigma_max}] lies outside the range the "
+                            f"model supports [{formulation.supported_range[0]:.4g}, "
+                            f"{formulation.supported_range[1]:.4g}]")
+        name = "karras" if cfg.schedule == "auto" else cfg.schedule
+        if name == "karras":
+            sigmas = karras_sigmas(cfg.steps, lo, hi, cfg.rho or getattr(formulation, "rho", 7.0))
+        elif name == "vp":
+            sigmas = vp_range_sigmas(cfg.steps, lo, hi)
+        elif name == "iddpm":
+            grid = {k: getattr(formulation, k) for k in ("C_1", "C_2", "M") if hasattr(formulation, k)}
+            sigmas = iddpm_sigmas(cfg.steps, lo, hi, **grid)
+        else:
+            sigmas = get_schedule(name)(cfg.steps, lo, hi)
     sigmas = torch.cat([formulation.round_sigma(sigmas[:-1]), sigmas[-1:]])  # discrete nets: known levels only
+    sigmas = torch.unique_consecutive(sigmas)  # a level repeated by rounding would be a zero-length step
     return sigmas if device is None else sigmas.to(device)
 
 
@@ -66,22 +83,6 @@ def generate(denoiser: Callable[..., torch.Tensor], formulation: Formulation, sh
     if bar is not None:
         bar.close()
     return torch.cat(out)
-
-
-def to_uint8(x: torch.Tensor, normalizer=None) -> torch.Tensor:
-    """Model-range images ``[N, C, H, W]`` -> uint8 ``[N, H, W, C]`` (through the dataset's normalizer
-    when it knows the stored value range, else assuming [-1, 1])."""
-    if normalizer is not None and normalizer.value_range is not None:
-        pixels = normalizer.to_uint8(x)
-    else:
-        pixels = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).contiguous()
-
-
-def to_pixels(x: torch.Tensor, normalizer=None) -> torch.Tensor:
-    """Model-range images ``[N, C, H, W]`` -> float ``[N, C, H, W]`` pixel values 0..255 (what the
-    feature networks take), quantized exactly like the PNGs and ``.npz`` files we write."""
-    return to_uint8(x, normalizer).permute(0, 3, 1, 2).float()
 
 
 def parse_seeds(text: str) -> list[int]:

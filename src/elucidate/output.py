@@ -11,7 +11,7 @@ import torch
 
 from .errors import UserError
 from .fileio import atomic_path, atomic_write_bytes
-from .generate import to_uint8
+from .pixels import to_uint8
 
 __all__ = ["write_samples", "output_kind"]
 
@@ -37,9 +37,9 @@ def write_samples(x: torch.Tensor, seeds: Sequence[int], out: Path, *, normalize
     kind = output_kind(out)
     if kind == "grid":
         return save_image_grid(x, out)
-    pixels = to_uint8(x, normalizer)
+    pixels = to_uint8(x, normalizer=normalizer)
     if kind == "npz":
-        arrays = {"samples": pixels.numpy(), "seeds": np.asarray(list(seeds), dtype=np.int64)}
+        arrays = {"samples": pixels, "seeds": np.asarray(list(seeds), dtype=np.int64)}
         if normalizer is not None:  # values in the data's own units (e.g. physical fields)
             arrays["values"] = normalizer.from_model(x).permute(0, 2, 3, 1).numpy().astype(np.float32)
         with atomic_path(out, suffix=".npz") as tmp:
@@ -51,7 +51,7 @@ def write_samples(x: torch.Tensor, seeds: Sequence[int], out: Path, *, normalize
     for i, (seed, image) in enumerate(zip(seeds, x)):
         C = image.shape[0]
         if C in (1, 3):
-            array = pixels[i].numpy()
+            array = pixels[i]
             array = array[..., 0] if C == 1 else array
         else:
             array = image_grid(image[None], scale=1)

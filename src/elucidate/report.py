@@ -19,7 +19,6 @@ the error instead of breaking the page. Usage: ``python -m elucidate.report RUN_
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import datetime as _dt
@@ -37,7 +36,7 @@ from .viz.common import atomic_write_bytes, figure_to_png
 from .viz.quality import plot_quality_vs_nfe, quality_series
 from .viz.training import loss_by_sigma_stages, plot_loss, plot_loss_by_sigma, read_metrics
 
-__all__ = ["write_report", "render_report", "main"]
+__all__ = ["write_report", "render_report"]
 
 REPORT_DPI = 110
 MAX_TABLE_ROWS = 200
@@ -325,17 +324,3 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
     out = run_dir / "report.html" if out is None else Path(out)
     return atomic_write_bytes(render_report(run_dir).encode("utf-8"), out)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m elucidate.report RUN_DIR [-o OUT]``: write the report and print its path."""
-    parser = argparse.ArgumentParser(prog="python -m elucidate.report", description=main.__doc__)
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("-o", "--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    print(write_report(args.run_dir, args.out))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -10,19 +10,9 @@ import torch
 
 from .analytic import GaussianMixture
 from .sampling import schedules as S
-from .sampling.solvers import SOLVERS, steps_for_nfe
-from .sampling.solvers import nfe as solver_nfe
+from .sampling.registry import SOLVERS, ode_solvers, sweep_solvers
 
-__all__ = ["digits_mixture", "SANDBOX_SOLVERS", "SANDBOX_SCHEDULES", "sandbox_sweep"]
-
-#: Deterministic solvers (an ODE solution is only defined for these); 3M with eta = 0 is the 3rd-order ODE solver.
-SANDBOX_SOLVERS: dict[str, tuple[str, dict]] = {
-    "euler": ("euler", {}),
-    "heun": ("heun", {}),
-    "dpmpp_2m": ("dpmpp_2m", {}),
-    "dpmpp_3m": ("dpmpp_3m_sde", {"eta": 0.0}),
-    "lms": ("lms", {}),
-}
+__all__ = ["digits_mixture", "SANDBOX_SCHEDULES", "sandbox_sweep"]
 
 
 #: Discretizations over one common range [sigma_min, sigma_max], so all share one exact solution.
@@ -49,8 +39,9 @@ def digits_mixture(min_std: float = 0.02) -> GaussianMixture:
     return GaussianMixture(means, stds, weights)
 
 
-def sandbox_sweep(mixture: GaussianMixture | None = None, *, solvers: Sequence[str] = tuple(SANDBOX_SOLVERS),
-                  schedules: Sequence[str] = ("karras", "exponential", "vp"), nfes: Iterable[int] = (5, 10, 20, 35, 50, 100),
+def sandbox_sweep(mixture: GaussianMixture | None = None, *, solvers: Sequence[str] | None = None,
+                  schedules: Sequence[str] = ("karras", "exponential", "vp"),
+                  nfes: Iterable[int] = (5, 10, 20, 35, 50, 100),
                   num_samples: int = 256, sigma_min: float = 0.002, sigma_max: float = 80.0,
                   reference_steps: int = 1000, seed: int = 0, progress: bool = False) -> list[dict]:
     """RMSE (per element) of each solver x schedule at each NFE to the converged solution.
@@ -59,9 +50,11 @@ def sandbox_sweep(mixture: GaussianMixture | None = None, *, solvers: Sequence[s
     Returns rows ``{solver, schedule, target_nfe, steps, nfe, rmse}`` (Heun's NFE is odd, so an
     even target uses one evaluation less).
     """
+    solvers = sweep_solvers(deterministic=True) if solvers is None else list(solvers)
     for name in solvers:
-        if name not in SANDBOX_SOLVERS:
-            raise ValueError(f"unknown solver {name!r}; expected one of {list(SANDBOX_SOLVERS)}")
+        if name not in ode_solvers():
+            raise ValueError(f"unknown or stochastic solver {name!r}; the sandbox takes the deterministic "
+                             f"solvers {ode_solvers()}")
     for name in schedules:
         if name not in SANDBOX_SCHEDULES:
             raise ValueError(f"unknown schedule {name!r}; expected one of {list(SANDBOX_SCHEDULES)}")
@@ -76,14 +69,14 @@ def sandbox_sweep(mixture: GaussianMixture | None = None, *, solvers: Sequence[s
         from tqdm.auto import tqdm
         iterator = tqdm(jobs, desc="sandbox sweep", unit="run")
     for solver, schedule, target in iterator:
-        fn_name, kwargs = SANDBOX_SOLVERS[solver]
-        steps = steps_for_nfe(fn_name, target)
+        spec = SOLVERS[solver]
+        steps = spec.steps_for_nfe(target)
         if (solver, schedule, steps) in done:
             continue
         done.add((solver, schedule, steps))
         sigmas = SANDBOX_SCHEDULES[schedule](steps, sigma_min, sigma_max)
-        x = SOLVERS[fn_name](mixture.denoise, x_T, sigmas, **kwargs)
+        x = spec(mixture.denoise, x_T, sigmas)
         rmse = (x - reference).pow(2).mean().sqrt().item()
         rows.append({"solver": solver, "schedule": schedule, "target_nfe": target, "steps": steps,
-                     "nfe": solver_nfe(fn_name, steps), "rmse": rmse if math.isfinite(rmse) else float("inf")})
+                     "nfe": spec.nfe(steps), "rmse": rmse if math.isfinite(rmse) else float("inf")})
     return rows

@@ -1,14 +1,6 @@
 """``build_dataset(config)``: the one entry point from a data config dict to a dataset.
 
-Accepted keys (all optional except ``dataset``; ``None`` means the default):
-
-* ``dataset``: one of :data:`DATASETS` (``npz`` also reads ``.npy`` files).
-* ``path``: required for folder/zip/npz, not allowed for the bundled digits/faces.
-* ``key``, ``labels_key``, ``layout``: npz only (array key, integer label array key, NCHW|NHWC).
-* ``resolution`` (int or [H, W]), ``center_crop`` (bool), ``xflip`` (bool, doubles the length).
-* ``normalize`` (auto|minus_one_one|zero_one|minmax|standardize|none), ``target_std`` (0.5).
-* ``channels`` (int: converts image files to L/LA/RGB/RGBA, asserts the count for arrays/digits).
-* ``labels`` (bool, default true: use labels when present), ``max_size`` (keep the first N items).
+Accepted keys: :data:`KEY_DOCS` (all optional except ``dataset``; ``None`` means the default).
 """
 from __future__ import annotations
 
@@ -25,8 +17,24 @@ from .images import ImageFolderDataset, ZipImageDataset
 __all__ = ["DATASETS", "CONFIG_KEYS", "DATA_KEYS", "build_dataset"]
 
 DATASETS = ("digits", "folder", "zip", "npz", "faces")
-CONFIG_KEYS = ("dataset", "path", "key", "labels_key", "layout", "resolution", "center_crop", "xflip",
-               "normalize", "target_std", "channels", "labels", "max_size")
+#: Every data config key with its one-line description (the config reference is generated from it).
+KEY_DOCS = {
+    "dataset": "kind of dataset: " + ", ".join(DATASETS) + " (npz also reads .npy files)",
+    "path": "folder, zip or array file (required for folder/zip/npz; not for the bundled ones)",
+    "key": "npz only: the array to read when the file holds several",
+    "labels_key": "npz only: the integer label array",
+    "layout": "npz only: NCHW or NHWC (default: the channel axis is the small one)",
+    "resolution": "int or [H, W]: resize (after the optional crop)",
+    "center_crop": "crop to the target aspect ratio before resizing (default false)",
+    "xflip": "add mirrored copies (doubles the length; default false)",
+    "normalize": "auto (8-bit images and digits -> [-1, 1], float arrays unchanged), minus_one_one, zero_one, "
+                 "minmax, standardize (per channel, std = target_std) or none",
+    "target_std": "std for normalize: standardize (EDM's sigma_data; default 0.5)",
+    "channels": "expected channel count; for image files it picks the conversion (1 = L, 3 = RGB, 4 = RGBA)",
+    "labels": "use labels when present (default true)",
+    "max_size": "keep only the first N items",
+}
+CONFIG_KEYS = tuple(KEY_DOCS)
 DATA_KEYS = CONFIG_KEYS  # the name the run config uses for the accepted ``data:`` keys
 _BUNDLED = ("digits", "faces")
 _ARRAY_ONLY = ("key", "labels_key", "layout")

@@ -56,7 +56,7 @@ class Normalizer:
 
     ``mode`` is the resolved mode (never ``auto``), ``scale``/``bias`` have one entry per channel,
     ``dtype`` is the stored dtype (``uint8`` or ``float32``) and ``value_range`` the nominal
-    (low, high) range of the stored values when known (used by :meth:`to_uint8`).
+    (low, high) range of the stored values when known (used by :func:`elucidate.pixels.to_uint8`).
     """
 
     mode: str
@@ -157,14 +157,6 @@ class Normalizer:
         x = x.to(torch.float32) if x.dtype != torch.float32 else x
         scale, bias = self._coefficients(x)
         return (x - bias) / scale
-
-    def to_uint8(self, x: torch.Tensor) -> torch.Tensor:
-        """Model units to uint8 pixels via the value range (clamped, rounded), e.g. for writing PNGs."""
-        if self.value_range is None:
-            raise DataError(f"normalizer (mode {self.mode!r}) has no value range; cannot convert to uint8 pixels")
-        low, high = self.value_range
-        pixels = (self.from_model(x) - low) * (255.0 / (high - low))
-        return pixels.round().clamp(0, 255).to(torch.uint8)
 
     def to_config(self) -> dict[str, Any]:
         """A JSON-serializable dict that :meth:`from_config` turns back into this normalizer."""

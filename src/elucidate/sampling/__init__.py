@@ -1,36 +1,56 @@
-"""Sampling: noise schedules, ODE/SDE solvers over a denoiser D(x, sigma), EDM Algorithm 1, sample()."""
+"""Sampling: noise schedules, ODE/SDE solvers over a denoiser D(x, sigma), EDM Algorithm 1, sample().
+
+Every registered solver is available as ``elucidate.sampling.<name>`` (e.g. ``sampling.heun``), so a
+stored choice ``(sampler, sigmas, options)`` replays as
+``getattr(sampling, sampler)(D, x, sigmas, **options)``.
+"""
+from . import solvers as _solvers  # noqa: F401  (registers the built-in solvers)
 from .ablation import ablation
 from .api import SeededNoise, get_sampler, sample
+from .registry import (
+    CONFIG_OPTIONS,
+    SOLVERS,
+    SolverSpec,
+    check_options,
+    get_solver,
+    nfe,
+    ode_solvers,
+    register_solver,
+    steps_for_nfe,
+    stochastic_solvers,
+    sweep_solvers,
+)
 from .schedules import (
-                        SCHEDULES,
-                        exponential_sigmas,
-                        get_schedule,
-                        iddpm_sigmas,
-                        karras_sigmas,
-                        linear_sigmas,
-                        ve_sigmas,
-                        vp_betas_for_range,
-                        vp_range_sigmas,
-                        vp_sigmas,
+    SCHEDULES,
+    exponential_sigmas,
+    get_schedule,
+    iddpm_sigmas,
+    karras_sigmas,
+    linear_sigmas,
+    ve_sigmas,
+    vp_betas_for_range,
+    vp_range_sigmas,
+    vp_sigmas,
 )
-from .solvers import (
-                        SOLVERS,
-                        STOCHASTIC,
-                        ancestral_step,
-                        dpmpp_2m,
-                        dpmpp_2m_sde,
-                        dpmpp_3m_sde,
-                        euler,
-                        euler_ancestral,
-                        heun,
-                        lms,
-                        nfe,
-                        steps_for_nfe,
-)
+from .solvers import ancestral_step, check_sigmas, lms_coefficients, num_steps
 
 __all__ = [
-    "ablation", "vp_betas_for_range", "SeededNoise", "get_sampler", "sample", "SCHEDULES",
+    "ablation", "SeededNoise", "get_sampler", "sample", "CONFIG_OPTIONS", "SOLVERS", "SolverSpec", "check_options",
+    "get_solver",
+    "nfe", "ode_solvers", "register_solver", "steps_for_nfe", "stochastic_solvers", "sweep_solvers", "SCHEDULES",
     "exponential_sigmas", "get_schedule", "iddpm_sigmas", "karras_sigmas", "linear_sigmas", "ve_sigmas",
-    "vp_sigmas", "vp_range_sigmas", "SOLVERS", "STOCHASTIC", "ancestral_step", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde",
-    "euler", "euler_ancestral", "heun", "lms", "nfe", "steps_for_nfe",
+    "vp_betas_for_range", "vp_range_sigmas", "vp_sigmas", "ancestral_step", "check_sigmas", "lms_coefficients",
+    "num_steps", *SOLVERS,
 ]
+
+
+def __getattr__(name: str):
+    """Registered solvers by name, including ones registered after import."""
+    spec = SOLVERS.get(name)
+    if spec is None:
+        raise AttributeError(f"module 'elucidate.sampling' has no attribute {name!r}")
+    return spec.fn
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(SOLVERS))

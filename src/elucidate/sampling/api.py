@@ -2,23 +2,20 @@
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable, Sequence
 
 import torch
 
+from .registry import PLUMBING, get_solver
 from .schedules import karras_sigmas
-from .solvers import SOLVERS, check_sigmas
+from .solvers import num_steps
 
 __all__ = ["sample", "get_sampler", "SeededNoise"]
 
 
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:
     """A solver function by name (ValueError listing the choices if unknown)."""
-    try:
-        return SOLVERS[name]
-    except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(SOLVERS)}") from None
+    return get_solver(name).fn
 
 
 class SeededNoise:
@@ -40,10 +37,6 @@ class SeededNoise:
                             for g in self.generators])
 
 
-def _accepts(fn: Callable, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
-
-
 def sample(denoiser: Callable[..., torch.Tensor], shape: Sequence[int], *, sampler: str = "heun",
            steps: int = 18, sigmas: torch.Tensor | None = None, sigma_min: float = 0.002,
            sigma_max: float = 80.0, rho: float = 7.0, seeds: Sequence[int] | None = None,
@@ -55,35 +48,40 @@ def sample(denoiser: Callable[..., torch.Tensor], shape: Sequence[int], *, sampl
     The schedule is ``sigmas`` if given, else ``karras_sigmas(steps, sigma_min, sigma_max, rho)``.
     Sample i's initial noise and all its stochastic noise come from ``seeds[i]`` alone (default
     ``seeds = range(shape[0])``). ``cond`` holds keyword arguments for the denoiser (e.g.
-    ``class_labels``); remaining keyword arguments go to the solver (``s_churn``, ``eta``, ...).
+    ``class_labels``); remaining keyword arguments go to the solver (``s_churn``, ``eta``, ...). A
+    denoiser with a ``round_sigma`` method (a network trained on a discrete sigma grid) gets its raised
+    churn levels snapped to that grid.
     """
-    solver = get_sampler(sampler)
+    spec = get_solver(sampler)
     shape = tuple(int(n) for n in shape)
     if len(shape) < 2 or any(n < 1 for n in shape):
         raise ValueError(f"shape must be [batch, *sample_shape] with positive sizes, got {shape}")
     seeds = list(range(shape[0])) if seeds is None else [int(s) for s in seeds]
     if len(seeds) != shape[0]:
         raise ValueError(f"seeds has {len(seeds)} entries but shape asks for a batch of {shape[0]}")
-    unknown = [k for k in solver_kwargs if not _accepts(solver, k)]
+    unknown = [k for k in solver_kwargs if not spec.takes(k)]
     if unknown:
-        allowed = [p for p in inspect.signature(solver).parameters if p not in ("D", "x", "sigmas")]
-        raise ValueError(f"sampler {sampler!r} does not take {unknown}; it takes {allowed}")
+        raise ValueError(f"sampler {sampler!r} does not take {unknown}; it takes {sorted(spec.options)} "
+                         f"(and {[p for p in PLUMBING if spec.takes(p)]})")
     if device is None:
         device = _module_device(denoiser)
     if sigmas is None:
         sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho)
-    s = check_sigmas(sigmas)
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    total = num_steps(sigmas)
 
     noise = SeededNoise(seeds, shape[1:], device=device, dtype=dtype)
-    x = noise() * s[0]
-    if _accepts(solver, "noise_sampler") and "noise_sampler" not in solver_kwargs:
+    x = noise() * float(sigmas[0])
+    if spec.takes("noise_sampler") and "noise_sampler" not in solver_kwargs:
         solver_kwargs["noise_sampler"] = noise
+    if spec.takes("round_sigma") and "round_sigma" not in solver_kwargs:
+        solver_kwargs["round_sigma"] = getattr(denoiser, "round_sigma", None)
     D = functools.partial(denoiser, **cond) if cond else denoiser
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(s) - 1, desc=f"sampling ({sampler})", unit="step", leave=False)
+        bar = tqdm(total=total, desc=f"sampling ({sampler})", unit="step", leave=False)
 
     def on_step(info: dict) -> None:
         if bar is not None:
@@ -92,7 +90,7 @@ def sample(denoiser: Callable[..., torch.Tensor], shape: Sequence[int], *, sampl
             callback(info)
 
     try:
-        return solver(D, x, torch.tensor(s, dtype=torch.float64), callback=on_step, **solver_kwargs)
+        return spec.fn(D, x, sigmas, callback=on_step, **solver_kwargs)
     finally:
         if bar is not None:
             bar.close()

@@ -1,11 +1,7 @@
 """Sample grids as uint8 arrays and PNG files (NumPy + Pillow; no matplotlib figure involved).
 
-Input conventions:
-
-* float ``[N, C, H, W]`` (or one ``[C, H, W]`` image) in model range ``value_range = (-1, 1)``:
-  mapped to ``uint8 = floor(255 (x - lo) / (hi - lo) + 1/2)`` after clipping to the range
-  (so -1 -> 0, 0 -> 128, 1 -> 255; NaN -> 0).
-* uint8 ``[N, H, W, C]`` (or ``[N, H, W]``): used as is.
+Inputs are float ``[N, C, H, W]`` in ``value_range`` (default the model range (-1, 1)) or uint8
+``[N, H, W, C]``, converted by :func:`elucidate.pixels.to_uint8`.
 
 C = 1 gives a grey grid ``[H, W, 1]`` and C = 3 an RGB grid ``[H, W, 3]``. Any other channel count
 (C = 2 or C > 3: multi-channel physical fields such as velocity components) is shown as one row
@@ -23,44 +19,10 @@ import matplotlib
 import numpy as np
 from PIL import Image
 
+from ..pixels import to_uint8
 from .common import atomic_write_bytes
 
 __all__ = ["to_uint8", "image_grid", "save_image_grid", "auto_scale"]
-
-
-def _to_numpy(images) -> np.ndarray:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        torch = None
-    if torch is not None and isinstance(images, torch.Tensor):
-        images = images.detach().cpu()
-        if images.is_floating_point() and images.dtype != torch.float64:
-            images = images.float()
-        return images.numpy()
-    return np.asarray(images)
-
-
-def to_uint8(images, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
-    """Images as uint8 ``[N, H, W, C]`` (see the module docstring for the accepted inputs)."""
-    arr = _to_numpy(images)
-    if arr.dtype == np.uint8:
-        if arr.ndim == 3:
-            arr = arr[..., None]
-        if arr.ndim != 4:
-            raise ValueError(f"uint8 images must be [N, H, W, C] or [N, H, W], got shape {arr.shape}")
-        return arr
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"images must be float [N, C, H, W] or uint8 [N, H, W, C], got dtype {arr.dtype}")
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4:
-        raise ValueError(f"float images must be [N, C, H, W] or [C, H, W], got shape {arr.shape}")
-    lo, hi = (float(v) for v in value_range)
-    if not hi > lo:
-        raise ValueError(f"value_range must be (lo, hi) with hi > lo, got {value_range}")
-    unit = np.clip((np.nan_to_num(arr.astype(np.float64), nan=lo) - lo) / (hi - lo), 0.0, 1.0)
-    return np.floor(unit * 255 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def auto_scale(height: int, width: int, target: int = 64) -> int:

@@ -7,8 +7,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..sampling.solvers import SOLVERS
-from ..sampling.solvers import nfe as solver_nfe
+from ..sampling.registry import SOLVERS
+from ..sampling.registry import nfe as solver_nfe
 from .common import PALETTE, new_figure, plain_log_labels, styled
 
 __all__ = ["quality_series", "plot_quality_vs_nfe"]

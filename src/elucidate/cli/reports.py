@@ -1,0 +1,60 @@
+"""Commands that draw a run: plot, report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+
+__all__ = ["register"]
+
+
+def register(sub) -> dict:
+    """Add the plot/report subcommands; returns their handlers."""
+    p = sub.add_parser("plot", help="a run's plots (RUN), or the didactic ones: schedules, flow")
+    p.add_argument("target", help="a run directory, 'schedules' or 'flow'")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default RUN/plots or ./plots)")
+
+    p = sub.add_parser("report", help="one self-contained HTML page for a run")
+    p.add_argument("run", type=Path)
+    p.add_argument("--out", type=Path, default=None)
+    return {"plot": cmd_plot, "report": cmd_report}
+
+
+def cmd_plot(args) -> int:
+    from .. import viz
+
+    target = args.target
+    written = []
+    if target in ("schedules", "flow"):
+        out = args.out or Path("plots")
+        if target == "schedules":
+            written.append(viz.save_figure(viz.plot_schedules(), out / "schedules.png"))
+            written.append(viz.save_figure(viz.plot_alpha_bar(), out / "alpha_bar.png"))
+        else:
+            for kind in ("ode", "sde", "forward"):
+                written.append(viz.save_figure(viz.plot_flow(kind=kind), out / f"flow_{kind}.png"))
+            written.append(viz.save_figure(viz.plot_flow_comparison(), out / "flow_comparison.png"))
+    else:
+        run = Path(target)
+        if not run.is_dir():
+            raise UserError(f"plot target {target!r}: expected a run directory, 'schedules' or 'flow'")
+        metrics = run / "metrics.jsonl"
+        if not metrics.is_file():
+            raise UserError(f"{run} has no metrics.jsonl (is it a run directory?)")
+        records = viz.read_metrics(metrics)
+        if not records:
+            raise UserError(f"{metrics} has no training records yet")
+        out = args.out or run / "plots"
+        written.append(viz.save_figure(viz.plot_loss(records), out / "loss.png"))
+        written.append(viz.save_figure(viz.plot_loss_by_sigma(records), out / "loss_by_sigma.png"))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ..report import write_report
+
+    if not args.run.is_dir():
+        raise UserError(f"{args.run} is not a run directory")
+    print(f"wrote {write_report(args.run, args.out)}")
+    return 0

@@ -1,0 +1,37 @@
+"""Commands that generate from a trained run: sample."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .options import add_sampling_options, class_labels_for, parse_seed_arg, sampling_from_args
+
+__all__ = ["register"]
+
+
+def register(sub) -> dict:
+    """Add the sample subcommand; returns its handler."""
+    p = sub.add_parser("sample", help="generate images from a run directory or checkpoint")
+    p.add_argument("run", type=Path, help="run directory (latest checkpoint) or checkpoint file")
+    p.add_argument("--seeds", default="0-63", help="e.g. 0-63 or 1,5,9 (image i depends on its seed only)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="grid.png (one grid), DIR/ (one PNG per seed) or samples.npz (uint8 N,H,W,C + seeds)")
+    p.add_argument("--class", dest="class_label", type=int, default=None,
+                   help="class label for a class-conditional model (default: seed %% number of classes)")
+    add_sampling_options(p)
+    return {"sample": cmd_sample}
+
+
+def cmd_sample(args) -> int:
+    from ..generate import generate
+    from ..model import load_run
+    from ..output import write_samples
+
+    seeds = parse_seed_arg(args.seeds)
+    run = load_run(args.run, ema=args.ema, device=args.device)
+    cfg = sampling_from_args(run.config.sampling, args)
+    labels = class_labels_for(run, seeds, args.class_label)
+    x = generate(run.denoiser, run.denoiser.formulation, run.shape, seeds, cfg, batch_size=args.batch,
+                 device=args.device, class_labels=labels, precision=args.precision, progress=True)
+    out = write_samples(x, seeds, args.out, normalizer=run.normalizer)
+    print(f"wrote {len(seeds)} samples ({cfg.sampler}, {cfg.steps} steps) from {run.checkpoint} to {out}")
+    return 0

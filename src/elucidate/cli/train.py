@@ -1,0 +1,62 @@
+"""Commands that write a run: train, demo."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["register"]
+
+
+class _HelpConfig(argparse.Action):
+    """``--help-config``: print every config key, formulation parameter and solver option, then exit."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ..reference import config_reference
+
+        print(config_reference())
+        parser.exit()
+
+
+def register(sub) -> dict:
+    """Add the train/demo subcommands; returns their handlers."""
+    p = sub.add_parser("train", help="train (or resume) a model from a YAML config")
+    p.add_argument("config", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="run directory (resumed if it has checkpoints)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set training.steps=200 (repeatable)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--help-config", action=_HelpConfig,
+                   help="list every config key, formulation parameter and solver option, and exit")
+
+    p = sub.add_parser("demo", help="train a small EDM model on the bundled digits and write figures")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo preset)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return {"train": cmd_train, "demo": cmd_demo}
+
+
+def cmd_train(args) -> int:
+    from ..config import load_config
+    from ..training import Trainer
+    from ..training.distributed import shutdown_distributed
+
+    config = load_config(args.config, args.overrides)
+    try:
+        summary = Trainer(config, args.out, device=args.device, progress=args.progress).train()
+    finally:
+        shutdown_distributed()
+    print(f"trained to step {summary['step']} ({summary['skipped_steps']} skipped); "
+          f"checkpoint: {summary['checkpoint']}" + (f"; samples: {summary['samples']}" if summary["samples"] else ""))
+    return 130 if summary.get("interrupted") else 0
+
+
+def cmd_demo(args) -> int:
+    from ..demo import run_demo
+
+    run_demo(args.out, steps=args.steps, device=args.device, progress=args.progress)
+    return 0

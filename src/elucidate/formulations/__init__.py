@@ -1,0 +1,6 @@
+"""Diffusion formulations: EDM Table 1 (VP, VE, iDDPM, EDM), each a small registered dataclass."""
+from .base import FORMULATIONS, Formulation, Preconditioning, as_tensor, make_formulation
+from .table1 import EDM, IDDPM, VE, VP
+
+__all__ = ["Preconditioning", "Formulation", "FORMULATIONS", "make_formulation", "as_tensor", "EDM", "VP", "VE",
+           "IDDPM"]

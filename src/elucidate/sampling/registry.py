@@ -1,0 +1,173 @@
+"""The one place a solver is declared: ``@register_solver(...)`` on its function.
+
+Everything else is derived from the declaration: ``nfe``/``steps_for_nfe`` (from the evaluations per
+step), the stochastic set, the options a solver takes (its keyword-only parameters, minus the plumbing
+that ``sample()`` provides), config validation of those options, CLI choices and help, sweep and
+sandbox defaults, and the solver table in the docs.
+
+Naming: the churn bounds are ``s_min``/``s_max`` in configs and on the command line (the framework
+config page's names) and ``s_tmin``/``s_tmax`` as solver arguments (k-diffusion's); :data:`CONFIG_OPTIONS`
+is the one table that maps the config names to the solver arguments.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["SolverSpec", "SOLVERS", "register_solver", "get_solver", "nfe", "steps_for_nfe", "PLUMBING",
+           "OPTION_DOCS", "CONFIG_OPTIONS", "stochastic_solvers", "ode_solvers", "sweep_solvers",
+           "check_options"]
+
+#: Arguments every solver may take that ``sample()`` (not the user) supplies.
+PLUMBING = ("generator", "noise_sampler", "callback", "round_sigma")
+
+#: Config / CLI name -> solver argument name (the seed config's churn names vs k-diffusion's).
+CONFIG_OPTIONS = {"s_churn": "s_churn", "s_min": "s_tmin", "s_max": "s_tmax", "s_noise": "s_noise", "eta": "eta"}
+
+#: One-line descriptions of solver options shared by several solvers (a declaration may add its own).
+OPTION_DOCS = {
+    "s_churn": "S_churn: total stochasticity of EDM Algorithm 2 (gamma_i = min(S_churn/N, sqrt(2) - 1))",
+    "s_tmin": "S_tmin: churn only where sigma >= S_tmin (config/CLI: s_min)",
+    "s_tmax": "S_tmax: churn only where sigma <= S_tmax (config/CLI: s_max)",
+    "s_noise": "S_noise: scale of the fresh noise (slightly > 1 offsets detail loss; EDM uses 1.003-1.007)",
+    "eta": "eta: amount of fresh noise per step (0 = deterministic ODE/DDIM step, 1 = ancestral/DDPM-like)",
+    "order": "order of the multistep method (ramps up from 1 over the first steps)",
+    "solver_type": "2nd-order correction of DPM-Solver++(2M) SDE: 'midpoint' or 'heun'",
+}
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """A registered solver: its function and what the rest of elucidate needs to know about it."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    description: str
+    order: int
+    evals_per_step: int = 1
+    final_step_evals: int = 1       # evaluations of the last step (into sigma = 0)
+    stochastic: bool = False        # draws fresh noise with its default options
+    sweep: bool = False             # part of the default sampler sweeps
+    option_docs: dict[str, str] = field(default_factory=dict)
+    option_choices: dict[str, tuple] = field(default_factory=dict)
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return self.fn(*args, **kwargs)
+
+    @property
+    def parameters(self) -> dict[str, inspect.Parameter]:
+        """The keyword-only parameters of the solver function (options and plumbing)."""
+        return {n: p for n, p in inspect.signature(self.fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """User options and their defaults (keyword-only parameters that are not plumbing)."""
+        return {n: p.default for n, p in self.parameters.items() if n not in PLUMBING}
+
+    def takes(self, name: str) -> bool:
+        """Whether the solver function accepts the keyword argument ``name``."""
+        return name in self.parameters
+
+    def doc(self, option: str) -> str:
+        """The one-line description of an option."""
+        return self.option_docs.get(option) or OPTION_DOCS.get(option, "")
+
+    def nfe(self, num_steps: int) -> int:
+        """Denoiser evaluations spent on ``num_steps`` steps ending in sigma = 0."""
+        _check_count("num_steps", num_steps)
+        return self.evals_per_step * (num_steps - 1) + self.final_step_evals
+
+    def steps_for_nfe(self, budget: int) -> int:
+        """The most steps whose NFE does not exceed ``budget`` (at least 1)."""
+        _check_count("NFE budget", budget)
+        return max(1, 1 + (budget - self.final_step_evals) // self.evals_per_step)
+
+
+def _check_count(what: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
+
+
+#: name -> SolverSpec, in declaration order. Filled by :func:`register_solver`.
+SOLVERS: dict[str, SolverSpec] = {}
+
+
+def register_solver(*, description: str, order: int, evals_per_step: int = 1, final_step_evals: int = 1,
+                    stochastic: bool = False, sweep: bool = False, name: str | None = None,
+                    option_docs: dict[str, str] | None = None, option_choices: dict[str, tuple] | None = None):
+    """Declare a solver ``fn(D, x, sigmas, *, options..., callback=None) -> x``; returns ``fn`` unchanged."""
+
+    def decorate(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        spec = SolverSpec(name or fn.__name__, fn, description, order, evals_per_step, final_step_evals,
+                          stochastic, sweep, dict(option_docs or {}), dict(option_choices or {}))
+        positional = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.KEYWORD_ONLY]
+        if [p.name for p in positional] != ["D", "x", "sigmas"]:
+            raise TypeError(f"solver {spec.name}: signature must be (D, x, sigmas, *, options...)")
+        if "callback" not in spec.parameters:
+            raise TypeError(f"solver {spec.name}: must take a keyword-only 'callback'")
+        undocumented = [o for o in spec.options if not spec.doc(o)]
+        if undocumented:
+            raise TypeError(f"solver {spec.name}: options {undocumented} need a one-line description "
+                            f"(option_docs= or OPTION_DOCS)")
+        SOLVERS[spec.name] = spec
+        return fn
+
+    return decorate
+
+
+def get_solver(name: str) -> SolverSpec:
+    """A registered solver by name (ValueError listing the choices if unknown)."""
+    try:
+        return SOLVERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(SOLVERS)}") from None
+
+
+def nfe(sampler: str, num_steps: int) -> int:
+    """Denoiser evaluations the named solver spends on ``num_steps`` steps ending in sigma = 0."""
+    return get_solver(sampler).nfe(num_steps)
+
+
+def steps_for_nfe(sampler: str, budget: int) -> int:
+    """The most steps of the named solver whose NFE does not exceed ``budget``."""
+    return get_solver(sampler).steps_for_nfe(budget)
+
+
+def stochastic_solvers() -> list[str]:
+    """Solvers that draw fresh noise with their default options."""
+    return [n for n, s in SOLVERS.items() if s.stochastic]
+
+
+def ode_solvers() -> list[str]:
+    """Deterministic solvers (an ODE solution is defined for these)."""
+    return [n for n, s in SOLVERS.items() if not s.stochastic]
+
+
+def sweep_solvers(*, deterministic: bool = False) -> list[str]:
+    """The default solvers of a sampler sweep (only the deterministic ones if asked)."""
+    return [n for n, s in SOLVERS.items() if s.sweep and not (deterministic and s.stochastic)]
+
+
+def check_options(sampler: str, options: dict[str, Any]) -> None:
+    """ValueError naming the first option the solver does not take or whose value has the wrong kind."""
+    spec = get_solver(sampler)
+    for key, value in options.items():
+        if key not in spec.options:
+            raise ValueError(f"sampler {sampler!r} does not take option {key!r}; "
+                             f"it takes {sorted(spec.options) or 'no options'}")
+        choices = spec.option_choices.get(key)
+        if choices is not None and value not in choices:
+            raise ValueError(f"sampler {sampler!r}: {key} = {value!r}, expected one of {list(choices)}")
+        default = spec.options[key]
+        if isinstance(default, bool) or default is None:
+            continue
+        if isinstance(default, int) and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"sampler {sampler!r}: {key} = {value!r}, expected an integer")
+        if isinstance(default, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"sampler {sampler!r}: {key} = {value!r}, expected a number")
+        if isinstance(default, str) and not isinstance(value, str):
+            raise ValueError(f"sampler {sampler!r}: {key} = {value!r}, expected a string")
