@@ -36,9 +36,19 @@ def kdiff():
     return module
 
 
-@pytest.fixture
-def gmm() -> GaussianMixture:
-    """A 4-D, 3-component mixture with unequal weights and spreads (float64)."""
+def _gmm() -> GaussianMixture:
     means = torch.tensor([[1.0, -0.5, 0.3, 0.0], [-1.0, 0.8, -0.2, 0.5], [0.2, 0.1, 1.2, -1.0]])
     stds = torch.tensor([0.2, 0.35, 0.15])
     return GaussianMixture(means, stds, [0.5, 0.3, 0.2])
+
+
+@pytest.fixture
+def gmm() -> GaussianMixture:
+    """A 4-D, 3-component mixture with unequal weights and spreads (float64)."""
+    return _gmm()
+
+
+@pytest.fixture(scope="module")
+def gmm_module() -> GaussianMixture:
+    """The same mixture, shared by a module's tests (for expensive derived fixtures)."""
+    return _gmm()
