@@ -69,7 +69,7 @@ def load_case(name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tenso
     """(edm's state dict, the fixture's tensors, edm's constructor arguments)."""
     with safe_open(DATA / f"{name}.safetensors", "pt") as f:
         meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     weights = generated_weights(json.loads(meta["shapes"]))
     for key, total in json.loads(meta["checksums"]).items():
         assert abs(float(weights[key].double().sum()) - total) < 1e-4, f"generated {key} differs from the fixture's"
