@@ -233,7 +233,8 @@ def test_multihead_attention_matches_reference():
     torch.manual_seed(0)
     attn = perturb(SelfAttention(8, num_heads=2))
     x = torch.randn(2, 8, 3, 5)
-    q, k, v = attn.qkv(attn.norm(x)).flatten(2).chunk(3, dim=1)  # [B, C, N] each; heads = 4-channel slices
+    qkv = attn.qkv(attn.norm(x)).flatten(2)  # edm's layout: channel 3 * (h * C/heads + c) + j, j = q, k, v
+    q, k, v = qkv[:, 0::3], qkv[:, 1::3], qkv[:, 2::3]  # [B, C, N] each; heads = 4-channel slices
     heads = []
     for h in range(2):
         s = slice(4 * h, 4 * h + 4)

@@ -12,6 +12,9 @@ All share the constructor keys ``img_resolution`` (int or ``(H, W)``), ``in_chan
 ``attn_resolutions`` (matched against the smaller side of each level's feature map), ``dropout``,
 ``label_dim`` (0 = unconditional), ``label_dropout`` and ``augment_dim``, and the call
 ``forward(x, c_noise, class_labels=None, augment_labels=None) -> [B, out_channels, H, W]``.
+
+``ddpmpp``, ``ncsnpp`` and ``adm`` use NVlabs/edm's tensor layouts and constructor argument names;
+:func:`elucidate.nets.edm_port.load_edm_network` loads weights exported from edm (docs/edm.md).
 """
 from __future__ import annotations
 

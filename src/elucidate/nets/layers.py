@@ -107,10 +107,12 @@ class Conv2d(nn.Module):
             # conv on a margin wide enough that filtering without padding lands on H/2 x W/2
             f = self.resample_filter.to(x.dtype)
             fpad = 0 if self.box else (f.shape[-1] - 1) // 2
-            x = F.conv2d(x, self.weight, self.bias, padding=pad + fpad)
+            x = F.conv2d(x, self.weight, padding=pad + fpad)
             if self.box:
-                return F.avg_pool2d(x, 2)
-            return F.conv2d(x, f.expand(x.shape[1], 1, -1, -1), stride=2, groups=x.shape[1])
+                x = F.avg_pool2d(x, 2)
+            else:
+                x = F.conv2d(x, f.expand(x.shape[1], 1, -1, -1), stride=2, groups=x.shape[1])
+            return x if self.bias is None else x + self.bias.to(x.dtype)[:, None, None]  # as edm: bias last
         if self.up or self.down:
             x = self._resample(x)
         if self.weight is not None:
@@ -134,43 +136,54 @@ def _noise_input(c_noise: torch.Tensor) -> torch.Tensor:
 
 class PositionalEmbedding(nn.Module):
     """Sinusoidal features ``[cos(c f_k), sin(c f_k)]`` of the noise label ``c`` at frequencies
-    ``f_k = max_positions^(-k / K)`` spanning 1 .. 1/max_positions, so both small (ln sigma / 4) and
-    large (timestep 0..999) noise labels are resolved (DDPM++ uses ``endpoint=True``, ADM ``False``)."""
+    ``f_k = (1 / max_positions)^(k / K)`` spanning 1 .. 1/max_positions, so both small (ln sigma / 4) and
+    large (timestep 0..999) noise labels are resolved (DDPM++ uses ``endpoint=True``, ADM ``False``).
+    ``sin_first`` gives ``[sin, cos]``, the order edm's SongUNet feeds its mapping network."""
 
-    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
+    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False,
+                 sin_first: bool = False):
         super().__init__()
         if num_channels < 2 or num_channels % 2:
             raise ValueError(f"PositionalEmbedding needs an even num_channels >= 2, got {num_channels}")
         self.num_channels, self.max_positions, self.endpoint = num_channels, max_positions, endpoint
+        self.sin_first = sin_first
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         c = _noise_input(c_noise)
         half = self.num_channels // 2
         k = torch.arange(half, device=c.device, dtype=c.dtype) / max(1, half - int(self.endpoint))
-        angle = c * self.max_positions ** (-k)
-        return torch.cat([angle.cos(), angle.sin()], dim=1)
+        angle = c * (1 / self.max_positions) ** k  # the same float32 rounding as edm
+        return _sin_cos(angle, self.sin_first)
 
 
 class FourierEmbedding(nn.Module):
     """Random Fourier features ``[cos(2 pi c f_k), sin(2 pi c f_k)]``, ``f_k ~ N(0, scale^2)``
-    (NCSN++). The frequencies are a saved buffer drawn from the global RNG at construction."""
+    (NCSN++; ``sin_first`` as in :class:`PositionalEmbedding`). The frequencies are a saved buffer
+    (``freqs``) drawn from the global RNG at construction."""
 
-    def __init__(self, num_channels: int, scale: float = 16.0):
+    def __init__(self, num_channels: int, scale: float = 16.0, sin_first: bool = False):
         super().__init__()
         if num_channels < 2 or num_channels % 2:
             raise ValueError(f"FourierEmbedding needs an even num_channels >= 2, got {num_channels}")
-        self.num_channels = num_channels
+        self.num_channels, self.sin_first = num_channels, sin_first
         self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         c = _noise_input(c_noise)
-        angle = (2 * math.pi) * c * self.freqs.to(c.dtype)
-        return torch.cat([angle.cos(), angle.sin()], dim=1)
+        angle = c * (2 * math.pi * self.freqs.to(c.dtype))  # c * (2 pi f): the same rounding as edm
+        return _sin_cos(angle, self.sin_first)
+
+
+def _sin_cos(angle: torch.Tensor, sin_first: bool) -> torch.Tensor:
+    return torch.cat([angle.sin(), angle.cos()] if sin_first else [angle.cos(), angle.sin()], dim=1)
 
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention over the H*W positions of a feature map (pre-norm, 1x1 q/k/v and
-    output projections, ``scaled_dot_product_attention``). Returns the residual update only."""
+    output projections, ``scaled_dot_product_attention``). Returns the residual update only.
+
+    The q/k/v projection's ``3 * C`` output channels are laid out as edm's: channel
+    ``(h * C/heads + c) * 3 + j`` is channel ``c`` of head ``h`` of q (j=0), k (j=1) or v (j=2)."""
 
     def __init__(self, channels: int, num_heads: int, eps: float = 1e-5,
                  init: dict | None = None, init_zero: dict | None = None):
@@ -184,8 +197,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each [B, heads, HW, C/heads]
+        qkv = self.qkv(self.norm(x)).reshape(b, self.num_heads, c // self.num_heads, 3, h * w)
+        q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(dim=3))  # each [B, heads, HW, C/heads]
         a = F.scaled_dot_product_attention(q, k, v)
         return self.proj(a.transpose(-1, -2).reshape(b, c, h, w))
 

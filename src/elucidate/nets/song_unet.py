@@ -36,7 +36,8 @@ class SongUNet(DiffusionNet):
     attention block. Encoder types: ``standard``, ``skip`` (input pyramid added at every level),
     ``residual`` (NCSN++: a strided residual path from the input). Decoder types: ``standard``,
     ``skip`` (output pyramid summed across levels). The embedding width is ``model_channels *
-    channel_mult_emb``; the noise features are ``model_channels * channel_mult_noise`` wide.
+    channel_mult_emb``; the noise features are ``model_channels * channel_mult_noise`` wide and
+    enter the mapping network as ``[sin, cos]``, as in edm (whose weights load via :mod:`.edm_port`).
     The final output convolution(s) start at exactly zero, so a fresh network outputs 0.
     """
 
@@ -63,8 +64,9 @@ class SongUNet(DiffusionNet):
                         init_attn=dict(init_mode="xavier_uniform", init_weight=math.sqrt(0.2)))
 
         # Mapping network: noise label (+ class label, augmentation label) -> embedding.
-        self.map_noise = (PositionalEmbedding(noise_channels, endpoint=True) if embedding_type == "positional"
-                          else FourierEmbedding(noise_channels))
+        # edm's SongUNet swaps its embedding's halves to [sin, cos] before the mapping MLP.
+        self.map_noise = (PositionalEmbedding(noise_channels, endpoint=True, sin_first=True)
+                          if embedding_type == "positional" else FourierEmbedding(noise_channels, sin_first=True))
         self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
         self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
@@ -145,7 +147,7 @@ class SongUNet(DiffusionNet):
                     aux = stage["aux_down"](aux)
                     x = x + stage["aux_skip"](aux)
                 elif "aux_residual" in stage:
-                    x = aux = (x + stage["aux_residual"](aux)) * math.sqrt(0.5)
+                    x = aux = (x + stage["aux_residual"](aux)) / math.sqrt(2)
             skips.append(x)
             for blk in stage["blocks"]:
                 x = blk(x, emb)
