@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from elucidate import Denoiser, GaussianMixture
+from elucidate import Denoiser
 from elucidate.config import SamplingConfig, parse_config
 from elucidate.formulations import FORMULATIONS, make_formulation
 from elucidate.sampling import SOLVERS, karras_sigmas, ode_solvers, stochastic_solvers

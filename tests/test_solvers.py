@@ -254,7 +254,7 @@ def test_generator_makes_stochastic_solvers_reproducible(gmm):
 
 
 def test_lms_coefficients_are_adams_bashforth():
-    from elucidate.sampling.solvers import lms_coefficients
+    from elucidate.sampling import lms_coefficients
     t = [4.0, 3.0, 2.0, 1.0, 0.0]  # uniform step h = -1
     assert lms_coefficients(t, 0, 1) == pytest.approx([-1.0])
     assert lms_coefficients(t, 1, 2) == pytest.approx([-1.5, 0.5])  # AB2: h (3/2 f_n - 1/2 f_{n-1})

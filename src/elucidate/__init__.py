@@ -2,7 +2,7 @@
 from . import nets, sampling
 from .analytic import EmpiricalDenoiser, GaussianMixture
 from .denoiser import Denoiser
-from .formulations import EDM, FORMULATIONS, IDDPM, VE, VP, Formulation, Preconditioning, make_formulation
+from .formulations import DDPM, EDM, FORMULATIONS, IDDPM, VE, VP, Formulation, Preconditioning, make_formulation
 from .losses import denoising_loss
 from .nets import NETWORKS, DhariwalUNet, SongUNet, UNet, build_network
 from .sampling import sample
@@ -11,6 +11,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "nets", "NETWORKS", "DhariwalUNet", "SongUNet", "UNet", "build_network", "sampling", "EmpiricalDenoiser",
-    "GaussianMixture", "Denoiser", "EDM", "IDDPM", "VE", "VP", "FORMULATIONS", "Formulation", "Preconditioning",
+    "GaussianMixture", "Denoiser", "DDPM", "EDM", "IDDPM", "VE", "VP", "FORMULATIONS", "Formulation", "Preconditioning",
     "make_formulation", "denoising_loss", "sample", "__version__",
 ]

@@ -21,7 +21,7 @@ from .fileio import atomic_path
 __all__ = ["save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
            "optimizer_to_flat", "optimizer_from_flat", "checkpoint_name", "FORMAT"]
 
-FORMAT = "elucidate-checkpoint/1"
+FORMAT = "elucidate-checkpoint/2"  # /2: attention q/k/v and SongUNet embedding in NVlabs/edm layout
 _NAME = re.compile(r"^ckpt-(\d{8,})\.safetensors$")
 
 
@@ -92,6 +92,9 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dic
     if raw is None:
         raise UserError(f"checkpoint {path} has no elucidate metadata (not written by elucidate)")
     meta = json.loads(raw)
+    if meta.get("format") == "elucidate-checkpoint/1":
+        raise UserError(f"checkpoint {path} was written by elucidate 0.1 (format /1), whose attention and SongUNet "
+                        f"embedding layouts changed to NVlabs/edm's; retrain it with this version")
     if meta.get("format") != FORMAT:
         raise UserError(f"checkpoint {path} has format {meta.get('format')!r}, expected {FORMAT!r}")
     return tensors, meta

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,26 +18,86 @@ from .pixels import to_pixels
 from .sampling.registry import get_solver, steps_for_nfe
 from .sampling.solvers import num_steps
 
-__all__ = ["METRICS", "Reference", "feature_name", "load_reference", "sample_features", "compute_metric",
-           "evaluate", "sweep", "feature_extractor"]
+__all__ = ["METRICS", "Metric", "register_metric", "get_metric", "Reference", "feature_name", "load_reference",
+           "sample_features", "compute_metric", "evaluate", "sweep", "feature_extractor", "solver_nfe"]
 
-METRICS = ("fd_digits", "fid", "kid", "pr")
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A sample-quality metric: its feature network (None = chosen per run, see :func:`feature_name`),
+    whether it needs reference features (not just statistics), and how it compares two sets."""
+
+    name: str
+    description: str
+    features: str | None
+    compute: Callable[..., dict]
+    needs_features: bool = False
+
+
+#: name -> Metric; ``register_metric`` adds one (CLI choices and docs follow).
+METRICS: dict[str, Metric] = {}
+#: The default feature network of kid/pr per dataset (Inception otherwise).
+DATASET_FEATURES = {"digits": "fd_digits"}
+#: ``--features`` names -> feature extractor names.
+FEATURE_ALIASES = {"digits": "fd_digits", "inception": "inception"}
+
+
+def register_metric(name: str, description: str, *, features: str | None = None, needs_features: bool = False):
+    """Declare ``compute(stats, ref) -> {"value": ..., ...}`` as the metric ``name``."""
+    def decorate(fn):
+        METRICS[name] = Metric(name, description, features, fn, needs_features)
+        return fn
+    return decorate
+
+
+def _frechet(stats, ref) -> dict:
+    from .metrics import frechet_distance
+
+    if stats.mean.shape != ref.mu.shape:
+        raise UserError(f"reference {ref.source} has {ref.mu.shape[0]}-d features but the extractor gives "
+                        f"{stats.mean.shape[0]}-d; use statistics computed with the same feature network")
+    return {"value": frechet_distance(stats.mean, stats.cov, ref.mu, ref.sigma)}
+
+
+register_metric("fd_digits", "Frechet distance in the bundled digits classifier's features (offline)",
+                features="fd_digits")(_frechet)
+register_metric("fid", "FID: Frechet distance in Inception-v3 features (weights from a local file)",
+                features="inception")(_frechet)
+
+
+@register_metric("kid", "Kernel Inception Distance (unbiased; digits or Inception features)", needs_features=True)
+def _kid(stats, ref) -> dict:
+    from .metrics import kid
+
+    mean, std = kid(stats.features, ref.features, subset_size=min(1000, len(stats.features), len(ref.features)))
+    return {"value": float(mean), "std": float(std)}
+
+
+@register_metric("pr", "improved precision and recall (value = precision)", needs_features=True)
+def _precision_recall(stats, ref) -> dict:
+    from .metrics import precision_recall
+
+    precision, recall = precision_recall(ref.features, stats.features)
+    return {"value": float(precision), "precision": float(precision), "recall": float(recall)}
+
+
+def get_metric(name: str) -> Metric:
+    """A registered metric by name (UserError listing the choices)."""
+    if name not in METRICS:
+        raise UserError(f"unknown metric {name!r}; expected one of {list(METRICS)}")
+    return METRICS[name]
 
 
 def feature_name(metric: str, features: str | None, run_dataset: str | None = None) -> str:
-    """Which feature network a metric uses: fd_digits -> digits classifier, fid -> Inception;
-    kid/pr default to digits features for digits runs and Inception otherwise."""
-    if metric not in METRICS:
-        raise UserError(f"unknown metric {metric!r}; expected one of {list(METRICS)}")
-    if metric == "fd_digits":
-        return "fd_digits"
-    if metric == "fid":
-        return "inception"
+    """The feature network a metric uses: its own if it has one, else ``features`` (``--features``),
+    else the dataset's default (digits -> the digits classifier), else Inception."""
+    spec = get_metric(metric)
+    if spec.features is not None:
+        return spec.features
     if features is not None:
-        if features not in ("digits", "inception"):
-            raise UserError(f"--features {features!r}: expected 'digits' or 'inception'")
-        return "fd_digits" if features == "digits" else "inception"
-    return "fd_digits" if run_dataset == "digits" else "inception"
+        if features not in FEATURE_ALIASES:
+            raise UserError(f"--features {features!r}: expected one of {list(FEATURE_ALIASES)}")
+        return FEATURE_ALIASES[features]
+    return DATASET_FEATURES.get(run_dataset, "inception")
 
 
 def feature_extractor(name: str, inception: str | None = None, device=None):
@@ -137,18 +197,7 @@ def sample_features(run: LoadedRun, extractor, seeds: Sequence[int], cfg: Sampli
 
 def compute_metric(metric: str, stats, ref: Reference) -> dict:
     """The metric's value(s) for generated ``stats`` against ``ref``."""
-    from .metrics import frechet_distance, kid, precision_recall
-
-    if metric in ("fd_digits", "fid"):
-        if stats.mean.shape != ref.mu.shape:
-            raise UserError(f"reference {ref.source} has {ref.mu.shape[0]}-d features but the extractor gives "
-                            f"{stats.mean.shape[0]}-d; use statistics computed with the same feature network")
-        return {"value": frechet_distance(stats.mean, stats.cov, ref.mu, ref.sigma)}
-    if metric == "kid":
-        mean, std = kid(stats.features, ref.features, subset_size=min(1000, len(stats.features), len(ref.features)))
-        return {"value": float(mean), "std": float(std)}
-    precision, recall = precision_recall(ref.features, stats.features)
-    return {"value": float(precision), "precision": float(precision), "recall": float(recall)}
+    return get_metric(metric).compute(stats, ref)
 
 
 def evaluate(run: LoadedRun, metric: str, *, num: int, ref: Reference, extractor, cfg: SamplingConfig,

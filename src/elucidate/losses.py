@@ -12,7 +12,8 @@ __all__ = ["denoising_loss"]
 def denoising_loss(denoiser: Denoiser, y: torch.Tensor, *, sigma: torch.Tensor | None = None,
                    noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
                    formulation: Formulation | None = None, **cond) -> torch.Tensor:
-    """Per-sample weighted loss ``[B]``: the mean over elements of lambda(sigma) (D(y + sigma n) - y)^2.
+    """Per-sample weighted loss ``[B]``: the mean over elements of lambda(sigma) (D(y + sigma n) - y)^2
+    (the formulation's ``pointwise_loss``; e.g. DDPM with ``loss_type: l1`` uses |target - F|).
 
     ``sigma`` defaults to draws from the denoiser's formulation and ``noise`` to standard normal
     noise (both from ``generator``); pass them explicitly for exactly reproducible batches.
@@ -30,5 +31,4 @@ def denoising_loss(denoiser: Denoiser, y: torch.Tensor, *, sigma: torch.Tensor |
         raise ValueError(f"noise shape {tuple(noise.shape)} does not match y shape {tuple(y.shape)}")
     view = (-1,) + (1,) * (y.ndim - 1)
     D_yn = denoiser(y + sigma.reshape(view) * noise, sigma, **cond)
-    weight = formulation.loss_weight(sigma).reshape(view)
-    return (weight * (D_yn - y).square()).flatten(1).mean(dim=1)
+    return formulation.pointwise_loss(D_yn, y, sigma).flatten(1).mean(dim=1)

@@ -14,22 +14,27 @@ __all__ = ["register"]
 
 def register(sub) -> dict:
     """Add the eval/ref/sweep subcommands; returns their handlers."""
-    p = sub.add_parser("eval", help="sample a run and score it (fd_digits, fid, kid, pr)")
+    from ..evaluation import FEATURE_ALIASES, METRICS
+
+    metric_help = "; ".join(f"{m.name}: {m.description}" for m in METRICS.values())
+    p = sub.add_parser("eval", help="sample a run and score it (" + ", ".join(METRICS) + ")")
     p.add_argument("run", type=Path)
-    p.add_argument("--metric", default="fd_digits", choices=["fd_digits", "fid", "kid", "pr"])
+    p.add_argument("--metric", default="fd_digits", choices=list(METRICS), help=metric_help)
     p.add_argument("--num", type=int, default=10000,
                    help="samples per repeat (seeds 0..num-1, then num..2num-1 ...)")
     p.add_argument("--ref", default=None, help="reference: stats .npz (mu, sigma), 'digits', a folder, zip or "
                                                "array (default: the run's training data)")
     p.add_argument("--repeats", type=int, default=1, help="repeat over disjoint seed ranges; report mean and min "
                                                           "(the EDM paper uses 3)")
-    p.add_argument("--features", default=None, help="kid/pr feature network: digits or inception")
+    p.add_argument("--features", default=None, choices=list(FEATURE_ALIASES),
+                   help="feature network of kid/pr (default: the dataset's, else inception)")
     p.add_argument("--inception", default=None, help="local path to pt_inception-2015-12-05-6726825d.pth")
     add_sampling_options(p)
 
     p = sub.add_parser("ref", help="compute reference feature statistics of a dataset")
     p.add_argument("data", help="'digits', an image folder, a .zip or an .npz/.npy array")
-    p.add_argument("--metric", default="fd_digits", choices=["fd_digits", "fid"])
+    p.add_argument("--metric", default="fd_digits", choices=[m.name for m in METRICS.values() if m.features],
+                   help="which feature network's statistics")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--keep-features", action="store_true", help="also store the features (for KID / PR)")
     p.add_argument("--inception", default=None)
@@ -43,10 +48,10 @@ def register(sub) -> dict:
                    help="comma-separated solver names (default: the solvers declared for sweeps; "
                         "deterministic ones only with --sandbox)")
     p.add_argument("--nfe", default="5,9,17,35,63")
-    p.add_argument("--metric", default="fd_digits", choices=["fd_digits", "fid", "kid", "pr"])
+    p.add_argument("--metric", default="fd_digits", choices=list(METRICS), help=metric_help)
     p.add_argument("--num", type=int, default=2000)
     p.add_argument("--ref", default=None)
-    p.add_argument("--features", default=None)
+    p.add_argument("--features", default=None, choices=list(FEATURE_ALIASES))
     p.add_argument("--inception", default=None)
     p.add_argument("--schedules", default="karras,exponential,vp", help="sandbox discretizations")
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN/sweep or ./sweep)")
@@ -72,14 +77,14 @@ def _reference(args, run, extractor_name: str, need_features: bool):
 
 
 def cmd_eval(args) -> int:
-    from ..evaluation import evaluate, feature_extractor, feature_name
+    from ..evaluation import METRICS, evaluate, feature_extractor, feature_name
     from ..fileio import atomic_write_text
     from ..model import load_run
 
     run = load_run(args.run, ema=args.ema, device=args.device)
     cfg = sampling_from_args(run.config.sampling, args)
     name = feature_name(args.metric, args.features, run.config.data.get("dataset"))
-    ref = _reference(args, run, name, need_features=args.metric in ("kid", "pr"))
+    ref = _reference(args, run, name, need_features=METRICS[args.metric].needs_features)
     extractor = feature_extractor(name, args.inception, args.device)
     result = evaluate(run, args.metric, num=args.num, ref=ref, extractor=extractor, cfg=cfg, repeats=args.repeats,
                       batch_size=args.batch, device=args.device, progress=True)
@@ -94,10 +99,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_ref(args) -> int:
-    from ..evaluation import load_reference
+    from ..evaluation import METRICS, load_reference
     from ..metrics import save_stats
 
-    name = "fd_digits" if args.metric == "fd_digits" else "inception"
+    name = METRICS[args.metric].features
     ref = load_reference(args.data, name, inception=args.inception, device=args.device)
     extra = {"features": ref.features} if args.keep_features else {}
     save_stats(args.out, ref.mu, ref.sigma, **extra)
@@ -140,7 +145,7 @@ def cmd_sweep(args) -> int:
     else:
         if args.run is None:
             raise UserError("sweep needs a RUN directory (or --sandbox)")
-        from ..evaluation import feature_extractor, feature_name, sweep
+        from ..evaluation import METRICS, feature_extractor, feature_name, sweep
         from ..model import load_run
         from ..sampling import sweep_solvers
 
@@ -148,7 +153,7 @@ def cmd_sweep(args) -> int:
         base = sampling_from_args(run.config.sampling, args)
         samplers = _names(args.samplers) if args.samplers else sweep_solvers()
         name = feature_name(args.metric, args.features, run.config.data.get("dataset"))
-        ref = _reference(args, run, name, need_features=args.metric in ("kid", "pr"))
+        ref = _reference(args, run, name, need_features=METRICS[args.metric].needs_features)
         rows = sweep(run, args.metric, samplers=samplers, nfes=nfes, num=args.num, ref=ref,
                      extractor=feature_extractor(name, args.inception, args.device), base=base, batch_size=args.batch,
                      device=args.device, progress=True)

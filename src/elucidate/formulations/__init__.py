@@ -1,6 +1,8 @@
-"""Diffusion formulations: EDM Table 1 (VP, VE, iDDPM, EDM), each a small registered dataclass."""
+"""Diffusion formulations: EDM Table 1 (VP, VE, iDDPM, EDM) and discrete DDPM, each a small registered
+dataclass."""
 from .base import FORMULATIONS, Formulation, Preconditioning, as_tensor, make_formulation
+from .ddpm import DDPM
 from .table1 import EDM, IDDPM, VE, VP
 
 __all__ = ["Preconditioning", "Formulation", "FORMULATIONS", "make_formulation", "as_tensor", "EDM", "VP", "VE",
-           "IDDPM"]
+           "IDDPM", "DDPM"]

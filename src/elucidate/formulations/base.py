@@ -75,6 +75,11 @@ class Formulation:
         sigma = as_tensor(sigma)
         return 1 / sigma ** 2
 
+    def pointwise_loss(self, D_yn: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The per-element training loss at ``sigma`` ([B]): lambda(sigma) (D(y + sigma n) - y)^2 (EDM eq. 2)."""
+        view = (-1,) + (1,) * (y.ndim - 1)
+        return self.loss_weight(sigma).reshape(view) * (D_yn - y).square()
+
     def sampling_sigmas(self, num_steps: int, *, device=None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The formulation's own sampling discretization: ``num_steps + 1`` sigmas ending in 0."""
         raise NotImplementedError

@@ -4,9 +4,11 @@ Every registered solver is available as ``elucidate.sampling.<name>`` (e.g. ``sa
 stored choice ``(sampler, sigmas, options)`` replays as
 ``getattr(sampling, sampler)(D, x, sigmas, **options)``.
 """
-from . import solvers as _solvers  # noqa: F401  (registers the built-in solvers)
+from . import multistep as _multistep  # noqa: F401  (registers the built-in multistep solvers)
+from . import solvers as _solvers  # noqa: F401  (registers the built-in single-step solvers)
 from .ablation import ablation
 from .api import SeededNoise, get_sampler, sample
+from .multistep import lms_coefficients
 from .registry import (
     CONFIG_OPTIONS,
     SOLVERS,
@@ -32,7 +34,7 @@ from .schedules import (
     vp_range_sigmas,
     vp_sigmas,
 )
-from .solvers import ancestral_step, check_sigmas, lms_coefficients, num_steps
+from .solvers import ancestral_step, check_sigmas, num_steps
 
 __all__ = [
     "ablation", "SeededNoise", "get_sampler", "sample", "CONFIG_OPTIONS", "SOLVERS", "SolverSpec", "check_options",

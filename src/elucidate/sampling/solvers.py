@@ -8,20 +8,18 @@ coefficients are computed in float64 from the schedule and applied in x's dtype,
 float64 out. ``callback(info)`` receives ``{x, i, sigma, sigma_hat, denoised}`` once per step.
 Stochastic solvers draw noise from ``noise_sampler(sigma, sigma_next)`` if given, else from
 ``generator``. Each solver is declared once with ``@register_solver`` (see :mod:`.registry`).
+This module holds the single-step solvers and the shared plumbing; :mod:`.multistep` the multistep ones.
 """
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from .registry import register_solver
 
-__all__ = ["euler", "heun", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_3m", "lms",
-           "ancestral_step", "lms_coefficients", "check_sigmas", "num_steps"]
+__all__ = ["euler", "heun", "euler_ancestral", "ddim", "ddpm", "ancestral_step", "check_sigmas", "num_steps"]
 
 DenoiserFn = Callable[..., torch.Tensor]
 NoiseSampler = Callable[[float, float], torch.Tensor]
@@ -137,171 +135,56 @@ def euler_ancestral(D: DenoiserFn, x: torch.Tensor, sigmas, *, eta: float = 1.0,
                     generator: torch.Generator | None = None, noise_sampler: NoiseSampler | None = None,
                     callback: Callback = None) -> torch.Tensor:
     """Ancestral sampling with Euler steps (eta = 1 is DDPM-like, eta = 0 is the Euler ODE solver)."""
+    return _ancestral(D, x, sigmas, lambda s, s_next: ancestral_step(s, s_next, eta), s_noise,
+                      _noise_fn(x, noise_sampler, generator), callback)
+
+
+def _ancestral(D, x, sigmas, step: Callable[[float, float], tuple[float, float]], s_noise: float,
+               noise: NoiseSampler, callback: Callback) -> torch.Tensor:
+    """Steps x <- x + (sigma_down - sigma) d + sigma_up z with (sigma_down, sigma_up) = step(sigma, sigma_next)."""
     t = check_sigmas(sigmas)
-    noise = _noise_fn(x, noise_sampler, generator)
     for i in range(len(t) - 1):
         if t[i + 1] == t[i]:
             continue
         denoised = _denoise(D, x, t[i])
         _report(callback, x, i, t[i], t[i], denoised)
-        sigma_down, sigma_up = ancestral_step(t[i], t[i + 1], eta)
+        sigma_down, sigma_up = step(t[i], t[i + 1])
         x = x + (sigma_down - t[i]) * ((x - denoised) / t[i])
         if t[i + 1] > 0 and sigma_up > 0:
             x = x + noise(t[i], t[i + 1]) * (s_noise * sigma_up)
     return x
 
 
-@register_solver(description="DPM-Solver++(2M): multistep 2nd order in lambda = -log(sigma)", order=2, sweep=True)
+@register_solver(description="DDIM (Song et al. 2021): eta = 0 deterministic (Euler in sigma), eta = 1 DDPM-like",
+                 order=1)
 @torch.no_grad()
-def dpmpp_2m(D: DenoiserFn, x: torch.Tensor, sigmas, *, callback: Callback = None) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022), multistep 2nd order in lambda = -log(sigma)."""
-    t = check_sigmas(sigmas)
-    old_denoised, h_last = None, None
-    for i in range(len(t) - 1):
-        if t[i + 1] == t[i]:
-            continue
-        denoised = _denoise(D, x, t[i])
-        _report(callback, x, i, t[i], t[i], denoised)
-        if t[i + 1] == 0:  # final step: the data prediction itself
-            x = denoised
-            break
-        h = math.log(t[i] / t[i + 1])
-        if old_denoised is None:
-            D_hat = denoised  # first step: DPM-Solver++(1) = DDIM
-        else:
-            r = h_last / h
-            D_hat = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-        x = (t[i + 1] / t[i]) * x - math.expm1(-h) * D_hat
-        old_denoised, h_last = denoised, h
-    return x
+def ddim(D: DenoiserFn, x: torch.Tensor, sigmas, *, eta: float = 0.0, generator: torch.Generator | None = None,
+         noise_sampler: NoiseSampler | None = None, callback: Callback = None) -> torch.Tensor:
+    """DDIM(eta) in sigma-space. With alpha_bar = 1 / (1 + sigma^2), DDIM's
+    x_{t-1} = sqrt(alpha_bar') x0 + sqrt(1 - alpha_bar' - s^2) eps + s z, divided by sqrt(alpha_bar'), is
+    exactly the ancestral step with sigma_up = eta sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2)."""
+    return _ancestral(D, x, sigmas, lambda s, s_next: ancestral_step(s, s_next, eta), 1.0,
+                      _noise_fn(x, noise_sampler, generator), callback)
 
 
-@register_solver(description="DPM-Solver++(2M) SDE (eta, s_noise, solver_type midpoint|heun)", order=2,
-                 stochastic=True, option_choices={"solver_type": ("midpoint", "heun")})
+def _ddpm_large(sigma: float, sigma_next: float) -> tuple[float, float]:
+    # mean of q(x_t' | x_t, x0) (the eta = 1 step), noise variance beta = 1 - alpha_bar_t / alpha_bar_t'
+    # instead of beta_tilde; in VE units sigma_up^2 = beta / alpha_bar_t'
+    sigma_down, _ = ancestral_step(sigma, sigma_next, 1.0)
+    return sigma_down, math.sqrt((sigma ** 2 - sigma_next ** 2) * (1 + sigma_next ** 2) / (1 + sigma ** 2))
+
+
+@register_solver(description="DDPM ancestral sampling (Ho et al. 2020): posterior mean + fixed small/large noise",
+                 order=1, stochastic=True, option_choices={"variance": ("small", "large")},
+                 option_docs={"variance": "small: the posterior variance beta_tilde (= DDIM eta 1); "
+                                          "large: beta (DDPM's other fixed choice)"})
 @torch.no_grad()
-def dpmpp_2m_sde(D: DenoiserFn, x: torch.Tensor, sigmas, *, eta: float = 1.0, s_noise: float = 1.0,
-                 solver_type: str = "midpoint", generator: torch.Generator | None = None,
-                 noise_sampler: NoiseSampler | None = None, callback: Callback = None) -> torch.Tensor:
-    """DPM-Solver++(2M) SDE; ``solver_type`` 'midpoint' or 'heun' picks the 2nd-order correction."""
-    if solver_type not in ("midpoint", "heun"):
-        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-    t = check_sigmas(sigmas)
-    noise = _noise_fn(x, noise_sampler, generator)
-    old_denoised, h_last = None, None
-    for i in range(len(t) - 1):
-        if t[i + 1] == t[i]:
-            continue
-        denoised = _denoise(D, x, t[i])
-        _report(callback, x, i, t[i], t[i], denoised)
-        if t[i + 1] == 0:
-            x = denoised
-            break
-        h = math.log(t[i] / t[i + 1])
-        eta_h = eta * h
-        phi_1 = -math.expm1(-h - eta_h)  # 1 - exp(-(1 + eta) h)
-        x = (t[i + 1] / t[i] * math.exp(-eta_h)) * x + phi_1 * denoised
-        if old_denoised is not None:
-            r = h_last / h
-            if solver_type == "heun":
-                coeff = (phi_1 / (-h - eta_h) + 1) / r
-            else:
-                coeff = 0.5 * phi_1 / r
-            x = x + coeff * (denoised - old_denoised)
-        if eta:
-            x = x + noise(t[i], t[i + 1]) * (t[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
-        old_denoised, h_last = denoised, h
-    return x
-
-
-@register_solver(description="DPM-Solver++(3M) SDE (eta = 0: the 3rd-order multistep ODE solver)", order=3,
-                 stochastic=True)
-@torch.no_grad()
-def dpmpp_3m_sde(D: DenoiserFn, x: torch.Tensor, sigmas, *, eta: float = 1.0, s_noise: float = 1.0,
-                 generator: torch.Generator | None = None, noise_sampler: NoiseSampler | None = None,
-                 callback: Callback = None) -> torch.Tensor:
-    """DPM-Solver++(3M) SDE (eta = 0 gives the deterministic 3rd-order multistep ODE solver)."""
-    t = check_sigmas(sigmas)
-    noise = _noise_fn(x, noise_sampler, generator)
-    history: list[tuple[torch.Tensor, float]] = []  # (denoised, h) of the last two steps, newest first
-    for i in range(len(t) - 1):
-        if t[i + 1] == t[i]:
-            continue
-        denoised = _denoise(D, x, t[i])
-        _report(callback, x, i, t[i], t[i], denoised)
-        if t[i + 1] == 0:
-            x = denoised
-            break
-        h = math.log(t[i] / t[i + 1])
-        h_eta = h * (eta + 1)
-        x = math.exp(-h_eta) * x - math.expm1(-h_eta) * denoised
-        phi_2 = math.expm1(-h_eta) / h_eta + 1
-        if len(history) == 2:
-            (den_1, h_1), (den_2, h_2) = history
-            r0, r1 = h_1 / h, h_2 / h
-            d1_0 = (denoised - den_1) / r0
-            d1_1 = (den_1 - den_2) / r1
-            d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
-            d2 = (d1_0 - d1_1) / (r0 + r1)
-            phi_3 = phi_2 / h_eta - 0.5
-            x = x + phi_2 * d1 - phi_3 * d2
-        elif len(history) == 1:
-            den_1, h_1 = history[0]
-            x = x + (phi_2 * h / h_1) * (denoised - den_1)
-        if eta:
-            x = x + noise(t[i], t[i + 1]) * (t[i + 1] * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
-        history = [(denoised, h)] + history[:1]
-    return x
-
-
-@register_solver(description="DPM-Solver++(3M): the deterministic 3rd-order multistep ODE solver", order=3,
-                 sweep=True)
-def dpmpp_3m(D: DenoiserFn, x: torch.Tensor, sigmas, *, callback: Callback = None) -> torch.Tensor:
-    """DPM-Solver++(3M) ODE solver: :func:`dpmpp_3m_sde` with eta = 0."""
-    return dpmpp_3m_sde(D, x, sigmas, eta=0.0, callback=callback)
-
-
-@functools.lru_cache(maxsize=8)
-def _gauss_legendre(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    x, w = np.polynomial.legendre.leggauss(n)
-    return tuple(x.tolist()), tuple(w.tolist())
-
-
-def lms_coefficients(t: list[float], i: int, order: int) -> list[float]:
-    """Adams-Bashforth weights: the integral over [t_i, t_{i+1}] of each Lagrange basis polynomial
-    through t_i, t_{i-1}, ..., t_{i-order+1}, by Gauss-Legendre quadrature (exact for this degree)."""
-    nodes = [t[i - k] for k in range(order)]
-    gx, gw = _gauss_legendre(max(1, (order + 1) // 2))  # n points integrate degree 2n - 1 exactly
-    half, mid = (t[i + 1] - t[i]) / 2, (t[i + 1] + t[i]) / 2
-    points = [mid + half * x for x in gx]
-    weights = []
-    for j in range(order):
-        total = 0.0
-        for x, w in zip(points, gw):
-            basis = 1.0
-            for k in range(order):
-                if k != j:
-                    basis *= (x - nodes[k]) / (nodes[j] - nodes[k])
-            total += w * basis
-        weights.append(total * half)
-    return weights
-
-
-@register_solver(description="linear multistep (Adams-Bashforth in sigma) of the given order", order=4, sweep=True)
-@torch.no_grad()
-def lms(D: DenoiserFn, x: torch.Tensor, sigmas, *, order: int = 4, callback: Callback = None) -> torch.Tensor:
-    """Linear multistep (Adams-Bashforth in sigma) of the given order, ramping up from order 1."""
-    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-        raise ValueError(f"order must be an integer >= 1, got {order!r}")
-    t = check_sigmas(sigmas)
-    t_used: list[float] = []  # the levels of the steps taken (zero-length steps dropped)
-    ds: list[torch.Tensor] = []  # derivatives, newest first
-    for i in range(len(t) - 1):
-        if t[i + 1] == t[i]:
-            continue
-        denoised = _denoise(D, x, t[i])
-        _report(callback, x, i, t[i], t[i], denoised)
-        t_used.append(t[i])
-        ds = [(x - denoised) / t[i]] + ds[: order - 1]
-        for coeff, d in zip(lms_coefficients(t_used + [t[i + 1]], len(t_used) - 1, len(ds)), ds):
-            x = x + coeff * d
-    return x
+def ddpm(D: DenoiserFn, x: torch.Tensor, sigmas, *, variance: str = "small", generator: torch.Generator | None = None,
+         noise_sampler: NoiseSampler | None = None, callback: Callback = None) -> torch.Tensor:
+    """DDPM ancestral steps between any two levels: x' = mean of q(x' | x, x0_hat) + noise of variance
+    beta_tilde ('small') or beta ('large'), with beta = 1 - alpha_bar / alpha_bar' of the step; no noise
+    on the final step into sigma = 0."""
+    if variance not in ("small", "large"):
+        raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
+    step = (lambda s, s_next: ancestral_step(s, s_next, 1.0)) if variance == "small" else _ddpm_large
+    return _ancestral(D, x, sigmas, step, 1.0, _noise_fn(x, noise_sampler, generator), callback)

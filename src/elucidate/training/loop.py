@@ -68,6 +68,10 @@ class Trainer:
         self.denoiser = Denoiser(self.net, self.formulation)
         self.model = self.denoiser
         if self.dist.world_size > 1:
+            if int(getattr(self.net, "augment_dim", 0) or 0):  # its embedding would never get a gradient
+                raise UserError(f"network.augment_dim = {self.net.augment_dim} is not supported with several "
+                                f"processes yet (no augmentation pipeline feeds it); remove it or train with one "
+                                f"process")
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.denoiser, device_ids=ids)
         self.optimizer = make_optimizer(self.net, self.t)
