@@ -52,12 +52,13 @@ def _tile(x: torch.Tensor, times: int) -> torch.Tensor:
     return x.repeat(times, *([1] * (x.ndim - 1)))
 
 
-def _trace_passes(D: DenoiserFn, x: torch.Tensor, sigma: float, cond: dict, vectors: Callable[[int, int], tuple],
-                  count: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Denoised x and sum over ``count`` items of v_i^T (dD/dx) u_i, in passes of <= chunk_size samples.
+def _trace_passes(D: DenoiserFn, x: torch.Tensor, sigma: float, cond: dict,
+                  vectors: Callable[[int, int], torch.Tensor], count: int,
+                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Denoised x and the sum over ``count`` vectors of v_i^T (dD/dx) v_i per sample, float64 ``[B]``.
 
-    ``vectors(start, stop)`` gives (v, u) for items start..stop-1 as ``[k, B, d]`` (u = None: u = v).
-    Each pass tiles x k times along the batch, so one forward and one backward cover k items.
+    ``vectors(start, stop)`` gives v_start..v_{stop-1} as ``[k, B, d]``. Each pass tiles x k times
+    along the batch (at most ``chunk_size`` samples), so one forward and one backward cover k vectors.
     """
     B, d = x.shape[0], x[0].numel()
     per_pass = max(1, chunk_size // B)
@@ -71,12 +72,11 @@ def _trace_passes(D: DenoiserFn, x: torch.Tensor, sigma: float, cond: dict, vect
             out = D(xr, xr.new_full((k * B,), sigma), **_repeat_cond(cond, B, k))
             if denoised is None:
                 denoised = out[:B].detach()
-            v, u = vectors(start, stop)
-            if out.requires_grad:
+            v = vectors(start, stop)
+            if out.requires_grad:  # v^T J: the gradient of <D(x), v> with respect to x
                 (grad,) = torch.autograd.grad((out.reshape(k, B, d) * v).sum(), xr, allow_unused=True)
                 if grad is not None:
-                    u = v if u is None else u
-                    total += (grad.reshape(k, B, d) * u).to(torch.float64).sum(dim=(0, 2))
+                    total += (grad.reshape(k, B, d) * v).to(torch.float64).sum(dim=(0, 2))
     return denoised, total
 
 
@@ -84,15 +84,15 @@ def _exact_trace(D, x, sigma, cond, chunk_size):
     B, d = x.shape[0], x[0].numel()
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
 
-    def basis(start, stop):  # v_i = u_i = e_i for every sample: sum_i e_i^T J e_i = tr J
-        return eye[start:stop, None, :].expand(stop - start, B, d), None
+    def basis(start, stop):  # v_i = e_i for every sample: sum_i e_i^T J e_i = tr J
+        return eye[start:stop, None, :].expand(stop - start, B, d)
     return _trace_passes(D, x, sigma, cond, basis, d, chunk_size)
 
 
 def _hutchinson_trace(D, x, sigma, cond, probes, chunk_size):
     B, d = x.shape[0], x[0].numel()
     flat = probes.reshape(probes.shape[0], B, d)
-    denoised, total = _trace_passes(D, x, sigma, cond, lambda a, b: (flat[a:b], None), probes.shape[0], chunk_size)
+    denoised, total = _trace_passes(D, x, sigma, cond, lambda a, b: flat[a:b], probes.shape[0], chunk_size)
     return denoised, total / probes.shape[0]
 
 
