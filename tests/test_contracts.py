@@ -16,7 +16,7 @@ import torch
 
 from elucidate import Denoiser
 from elucidate.config import SamplingConfig, parse_config
-from elucidate.formulations import FORMULATIONS, make_formulation
+from elucidate.formulations import FORMULATIONS, Shifted, make_formulation
 from elucidate.sampling import SOLVERS, karras_sigmas, ode_solvers, stochastic_solvers
 
 f64 = torch.float64
@@ -147,6 +147,13 @@ def test_solver_options_are_declared_documented_and_configurable(name):
 
 # --- formulations --------------------------------------------------------------------------------
 
+#: every registered formulation with its defaults, plus shifted ones (the shift applies to any of them)
+FORMULATION_CASES = {**{name: (lambda name=name: make_formulation(name)) for name in FORMULATIONS},
+                     "DDPM-cosine-v-shift2": lambda: Shifted(make_formulation("DDPM", beta_schedule="cosine",
+                                                                                prediction="v"), 2.0),
+                     "EDM-shift0.5": lambda: Shifted(make_formulation("EDM"), 0.5),
+                     "iDDPM-shift3": lambda: Shifted(make_formulation("iDDPM"), 3.0)}
+
 def _sigma_grid(formulation, n=9):
     lo, hi = formulation.supported_range
     lo, hi = max(lo, 1e-3), min(hi, 1e3)
@@ -170,10 +177,10 @@ def _perfect_network(formulation, exact):
     return net
 
 
-@pytest.mark.parametrize("name", list(FORMULATIONS))
+@pytest.mark.parametrize("name", list(FORMULATION_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, f64])
 def test_preconditioning_is_finite_and_keeps_shape_and_dtype(name, dtype):
-    f = make_formulation(name)
+    f = FORMULATION_CASES[name]()
     sigma = _sigma_grid(f).to(dtype)
     for c in f.precondition(sigma):
         assert c.shape == sigma.shape and c.dtype == dtype and torch.isfinite(c).all()
@@ -182,9 +189,9 @@ def test_preconditioning_is_finite_and_keeps_shape_and_dtype(name, dtype):
     assert (c_noise.diff() > 0).all() or (c_noise.diff() < 0).all(), "c_noise must be monotone in sigma"
 
 
-@pytest.mark.parametrize("name", list(FORMULATIONS))
+@pytest.mark.parametrize("name", list(FORMULATION_CASES))
 def test_a_perfect_network_gives_the_exact_denoiser_and_the_identity_at_small_sigma(name, gmm):
-    f = make_formulation(name)
+    f = FORMULATION_CASES[name]()
     D = Denoiser(_perfect_network(f, gmm.denoise), f)
     x = gmm.sample(32, generator=torch.Generator().manual_seed(0)) + torch.randn(32, gmm.dim, dtype=f64)
     for sigma in _sigma_grid(f, 5):
@@ -195,9 +202,9 @@ def test_a_perfect_network_gives_the_exact_denoiser_and_the_identity_at_small_si
     assert (D(y, lo) - y).pow(2).mean().sqrt() < 5 * lo
 
 
-@pytest.mark.parametrize("name", list(FORMULATIONS))
+@pytest.mark.parametrize("name", list(FORMULATION_CASES))
 def test_training_draws_and_sampling_discretization(name):
-    f = make_formulation(name)
+    f = FORMULATION_CASES[name]()
     lo, hi = f.supported_range
     draws = f.training_sigma(4000, generator=torch.Generator().manual_seed(0), dtype=f64)
     again = f.training_sigma(4000, generator=torch.Generator().manual_seed(0), dtype=f64)
@@ -215,9 +222,10 @@ def test_training_draws_and_sampling_discretization(name):
     assert lo <= s_lo < s_hi <= hi
 
 
-@pytest.mark.parametrize("name", list(FORMULATIONS))
+@pytest.mark.parametrize("name", list(FORMULATION_CASES))
 def test_formulation_config_round_trip(name):
-    f = make_formulation(name)
-    assert make_formulation(**f.to_config()) == f
+    f = FORMULATION_CASES[name]()
+    if not isinstance(f, Shifted):
+        assert make_formulation(**f.to_config()) == f
     assert parse_config({"diffusion": f.to_config()}).formulation() == f
     assert np.isfinite([v for v in f.to_config().values() if isinstance(v, float)]).all()

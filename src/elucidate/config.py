@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .formulations import FORMULATIONS, Formulation
+from .formulations import FORMULATIONS, Formulation, Shifted
 from .params import check_value, describe, param, validate_fields
 
 __all__ = ["Config", "TrainingConfig", "SamplingConfig", "ConfigWarning", "load_config", "parse_config",
@@ -191,6 +191,9 @@ def _formulation(section: dict) -> tuple[Formulation, dict]:
     (they drive the sampling schedule). Keys of other formulations give a ConfigWarning."""
     section = dict(section)
     cls = _formulation_class(section.pop("type", "EDM"))
+    shift = 1.0
+    for key in [k for k in section if str(k).lower() == "shift"]:
+        shift = _check_number(f"diffusion.{key}", section.pop(key), minimum=0, exclusive=True)
     declared = {p.name.lower(): p for p in describe(cls)}
     elsewhere = {p.name.lower() for other in FORMULATIONS.values() for p in describe(other)}
     params, schedule, ignored = {}, {}, []
@@ -206,14 +209,15 @@ def _formulation(section: dict) -> tuple[Formulation, dict]:
         elif lower in elsewhere:
             ignored.append(str(key))
         else:
-            choices = sorted(set(declared) | set(SCHEDULE_KEYS))
+            choices = sorted(set(declared) | set(SCHEDULE_KEYS) | {"shift"})
             raise ConfigError(f"unknown key diffusion.{key} for type {cls.name}{_suggest(lower, choices)}; "
                               f"expected one of {choices}")
     if ignored:
         warnings.warn(f"diffusion keys {', '.join(ignored)} are not parameters of type {cls.name}; ignored",
                       ConfigWarning, stacklevel=3)
     try:
-        return cls(**params), schedule
+        formulation = cls(**params)
+        return (Shifted(formulation, shift) if shift != 1 else formulation), schedule
     except ValueError as e:
         raise ConfigError(f"diffusion: {e}") from None
 

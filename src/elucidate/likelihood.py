@@ -265,8 +265,8 @@ def run_likelihood(run, num: int, *, batch_size: int = 64, trace: str = "hutchin
         device = next((p.device for p in denoiser.parameters()), torch.device("cpu"))
     denoiser.to(device)
     formulation = denoiser.formulation
-    sigma_min = float(formulation.sigma_min if sigma_min is None else sigma_min)
-    sigma_max = float(formulation.sigma_max if sigma_max is None else sigma_max)
+    # default: the paper's sampling range clipped to what the network supports (as named schedules do)
+    sigma_min, sigma_max = (float(s) for s in formulation.schedule_range(sigma_min, sigma_max))
 
     dataset = build_dataset(run.config.data)
     images = dataset.images

@@ -88,8 +88,10 @@ def config_reference(markdown: bool = False) -> str:
     out += _heading("diffusion", markdown)
     out.append(f"`type` and that formulation's parameters (keys match case-insensitively, `p_mean` = `P_mean`). "
                f"`{'`, `'.join(SCHEDULE_KEYS)}` are accepted for every type: where they are not parameters "
-               f"they set the sampling schedule (Karras over that range, clipped to the model's). Keys of "
-               f"another type give a warning and are ignored.")
+               f"they set the sampling schedule (Karras over that range, clipped to the model's). `shift` "
+               f"(default 1) multiplies every noise level: the resolution-aware shift of simple diffusion, "
+               f"log-SNR - 2 log(shift), with shift = resolution / base resolution. Keys of another type give "
+               f"a warning and are ignored.")
     for name, cls in FORMULATIONS.items():
         out += _heading(f"type: {name}", markdown, 3)
         if cls.description:

@@ -30,6 +30,8 @@ def cmd_plot(args) -> int:
         if target == "schedules":
             written.append(viz.save_figure(viz.plot_schedules(), out / "schedules.png"))
             written.append(viz.save_figure(viz.plot_alpha_bar(), out / "alpha_bar.png"))
+            written.append(viz.save_figure(viz.plot_alpha_bar(viz.shifted_alpha_bar_curves()),
+                                           out / "shifted_schedules.png"))
         else:
             for kind in ("ode", "sde", "forward"):
                 written.append(viz.save_figure(viz.plot_flow(kind=kind), out / f"flow_{kind}.png"))

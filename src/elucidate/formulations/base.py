@@ -50,7 +50,7 @@ class Formulation:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__:
+        if isinstance(cls.__dict__.get("name"), str):
             FORMULATIONS[cls.name] = cls
 
     def __post_init__(self) -> None:

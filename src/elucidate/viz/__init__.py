@@ -9,12 +9,18 @@ from .common import atomic_write_bytes, figure_to_png, new_figure, save_figure
 from .flow import default_mixture, flow_paths, plot_flow, plot_flow_comparison
 from .grid import image_grid, save_image_grid, to_uint8
 from .quality import plot_quality_vs_nfe, quality_series
-from .schedules import default_alpha_bar_curves, plot_alpha_bar, plot_schedules, schedule_table
+from .schedules import (
+    default_alpha_bar_curves,
+    plot_alpha_bar,
+    plot_schedules,
+    schedule_table,
+    shifted_alpha_bar_curves,
+)
 from .training import loss_by_sigma_stages, plot_loss, plot_loss_by_sigma, read_metrics, smooth
 from .trajectory import TrajectoryRecorder, plot_trajectory
 
 __all__ = [
-    "atomic_write_bytes", "figure_to_png", "new_figure", "save_figure",
+    "shifted_alpha_bar_curves", "atomic_write_bytes", "figure_to_png", "new_figure", "save_figure",
     "image_grid", "save_image_grid", "to_uint8",
     "TrajectoryRecorder", "plot_trajectory",
     "plot_schedules", "schedule_table", "plot_alpha_bar", "default_alpha_bar_curves",

@@ -18,7 +18,8 @@ from ..formulations import VP
 from ..sampling import schedules as S
 from .common import PALETTE, new_figure, styled
 
-__all__ = ["schedule_table", "plot_schedules", "default_alpha_bar_curves", "plot_alpha_bar"]
+__all__ = ["schedule_table", "plot_schedules", "default_alpha_bar_curves", "shifted_alpha_bar_curves",
+           "plot_alpha_bar"]
 
 # name -> (sigmas(num_steps), line style); each at its own Table-1 range
 _SCHEDULES: dict[str, tuple[Callable[[int], torch.Tensor], str]] = {
@@ -92,6 +93,22 @@ def default_alpha_bar_curves(M: int = 1000) -> dict[str, np.ndarray]:
         "iDDPM cosine (C₂ = 0.008)": 1.0 / (1.0 + u ** 2),
         "VP continuous: s(t)² = 1/(1+σ(t)²)": (VP().scale(t) ** 2).numpy(),
     }
+
+
+def shifted_alpha_bar_curves(shifts=(1, 2, 4, 8), beta_schedule: str = "cosine",
+                             num_timesteps: int = 1000) -> dict[str, np.ndarray]:
+    """alpha_bar_t of a DDPM schedule under simple diffusion's resolution shift (log-SNR - 2 log(shift),
+    i.e. sigma_t x shift), e.g. shift = resolution / 64 for a schedule made for 64x64 images."""
+    from ..formulations import DDPM, Shifted
+
+    base = DDPM(num_timesteps=num_timesteps, beta_schedule=beta_schedule)
+    curves = {}
+    for shift in shifts:
+        sigmas = Shifted(base, shift).sigma(torch.arange(num_timesteps, dtype=torch.float64)) if shift != 1 \
+            else base.sigmas
+        label = f"{beta_schedule}, shift {shift:g}" + (f" (e.g. {int(64 * shift)}² vs 64²)" if shift != 1 else "")
+        curves[label] = (1 / (1 + sigmas ** 2)).numpy()
+    return curves
 
 
 @styled
