@@ -44,7 +44,10 @@ class GaussianMixture:
         return self.means.shape[1]
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(x.shape[0], -1)
+        per_sample = math.prod(x.shape[1:])
+        if per_sample != self.dim:
+            raise ValueError(f"x has {per_sample} values per sample but the mixture has d = {self.dim}")
+        flat = x.reshape(x.shape[0], self.dim)
         if flat.shape[1] != self.dim:
             raise ValueError(f"x has {flat.shape[1]} values per sample but the mixture has d = {self.dim}")
         return flat

@@ -91,6 +91,9 @@ class TrainingConfig:
     grad_accumulation: int = param(1, "micro-batches per step (per process)", minimum=1)
     channels_last: bool = param(False, "NHWC memory format for the network")
     num_sample_images: int = param(64, "images in the periodic sample grid", minimum=1)
+    cond_drop_prob: float = param(0.0, "probability of training a sample without its conditions (labels, "
+                                       "concat, context): makes the model usable for classifier-free guidance",
+                                  minimum=0, maximum=1)
 
     def validate(self) -> None:
         _validate(self, "training")
@@ -126,6 +129,8 @@ class SamplingConfig:
                               symbol="eta", minimum=0)
     options: dict = param(None, "other options of the chosen solver, e.g. {order: 3} for lms",
                           default_factory=dict)
+    guidance: float = param(1.0, "classifier-free guidance weight: D_uncond + w (D_cond - D_uncond); 1 = off, "
+                                 "0 = unconditional", symbol="w", minimum=0)
 
     def validate(self) -> None:
         from .sampling import SCHEDULES, SOLVERS, check_options

@@ -6,7 +6,7 @@ from torch import nn
 
 from .formulations import Formulation
 
-__all__ = ["Denoiser", "batch_sigma"]
+__all__ = ["Denoiser", "Guided", "batch_sigma", "with_null_condition"]
 
 
 def batch_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
@@ -65,3 +65,51 @@ def _param_dtype(net: nn.Module, default: torch.dtype) -> torch.dtype:
             if p.is_floating_point():
                 return p.dtype
     return default
+
+
+def with_null_condition(net, key: str, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the condition as the network takes it, its "no condition" counterpart) for one conditioning key:
+    integer class labels become one-hot vectors and their null is the zero vector; a network may define
+    ``null_condition(key, value)`` for its own keys; otherwise the null is zeros."""
+    if key == "class_labels" and not value.is_floating_point():
+        label_dim = int(getattr(net, "label_dim", 0) or 0)
+        if not label_dim:
+            raise ValueError("class_labels were given but the network is not class-conditional")
+        value = torch.nn.functional.one_hot(value.long(), label_dim).float()
+    make_null = getattr(net, "null_condition", None)
+    return value, (make_null(key, value) if make_null is not None else torch.zeros_like(value))
+
+
+class Guided(nn.Module):
+    """Classifier-free guidance (Ho & Salimans 2022): D_w(x; sigma, c) = D(x; sigma, none) + w (D(x; sigma, c) -
+    D(x; sigma, none)), both halves in one batched forward. w = 1 is the conditional model, 0 the
+    unconditional one. Samplers see an ordinary denoiser."""
+
+    def __init__(self, denoiser: nn.Module, guidance: float):
+        super().__init__()
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 0:
+            raise ValueError(f"guidance must be a number >= 0, got {guidance!r}")
+        self.denoiser, self.guidance = denoiser, float(guidance)
+
+    @property
+    def formulation(self) -> Formulation:
+        return self.denoiser.formulation
+
+    @property
+    def supported_range(self) -> tuple[float, float]:
+        return self.denoiser.formulation.supported_range
+
+    def round_sigma(self, sigma):
+        return self.denoiser.round_sigma(sigma)
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        if self.guidance == 1 or not cond:
+            return self.denoiser(x, sigma, **cond)
+        net = getattr(self.denoiser, "net", None)
+        pairs = {key: with_null_condition(net, key, value) for key, value in cond.items()}
+        if self.guidance == 0:
+            return self.denoiser(x, sigma, **{key: null for key, (_, null) in pairs.items()})
+        sigma = batch_sigma(sigma, x)
+        both = {key: torch.cat([value, null]) for key, (value, null) in pairs.items()}
+        conditional, unconditional = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
+        return unconditional + self.guidance * (conditional - unconditional)

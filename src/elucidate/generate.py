@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .config import SamplingConfig
+from .denoiser import Guided
 from .errors import UserError
 from .formulations import Formulation
 from .sampling import get_schedule, iddpm_sigmas, karras_sigmas, sample, vp_range_sigmas
@@ -61,6 +62,8 @@ def generate(denoiser: Callable[..., torch.Tensor], formulation: Formulation, sh
     """Samples ``[len(seeds), *shape]`` in model range, in batches; sample i depends on seeds[i] only."""
     seeds = list(seeds)
     sigmas = schedule_for(cfg, formulation)
+    if cfg.guidance != 1:
+        denoiser = Guided(denoiser, cfg.guidance)
     device = torch.device(device) if device is not None else torch.device("cpu")
     out = []
     batches = range(0, len(seeds), batch_size)

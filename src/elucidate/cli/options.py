@@ -34,6 +34,7 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sigma-min", dest="sigma_min", type=float, help="lowest sigma of a named schedule")
     g.add_argument("--sigma-max", dest="sigma_max", type=float, help="highest sigma of a named schedule")
     g.add_argument("--rho", type=float, help="Karras schedule exponent")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance weight w (1 = off, 0 = unconditional)")
     g.add_argument("--option", dest="solver_options", action="append", default=[], metavar="KEY=VALUE",
                    help="another option of the chosen solver, e.g. --option order=3 (repeatable)")
     p.add_argument("--ema", dest="ema", action="store_true", default=True, help="use the EMA weights (default)")
@@ -45,7 +46,7 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 #: Flags that set a SamplingConfig field of the same name.
 _SAMPLING_FLAGS = ("sampler", "steps", "schedule", "s_churn", "s_min", "s_max", "s_noise", "eta", "sigma_min",
-                   "sigma_max", "rho")
+                   "sigma_max", "rho", "guidance")
 
 
 def sampling_from_args(base, args):

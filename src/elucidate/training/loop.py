@@ -25,7 +25,7 @@ from ..checkpoint import (
     save_checkpoint,
 )
 from ..config import Config, dump_config, parse_config
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, with_null_condition
 from ..errors import UserError
 from ..fileio import atomic_write_text
 from ..generate import autocast_for, generate
@@ -113,7 +113,7 @@ class Trainer:
 
     def _check_same_run(self, saved: Config, ckpt: Path) -> None:
         old, new = saved.to_dict(), self.config.to_dict()
-        for section in old:
+        for section in ("data", "network", "diffusion", "training"):  # sampling settings never touch the weights
             for key in sorted(set(old[section]) | set(new[section])):
                 if section == "training" and key in RESUMABLE_KEYS:
                     continue
@@ -143,7 +143,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _batch(self, step: int):
-        """This process's slice of the global batch at ``step``: (images, labels, sigma, noise)."""
+        """This process's slice of the global batch at ``step``: (images, conditions, sigma, noise). With
+        ``cond_drop_prob`` each sample loses all its conditions with that probability (classifier-free
+        guidance), drawn from (seed, step) like everything else."""
         B, C, (H, W) = self.t.batch_size, self.info.channels, self.info.resolution
         indices = batch_indices(self.t.seed, step, B, len(self.dataset))
         g = derived_generator(self.t.seed, "noise", step)
@@ -155,8 +157,15 @@ class Trainer:
         images = images.to(**to)
         if self.t.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        use_labels = self.net_label_dim > 0
-        return images, labels.to(**to) if use_labels else None, sigma[part].to(**to), noise[part].to(**to)
+        cond = {"class_labels": labels} if self.net_label_dim > 0 else {}
+        if cond and self.t.cond_drop_prob > 0:
+            keep = torch.rand(B, generator=derived_generator(self.t.seed, "cond_drop", step))[part]
+            keep = keep >= self.t.cond_drop_prob
+            for key, value in cond.items():
+                value, null = with_null_condition(self.net, key, value)
+                cond[key] = torch.where(keep.reshape((-1,) + (1,) * (value.ndim - 1)), value, null)
+        cond = {key: value.to(**to) for key, value in cond.items()}
+        return images, cond, sigma[part].to(**to), noise[part].to(**to)
 
     @property
     def net_label_dim(self) -> int:
@@ -164,7 +173,7 @@ class Trainer:
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """One optimizer step; returns (per-sample losses, their sigmas, whether the step was applied)."""
-        images, labels, sigma, noise = self._batch(step)
+        images, conds, sigma, noise = self._batch(step)
         torch.manual_seed(derive_seed(self.t.seed, "dropout", step, self.dist.rank))
         if not self.net.training:
             self.net.train()
@@ -172,7 +181,7 @@ class Trainer:
         losses = []
         for m in range(self.t.grad_accumulation):
             part = slice(m * micro, (m + 1) * micro)
-            cond = {} if labels is None else {"class_labels": labels[part]}
+            cond = {key: value[part] for key, value in conds.items()}
             last = m == self.t.grad_accumulation - 1
             sync = self.model.no_sync() if (self.dist.world_size > 1 and not last) else contextlib.nullcontext()
             with sync:
