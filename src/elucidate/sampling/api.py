@@ -22,7 +22,9 @@ class SeededNoise:
     """Standard normal draws where row i always comes from its own generator seeded with seeds[i].
 
     Calling it (as a solver's ``noise_sampler``) returns the next ``[B, *shape]`` draw, so every
-    sample's initial and stochastic noise depend on its seed only, never on the batch it is in.
+    sample's initial and stochastic noise depend on its seed only, never on the batch it is in. Draws
+    are made in float32 and cast (as NVlabs/edm does), so float32 and float64 sampling of a seed start
+    from the same noise.
     """
 
     def __init__(self, seeds: Sequence[int], shape: Sequence[int], *, device=None,
@@ -33,8 +35,9 @@ class SeededNoise:
         self.generators = [torch.Generator(self.device).manual_seed(int(seed)) for seed in seeds]
 
     def __call__(self, sigma=None, sigma_next=None) -> torch.Tensor:
-        return torch.stack([torch.randn(self.shape, generator=g, device=self.device, dtype=self.dtype)
-                            for g in self.generators])
+        draw = torch.float32 if self.dtype in (torch.float32, torch.float64) else self.dtype
+        return torch.stack([torch.randn(self.shape, generator=g, device=self.device, dtype=draw)
+                            for g in self.generators]).to(self.dtype)
 
 
 def sample(denoiser: Callable[..., torch.Tensor], shape: Sequence[int], *, sampler: str = "heun",
