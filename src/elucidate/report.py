@@ -28,11 +28,13 @@ import io
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from PIL import Image
 
+from .errors import UserError
 from .viz.common import atomic_write_bytes, figure_to_png
 from .viz.quality import plot_quality_vs_nfe, quality_series
 from .viz.training import loss_by_sigma_stages, plot_loss, plot_loss_by_sigma, read_metrics
@@ -333,7 +335,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("-o", "--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    print(write_report(args.run_dir, args.out))
+    try:
+        print(write_report(args.run_dir, args.out))
+    except (UserError, FileNotFoundError) as e:  # e.g. fileio.WriteError: "cannot write ...: [Errno 28] ..."
+        print(f"elucidate report: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
