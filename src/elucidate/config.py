@@ -75,6 +75,7 @@ class TrainingConfig:
     grad_accumulation: int = 1      # micro-batches per step (per process)
     channels_last: bool = False
     num_sample_images: int = 64     # images in the periodic sample grid
+    max_bad_steps: int | None = 100 # non-finite steps in a row (each skipped) before training stops; null = never
 
     def validate(self) -> None:
         w = "training."
@@ -89,6 +90,8 @@ class TrainingConfig:
             _check_number(w + "ema_rampup", self.ema_rampup, minimum=0, exclusive=True)
         if self.grad_clip is not None:
             _check_number(w + "grad_clip", self.grad_clip, minimum=0, exclusive=True)
+        if self.max_bad_steps is not None:
+            _check_number(w + "max_bad_steps", self.max_bad_steps, integer=True, minimum=1)
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"training.precision = {self.precision!r}: expected 'fp32' or 'bf16'")
         if self.optimizer not in ("adam", "adamw"):
