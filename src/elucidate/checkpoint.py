@@ -210,7 +210,8 @@ def _fmt(entry: tuple[tuple[int, ...], str]) -> str:
 
 def _brief(e: BaseException) -> str:
     text = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    text = text.removeprefix("Error while deserializing header: ")  # safetensors' wording
+    return text or type(e).__name__
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:

@@ -122,9 +122,10 @@ def _first_usable(path: Path, attempt: Callable[[Path], tuple]) -> tuple:
         raise UserError(f"{path} has no usable checkpoint: {damaged[0] if damaged else 'they all vanished'}"
                         + (f" (and {len(damaged) - 1} older ones are damaged too)" if len(damaged) > 1 else ""))
     ckpt, result = found
-    if damaged:
-        warnings.warn(f"{'; '.join(str(e) for e in damaged)}; using {ckpt.name} (step {result[-1]['step']}), "
-                      f"the newest usable checkpoint", CheckpointWarning, stacklevel=3)
+    if damaged:  # warn_explicit without a source line: the warning prints as one line
+        warnings.warn_explicit(f"{'; '.join(str(e) for e in damaged)}; using {ckpt.name} (step "
+                               f"{result[-1]['step']}), the newest usable checkpoint", CheckpointWarning,
+                               "elucidate", 0)
     return result
 
 
