@@ -1,13 +1,23 @@
 """Build a run's network from its config and data shape, and load trained runs back for sampling."""
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import (
+    CheckpointDamaged,
+    CheckpointWarning,
+    check_fits,
+    check_run_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    newest_usable,
+)
 from .config import Config, ConfigError, parse_config
 from .denoiser import Denoiser
 from .errors import UserError
@@ -83,33 +93,68 @@ class LoadedRun:
         return (self.info.channels, *self.info.resolution)
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint file from a run directory (its latest) or a checkpoint path."""
-    path = Path(path)
+def _candidates(path: Path) -> tuple[list[Path], bool]:
+    """(checkpoints to try, newest first; whether ``path`` is a run directory)."""
     if path.is_dir():
-        found = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
-        if found is None:
+        found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+        if not found:
             raise UserError(f"{path} has no checkpoints (expected {path}/checkpoints/ckpt-*.safetensors)")
-        return found
+        return found[::-1], True
     if not path.exists():
         raise UserError(f"{path} does not exist (expected a run directory or a checkpoint file)")
-    return path
+    return [path], False
+
+
+def _first_usable(path: Path, attempt: Callable[[Path], tuple]) -> tuple:
+    """``attempt(ckpt)`` (a tuple ending in the metadata) on the newest checkpoint of ``path`` that
+    is not damaged. In a run directory a damaged one is skipped with a :class:`CheckpointWarning`
+    (and left in place: readers never move files); a damaged file named explicitly is an error."""
+    candidates, is_run = _candidates(path)
+    damaged: list[CheckpointDamaged] = []
+
+    def on_damaged(error: CheckpointDamaged) -> None:
+        if not is_run:
+            raise error
+        damaged.append(error)
+
+    found = newest_usable(candidates, attempt, on_damaged)
+    if found is None:
+        raise UserError(f"{path} has no usable checkpoint: {damaged[0] if damaged else 'they all vanished'}"
+                        + (f" (and {len(damaged) - 1} older ones are damaged too)" if len(damaged) > 1 else ""))
+    ckpt, result = found
+    if damaged:  # warn_explicit without a source line: the warning prints as one line
+        warnings.warn_explicit(f"{'; '.join(str(e) for e in damaged)}; using {ckpt.name} (step "
+                               f"{result[-1]['step']}), the newest usable checkpoint", CheckpointWarning,
+                               "elucidate", 0)
+    return result
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint file from a run directory (its newest undamaged one, see ``load_run``) or a
+    checkpoint path (checked to be a readable checkpoint)."""
+    return _first_usable(Path(path), lambda c: (c, check_run_checkpoint(c)[1]))[0]
 
 
 def load_run(path: Path, *, ema: bool = True, device: torch.device | str | None = None) -> LoadedRun:
-    """Load a run directory or checkpoint for sampling (EMA weights by default)."""
-    ckpt = resolve_checkpoint(Path(path))
+    """Load a run directory or checkpoint for sampling (EMA weights by default).
+
+    In a run directory whose newest checkpoint is damaged (truncated, unreadable, bad metadata,
+    data not matching its checksum) the newest usable one is loaded with a
+    :class:`~elucidate.checkpoint.CheckpointWarning` naming both; the files are left as they are.
+    A checkpoint whose tensors do not fit the configured network is a one-line ``UserError``."""
+    def attempt(ckpt: Path):
+        layout, _ = check_run_checkpoint(ckpt)
+        tensors, meta = load_checkpoint(ckpt)
+        return ckpt, layout, tensors, meta
+
+    ckpt, layout, tensors, meta = _first_usable(Path(path), attempt)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    tensors, meta = load_checkpoint(ckpt)
     config = parse_config(meta["config"])
     info = DataInfo.from_dict(meta["data"])
     net = build_network_for(config, info)
     prefix = "ema." if ema and any(k.startswith("ema.") for k in tensors) else "net."
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"checkpoint {ckpt} does not match its network config "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    check_fits(ckpt, layout, meta, {prefix: net})
+    net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     normalizer = None
     if meta.get("normalizer") is not None:
         from .data import Normalizer
