@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """Exponent gamma of the power profile with relative std ``sigma_rel`` in (0, 1/sqrt(12)):
     the largest real root of gamma^3 + 7 gamma^2 + (16 - sigma_rel^-2) gamma + 12 - sigma_rel^-2
     (EDM2 eq. 125-126, Algorithm 2)."""
-    if not isinstance(sigma_rel, (int, float)) or not 0 < sigma_rel < MAX_SIGMA_REL:
+    if not isinstance(sigma_rel, numbers.Real) or not 0 < sigma_rel < MAX_SIGMA_REL:
         raise UserError(f"EMA relative std sigma_rel={sigma_rel!r} must be in (0, {MAX_SIGMA_REL:.4f})")
     inv = float(sigma_rel) ** -2
     roots = np.roots([1.0, 7.0, 16.0 - inv, 12.0 - inv])
@@ -134,22 +135,24 @@ class PowerEMA:
             self.averages = [[params[n].detach().clone() for n in self.param_names] for _ in self.stds]
             state = net.state_dict()
             self.buffers = [state[n].detach().clone() for n in self.buffer_names]
+        self._source: tuple | None = None  # (id of the net, its parameters, its buffers), see update()
 
     @torch.no_grad()
     def update(self, net: nn.Module, t: float) -> None:
         """Fold ``net``'s current weights in at time ``t`` (> the previous update's time)."""
-        current = [p.detach() for p in net.parameters()]
-        if len(current) != len(self.param_names):
-            raise UserError(f"PowerEMA.update: net has {len(current)} parameters, tracker has "
-                            f"{len(self.param_names)}")
-        for gamma, averaged in zip(self.gammas, self.averages):
-            beta = power_beta(self.t, float(t), gamma)
+        if self._source is None or self._source[0] != id(net):  # module traversal is slow: cache it
+            params, buffers = dict(net.named_parameters()), dict(net.named_buffers())
+            if list(params) != self.param_names or any(n not in buffers for n in self.buffer_names):
+                raise UserError(f"PowerEMA.update: the network's parameters differ from the tracked ones "
+                                f"({len(params)} vs {len(self.param_names)} tensors)")
+            self._source = (id(net), [p.detach() for p in params.values()], [buffers[n] for n in self.buffer_names])
+        _, current, buffers = self._source
+        betas = [power_beta(self.t, float(t), gamma) for gamma in self.gammas]
+        for beta, averaged in zip(betas, self.averages):
             if averaged:
                 torch._foreach_lerp_(averaged, [p.to(q.dtype) for p, q in zip(current, averaged)], 1.0 - beta)
-        if self.buffers:
-            state = net.state_dict()
-            for name, buf in zip(self.buffer_names, self.buffers):
-                buf.copy_(state[name])
+        for mine, theirs in zip(self.buffers, buffers):
+            mine.copy_(theirs)
         self.t = float(t)
 
     def averaged_state_dict(self, index: int) -> dict[str, Tensor]:
