@@ -9,14 +9,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from .arrays import ArrayDataset
-from .bundled import DigitsDataset, FacesDataset
+from .bundled import DigitsDataset, FacesDataset, MnistDataset
 from .dataset import ImageDataset
 from .errors import DataError
 from .images import ImageFolderDataset, ZipImageDataset
 
 __all__ = ["DATASETS", "CONFIG_KEYS", "DATA_KEYS", "build_dataset"]
 
-DATASETS = ("digits", "folder", "zip", "npz", "faces")
+DATASETS = ("digits", "folder", "zip", "npz", "faces", "mnist")
 #: Every data config key with its one-line description (the config reference is generated from it).
 KEY_DOCS = {
     "dataset": "kind of dataset: " + ", ".join(DATASETS) + " (npz also reads .npy files)",
@@ -36,7 +36,7 @@ KEY_DOCS = {
 }
 CONFIG_KEYS = tuple(KEY_DOCS)
 DATA_KEYS = CONFIG_KEYS  # the name the run config uses for the accepted ``data:`` keys
-_BUNDLED = ("digits", "faces")
+_BUNDLED = {"digits": DigitsDataset, "faces": FacesDataset, "mnist": MnistDataset}
 _ARRAY_ONLY = ("key", "labels_key", "layout")
 _BOOLS = ("center_crop", "xflip", "labels")
 _STRINGS = ("key", "labels_key", "layout", "normalize")
@@ -66,7 +66,7 @@ def build_dataset(config: Mapping[str, Any]) -> ImageDataset:
     if kind in _BUNDLED:
         if path is not None:
             raise DataError(f"data config: path is not allowed for the bundled dataset {kind!r}")
-        return (DigitsDataset if kind == "digits" else FacesDataset)(**options)
+        return _BUNDLED[kind](**options)
     if path is None:
         raise DataError(f"data config: dataset {kind!r} needs a path")
     if not isinstance(path, (str, os.PathLike)):
