@@ -23,8 +23,8 @@ from types import MappingProxyType
 
 from torch import nn
 
+from .base import DiffusionNet
 from .dhariwal_unet import DhariwalUNet
-from .layers import DiffusionNet
 from .song_unet import SongUNet
 from .unet import UNet
 
