@@ -27,30 +27,94 @@ __all__ = ["DataInfo", "build_network_for", "LoadedRun", "load_run", "resolve_ch
 
 @dataclass(frozen=True)
 class DataInfo:
-    """What the network needs to know about the data: channels, (H, W), number of classes."""
+    """What the network needs to know about the data: channels, (H, W), number of classes, channels
+    of the spatial condition (0 = none) and ``(L, D)`` of the context tokens (None = none)."""
 
     channels: int
     resolution: tuple[int, int]
     num_classes: int = 0
+    cond_channels: int = 0
+    context_shape: tuple[int, int] | None = None
 
     def to_dict(self) -> dict:
-        return {"channels": self.channels, "resolution": list(self.resolution), "num_classes": self.num_classes}
+        return {"channels": self.channels, "resolution": list(self.resolution), "num_classes": self.num_classes,
+                "cond_channels": self.cond_channels,
+                "context_shape": None if self.context_shape is None else list(self.context_shape)}
 
     @classmethod
     def from_dict(cls, d: dict) -> DataInfo:
-        return cls(int(d["channels"]), tuple(int(v) for v in d["resolution"]), int(d.get("num_classes", 0)))
+        """Inverse of :meth:`to_dict`; metadata written before conditions existed loads as unconditioned."""
+        context = d.get("context_shape")
+        return cls(int(d["channels"]), tuple(int(v) for v in d["resolution"]), int(d.get("num_classes", 0)),
+                   int(d.get("cond_channels", 0)), None if context is None else tuple(int(v) for v in context))
+
+    @classmethod
+    def from_dataset(cls, dataset) -> DataInfo:
+        """The info of an :class:`elucidate.data.ImageDataset` (conditions included)."""
+        context = getattr(dataset, "context_shape", None)
+        return cls(int(dataset.channels), tuple(dataset.resolution), int(dataset.num_classes),
+                   int(getattr(dataset, "cond_channels", 0)), None if context is None else tuple(context))
+
+
+#: network.conditioning -> the condition kinds it turns on (latent diffusion's conditioning_key).
+CONDITIONING_KINDS = {"none": (), "adm": ("labels",), "concat": ("concat",), "crossattn": ("context",),
+                      "hybrid": ("concat", "context")}
+_SIZE_KEYS = {"labels": "label_dim", "concat": "cond_channels", "context": "context_dim"}
+
+
+def _data_size(kind: str, info: DataInfo) -> int:
+    if kind == "labels":
+        return info.num_classes
+    if kind == "concat":
+        return info.cond_channels
+    return 0 if info.context_shape is None else info.context_shape[1]
+
+
+_MISSING = {"labels": "class labels (folder labels / dataset.json, npz labels_key, digits)",
+            "concat": "a spatial condition (npz cond_key, digits condition: lowres)",
+            "context": "a context (npz context_key, digits condition: class_tokens)"}
+
+
+def _condition_sizes(network: dict, info: DataInfo) -> dict[str, int]:
+    """label_dim, cond_channels and context_dim from ``network.conditioning`` and/or explicit keys."""
+    conditioning = network.get("conditioning")
+    if conditioning is not None and conditioning not in CONDITIONING_KINDS:
+        raise ConfigError(f"network.conditioning = {conditioning!r}: expected one of {', '.join(CONDITIONING_KINDS)}")
+    sizes = {}
+    for kind, key in _SIZE_KEYS.items():
+        given, data = network.get(key), _data_size(kind, info)
+        if given not in (None, "auto") and (isinstance(given, bool) or not isinstance(given, int) or given < 0):
+            raise ConfigError(f"network.{key} = {given!r}: expected 'auto' or an integer >= 0")
+        on = kind in CONDITIONING_KINDS[conditioning] if conditioning is not None else given not in (None, 0)
+        if conditioning is not None and not on and given not in (None, 0):
+            raise ConfigError(f"network.{key} = {given!r} contradicts network.conditioning = {conditioning} "
+                              f"(which sets it to 0)")
+        if not on or (conditioning is None and given == "auto" and not data):  # auto: 0 when the data have none
+            sizes[key] = 0
+            continue
+        if not data:
+            why = f"network.conditioning = {conditioning}" if conditioning is not None else f"network.{key} = {given!r}"
+            raise ConfigError(f"{why} needs {_MISSING[kind]} but the dataset has none")
+        value = data if given in (None, "auto") else given
+        if (kind != "labels" and value != data) or value < data:  # labels: more classes than the data are allowed
+            raise ConfigError(f"network.{key} = {given!r} does not match the data ({data}); use auto")
+        sizes[key] = value
+    return sizes
 
 
 def build_network_for(config: Config, info: DataInfo) -> nn.Module:
-    """The ``network`` section's architecture, sized for the data (channels, resolution, labels).
+    """The ``network`` section's architecture, sized for the data (channels, resolution, conditions).
 
-    ``label_dim: auto`` means "the dataset's number of classes"; shape keys given explicitly must
-    agree with the data.
+    ``network.conditioning`` (none, adm, concat, crossattn, hybrid) turns on the conditions the data
+    provide: ``label_dim`` (adm = class labels), ``cond_channels`` (concat) and ``context_dim``
+    (crossattn; hybrid = concat + crossattn), each sized from the data; the others are 0. Without
+    it, each of those keys works on its own (``auto`` = the data's size, default 0). Shape keys given
+    explicitly must agree with the data.
     """
     from .nets import build_network
     from .nets.layers import parse_resolution
 
-    kwargs = {k: v for k, v in config.network.items() if k != "arch"}
+    kwargs = {k: v for k, v in config.network.items() if k not in ("arch", "conditioning")}
     H, W = info.resolution
     checks = {"img_resolution": (lambda v: parse_resolution(v) == (H, W), H if H == W else [H, W]),
               "in_channels": (lambda v: v == info.channels, info.channels),
@@ -65,12 +129,7 @@ def build_network_for(config: Config, info: DataInfo) -> nn.Module:
             raise ConfigError(f"network.{key} = {given!r} does not match the data ({value!r}); "
                               f"remove it to use the data's")
         kwargs[key] = value
-    label_dim = kwargs.get("label_dim", 0)
-    if label_dim == "auto":
-        label_dim = info.num_classes
-    if label_dim and not info.num_classes:
-        raise ConfigError(f"network.label_dim = {label_dim} but the dataset has no labels")
-    kwargs["label_dim"] = int(label_dim or 0)
+    kwargs.update(_condition_sizes(config.network, info))
     try:
         return build_network(config.network.get("arch", "unet"), **kwargs)
     except (TypeError, ValueError) as e:

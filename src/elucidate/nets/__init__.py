@@ -1,4 +1,4 @@
-"""Denoiser networks ``F(x, c_noise, class_labels=None)`` for the EDM preconditioning (eq. 7).
+"""Denoiser networks ``F(x, c_noise, **conditions)`` for the EDM preconditioning (eq. 7).
 
 Architectures (``build_network(arch, ...)``):
 
@@ -10,8 +10,10 @@ Architectures (``build_network(arch, ...)``):
 All share the constructor keys ``img_resolution`` (int or ``(H, W)``), ``in_channels``,
 ``out_channels`` (default: ``in_channels``), ``model_channels``, ``channel_mult``, ``num_blocks``,
 ``attn_resolutions`` (matched against the smaller side of each level's feature map), ``dropout``,
-``label_dim`` (0 = unconditional), ``label_dropout`` and ``augment_dim``, and the call
-``forward(x, c_noise, class_labels=None, augment_labels=None) -> [B, out_channels, H, W]``.
+``label_dim`` (0 = unconditional), ``label_dropout``, ``augment_dim``, ``cond_channels`` (a spatial
+condition concatenated to x) and ``context_dim`` (a token context for cross-attention), and the call
+``forward(x, c_noise, class_labels=None, augment_labels=None, concat=None, context=None)
+-> [B, out_channels, H, W]`` (the contract: :class:`~.base.DiffusionNet`; docs/conditioning.md).
 
 ``ddpmpp``, ``ncsnpp`` and ``adm`` use NVlabs/edm's tensor layouts and constructor argument names;
 :func:`elucidate.nets.edm_port.load_edm_network` loads weights exported from edm (docs/edm.md).
@@ -23,8 +25,8 @@ from types import MappingProxyType
 
 from torch import nn
 
+from .base import DiffusionNet
 from .dhariwal_unet import DhariwalUNet
-from .layers import DiffusionNet
 from .song_unet import SongUNet
 from .unet import UNet
 
