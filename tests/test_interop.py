@@ -348,3 +348,10 @@ def test_other_runs_are_refused_naming_what_is_exportable(tmp_path, capsys):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     with pytest.raises(UserError, match="with a shift"):
         export_diffusers(_train(tmp_path, "shifted", diffusion={**TRAIN["diffusion"], "shift": 2.0}), tmp_path / "c")
+
+
+def test_export_warns_when_the_data_is_not_in_minus_one_one(tmp_path):
+    run = _train(tmp_path, "standardized", data={**TRAIN["data"], "normalize": "standardize"})
+    with pytest.warns(UserWarning, match="normalization is 'standardize'"):
+        export_diffusers(run, tmp_path / "out")
+    assert (tmp_path / "out" / "model_index.json").is_file()
