@@ -16,7 +16,7 @@ from elucidate import DDPM, EDM, build_network, from_diffusers, sample
 from elucidate.cli import main
 from elucidate.denoiser import Guided
 from elucidate.errors import UserError
-from elucidate.interop import ddpm_from_scheduler, export_diffusers, scheduler_config
+from elucidate.interop import ddpm_from_scheduler, export_diffusers, load_diffusers, scheduler_config
 from elucidate.sampling import ddim, dpmpp_2m, euler, heun
 
 diffusers = pytest.importorskip("diffusers")
@@ -228,6 +228,12 @@ def test_from_a_local_pipeline_or_unet_folder(pipeline_dir):
         from_diffusers("google/ddpm-cifar10-32")
     with pytest.raises(UserError, match="scheduler"):
         from_diffusers(net)
+    latent = root / "latent"
+    latent.mkdir(exist_ok=True)
+    (latent / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"],
+                                                         "vae": ["diffusers", "AutoencoderKL"]}))
+    with pytest.raises(UserError, match="latent pipeline"):
+        load_diffusers(latent)
 
 
 def test_cli_sample_and_eval_a_diffusers_folder(pipeline_dir, tmp_path, capsys):
