@@ -3,6 +3,7 @@ from . import nets, sampling
 from .analytic import EmpiricalDenoiser, GaussianMixture
 from .denoiser import Denoiser
 from .formulations import DDPM, EDM, FORMULATIONS, IDDPM, VE, VP, Formulation, Preconditioning, make_formulation
+from .interop import from_diffusers
 from .losses import denoising_loss
 from .nets import NETWORKS, DhariwalUNet, SongUNet, UNet, build_network
 from .sampling import sample
@@ -12,5 +13,5 @@ __version__ = "0.1.0"
 __all__ = [
     "nets", "NETWORKS", "DhariwalUNet", "SongUNet", "UNet", "build_network", "sampling", "EmpiricalDenoiser",
     "GaussianMixture", "Denoiser", "DDPM", "EDM", "IDDPM", "VE", "VP", "FORMULATIONS", "Formulation", "Preconditioning",
-    "make_formulation", "denoising_loss", "sample", "__version__",
+    "make_formulation", "denoising_loss", "sample", "from_diffusers", "__version__",
 ]

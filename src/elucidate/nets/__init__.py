@@ -6,6 +6,7 @@ Architectures (``build_network(arch, ...)``):
 * ``ddpmpp`` -- :class:`SongUNet` as DDPM++ (EDM ``--arch=ddpmpp``).
 * ``ncsnpp`` -- :class:`SongUNet` as NCSN++ (EDM ``--arch=ncsnpp``).
 * ``adm``    -- :class:`DhariwalUNet`, ADM (EDM ``--arch=adm``).
+* ``diffusers_unet2d`` -- a diffusers ``UNet2DModel`` (:mod:`.diffusers_unet`; needs diffusers).
 
 All share the constructor keys ``img_resolution`` (int or ``(H, W)``), ``in_channels``,
 ``out_channels`` (default: ``in_channels``), ``model_channels``, ``channel_mult``, ``num_blocks``,
@@ -27,6 +28,7 @@ from torch import nn
 
 from .base import DiffusionNet
 from .dhariwal_unet import DhariwalUNet
+from .diffusers_unet import DiffusersUNet2D
 from .song_unet import SongUNet
 from .unet import UNet
 
@@ -43,6 +45,7 @@ PRESETS = MappingProxyType({
         model_channels=128, channel_mult=(2, 2, 2), embedding_type="fourier", channel_mult_noise=2,
         encoder_type="residual", decoder_type="standard", resample_filter=(1, 3, 3, 1)))),
     "adm": (DhariwalUNet, MappingProxyType(dict(model_channels=192, channel_mult=(1, 2, 3, 4)))),
+    "diffusers_unet2d": (DiffusersUNet2D, MappingProxyType({})),
 })
 NETWORKS: tuple[str, ...] = tuple(PRESETS)
 
