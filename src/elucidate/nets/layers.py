@@ -159,15 +159,19 @@ class PositionalEmbedding(nn.Module):
 
 class FourierEmbedding(nn.Module):
     """Random Fourier features ``[cos(2 pi c f_k), sin(2 pi c f_k)]``, ``f_k ~ N(0, scale^2)``
-    (NCSN++; ``sin_first`` as in :class:`PositionalEmbedding`). The frequencies are a saved buffer
-    (``freqs``) drawn from the global RNG at construction."""
+    (NCSN++; ``sin_first`` as in :class:`PositionalEmbedding`). The frequencies ``freqs`` are drawn
+    from the global RNG at construction: a saved buffer, or a trained parameter with ``learnable``."""
 
-    def __init__(self, num_channels: int, scale: float = 16.0, sin_first: bool = False):
+    def __init__(self, num_channels: int, scale: float = 16.0, sin_first: bool = False, learnable: bool = False):
         super().__init__()
         if num_channels < 2 or num_channels % 2:
             raise ValueError(f"FourierEmbedding needs an even num_channels >= 2, got {num_channels}")
         self.num_channels, self.sin_first = num_channels, sin_first
-        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+        freqs = torch.randn(num_channels // 2) * scale
+        if learnable:
+            self.freqs = nn.Parameter(freqs)
+        else:
+            self.register_buffer("freqs", freqs)
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         c = _noise_input(c_noise)
