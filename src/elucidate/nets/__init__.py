@@ -6,6 +6,7 @@ Architectures (``build_network(arch, ...)``):
 * ``ddpmpp`` -- :class:`SongUNet` as DDPM++ (EDM ``--arch=ddpmpp``).
 * ``ncsnpp`` -- :class:`SongUNet` as NCSN++ (EDM ``--arch=ncsnpp``).
 * ``adm``    -- :class:`DhariwalUNet`, ADM (EDM ``--arch=adm``).
+* ``dit``    -- :class:`DiT`, a transformer with adaLN-Zero (keys ``patch_size, hidden_size, depth, num_heads``).
 
 All share the constructor keys ``img_resolution`` (int or ``(H, W)``), ``in_channels``,
 ``out_channels`` (default: ``in_channels``), ``model_channels``, ``channel_mult``, ``num_blocks``,
@@ -24,6 +25,7 @@ from types import MappingProxyType
 from torch import nn
 
 from .dhariwal_unet import DhariwalUNet
+from .dit import DiT
 from .layers import DiffusionNet
 from .song_unet import SongUNet
 from .unet import UNet
@@ -41,6 +43,7 @@ PRESETS = MappingProxyType({
         model_channels=128, channel_mult=(2, 2, 2), embedding_type="fourier", channel_mult_noise=2,
         encoder_type="residual", decoder_type="standard", resample_filter=(1, 3, 3, 1)))),
     "adm": (DhariwalUNet, MappingProxyType(dict(model_channels=192, channel_mult=(1, 2, 3, 4)))),
+    "dit": (DiT, MappingProxyType({})),
 })
 NETWORKS: tuple[str, ...] = tuple(PRESETS)
 
