@@ -8,7 +8,6 @@ the batch and N processes train the same weights as one.
 """
 from __future__ import annotations
 
-import json
 import signal
 import time
 from pathlib import Path
@@ -33,9 +32,10 @@ from ..training.distributed import DistInfo, all_reduce_sum, barrier, init_distr
 from ..training.loop import make_optimizer
 from ..training.rng import batch_indices, derive_seed, derived_generator
 from .build import CHECKPOINT_KIND, OptimizerPair, build_autoencoder, build_vae_loss
-from .config import RESUMABLE_KEYS, VAEConfig, dump_vae_config, load_vae_config, parse_vae_config
+from .config import VAEConfig, dump_vae_config, load_vae_config, parse_vae_config
 from .distribution import DiagonalGaussianDistribution
 from .evaluate import evaluate_reconstructions, save_reconstruction_grid
+from .rundir import append_metrics, check_same_run, truncate_metrics
 
 __all__ = ["VAETrainer", "train_vae", "LOG_KEYS", "holdout_split"]
 
@@ -134,7 +134,7 @@ class VAETrainer:
         tensors, meta = load_checkpoint(ckpt, self.device)
         if meta.get("kind") != CHECKPOINT_KIND:
             raise UserError(f"{self.run_dir} holds a diffusion run ({ckpt.name}); use a new --out directory")
-        _check_same_run(parse_vae_config(meta["config"]), self.config, self.run_dir, ckpt)
+        check_same_run(parse_vae_config(meta["config"]), self.config, self.run_dir, ckpt)
         self.state.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         self.optimizers.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
         self.step, self.skipped, self.seconds = int(meta["step"]), int(meta["skipped_steps"]), float(meta["seconds"])
@@ -181,8 +181,7 @@ class VAETrainer:
         self.state.train()
         with autocast_for(self.t.precision, self.device):
             x_rec, moments = self.ae_model(x, noise)
-        posterior = (DiagonalGaussianDistribution(moments.float()) if self.vae.double_z
-                     else DiagonalGaussianDistribution.from_mean(moments.float()))
+        posterior = DiagonalGaussianDistribution(moments.float(), deterministic=not self.vae.double_z)
         with autocast_for(self.t.precision, self.device):
             loss, logs = self.loss.generator_loss(x, x_rec, posterior, step, self.vae.last_layer,
                                                   reduce_grad=self._reduce)
@@ -323,41 +322,6 @@ class _Hyper:
 
     def __init__(self, **kwargs):
         self.__dict__.update(kwargs)
-
-
-# --- run-directory bookkeeping (the same rules as the diffusion loop) ---------------------------------
-
-def _check_same_run(saved: VAEConfig, config: VAEConfig, run_dir: Path, ckpt: Path) -> None:
-    old, new = saved.to_dict(), config.to_dict()
-    for section in old:
-        for key in sorted(set(old[section]) | set(new[section])):
-            if section == "training" and key in RESUMABLE_KEYS:
-                continue
-            if old[section].get(key) != new[section].get(key):
-                raise UserError(f"{run_dir} holds a run with {section}.{key} = {old[section].get(key)!r} "
-                                f"(in {ckpt.name}) but the config says {new[section].get(key)!r}; "
-                                f"use a new --out directory or the same config")
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics.jsonl lines written after ``step`` (they will be redone)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("step", 0) <= step:
-            kept.append(line)
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
-def append_metrics(path: Path, record: dict) -> None:
-    """Append one JSON line to metrics.jsonl."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _main_thread() -> bool:
