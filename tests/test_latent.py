@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from elucidate.checkpoint import latest_checkpoint, load_checkpoint
+from elucidate.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from elucidate.errors import ConfigError, UserError
 from elucidate.latent import (
     AutoencoderKL,
@@ -332,6 +332,10 @@ def test_run_directory_layout_metrics_and_load_vae(tmp_path):
     assert torch.equal(load_vae(summary["checkpoint"]).encode(x).mode(), vae.encode(x).mode())
     with pytest.raises(UserError, match="no checkpoints"):
         load_vae(tmp_path)
+    diffusion = save_checkpoint(tmp_path / "ckpt-00000001.safetensors", net=torch.nn.Linear(1, 1), ema=None,
+                                optimizer=None, meta={"step": 1})
+    with pytest.raises(UserError, match="not an autoencoder checkpoint"):
+        load_vae(diffusion)
 
 
 def test_a_deterministic_autoencoder_trains_without_kl(tmp_path):

@@ -28,6 +28,7 @@ from ..checkpoint import (
 from ..errors import UserError
 from ..fileio import atomic_write_text
 from ..generate import autocast_for
+from ..model import DataInfo
 from ..training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from ..training.loop import make_optimizer
 from ..training.rng import batch_indices, derive_seed, derived_generator
@@ -116,8 +117,7 @@ class VAETrainer:
         normalizer = getattr(self.dataset, "normalizer", None)
         return {"kind": CHECKPOINT_KIND, "step": self.step, "images": self.step * self.t.batch_size,
                 "skipped_steps": self.skipped, "seconds": self.seconds, "config": self.config.to_dict(),
-                "data": {"channels": self.channels, "resolution": list(self.resolution),
-                         "num_classes": self.dataset.num_classes},
+                "data": DataInfo(self.channels, self.resolution, self.dataset.num_classes).to_dict(),
                 "latent_shape": list(self.vae.latent_shape), "eval": self.last_eval,
                 "normalizer": normalizer.to_config() if normalizer is not None else None,
                 "world_size": self.dist.world_size, "torch": torch.__version__}
