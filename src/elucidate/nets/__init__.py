@@ -7,6 +7,7 @@ Architectures (``build_network(arch, ...)``):
 * ``ncsnpp`` -- :class:`SongUNet` as NCSN++ (EDM ``--arch=ncsnpp``).
 * ``adm``    -- :class:`DhariwalUNet`, ADM (EDM ``--arch=adm``).
 * ``diffusers_unet2d`` -- a diffusers ``UNet2DModel`` (:mod:`.diffusers_unet`; needs diffusers).
+* ``dit``    -- :class:`DiT`, a transformer with adaLN-Zero (keys ``patch_size, hidden_size, depth, num_heads``).
 
 All share the constructor keys ``img_resolution`` (int or ``(H, W)``), ``in_channels``,
 ``out_channels`` (default: ``in_channels``), ``model_channels``, ``channel_mult``, ``num_blocks``,
@@ -29,6 +30,7 @@ from torch import nn
 from .base import DiffusionNet
 from .dhariwal_unet import DhariwalUNet
 from .diffusers_unet import DiffusersUNet2D
+from .dit import DiT
 from .song_unet import SongUNet
 from .unet import UNet
 
@@ -46,6 +48,7 @@ PRESETS = MappingProxyType({
         encoder_type="residual", decoder_type="standard", resample_filter=(1, 3, 3, 1)))),
     "adm": (DhariwalUNet, MappingProxyType(dict(model_channels=192, channel_mult=(1, 2, 3, 4)))),
     "diffusers_unet2d": (DiffusersUNet2D, MappingProxyType({})),
+    "dit": (DiT, MappingProxyType({})),
 })
 NETWORKS: tuple[str, ...] = tuple(PRESETS)
 
