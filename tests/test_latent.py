@@ -333,7 +333,7 @@ def test_run_directory_layout_metrics_and_load_vae(tmp_path):
     with pytest.raises(UserError, match="no checkpoints"):
         load_vae(tmp_path)
     diffusion = save_checkpoint(tmp_path / "ckpt-00000001.safetensors", net=torch.nn.Linear(1, 1), ema=None,
-                                optimizer=None, meta={"step": 1})
+                                optimizer=None, meta={"step": 1, "config": {}, "data": {}})
     with pytest.raises(UserError, match="not an autoencoder checkpoint"):
         load_vae(diffusion)
 

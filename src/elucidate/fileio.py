@@ -34,6 +34,11 @@ class WriteError(UserError, OSError):
         return self.message
 
 
+# safetensors (>= 0.7, Rust ``tempfile``) writes through its own ``.tmpXXXXXX`` file in the target's
+# folder before the rename into our temp path: a kill at that moment leaves one behind
+SAFETENSORS_TEMP = ".tmp" + "?" * 6
+
+
 def _default_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
@@ -82,11 +87,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 
 def remove_stale_temp_files(directory: str | os.PathLike, *name_globs: str) -> list[Path]:
-    """Remove the temp files that :func:`atomic_path` left in ``directory`` for targets matching
-    ``name_globs`` (only a killed process leaves any); returns them. Call it only while no other
+    """Remove the temp files that :func:`atomic_path` (and safetensors inside it) left in ``directory``
+    for targets matching ``name_globs`` (only a killed process leaves any); returns them. Call it only while no other
     process can be writing those targets (e.g. holding the run lock)."""
     directory = Path(directory)
-    found = sorted({p for g in name_globs for p in directory.glob(f".{g}.*.tmp*") if p.is_file()})
+    globs = [f".{g}.*.tmp*" for g in name_globs] + [SAFETENSORS_TEMP]
+    found = sorted({p for g in globs for p in directory.glob(g) if p.is_file()})
     for path in found:
         path.unlink(missing_ok=True)
     return found

@@ -129,7 +129,9 @@ def build_network_for(config: Config, info: DataInfo) -> nn.Module:
             raise ConfigError(f"network.{key} = {given!r} does not match the data ({value!r}); "
                               f"remove it to use the data's")
         kwargs[key] = value
-    kwargs.update(_condition_sizes(config.network, info))
+    # a condition size of 0 is every network's default: pass it only when set, so networks without
+    # that kind of condition (e.g. diffusers_unet2d has no concat/crossattn) still build
+    kwargs.update({k: v for k, v in _condition_sizes(config.network, info).items() if v or k in config.network})
     try:
         return build_network(config.network.get("arch", "unet"), **kwargs)
     except (TypeError, ValueError) as e:

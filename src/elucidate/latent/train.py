@@ -33,10 +33,10 @@ from ..training.distributed import DistInfo, all_reduce_sum, barrier, init_distr
 from ..training.loop import make_optimizer
 from ..training.rng import batch_indices, derive_seed, derived_generator
 from .build import CHECKPOINT_KIND, OptimizerPair, build_autoencoder, build_vae_loss
-from .config import VAEConfig, dump_vae_config, load_vae_config, parse_vae_config
+from .config import RESUMABLE_KEYS, VAEConfig, dump_vae_config, load_vae_config, parse_vae_config
 from .distribution import DiagonalGaussianDistribution
 from .evaluate import evaluate_reconstructions, save_reconstruction_grid
-from .rundir import append_metrics, check_same_run, truncate_metrics
+from ..rundir import append_metrics, check_same_run, truncate_metrics
 
 __all__ = ["VAETrainer", "train_vae", "LOG_KEYS", "holdout_split"]
 
@@ -134,7 +134,8 @@ class VAETrainer:
         tensors, meta = load_checkpoint(ckpt, self.device)
         if meta.get("kind") != CHECKPOINT_KIND:
             raise UserError(f"{self.run_dir} holds a diffusion run ({ckpt.name}); use a new --out directory")
-        check_same_run(parse_vae_config(meta["config"]), self.config, self.run_dir, ckpt)
+        check_same_run(parse_vae_config(meta["config"]).to_dict(), self.config.to_dict(), self.run_dir, ckpt,
+                       resumable=RESUMABLE_KEYS)
         self.state.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         self.optimizers.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
         self.step, self.skipped, self.seconds = int(meta["step"]), int(meta["skipped_steps"]), float(meta["seconds"])

@@ -8,7 +8,6 @@ see the same global batch as one.
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import time
 from pathlib import Path
@@ -33,10 +32,11 @@ from ..checkpoint import (
 from ..config import Config, dump_config, parse_config
 from ..denoiser import Denoiser, with_null_condition
 from ..errors import UserError
-from ..fileio import append_text, atomic_write_text, remove_stale_temp_files
+from ..fileio import atomic_write_text, remove_stale_temp_files
 from ..generate import autocast_for, generate
 from ..losses import denoising_loss
 from ..model import DataInfo, build_network_for
+from ..rundir import append_metrics, check_same_run, truncate_metrics
 from ..runlock import RunLock, RunLocked
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from .ema import EMA
@@ -72,7 +72,7 @@ class Trainer:
 
         from ..data import build_dataset
         self.dataset = build_dataset(config.data)
-        self.info = DataInfo(self.dataset.channels, tuple(self.dataset.resolution), self.dataset.num_classes)
+        self.info = DataInfo.from_dataset(self.dataset)
         torch.manual_seed(derive_seed(self.t.seed, "init"))
         self.net = build_network_for(config, self.info).to(self.device)
         if self.t.channels_last:
@@ -138,7 +138,7 @@ class Trainer:
             remove_stale_temp_files(self.run_dir, "config.yaml", "metrics.jsonl")  # left by a killed run
             remove_stale_temp_files(self.run_dir / "checkpoints", "ckpt-*")
             atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))
-            self._truncate_metrics()
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
             self._append_metrics({"event": "resume", "step": self.step, "checkpoint": ckpt.name, "damaged": damaged})
         self.log(f"resuming {self.run_dir} from {ckpt.name} (step {self.step})")
         barrier()
@@ -150,7 +150,8 @@ class Trainer:
 
         def attempt(ckpt: Path) -> tuple[dict, dict]:
             layout, meta = check_run_checkpoint(ckpt, resumable=True)
-            self._check_same_run(parse_config(meta["config"]), ckpt)
+            check_same_run(parse_config(meta["config"]).to_dict(), self.config.to_dict(), self.run_dir, ckpt,
+                           sections=("data", "network", "diffusion", "training"), resumable=RESUMABLE_KEYS)
             check_fits(ckpt, layout, meta, {"net.": self.net, "ema.": self.ema.module}, self.optimizer)
             return load_checkpoint(ckpt, self.device)
 
@@ -162,34 +163,8 @@ class Trainer:
         found = newest_usable(reversed(list_checkpoints(self.run_dir / "checkpoints")), attempt, on_damaged)
         return (found[0], *found[1], damaged) if found else (None, {}, {}, damaged)
 
-    def _check_same_run(self, saved: Config, ckpt: Path) -> None:
-        old, new = saved.to_dict(), self.config.to_dict()
-        for section in ("data", "network", "diffusion", "training"):  # sampling settings never touch the weights
-            for key in sorted(set(old[section]) | set(new[section])):
-                if section == "training" and key in RESUMABLE_KEYS:
-                    continue
-                if old[section].get(key) != new[section].get(key):
-                    raise UserError(f"{self.run_dir} holds a run with {section}.{key} = {old[section].get(key)!r} "
-                                    f"(in {ckpt.name}) but the config says {new[section].get(key)!r}; "
-                                    f"use a new --out directory or the same config")
-
-    def _truncate_metrics(self) -> None:
-        """Drop log lines written after the checkpoint we resume from (they will be redone)."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step", 0) <= self.step:
-                kept.append(line)
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
-
     def _append_metrics(self, record: dict) -> None:
-        append_text(self.run_dir / "metrics.jsonl", json.dumps(record) + "\n")
+        append_metrics(self.run_dir / "metrics.jsonl", record)
 
     # ------------------------------------------------------------------------------------------
     def _batch(self, step: int):
@@ -208,6 +183,8 @@ class Trainer:
         if self.t.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         cond = {"class_labels": labels} if self.net_label_dim > 0 else {}
+        wanted = {"concat": self.net_sizes[0], "context": self.net_sizes[1]}  # what the network takes
+        cond.update({k: v for k, v in self.dataset.get_conditions(indices[part]).items() if wanted.get(k)})
         if cond and self.t.cond_drop_prob > 0:
             keep = torch.rand(B, generator=derived_generator(self.t.seed, "cond_drop", step))[part]
             keep = keep >= self.t.cond_drop_prob
@@ -220,6 +197,11 @@ class Trainer:
     @property
     def net_label_dim(self) -> int:
         return int(getattr(self.net, "label_dim", 0) or 0)
+
+    @property
+    def net_sizes(self) -> tuple[int, int]:
+        """(cond_channels, context_dim) of the network: which data conditions it takes."""
+        return int(getattr(self.net, "cond_channels", 0) or 0), int(getattr(self.net, "context_dim", 0) or 0)
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """One optimizer step; returns (per-sample losses, their sigmas, whether the step was applied)."""
