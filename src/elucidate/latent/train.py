@@ -29,6 +29,7 @@ from ..errors import UserError
 from ..fileio import atomic_write_text
 from ..generate import autocast_for
 from ..model import DataInfo
+from ..rundir import append_metrics, check_same_run, truncate_metrics
 from ..training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from ..training.loop import make_optimizer
 from ..training.rng import batch_indices, derive_seed, derived_generator
@@ -36,7 +37,6 @@ from .build import CHECKPOINT_KIND, OptimizerPair, build_autoencoder, build_vae_
 from .config import RESUMABLE_KEYS, VAEConfig, dump_vae_config, load_vae_config, parse_vae_config
 from .distribution import DiagonalGaussianDistribution
 from .evaluate import evaluate_reconstructions, save_reconstruction_grid
-from ..rundir import append_metrics, check_same_run, truncate_metrics
 
 __all__ = ["VAETrainer", "train_vae", "LOG_KEYS", "holdout_split"]
 
