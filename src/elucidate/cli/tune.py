@@ -22,8 +22,8 @@ def register(sub) -> dict:
     p.add_argument("--seed", type=int, default=0, help="tuning noise (the held-out noise uses seed + 1)")
     p.add_argument("--samplers", default=None,
                    help="comma-separated ODE solvers to choose from (default: the deterministic sweep solvers)")
-    p.add_argument("--reference-steps", dest="reference_steps", type=int, default=128,
-                   help="Heun steps of the reference solution")
+    p.add_argument("--reference-steps", dest="reference_steps", type=int, default=None,
+                   help="Heun steps of the reference solution (default max(128, 8 x NFE))")
     p.add_argument("--max-evals", dest="max_evals", type=int, default=150,
                    help="solver runs of the search per finalist solver")
     p.add_argument("--finalists", type=int, default=3, help="solvers whose schedules are searched")

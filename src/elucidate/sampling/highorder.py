@@ -29,8 +29,8 @@ def _steps(t: list[float]) -> list[int]:
     return [i for i in range(len(t) - 1) if t[i + 1] < t[i]]
 
 
-@register_solver(description="iPNDM: Adams-Bashforth in sigma with fixed equal-step weights, lower-order warm-up "
-                             "(DEIS)", order=4, sweep=True)
+@register_solver(description="iPNDM (DEIS): Adams-Bashforth in sigma with the fixed equal-step weights up to order 4 "
+                             "(2nd order on unequal steps)", order=2, sweep=True)
 @torch.no_grad()
 def ipndm(D: DenoiserFn, x: torch.Tensor, sigmas, *, order: int = 4, callback: Callback = None) -> torch.Tensor:
     """Improved PNDM (Zhang & Chen 2023, DEIS sec. 4): x' = x + (sigma' - sigma) sum_j c_j d_{i-j} on the

@@ -1,12 +1,14 @@
 """Schedules tuned per NFE budget: where the steps go and which solver takes them, for one denoiser.
 
 :func:`tune` solves the probability-flow ODE of ``D`` from its own noise with a fine reference solver
-(Heun, ``reference_steps`` Karras steps), then, for each candidate solver, starts from the best of a
-few classic schedules (Karras rho in {3, 5, 7, 10}, exponential, VP, and a GITS-like dynamic program
-over the reference trajectory) and moves the interior log-sigmas one at a time (a pattern search) to
-minimize the RMSE of the final sample to the reference. A held-out noise draw measures how the
-result generalizes. The search replays the registered solver itself, so the tuned
-``(sampler, sigmas, options)`` costs at most ``nfe`` evaluations by construction.
+(Heun, ``reference_steps`` Karras steps). Every candidate solver is scored on Karras rho = 7, the
+exponential schedule and a GITS-like dynamic program over the reference trajectory (the Euler steps
+between its levels with the least summed one-step error); the best few (finalists) also try Karras
+rho in {3, 5, 10} and VP, then move the interior log-sigmas from their best start to minimize the RMSE
+of the final sample to the reference: coarse-to-fine, a pattern search over the knots of a
+piecewise-linear warp of the step index, then over every level. Held-out noise measures how the result
+generalizes. The search replays the registered solver itself, so the tuned ``(sampler, sigmas, options)``
+costs at most ``nfe`` evaluations by construction.
 """
 from __future__ import annotations
 
@@ -33,8 +35,10 @@ OPTION_VARIANTS: dict[str, list[dict]] = {
 #: Tuning noise for ``seed`` comes from ``torch.Generator().manual_seed(NOISE_SEED_OFFSET + seed)``, a
 #: stream no ``elucidate sample/eval`` seed uses (those seed one generator per image).
 NOISE_SEED_OFFSET = 0x7E5E_0000
-#: Initial schedules: Karras rho values (plus exponential and VP) and the DP over the reference.
+#: Initial schedules: Karras rho values (plus exponential and VP) and the DP over the reference; every
+#: candidate is screened on :data:`SCREEN` (rho 7, exponential, DP: also its baselines), finalists on all.
 INIT_RHOS = (3.0, 5.0, 7.0, 10.0)
+SCREEN = (7.0,)
 
 
 def candidate_solvers(samplers: Sequence[str] | None = None) -> list[tuple[str, dict]]:
@@ -96,10 +100,12 @@ def _from_sigmas(sigmas: torch.Tensor) -> list[float]:
 
 
 def _dp_schedule(ref_sigmas: list[float], states: list[torch.Tensor], denoised: list[torch.Tensor],
-                 final: torch.Tensor, steps: int, points: int = 80) -> torch.Tensor:
+                 final: torch.Tensor, steps: int, points: int = 80) -> torch.Tensor | None:
     """GITS-style initial schedule: ``steps`` Euler steps between levels of the reference trajectory
     (every k-th of its levels, ``points`` at most) minimizing the sum of the one-step errors to it."""
-    n = len(ref_sigmas)
+    n, points = len(ref_sigmas), max(points, steps + 1)
+    if n < steps:
+        return None  # the reference has fewer levels than the schedule needs
     idx = sorted(set(round(i * (n - 1) / (points - 1)) for i in range(points))) if n > points else list(range(n))
     s = [ref_sigmas[i] for i in idx] + [0.0]
     X = [states[i] for i in idx] + [final]
@@ -204,10 +210,12 @@ def _search(problem, u: list[float], lo: float, hi: float, max_evals: int, coars
     return (v, err) if err < best else (best_u, best)
 
 
-def _initial_schedules(steps: int, sigma_min: float, sigma_max: float, dp: torch.Tensor | None) -> dict:
-    inits = {f"karras_rho{rho:g}": karras_sigmas(steps, sigma_min, sigma_max, rho) for rho in INIT_RHOS}
+def _initial_schedules(steps: int, sigma_min: float, sigma_max: float, dp: torch.Tensor | None,
+                       rhos: Sequence[float]) -> dict:
+    inits = {f"karras_rho{rho:g}": karras_sigmas(steps, sigma_min, sigma_max, rho) for rho in rhos}
     inits["exponential"] = exponential_sigmas(steps, sigma_min, sigma_max)
-    inits["vp"] = vp_range_sigmas(steps, sigma_min, sigma_max)
+    if len(rhos) > 1:
+        inits["vp"] = vp_range_sigmas(steps, sigma_min, sigma_max)
     if dp is not None:
         inits["dp"] = dp
     return inits
@@ -228,17 +236,20 @@ def _reference(D, x, sigma_min, sigma_max, reference_steps, keep_trajectory):
 
 def tune(D: Callable, shape: Sequence[int], nfe: int, *, seed: int = 0, sigma_min: float = 0.002,
          sigma_max: float = 80.0, samplers: Sequence[str] | None = None, progress: bool = False,
-         heldout_seed: int | None = None, reference_steps: int = 128, finalists: int = 3,
+         heldout_seed: int | None = None, reference_steps: int | None = None, finalists: int = 3,
          max_evals: int = 150, dtype: torch.dtype = torch.float64, device=None) -> TunedSchedule:
     """The solver, options and noise levels (``sigma_max`` down to 0) that solve ``D``'s probability-flow
     ODE from ``shape[0]`` draws of noise (``seed``) closest to a converged solution in ``nfe`` evaluations.
 
-    ``D(x, sigma)`` is any denoiser; ``shape`` is ``[batch, *sample_shape]`` of the tuning batch. Each
-    candidate solver (``samplers``, default the deterministic sweep solvers, with the option sets of
-    :data:`OPTION_VARIANTS`) is scored on the best of the initial schedules; the ``finalists`` best are
-    then searched (``max_evals`` solver runs each) and the lowest tuning error wins. The result reports
-    the tuning error, the error on held-out noise (``heldout_seed``, default ``seed + 1``) and the
-    Karras/exponential baselines of every candidate at the same NFE on both.
+    ``D(x, sigma)`` is any denoiser; ``shape`` is ``[batch, *sample_shape]`` of the tuning batch, whose
+    noise comes from ``seed`` (:func:`tuning_noise`). Each candidate solver (``samplers``, default the
+    deterministic sweep solvers, with the option sets of :data:`OPTION_VARIANTS`) is scored on its best
+    start; the ``finalists`` best are searched (``max_evals`` solver runs each) and the lowest tuning
+    error wins. Interior levels stay in [sigma_min, sigma_max]. The result reports the tuning error, the
+    error on held-out noise (``heldout_seed``, default ``seed + 1``), the finalists and the Karras rho = 7
+    and exponential baselines of every candidate at the same NFE on both draws. The reference is Heun
+    with ``reference_steps`` Karras steps (default ``max(128, 8 nfe)``: its error must stay well below
+    the tuned one's, or the search fits the reference's own error).
     """
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
@@ -246,6 +257,7 @@ def tune(D: Callable, shape: Sequence[int], nfe: int, *, seed: int = 0, sigma_mi
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
     t0 = time.perf_counter()
     heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
+    reference_steps = reference_steps or max(128, 8 * nfe)
     memo = _Memo(D)
     say = print if progress else (lambda *a, **k: None)
     x = tuning_noise(shape, seed, sigma_max, dtype=dtype, device=device)
@@ -266,8 +278,8 @@ def tune(D: Callable, shape: Sequence[int], nfe: int, *, seed: int = 0, sigma_mi
         if steps not in dp_cache:
             dp_cache[steps] = _dp_schedule(ref_sigmas, states, denoised, ref, steps)
         problem = _Problem(memo, x, ref, sampler, options, sigma_max)
-        inits = {name: (s, problem.error(s)) for name, s in _initial_schedules(steps, sigma_min, sigma_max,
-                                                                               dp_cache[steps]).items()}
+        screen = _initial_schedules(steps, sigma_min, sigma_max, dp_cache[steps], SCREEN)
+        inits = {name: (s, problem.error(s)) for name, s in screen.items()}
         start = min(inits, key=lambda k: inits[k][1])
         scored.append({"sampler": sampler, "options": options, "steps": steps, "start": start,
                        "inits": inits, "problem": problem})
@@ -279,7 +291,12 @@ def tune(D: Callable, shape: Sequence[int], nfe: int, *, seed: int = 0, sigma_mi
 
     results = []
     for cand in scored[:max(1, finalists)]:
-        problem, sigmas0 = cand["problem"], cand["inits"][cand["start"]][0]
+        problem = cand["problem"]
+        for name, s in _initial_schedules(cand["steps"], sigma_min, sigma_max, None, INIT_RHOS).items():
+            if name not in cand["inits"]:  # the other classic starts, for the finalists only
+                cand["inits"][name] = (s, problem.error(s))
+        cand["start"] = min(cand["inits"], key=lambda k: cand["inits"][k][1])
+        sigmas0 = cand["inits"][cand["start"]][0]
         u, err = (_search(problem, _from_sigmas(sigmas0), lo, hi, max_evals)
                   if cand["steps"] > 1 else ([], cand["inits"][cand["start"]][1]))
         sigmas = _to_sigmas(u, sigma_max)
