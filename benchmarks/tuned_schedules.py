@@ -125,8 +125,8 @@ def gmm_part(args) -> dict:
                  "polyexp0.5": lambda n: K.get_sigmas_polyexponential(n, 0.002, 80.0, rho=0.5)}
     mixture = TUNING[args.tune_on]()
     t0 = time.perf_counter()
-    tuned = {n: tune(mixture.denoise, (args.samples, mixture.dim), n, seed=args.seed, reference_steps=1000)
-             for n in NFES}
+    tuned = {n: tune(mixture.denoise, (args.samples, mixture.dim), n, seed=args.seed, reference_steps=1000,
+                     loss=args.loss) for n in NFES}
     seconds = time.perf_counter() - t0
     print(f"## Exact mixtures: tuned on '{args.tune_on}' ({args.samples} + {args.samples} draws, reference Heun "
           f"1000 steps, "
@@ -173,7 +173,8 @@ def demo_part(args) -> dict:
     tuned, seconds = {}, {}
     for n in (9, 5):
         t0, c0 = time.perf_counter(), time.process_time()
-        tuned[n] = tune(run.denoiser, (64, *run.shape), n, sigma_min=lo, sigma_max=hi, seed=args.seed)
+        tuned[n] = tune(run.denoiser, (64, *run.shape), n, sigma_min=lo, sigma_max=hi, seed=args.seed,
+                        loss=args.loss)
         seconds[n] = (time.perf_counter() - t0, time.process_time() - c0)
         tuned[n].model = {"run": str(args.run), "checkpoint": run.checkpoint.name, "step": run.step,
                           "formulation": run.denoiser.formulation.name, "shape": list(run.shape), "ema": True}
@@ -215,6 +216,8 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="demo run (elucidate demo --out RUN)")
     parser.add_argument("--num", type=int, default=2000, help="samples per fd_digits measurement")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loss", choices=["rmse", "mean", "l4"], default="l4",
+                        help="what tune() minimizes (its default: l4)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     args = parser.parse_args()
     results = {}

@@ -16,7 +16,7 @@ from elucidate.config import SamplingConfig
 from elucidate.errors import ConfigError, UserError
 from elucidate.sampling import SOLVERS, ipndm, karras_sigmas, tune, unipc
 from elucidate.sampling.tuned import TunedSchedule, load_tuned, tuned_path
-from elucidate.sampling.tuning import rmse, tuning_noise
+from elucidate.sampling.tuning import LOSSES, rmse, tuning_noise
 
 f64 = torch.float64
 
@@ -144,6 +144,16 @@ def test_tuned_schedule_beats_karras_on_held_out_noise(tuned_gmm):
     karras = {name: rmse(SOLVERS[name](gmm.denoise, x, karras_sigmas(SOLVERS[name].steps_for_nfe(6))), reference)
               for name in ("euler", "heun", "dpmpp_2m", "lms", t.sampler)}
     assert tuned_error < 0.7 * min(karras.values()), (tuned_error, karras)
+
+
+def test_losses_weigh_outlying_samples_differently(gmm):
+    a, b = torch.zeros(4, 2, dtype=f64), torch.zeros(4, 2, dtype=f64)
+    b[0] = 2.0  # one sample of four is off by 2 in both elements
+    assert LOSSES["rmse"](a, b) == pytest.approx(1.0)  # sqrt(8 / 8)
+    assert LOSSES["mean"](a, b) == pytest.approx(0.5)  # per-sample RMS [2, 0, 0, 0]
+    assert LOSSES["l4"](a, b) == pytest.approx(2 ** 0.5)  # per-sample MSE [4, 0, 0, 0] -> (16 / 4)^(1/4)
+    with pytest.raises(ValueError, match="loss"):
+        tune(gmm.denoise, (8, gmm.dim), 4, loss="l1")
 
 
 def test_json_round_trip_and_validation(tuned_gmm, tmp_path):

@@ -27,6 +27,9 @@ def register(sub) -> dict:
     p.add_argument("--max-evals", dest="max_evals", type=int, default=150,
                    help="solver runs of the search per finalist solver")
     p.add_argument("--finalists", type=int, default=3, help="solvers whose schedules are searched")
+    p.add_argument("--loss", choices=["rmse", "mean", "l4"], default=None,
+                   help="what the search minimizes: rmse over all pixels, or the mean of each sample's RMS error "
+                        "(less swayed by the few samples that land in another mode; default: tune()'s)")
     p.add_argument("--out", type=Path, default=None, help="folder for nfeN.json and tuned.png "
                                                           "(default RUN/schedules, or ./schedules with --sandbox)")
     p.add_argument("--ema", dest="ema", action="store_true", default=True, help="use the EMA weights (default)")
@@ -85,7 +88,7 @@ def cmd_tune(args) -> int:
         try:
             tuned = tune(D, (num, *shape), nfe, seed=args.seed, sigma_min=lo, sigma_max=hi, samplers=samplers,
                          progress=True, reference_steps=args.reference_steps, finalists=args.finalists,
-                         max_evals=args.max_evals, device=device)
+                         max_evals=args.max_evals, device=device, **({"loss": args.loss} if args.loss else {}))
         except ValueError as e:  # unknown / stochastic solver names, a budget no solver fits
             raise UserError(str(e)) from None
         tuned.model = info

@@ -40,6 +40,7 @@ class TunedSchedule:
     baselines: list[dict] = dataclasses.field(default_factory=list)
     finalists: list[dict] = dataclasses.field(default_factory=list)
     reference: dict = dataclasses.field(default_factory=dict)
+    loss: str = "l4"
     evaluations: int = 0
     seconds: float = 0.0
     model: dict = dataclasses.field(default_factory=dict)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import matplotlib.ticker
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -43,7 +44,8 @@ def plot_tuned_schedules(tuned: Sequence, *, title: str | None = None) -> Figure
         color = PALETTE[k % len(PALETTE)]
         sigmas = np.asarray(t.sigmas[:-1])
         steps = np.arange(len(sigmas))
-        left.plot(steps, sigmas, "-o", color=color, ms=4, lw=1.6, label=f"NFE {t.nfe}: {t.sampler}")
+        options = " ".join(f"{k}={v}" for k, v in t.options.items())
+        left.plot(steps, sigmas, "-o", color=color, ms=4, lw=1.6, label=f"NFE {t.nfe}: {t.sampler} {options}".strip())
         karras = karras_sigmas(len(sigmas), t.sigma_min, t.sigma_max).numpy()[:-1]
         left.plot(steps, karras, "--", color=color, lw=1.0, alpha=0.8)
     left.set_yscale("log")
@@ -61,7 +63,9 @@ def plot_tuned_schedules(tuned: Sequence, *, title: str | None = None) -> Figure
         values.append(err[ok])
     right.set_xscale("log")
     right.set_yscale("log")
-    plain_log_labels(right.xaxis, [t.nfe for t in tuned])
+    plain_log_labels(right.yaxis, np.concatenate(values) if values else [1.0])
+    right.set_xticks([t.nfe for t in tuned], [str(t.nfe) for t in tuned])
+    right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     right.set_xlabel("NFE (denoiser evaluations per sample)")
     right.set_ylabel("RMSE to the reference, held-out noise")
     right.set_title("error vs NFE")
