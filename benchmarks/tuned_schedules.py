@@ -114,6 +114,7 @@ TUNING = {
     "union": lambda: union(skimage_patches_mixture(), random_mixture(100, k=16, lo=0.002, hi=0.5)),
     "skimage patches": skimage_patches_mixture,
     "multiscale random": lambda: random_mixture(100, k=16, lo=0.002, hi=0.5),
+    "photo patches": photo_patches_mixture,  # in-distribution: tuned on one of the evaluation mixtures
 }
 
 
@@ -154,7 +155,8 @@ def gmm_part(args) -> dict:
             rows.append({"mixture": name, "nfe": n, "tuned": err, "best": best[0], "best_name": best[1],
                          "ratio": err / best[0]})
             r = rows[-1]
-            print(f"| {name} | {n} | {err:.2e} | {best[0]:.2e} ({best[1]}) | {r['ratio']:.2f} | "
+            print(f"| {name}{' (tuned on it)' if name == args.tune_on else ''} | {n} | {err:.2e} | "
+                  f"{best[0]:.2e} ({best[1]}) | {r['ratio']:.2f} | "
                   f"{'met' if r['ratio'] <= 0.5 else 'NOT met'} |")
     met = sum(r["ratio"] <= 0.5 for r in rows)
     print(f"\ntarget met in {met} of {len(rows)} cases\n")
