@@ -245,3 +245,9 @@ def test_cli_tune_run_then_sample_with_nfe(tmp_path, capsys):
     assert main(["sample", str(run), "--nfe", "4", "--steps", "3", "--seeds", "0",
                  "--out", str(tmp_path / "x.png")]) == 2
     assert "drop --steps" in capsys.readouterr().err
+    assert main(["sweep", str(run), "--samplers", "euler", "--nfe", "4", "--num", "16", "--tuned",
+                 "--out", str(tmp_path / "sweep")]) == 0
+    rows = (tmp_path / "sweep" / "fd_digits-vs-nfe.csv").read_text().splitlines()
+    assert rows[0].startswith("sampler,steps,nfe,value") and any(r.startswith("tuned,") for r in rows)
+    assert main(["sweep", str(run), "--samplers", "euler", "--nfe", "6", "--num", "16", "--tuned"]) == 2
+    assert f"elucidate tune {run} --nfe 6" in capsys.readouterr().err

@@ -98,7 +98,13 @@ def cmd_tune(args) -> int:
               f"{tuned.tuning_error:.3g} (held-out {tuned.heldout_error:.3g}; best Karras/exponential baseline "
               f"{best['sampler']}/{best['schedule']} {best['heldout_error']:.3g}) in {tuned.seconds:.0f} s")
         print(f"  wrote {path}")
-    stored = sorted((TunedSchedule.load(p) for p in out.glob("nfe*.json")), key=lambda t: t.nfe)
+    stored = []
+    for path in out.glob("nfe*.json"):
+        try:
+            stored.append(TunedSchedule.load(path))
+        except UserError as e:  # an old or foreign file next to ours: leave it out of the plot
+            print(f"elucidate tune: warning: {e}")
+    stored.sort(key=lambda t: t.nfe)
     figure = save_figure(plot_tuned_schedules(stored), out / "tuned.png")
     print(f"wrote {figure}")
     if not args.sandbox:
