@@ -7,7 +7,7 @@ between its levels with the least summed one-step error); the best few (finalist
 rho in {3, 5, 10} and VP, then move the interior log-sigmas from their best start to minimize the error
 of the final samples to the reference (:data:`LOSSES`; default ``l4``, which weighs the samples that
 come out worst most): coarse-to-fine, a pattern search over the knots of a
-piecewise-linear warp of the step index, then (up to 12 levels) over every level. Held-out noise measures how the result
+piecewise-linear warp of the step index, then over every level. Held-out noise measures how the result
 generalizes. The search replays the registered solver itself, so the tuned ``(sampler, sigmas, options)``
 costs at most ``nfe`` evaluations by construction.
 """
@@ -221,26 +221,17 @@ def _pattern_search(f: Callable[[list[float]], float], v: list[float], lo: float
     return v, best, evals
 
 
-#: The per-level stage runs only up to this many interior levels: with more it fits the tuning draws
-#: rather than the ODE (union mixture, NFE 35: held-out RMSE 7.5e-3 with it, 2.0e-3 with the warp alone).
-FINE_LEVELS = 12
-
-
 def _search(problem, u: list[float], lo: float, hi: float, max_evals: int, coarse: int = 6):
     """Coarse-to-fine: first ``coarse`` knots of a piecewise-linear warp (all steps move together, so
-    the search cannot trap two neighbouring levels), then, up to :data:`FINE_LEVELS` levels, every level
-    on its own."""
+    the search cannot trap two neighbouring levels), then every level on its own."""
     n = len(u)
     best_u, best = u, problem(u)
-    fine = n <= FINE_LEVELS
     if n > coarse + 2:
         v, err, used = _pattern_search(lambda v: problem(_resample(v, hi, n)), _resample(u, hi, coarse), lo, hi,
-                                       max_evals=max_evals // 2 if fine else max_evals)
+                                       max_evals=max_evals // 2)
         if err < best:
             best_u, best = _resample(v, hi, n), err
         max_evals -= used
-    if not fine:
-        return best_u, best
     v, err, _ = _pattern_search(problem, best_u, lo, hi, max_evals=max_evals)
     return (v, err) if err < best else (best_u, best)
 
