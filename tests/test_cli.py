@@ -130,8 +130,8 @@ def test_sample_argument_errors(trained, tmp_path):
     assert r.returncode == 2 and "expected a .png grid" in r.stderr
     r = run_cli("sample", trained, "--out", tmp_path / "x.png", "--seeds", "9-1")
     assert r.returncode == 2 and "--seeds" in r.stderr
-    r = run_cli("sample", trained, "--out", tmp_path / "x.png", "--sampler", "ddim")
-    assert r.returncode == 2 and "sampling.sampler = 'ddim'" in r.stderr
+    r = run_cli("sample", trained, "--out", tmp_path / "x.png", "--sampler", "ddin")
+    assert r.returncode == 2 and "sampling.sampler = 'ddin'" in r.stderr
     r = run_cli("sample", trained, "--out", tmp_path / "x.png", "--class", "3")
     assert r.returncode == 2 and "not class-conditional" in r.stderr
 

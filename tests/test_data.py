@@ -390,7 +390,7 @@ def test_build_dataset_config_errors(tmp_path):
     assert set(DATASETS) >= {"digits", "folder", "zip", "npz"} and "max_size" in CONFIG_KEYS
     message = expect_error(lambda: build_dataset({"dataset": "digits", "resoluton": 16}), "resoluton")
     assert all(key in message for key in CONFIG_KEYS)
-    expect_error(lambda: build_dataset({"dataset": "mnist"}), "mnist", "digits")
+    expect_error(lambda: build_dataset({"dataset": "cifar10"}), "cifar10", "digits")
     expect_error(lambda: build_dataset({"path": "x"}), "dataset")
     expect_error(lambda: build_dataset({"dataset": "folder"}), "folder", "path")
     expect_error(lambda: build_dataset({"dataset": "digits", "path": "x"}), "path", "digits")

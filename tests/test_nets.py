@@ -42,7 +42,7 @@ def perturb(net: torch.nn.Module, seed: int = 1, scale: float = 0.05) -> torch.n
 
 
 def test_networks_registry():
-    assert NETWORKS == ("unet", "ddpmpp", "ncsnpp", "adm")
+    assert NETWORKS == ("unet", "ddpmpp", "ncsnpp", "adm", "diffusers_unet2d", "dit")
     assert isinstance(tiny_net("unet"), UNet)
     assert isinstance(tiny_net("ddpmpp"), SongUNet) and isinstance(tiny_net("ncsnpp"), SongUNet)
     assert isinstance(tiny_net("adm"), DhariwalUNet)

@@ -77,7 +77,8 @@ class TrainingConfig:
     ema_halflife: int = param(20_000, "EMA half-life in images (edm: ema_halflife_kimg x 1000)", minimum=0)
     ema_rampup: float | None = param(0.05, "half-life <= ratio x images seen (edm's ema_rampup_ratio); null = off",
                                      minimum=0, exclusive=True)
-    grad_clip: float | None = param(1.0, "max global gradient norm; null = off", minimum=0, exclusive=True)
+    grad_clip: float | None = param(None, "max global gradient norm; null = off (as NVlabs/edm; see docs/training.md)",
+                                    minimum=0, exclusive=True)
     precision: str = param("fp32", "fp32, or bf16 autocast", choices=("fp32", "bf16"))
     seed: int = param(0, "all randomness of the run derives from it", minimum=0)
     checkpoint_every: int = param(500, "steps between checkpoints", minimum=1)
@@ -94,6 +95,8 @@ class TrainingConfig:
     cond_drop_prob: float = param(0.0, "probability of training a sample without its conditions (labels, "
                                        "concat, context): makes the model usable for classifier-free guidance",
                                   minimum=0, maximum=1)
+    max_bad_steps: int | None = param(100, "non-finite steps in a row (each skipped) before training stops; "
+                                           "null = never", minimum=1)
 
     def validate(self) -> None:
         _validate(self, "training")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .fileio import atomic_path, atomic_write_bytes
+from .fileio import WriteError, atomic_path, atomic_write_bytes
 from .pixels import to_uint8
 
 __all__ = ["write_samples", "output_kind"]
@@ -30,7 +30,8 @@ def output_kind(out: Path) -> str:
 
 
 def write_samples(x: torch.Tensor, seeds: Sequence[int], out: Path, *, normalizer=None) -> Path:
-    """Write model-range samples ``[N, C, H, W]``; returns the path written."""
+    """Write model-range samples ``[N, C, H, W]``; returns the path written. Every file appears
+    atomically; a failed write raises :class:`~elucidate.fileio.WriteError` (one line: path, OS error)."""
     from .viz import image_grid, save_image_grid
 
     out = Path(out)
@@ -45,7 +46,10 @@ def write_samples(x: torch.Tensor, seeds: Sequence[int], out: Path, *, normalize
         with atomic_path(out, suffix=".npz") as tmp:
             np.savez_compressed(tmp, **arrays)
         return out
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(out, e) from e
     from PIL import Image
 
     for i, (seed, image) in enumerate(zip(seeds, x)):

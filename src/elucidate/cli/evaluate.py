@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from .interop import add_model_source, load_model
 from .options import add_sampling_options, int_list, print_table, sampling_from_args
 
 __all__ = ["register"]
@@ -18,7 +19,7 @@ def register(sub) -> dict:
 
     metric_help = "; ".join(f"{m.name}: {m.description}" for m in METRICS.values())
     p = sub.add_parser("eval", help="sample a run and score it (" + ", ".join(METRICS) + ")")
-    p.add_argument("run", type=Path)
+    add_model_source(p, "run directory (latest checkpoint) or checkpoint file")
     p.add_argument("--metric", default="fd_digits", choices=list(METRICS), help=metric_help)
     p.add_argument("--num", type=int, default=10000,
                    help="samples per repeat (seeds 0..num-1, then num..2num-1 ...)")
@@ -94,9 +95,10 @@ def _reference(args, run, extractor_name: str, need_features: bool):
 def cmd_eval(args) -> int:
     from ..evaluation import METRICS, evaluate, feature_extractor, feature_name
     from ..fileio import atomic_write_text
-    from ..model import load_run
 
-    run = load_run(args.run, ema=args.ema, device=args.device)
+    run = load_model(args)
+    if args.diffusers is not None and args.ref is None:
+        raise UserError("--ref is required with --diffusers (reference data or statistics to compare with)")
     cfg = sampling_from_args(run.config.sampling, args)
     name = feature_name(args.metric, args.features, run.config.data.get("dataset"))
     ref = _reference(args, run, name, need_features=METRICS[args.metric].needs_features)

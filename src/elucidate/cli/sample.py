@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .interop import add_model_source, load_model
 from .options import add_sampling_options, class_labels_for, parse_seed_arg, sampling_from_args
 
 __all__ = ["register"]
@@ -11,7 +12,7 @@ __all__ = ["register"]
 def register(sub) -> dict:
     """Add the sample subcommand; returns its handler."""
     p = sub.add_parser("sample", help="generate images from a run directory or checkpoint")
-    p.add_argument("run", type=Path, help="run directory (latest checkpoint) or checkpoint file")
+    add_model_source(p, "run directory (latest checkpoint) or checkpoint file")
     p.add_argument("--seeds", default="0-63", help="e.g. 0-63 or 1,5,9 (image i depends on its seed only)")
     p.add_argument("--out", type=Path, required=True,
                    help="grid.png (one grid), DIR/ (one PNG per seed) or samples.npz (uint8 N,H,W,C + seeds)")
@@ -23,11 +24,10 @@ def register(sub) -> dict:
 
 def cmd_sample(args) -> int:
     from ..generate import generate
-    from ..model import load_run
     from ..output import write_samples
 
     seeds = parse_seed_arg(args.seeds)
-    run = load_run(args.run, ema=args.ema, device=args.device)
+    run = load_model(args)
     cfg = sampling_from_args(run.config.sampling, args)
     labels = class_labels_for(run, seeds, args.class_label)
     x = generate(run.denoiser, run.denoiser.formulation, run.shape, seeds, cfg, batch_size=args.batch,

@@ -5,6 +5,11 @@ channels are, or, when omitted, the channel axis is the smaller of axes 1 and 3 
 unless ``channels`` singles one out). ``.npz`` files with one array need no ``key`` (nor when the
 only other array is ``labels_key``). uint8 stays uint8; float16/32/64 become float32 and must be
 finite. Labels (``labels_key``) must be a 1-D non-negative integer array with one entry per item.
+
+Conditions: ``cond_key`` names a spatial condition array ``[N, C', H', W']`` (NCHW/NHWC as ``layout``
+or the small-axis rule; N,H,W is one channel), cropped and resized to the images' final size like the
+images and normalized by its own normalizer (mode ``cond_normalize``, default the images' mode);
+``context_key`` a float ``[N, L, D]`` token array (``[N, D]`` is one token) used as stored.
 """
 from __future__ import annotations
 
@@ -26,13 +31,14 @@ LAYOUTS = ("NCHW", "NHWC")
 _LOAD_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError)
 
 
-def _pick_key(keys: list[str], key: str | None, labels_key: str | None, source: str) -> str:
+def _pick_key(keys: list[str], key: str | None, labels_key: str | None, source: str,
+              others: tuple[str, ...] = ()) -> str:
     listing = ", ".join(keys) if keys else "none"
     if key is not None:
         if key not in keys:
             raise DataError(f"{source}: no array {key!r}; keys: {listing}")
         return key
-    candidates = [k for k in keys if k != labels_key]
+    candidates = [k for k in keys if k != labels_key and k not in others]
     if len(candidates) != 1:
         raise DataError(f"{source}: {'contains no arrays' if not candidates else 'holds several arrays'}; "
                         f"set key to one of: {listing}")
@@ -40,10 +46,11 @@ def _pick_key(keys: list[str], key: str | None, labels_key: str | None, source: 
 
 
 def read_array(path: str | os.PathLike, key: str | None = None, labels_key: str | None = None, *,
-               with_labels: bool = True) -> tuple[np.ndarray, np.ndarray | None, str]:
+               with_labels: bool = True, others: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray | None, str]:
     """Load the image array (and the ``labels_key`` array unless ``with_labels`` is False) from .npy/.npz.
 
     Returns ``(images, labels_or_None, source)`` where ``source`` names file and key for messages.
+    ``others`` are arrays read separately (conditions), never picked as the images.
     """
     file = Path(path)
     if not file.is_file():
@@ -52,7 +59,7 @@ def read_array(path: str | os.PathLike, key: str | None = None, labels_key: str 
     if suffix not in ARRAY_SUFFIXES:
         raise DataError(f"{file}: expected a .npy or .npz file, got suffix {file.suffix!r}")
     if suffix == ".npy":
-        for option, value in (("key", key), ("labels_key", labels_key)):
+        for option, value in (("key", key), ("labels_key", labels_key), *(("cond_key/context_key", o) for o in others)):
             if value is not None:
                 raise DataError(f"{file}: option {option}={value!r} needs an .npz file (a .npy holds one array)")
     try:
@@ -68,7 +75,7 @@ def read_array(path: str | os.PathLike, key: str | None = None, labels_key: str 
         return loaded, None, str(file)
     with loaded as archive:
         keys = list(archive.files)
-        chosen = _pick_key(keys, key, labels_key, str(file))
+        chosen = _pick_key(keys, key, labels_key, str(file), others)
         if labels_key is not None and labels_key not in keys:
             raise DataError(f"{file}: no labels array {labels_key!r}; keys: {', '.join(keys)}")
         arrays = []
@@ -78,6 +85,17 @@ def read_array(path: str | os.PathLike, key: str | None = None, labels_key: str 
             except _LOAD_ERRORS as exc:
                 raise DataError(f"{file}:{name}: cannot read array ({describe(exc)})") from exc
     return arrays[0], arrays[1], f"{file}:{chosen}"
+
+
+def read_named(path: str | os.PathLike, name: str, what: str) -> np.ndarray:
+    """The array ``name`` of an .npz (after :func:`read_array` validated the file); ``what`` names its role."""
+    with np.load(Path(path), allow_pickle=False) as archive:
+        if name not in archive.files:
+            raise DataError(f"{path}: no {what} array {name!r}; keys: {', '.join(archive.files)}")
+        try:
+            return archive[name]
+        except _LOAD_ERRORS as exc:
+            raise DataError(f"{path}:{name}: cannot read array ({describe(exc)})") from exc
 
 
 def to_nchw(array: np.ndarray, layout: str | None, channels: int | None, source: str) -> np.ndarray:
@@ -130,31 +148,62 @@ def _to_labels(labels: np.ndarray, count: int, source: str) -> torch.Tensor:
     return torch.from_numpy(labels.astype(np.int64))
 
 
+def _resize(tensor: torch.Tensor, size: tuple[int, int] | None, center_crop: bool) -> torch.Tensor:
+    return (transform_uint8 if tensor.dtype == torch.uint8 else transform_float)(tensor, size, center_crop)
+
+
+def _read_condition(path, cond_key: str, layout: str | None, count: int, size: tuple[int, int],
+                    center_crop: bool, max_size: int | None) -> torch.Tensor:
+    """The spatial condition as a uint8/float32 ``[N, C', H, W]`` tensor at the images' final size."""
+    source = f"{path}:{cond_key}"
+    array = to_nchw(read_named(path, cond_key, "condition"), layout, None, source)
+    if array.shape[0] != count:
+        raise DataError(f"{source}: has {array.shape[0]} items but the images have {count}")
+    return _resize(_to_tensor(array[:max_size], source), size, center_crop)  # (crop to their aspect,) their size
+
+
+def _read_context(path, context_key: str, count: int, max_size: int | None) -> torch.Tensor:
+    """The context as a float32 ``[N, L, D]`` tensor (``[N, D]`` is one token per item)."""
+    source = f"{path}:{context_key}"
+    array = read_named(path, context_key, "context")
+    if array.ndim == 2:
+        array = array[:, None]
+    if array.ndim != 3 or array.shape[0] != count or array.dtype.kind != "f":
+        raise DataError(f"{source}: the context must be a float [N, L, D] (or [N, D]) array with N = {count}, "
+                        f"got {array.dtype} with shape {array.shape}")
+    return _to_tensor(array[:max_size], source)
+
+
 class ArrayDataset(ImageDataset):
     """Images from a ``.npy`` or ``.npz`` array (see the module docstring for layouts and keys).
 
     uint8 arrays are images in [0, 255]; float arrays keep their units (``normalize='auto'`` is
     ``none`` for them). ``channels`` asserts the channel count; ``max_size`` keeps the first N items.
+    ``cond_key`` / ``context_key`` add conditions (module docstring).
     """
 
     def __init__(self, path: str | os.PathLike, *, key: str | None = None, labels_key: str | None = None,
                  layout: str | None = None, resolution: int | list[int] | tuple[int, int] | None = None,
                  center_crop: bool = False, xflip: bool = False, normalize: str = "auto", target_std: float = 0.5,
-                 channels: int | None = None, labels: bool = True, max_size: int | None = None) -> None:
+                 channels: int | None = None, labels: bool = True, max_size: int | None = None,
+                 cond_key: str | None = None, context_key: str | None = None,
+                 cond_normalize: str | None = None) -> None:
         size = parse_resolution(resolution, f"{path}: resolution")
         channels = check_positive_int(channels, "channels", str(path))
         max_size = check_positive_int(max_size, "max_size", str(path))
         if not isinstance(center_crop, bool):
             raise DataError(f"{path}: center_crop={center_crop!r} must be true or false")
-        array, label_array, source = read_array(path, key, labels_key, with_labels=labels)
+        others = tuple(k for k in (cond_key, context_key) if k is not None)
+        array, label_array, source = read_array(path, key, labels_key, with_labels=labels, others=others)
         array = to_nchw(array, layout, channels, source)
         label_tensor = None
         if label_array is not None:
             label_tensor = _to_labels(label_array, array.shape[0], f"{path}:{labels_key}")[:max_size]
-        images = _to_tensor(array[:max_size], source)
-        if images.dtype == torch.uint8:
-            images = transform_uint8(images, size, center_crop)
-        else:
-            images = transform_float(images, size, center_crop)
+        images = _resize(_to_tensor(array[:max_size], source), size, center_crop)
+        final = (images.shape[2], images.shape[3])
+        concat = None if cond_key is None else _read_condition(path, cond_key, layout, array.shape[0], final,
+                                                               center_crop, max_size)
+        context = None if context_key is None else _read_context(path, context_key, array.shape[0], max_size)
         super().__init__(images, label_tensor, name=Path(path).stem, xflip=xflip, normalize=normalize,
-                         target_std=target_std, source=source)
+                         target_std=target_std, source=source, concat=concat, context=context,
+                         cond_normalize=cond_normalize)

@@ -9,20 +9,27 @@ from collections.abc import Mapping
 from typing import Any
 
 from .arrays import ArrayDataset
-from .bundled import DigitsDataset, FacesDataset
+from .bundled import DigitsDataset, FacesDataset, MnistDataset
 from .dataset import ImageDataset
 from .errors import DataError
 from .images import ImageFolderDataset, ZipImageDataset
 
 __all__ = ["DATASETS", "CONFIG_KEYS", "DATA_KEYS", "build_dataset"]
 
-DATASETS = ("digits", "folder", "zip", "npz", "faces")
+DATASETS = ("digits", "folder", "zip", "npz", "faces", "mnist")
 #: Every data config key with its one-line description (the config reference is generated from it).
 KEY_DOCS = {
     "dataset": "kind of dataset: " + ", ".join(DATASETS) + " (npz also reads .npy files)",
     "path": "folder, zip or array file (required for folder/zip/npz; not for the bundled ones)",
     "key": "npz only: the array to read when the file holds several",
     "labels_key": "npz only: the integer label array",
+    "cond_key": "npz only: a spatial condition array [N, C, H, W] or NHWC (network.conditioning concat), resized "
+                "like the images to their size",
+    "context_key": "npz only: a float [N, L, D] (or [N, D]) token array (network.conditioning crossattn), used as "
+                   "stored; all-zero tokens are padding",
+    "cond_normalize": "normalize mode of the spatial condition (default: the images' normalize)",
+    "condition": "digits/faces only: derived conditions, lowres (concat: the 2x-downsampled image) and/or "
+                 "class_tokens (digits; context: the label's name as 5 letter tokens of 31 dims)",
     "layout": "npz only: NCHW or NHWC (default: the channel axis is the small one)",
     "resolution": "int or [H, W]: resize (after the optional crop)",
     "center_crop": "crop to the target aspect ratio before resizing (default false)",
@@ -31,15 +38,16 @@ KEY_DOCS = {
                  "minmax, standardize (per channel, std = target_std) or none",
     "target_std": "std for normalize: standardize (EDM's sigma_data; default 0.5)",
     "channels": "expected channel count; for image files it picks the conversion (1 = L, 3 = RGB, 4 = RGBA)",
-    "labels": "use labels when present (default true)",
+    "labels": "use labels when present (default); true on a folder/zip without dataset.json: the sub-folders "
+              "are the classes (sorted names); false: no labels",
     "max_size": "keep only the first N items",
 }
 CONFIG_KEYS = tuple(KEY_DOCS)
 DATA_KEYS = CONFIG_KEYS  # the name the run config uses for the accepted ``data:`` keys
-_BUNDLED = ("digits", "faces")
-_ARRAY_ONLY = ("key", "labels_key", "layout")
+_BUNDLED = {"digits": DigitsDataset, "faces": FacesDataset, "mnist": MnistDataset}
+_ARRAY_ONLY = ("key", "labels_key", "layout", "cond_key", "context_key")
 _BOOLS = ("center_crop", "xflip", "labels")
-_STRINGS = ("key", "labels_key", "layout", "normalize")
+_STRINGS = ("key", "labels_key", "layout", "normalize", "cond_key", "context_key", "cond_normalize")
 
 
 def build_dataset(config: Mapping[str, Any]) -> ImageDataset:
@@ -62,11 +70,17 @@ def build_dataset(config: Mapping[str, Any]) -> ImageDataset:
     for name in _ARRAY_ONLY:
         if name in options and kind != "npz":
             raise DataError(f"data config: {name} applies only to dataset 'npz', not {kind!r}")
+    if "cond_normalize" in options and kind in ("folder", "zip"):
+        raise DataError(f"data config: cond_normalize applies to datasets with a spatial condition "
+                        f"(npz cond_key, condition: lowres), not {kind!r}")
+    if "condition" in options and kind not in _BUNDLED:
+        raise DataError(f"data config: condition applies only to the bundled datasets "
+                        f"({', '.join(_BUNDLED)}), not {kind!r}; use cond_key/context_key with npz")
     path = options.pop("path", None)
     if kind in _BUNDLED:
         if path is not None:
             raise DataError(f"data config: path is not allowed for the bundled dataset {kind!r}")
-        return (DigitsDataset if kind == "digits" else FacesDataset)(**options)
+        return _BUNDLED[kind](**options)
     if path is None:
         raise DataError(f"data config: dataset {kind!r} needs a path")
     if not isinstance(path, (str, os.PathLike)):

@@ -1,4 +1,5 @@
-"""The in-memory image dataset every dataset kind builds: raw tensors + normalizer + x-flip indexing."""
+"""The in-memory image dataset every dataset kind builds: raw tensors + normalizer + x-flip indexing,
+plus optional conditions (a spatial map to concatenate, a token sequence to cross-attend to)."""
 from __future__ import annotations
 
 import torch
@@ -25,11 +26,19 @@ class ImageDataset(Dataset):
     float32 ``[C, H, W]`` in model units (see :attr:`normalizer`) and the label an int64 scalar
     (-1 when unlabeled). With ``xflip=True`` the length is ``2N`` and index ``i >= N`` is image
     ``i - N`` mirrored left-right (the NVlabs convention: deterministic, so training resumes exactly).
+
+    Conditions (:meth:`get_conditions`): ``concat`` is a raw ``[N, C', H, W]`` map (uint8 or float32,
+    same H, W as the images; mirrored with its image) normalized by its own :attr:`cond_normalizer`
+    (mode ``cond_normalize``, default: the images' ``normalize``, same ``target_std`` and
+    ``value_range``); ``context`` is a float32 ``[N, L, D]`` token sequence used as stored (a token
+    of all zeros is padding, a row of all zeros means "no context"). ``class_names`` names the labels.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None, *, name: str,
                  xflip: bool = False, normalize: str = "auto", target_std: float = 0.5,
-                 value_range: tuple[float, float] | None = None, source: str | None = None) -> None:
+                 value_range: tuple[float, float] | None = None, source: str | None = None,
+                 concat: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                 cond_normalize: str | None = None, class_names: list[str] | None = None) -> None:
         source = source or name
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
             got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -51,12 +60,23 @@ class ImageDataset(Dataset):
                 raise DataError(f"{source}: labels must be >= 0, found {int(labels.min())}")
         if not isinstance(xflip, bool):
             raise DataError(f"{source}: xflip={xflip!r} must be true or false")
+        _check_conditions(images, concat, context, source)
+        if class_names is not None and labels is not None and int(labels.max()) >= len(class_names):
+            raise DataError(f"{source}: {len(class_names)} class names but a label {int(labels.max())}")
         self.images: torch.Tensor = images.contiguous()
         self.labels: torch.Tensor | None = labels
         self.name: str = name
         self.xflip: bool = xflip
         self.normalizer: Normalizer = Normalizer.fit(self.images, normalize, target_std=target_std,
                                                      value_range=value_range, source=source)
+        self.class_names: list[str] | None = None if class_names is None else list(class_names)
+        self.concat: torch.Tensor | None = None if concat is None else concat.contiguous()
+        self.context: torch.Tensor | None = context
+        self.cond_normalizer: Normalizer | None = None
+        if concat is not None:
+            self.cond_normalizer = Normalizer.fit(self.concat, normalize if cond_normalize is None else cond_normalize,
+                                                  target_std=target_std, value_range=value_range,
+                                                  source=f"{source} (condition)")
 
     @property
     def num_images(self) -> int:
@@ -75,20 +95,36 @@ class ImageDataset(Dataset):
 
     @property
     def num_classes(self) -> int:
-        """``max(label) + 1``, or 0 when unlabeled."""
-        return 0 if self.labels is None else int(self.labels.max()) + 1
+        """The number of class names if known, else ``max(label) + 1``; 0 when unlabeled."""
+        if self.labels is None:
+            return 0
+        return len(self.class_names) if self.class_names is not None else int(self.labels.max()) + 1
+
+    @property
+    def cond_channels(self) -> int:
+        """Channels C' of the spatial condition ``concat`` (0 when there is none)."""
+        return 0 if self.concat is None else self.concat.shape[1]
+
+    @property
+    def context_shape(self) -> tuple[int, int] | None:
+        """``(L, D)`` of the ``context`` token sequence, or None when there is none."""
+        return None if self.context is None else (self.context.shape[1], self.context.shape[2])
 
     def __len__(self) -> int:
         return self.num_images * (2 if self.xflip else 1)
 
-    def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images ``[B, C, H, W]`` float32 in model units and labels ``[B]`` int64 for dataset indices."""
+    def _locate(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stored item, mirrored?) for dataset indices; IndexError when out of range."""
         indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= len(self)):
             raise IndexError(f"{self.name}: indices must lie in [0, {len(self)}), got "
                              f"[{int(indices.min())}, {int(indices.max())}]")
         flip = indices >= self.num_images
-        base = torch.where(flip, indices - self.num_images, indices)
+        return torch.where(flip, indices - self.num_images, indices), flip
+
+    def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``[B, C, H, W]`` float32 in model units and labels ``[B]`` int64 for dataset indices."""
+        base, flip = self._locate(indices)
         images = self.normalizer.to_model(self.images[base])
         if self.xflip and bool(flip.any()):
             images[flip] = images[flip].flip(-1)
@@ -97,6 +133,21 @@ class ImageDataset(Dataset):
         else:
             labels = self.labels[base]
         return images, labels
+
+    def get_conditions(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The conditions of dataset indices, as the networks take them: ``concat`` ``[B, C', H, W]``
+        float32 in model units (mirrored with its image) and/or ``context`` ``[B, L, D]`` float32;
+        an empty dict when the dataset has none."""
+        base, flip = self._locate(indices)
+        out = {}
+        if self.concat is not None:
+            concat = self.cond_normalizer.to_model(self.concat[base])
+            if self.xflip and bool(flip.any()):
+                concat[flip] = concat[flip].flip(-1)
+            out["concat"] = concat
+        if self.context is not None:
+            out["context"] = self.context[base]
+        return out
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = int(index)
@@ -111,4 +162,31 @@ class ImageDataset(Dataset):
         height, width = self.resolution
         return (f"{type(self).__name__}(name={self.name!r}, len={len(self)}, images={self.num_images}x"
                 f"{self.channels}x{height}x{width} {str(self.images.dtype).removeprefix('torch.')}, "
-                f"num_classes={self.num_classes}, xflip={self.xflip}, normalize={self.normalizer.mode!r})")
+                f"num_classes={self.num_classes}, xflip={self.xflip}, normalize={self.normalizer.mode!r}"
+                f"{f', cond_channels={self.cond_channels}' if self.concat is not None else ''}"
+                f"{f', context_shape={self.context_shape}' if self.context is not None else ''})")
+
+
+def _check_conditions(images: torch.Tensor, concat: torch.Tensor | None, context: torch.Tensor | None,
+                      source: str) -> None:
+    """DataError unless ``concat`` is a finite uint8/float32 ``[N, C', H, W]`` matching the images and
+    ``context`` a finite float32 ``[N, L, D]``."""
+    n, _, h, w = images.shape
+    if concat is not None:
+        if not isinstance(concat, torch.Tensor) or concat.ndim != 4 or concat.shape[0] != n \
+                or tuple(concat.shape[2:]) != (h, w) or concat.shape[1] < 1:
+            got = tuple(concat.shape) if isinstance(concat, torch.Tensor) else type(concat).__name__
+            raise DataError(f"{source}: the spatial condition must be [{n}, C, {h}, {w}] (one per image, the "
+                            f"images' size), got {got}")
+        if concat.dtype not in (torch.uint8, torch.float32):
+            raise DataError(f"{source}: the spatial condition must be uint8 or float32, got {concat.dtype}")
+        if concat.is_floating_point() and not bool(torch.isfinite(concat).all()):
+            raise DataError(f"{source}: the spatial condition has non-finite values (NaN/Inf)")
+    if context is not None:
+        if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[0] != n \
+                or min(context.shape[1:]) < 1 or context.dtype != torch.float32:
+            got = f"{context.dtype} {tuple(context.shape)}" if isinstance(context, torch.Tensor) else type(context)
+            raise DataError(f"{source}: the context must be a float32 [{n}, L, D] tensor (one token sequence "
+                            f"per image), got {got}")
+        if not bool(torch.isfinite(context).all()):
+            raise DataError(f"{source}: the context has non-finite values (NaN/Inf)")

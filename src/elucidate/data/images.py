@@ -3,6 +3,9 @@
 Files are found recursively (extensions case-insensitive; hidden files/dirs and ``__MACOSX`` are
 skipped) and ordered by sorted relative path. Labels come from an optional ``dataset.json`` at the
 root in the NVlabs/edm format ``{"labels": [["relative/path.png", 3], ...]}`` (or ``"labels": null``).
+With ``labels=True`` and no ``dataset.json``, the folders are the classes: every image must sit in a
+top-level sub-folder, and the class of ``cat/x.png`` is the index of ``cat`` among the sorted
+sub-folder names (kept as ``class_names``). ``labels=None`` (the default) uses only ``dataset.json``.
 
 Image modes: palette/bilevel/CMYK/YCbCr images count as their natural mode (L, LA, RGB or RGBA).
 Without ``channels`` all images must share one mode (otherwise a DataError names one file of each);
@@ -98,6 +101,17 @@ def _match_labels(table: dict[str, int], all_names: list[str], kept: list[str], 
     return torch.tensor([table[name] for name in kept], dtype=torch.int64)
 
 
+def folder_classes(names: list[str], where: str) -> tuple[dict[str, int], list[str]]:
+    """Labels from top-level sub-folders: (relative path -> index in the sorted folder names, names)."""
+    loose = [name for name in names if "/" not in name]
+    if loose:
+        raise DataError(f"{where}: labels=true without {LABELS_FILE} takes the sub-folders as classes, but "
+                        f"{loose[0]!r} is not in a sub-folder (add a {LABELS_FILE} or move it into its class folder)")
+    classes = sorted({name.split("/", 1)[0] for name in names})
+    index = {c: i for i, c in enumerate(classes)}
+    return {name: index[name.split("/", 1)[0]] for name in names}, classes
+
+
 def load_images(names: list[str], read: Callable[[str], bytes], source: str, *, sep: str = "/",
                 resolution: tuple[int, int] | None = None, center_crop: bool = False,
                 channels: int | None = None) -> torch.Tensor:
@@ -143,8 +157,10 @@ def _check_image_options(source: str, channels: int | None, center_crop: bool) -
 
 def _load_tree(all_names: list[str], read: Callable[[str], bytes], labels_raw: bytes | None, source: str,
                sep: str, *, resolution: int | list[int] | tuple[int, int] | None, center_crop: bool,
-               channels: int | None, max_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Shared folder/zip logic: options, labels matching, then decoding of the first ``max_size`` images."""
+               channels: int | None, max_size: int | None,
+               class_folders: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
+    """Shared folder/zip logic: options, labels matching (``dataset.json``, else sub-folders when
+    ``class_folders``), then decoding of the first ``max_size`` images. Returns (images, labels, class names)."""
     size = parse_resolution(resolution, f"{source}: resolution")
     _check_image_options(source, check_positive_int(channels, "channels", source), center_crop)
     if not all_names:
@@ -152,20 +168,29 @@ def _load_tree(all_names: list[str], read: Callable[[str], bytes], labels_raw: b
     kept = all_names[:check_positive_int(max_size, "max_size", source)]
     labels_where = f"{source}{sep}{LABELS_FILE}"
     table = parse_labels(labels_raw, labels_where) if labels_raw is not None else None
+    class_names = None
+    if table is None and labels_raw is None and class_folders:
+        table, class_names = folder_classes(all_names, source)
     labels = _match_labels(table, all_names, kept, labels_where) if table is not None else None
     images = load_images(kept, read, source, sep=sep, resolution=size, center_crop=center_crop, channels=channels)
-    return images, labels
+    return images, labels, class_names
+
+
+def _check_labels_option(labels: object, source: str) -> None:
+    if labels is not None and not isinstance(labels, bool):
+        raise DataError(f"{source}: labels={labels!r} must be true, false or unset")
 
 
 class ImageFolderDataset(ImageDataset):
-    """All images under a folder (recursive), with labels from ``<folder>/dataset.json`` if present.
+    """All images under a folder (recursive), with labels from ``<folder>/dataset.json`` if present,
+    or from its class sub-folders with ``labels=True`` (see the module docstring).
 
     ``labels=False`` ignores ``dataset.json``; ``max_size`` keeps the first N images in path order.
     """
 
     def __init__(self, path: str | os.PathLike, *, resolution: int | list[int] | tuple[int, int] | None = None,
                  center_crop: bool = False, xflip: bool = False, normalize: str = "auto", target_std: float = 0.5,
-                 channels: int | None = None, labels: bool = True, max_size: int | None = None) -> None:
+                 channels: int | None = None, labels: bool | None = None, max_size: int | None = None) -> None:
         root = Path(path)
         if not root.exists():
             raise DataError(f"{root}: no such directory")
@@ -180,22 +205,25 @@ class ImageFolderDataset(ImageDataset):
             except OSError as exc:
                 raise DataError(f"{root}/{name}: cannot read file ({describe(exc)})") from exc
 
-        labels_raw = read(LABELS_FILE) if labels and (root / LABELS_FILE).is_file() else None
-        images, label_tensor = _load_tree(names, read, labels_raw, str(root), "/", resolution=resolution,
-                                          center_crop=center_crop, channels=channels, max_size=max_size)
+        _check_labels_option(labels, str(root))
+        labels_raw = read(LABELS_FILE) if labels is not False and (root / LABELS_FILE).is_file() else None
+        images, label_tensor, classes = _load_tree(names, read, labels_raw, str(root), "/", resolution=resolution,
+                                                   center_crop=center_crop, channels=channels, max_size=max_size,
+                                                   class_folders=labels is True)
         super().__init__(images, label_tensor, name=root.resolve().name, xflip=xflip, normalize=normalize,
-                         target_std=target_std, source=str(root))
+                         target_std=target_std, source=str(root), class_names=classes)
 
 
 class ZipImageDataset(ImageDataset):
     """All images inside a .zip (any depth), with labels from a root ``dataset.json`` member if present.
 
-    Same rules as :class:`ImageFolderDataset`; the archive is read fully at construction.
+    Same rules as :class:`ImageFolderDataset` (class sub-folders too); the archive is read fully at
+    construction.
     """
 
     def __init__(self, path: str | os.PathLike, *, resolution: int | list[int] | tuple[int, int] | None = None,
                  center_crop: bool = False, xflip: bool = False, normalize: str = "auto", target_std: float = 0.5,
-                 channels: int | None = None, labels: bool = True, max_size: int | None = None) -> None:
+                 channels: int | None = None, labels: bool | None = None, max_size: int | None = None) -> None:
         file = Path(path)
         if not file.is_file():
             raise DataError(f"{file}: no such file" if not file.exists() else f"{file}: not a file")
@@ -213,8 +241,11 @@ class ZipImageDataset(ImageDataset):
                 except (zipfile.BadZipFile, OSError, RuntimeError, EOFError) as exc:
                     raise DataError(f"{file}:{name}: cannot read zip member ({describe(exc)})") from exc
 
-            labels_raw = read(LABELS_FILE) if labels and LABELS_FILE in members else None
-            images, label_tensor = _load_tree(names, read, labels_raw, str(file), ":", resolution=resolution,
-                                              center_crop=center_crop, channels=channels, max_size=max_size)
+            _check_labels_option(labels, str(file))
+            labels_raw = read(LABELS_FILE) if labels is not False and LABELS_FILE in members else None
+            images, label_tensor, classes = _load_tree(names, read, labels_raw, str(file), ":",
+                                                       resolution=resolution, center_crop=center_crop,
+                                                       channels=channels, max_size=max_size,
+                                                       class_folders=labels is True)
         super().__init__(images, label_tensor, name=file.stem, xflip=xflip, normalize=normalize,
-                         target_std=target_std, source=str(file))
+                         target_std=target_std, source=str(file), class_names=classes)

@@ -1,12 +1,12 @@
-"""Sample-quality metrics: Fréchet distance (FID / fd_digits), KID, precision/recall.
+"""Sample-quality metrics: Fréchet distance (FID / fd_digits / fd_mnist), KID, precision/recall.
 
 Library level; feature networks never download anything:
 
 * :func:`frechet_distance`, :class:`FeatureStats`, :func:`save_stats` / :func:`load_stats`
   (``.npz`` with ``mu`` / ``sigma``, the NVlabs/edm and pytorch-fid format);
 * :func:`kid` (Bińkowski et al. 2018), :func:`precision_recall` (Kynkäänniemi et al. 2019);
-* feature extractors (:func:`get_feature_extractor`): the bundled digits classifier
-  (``"fd_digits"``) and FID Inception-v3 from a local weights file (``"fid"``);
+* feature extractors (:func:`get_feature_extractor`): the bundled digits classifiers
+  (``"fd_digits"`` 8x8, ``"fd_mnist"`` 28x28) and FID Inception-v3 from a local weights file (``"fid"``);
   :func:`compute_stats` and :func:`classifier_score`.
 
 See ``docs/metrics.md``.
@@ -15,8 +15,13 @@ from .digits_net import (
     DigitsClassifier,
     DigitsSplit,
     digits_split,
+    load_bundled_classifier,
+    load_classifier_metadata,
     load_digits_classifier,
     load_digits_metadata,
+    load_mnist_classifier,
+    load_mnist_metadata,
+    mnist_split,
 )
 from .features import (
     ClassifierScore,
@@ -49,6 +54,7 @@ __all__ = [
     "FID_WEIGHTS_SHA256_PREFIX", "FID_WEIGHTS_URL", "FIDInceptionV3", "FeatureExtractor",
     "FeatureStats", "MissingFileError", "ModuleExtractor", "classifier_score", "compute_stats",
     "digits_split", "file_sha256", "frechet_distance", "get_feature_extractor", "kid",
-    "knn_radii", "load_digits_classifier", "load_digits_metadata", "load_inception",
-    "load_stats", "mmd2_unbiased", "precision_recall", "save_stats",
+    "knn_radii", "load_bundled_classifier", "load_classifier_metadata", "load_digits_classifier",
+    "load_digits_metadata", "load_inception", "load_mnist_classifier", "load_mnist_metadata", "load_stats",
+    "mmd2_unbiased", "mnist_split", "precision_recall", "save_stats",
 ]

@@ -3,7 +3,8 @@
 Every extractor maps images ``[B, C, H, W]`` as float in [0, 255] (or uint8) to float32
 features ``[B, D]`` on the CPU, without gradients, and exposes ``.dim`` and ``.name``:
 
-* ``"fd_digits"``: the bundled digits classifier's 64-d penultimate features (8x8 digits);
+* ``"fd_digits"`` / ``"fd_mnist"``: the bundled digits classifiers' 64-d penultimate features (8x8
+  sklearn digits / 28x28 MNIST);
 * ``"fid"`` / ``"inception"``: FID Inception-v3 pool3 (2048-d), weights from a local ``path``;
 * :class:`ModuleExtractor`: any ``nn.Module`` of your own.
 """
@@ -22,7 +23,7 @@ from .frechet import FeatureStats
 __all__ = ["ClassifierScore", "FeatureExtractor", "ModuleExtractor", "classifier_score",
            "compute_stats", "get_feature_extractor"]
 
-EXTRACTOR_NAMES = ("fd_digits", "fid", "inception")
+EXTRACTOR_NAMES = ("fd_digits", "fd_mnist", "fid", "inception")
 
 
 class FeatureExtractor:
@@ -93,13 +94,15 @@ class ModuleExtractor(FeatureExtractor):
 
 def get_feature_extractor(name: str, *, path: str | None = None,
                           device: str | torch.device | None = None) -> ModuleExtractor:
-    """Extractor by name: ``"fd_digits"`` (bundled weights) or ``"fid"`` / ``"inception"``
-    (Inception-v3; ``path`` to the local ``pt_inception-2015-12-05-6726825d.pth`` is required)."""
-    if name == "fd_digits":
-        from .digits_net import load_digits_classifier
-        digits = load_digits_classifier(device=device)
-        return ModuleExtractor(digits.features, dim=digits.feature_dim, name="fd_digits",
-                               device=device)
+    """Extractor by name: ``"fd_digits"`` / ``"fd_mnist"`` (bundled weights) or ``"fid"`` /
+    ``"inception"`` (Inception-v3; ``path`` to the local ``pt_inception-2015-12-05-6726825d.pth``
+    is required)."""
+    from .digits_net import BUNDLED_CLASSIFIERS
+
+    if name in BUNDLED_CLASSIFIERS:
+        from .digits_net import load_bundled_classifier
+        classifier = load_bundled_classifier(name, device=device)
+        return ModuleExtractor(classifier.features, dim=classifier.feature_dim, name=name, device=device)
     if name in ("fid", "inception"):
         if path is None:
             raise ValueError(f"feature extractor {name!r} needs path= to the Inception weights "

@@ -1,4 +1,4 @@
-"""Denoiser networks ``F(x, c_noise, class_labels=None)`` for the EDM preconditioning (eq. 7).
+"""Denoiser networks ``F(x, c_noise, **conditions)`` for the EDM preconditioning (eq. 7).
 
 Architectures (``build_network(arch, ...)``):
 
@@ -6,12 +6,16 @@ Architectures (``build_network(arch, ...)``):
 * ``ddpmpp`` -- :class:`SongUNet` as DDPM++ (EDM ``--arch=ddpmpp``).
 * ``ncsnpp`` -- :class:`SongUNet` as NCSN++ (EDM ``--arch=ncsnpp``).
 * ``adm``    -- :class:`DhariwalUNet`, ADM (EDM ``--arch=adm``).
+* ``diffusers_unet2d`` -- a diffusers ``UNet2DModel`` (:mod:`.diffusers_unet`; needs diffusers).
+* ``dit``    -- :class:`DiT`, a transformer with adaLN-Zero (keys ``patch_size, hidden_size, depth, num_heads``).
 
 All share the constructor keys ``img_resolution`` (int or ``(H, W)``), ``in_channels``,
 ``out_channels`` (default: ``in_channels``), ``model_channels``, ``channel_mult``, ``num_blocks``,
 ``attn_resolutions`` (matched against the smaller side of each level's feature map), ``dropout``,
-``label_dim`` (0 = unconditional), ``label_dropout`` and ``augment_dim``, and the call
-``forward(x, c_noise, class_labels=None, augment_labels=None) -> [B, out_channels, H, W]``.
+``label_dim`` (0 = unconditional), ``label_dropout``, ``augment_dim``, ``cond_channels`` (a spatial
+condition concatenated to x) and ``context_dim`` (a token context for cross-attention), and the call
+``forward(x, c_noise, class_labels=None, augment_labels=None, concat=None, context=None)
+-> [B, out_channels, H, W]`` (the contract: :class:`~.base.DiffusionNet`; docs/conditioning.md).
 
 ``ddpmpp``, ``ncsnpp`` and ``adm`` use NVlabs/edm's tensor layouts and constructor argument names;
 :func:`elucidate.nets.edm_port.load_edm_network` loads weights exported from edm (docs/edm.md).
@@ -23,8 +27,10 @@ from types import MappingProxyType
 
 from torch import nn
 
+from .base import DiffusionNet
 from .dhariwal_unet import DhariwalUNet
-from .layers import DiffusionNet
+from .diffusers_unet import DiffusersUNet2D
+from .dit import DiT
 from .song_unet import SongUNet
 from .unet import UNet
 
@@ -41,6 +47,8 @@ PRESETS = MappingProxyType({
         model_channels=128, channel_mult=(2, 2, 2), embedding_type="fourier", channel_mult_noise=2,
         encoder_type="residual", decoder_type="standard", resample_filter=(1, 3, 3, 1)))),
     "adm": (DhariwalUNet, MappingProxyType(dict(model_channels=192, channel_mult=(1, 2, 3, 4)))),
+    "diffusers_unet2d": (DiffusersUNet2D, MappingProxyType({})),
+    "dit": (DiT, MappingProxyType({})),
 })
 NETWORKS: tuple[str, ...] = tuple(PRESETS)
 

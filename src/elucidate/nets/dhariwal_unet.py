@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2d, DiffusionNet, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from .base import DiffusionNet
+from .layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock
 
 __all__ = ["DhariwalUNet"]
 
@@ -25,12 +26,14 @@ class DhariwalUNet(DiffusionNet):
     """
 
     def __init__(self, img_resolution: int | Sequence[int], in_channels: int, out_channels: int | None = None,
-                 label_dim: int = 0, augment_dim: int = 0, model_channels: int = 192,
+                 label_dim: int = 0, augment_dim: int = 0, cond_channels: int = 0, context_dim: int = 0,
+                 model_channels: int = 192,
                  channel_mult: Sequence[int] = (1, 2, 3, 4), channel_mult_emb: int = 4, num_blocks: int = 3,
                  attn_resolutions: Sequence[int] = (32, 16, 8), dropout: float = 0.10,
                  label_dropout: float = 0.0, channels_per_head: int = 64):
         super().__init__(img_resolution, in_channels, out_channels, channel_mult, num_blocks,
-                         attn_resolutions, dropout, label_dim, label_dropout, augment_dim)
+                         attn_resolutions, dropout, label_dim, label_dropout, augment_dim, cond_channels,
+                         context_dim)
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
         init_zero = dict(init_mode="kaiming_uniform", init_weight=0.0, init_bias=0.0)
@@ -51,7 +54,7 @@ class DhariwalUNet(DiffusionNet):
         skip_channels = []
         for level, mult in enumerate(self.channel_mult):
             if level == 0:
-                self.enc.append(Conv2d(cout, model_channels * mult, 3, **init))
+                self.enc.append(self.widen_input(Conv2d(cout, model_channels * mult, 3, **init)))
                 cout = model_channels * mult
             else:
                 self.enc.append(block(cout, cout, down=True))
@@ -78,16 +81,20 @@ class DhariwalUNet(DiffusionNet):
                 self.dec_takes_skip.append(True)
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, self.out_channels, 3, **init_zero)
+        self.add_cross_attention(self.dec[0])
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None,
-                augment_labels: torch.Tensor | None = None, **cond) -> torch.Tensor:
-        """``F(x, c_noise)``: ``x`` ``[B, in_channels, H, W]``, ``c_noise`` ``[B]`` -> ``[B, out_channels, H, W]``."""
+                augment_labels: torch.Tensor | None = None, concat: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        """``F(x, c_noise)``: ``x`` ``[B, in_channels, H, W]``, ``c_noise`` ``[B]`` -> ``[B, out_channels, H, W]``
+        (conditions: see :class:`~.base.DiffusionNet`)."""
         c_noise, labels, augment_labels = self.check_inputs(x, c_noise, class_labels, augment_labels, cond)
         emb = self.embed(c_noise, labels, augment_labels)
         out_dtype, skips = x.dtype, []
+        x, context = self.check_conditions(x, concat, context)
         for layer in self.enc:
-            x = layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)
+            x = layer(x, emb, context) if isinstance(layer, UNetBlock) else layer(x)
             skips.append(x)
         for blk, takes_skip in zip(self.dec, self.dec_takes_skip, strict=True):
-            x = blk(torch.cat([x, skips.pop()], dim=1) if takes_skip else x, emb)
+            x = blk(torch.cat([x, skips.pop()], dim=1) if takes_skip else x, emb, context)
         return self.out_conv(F.silu(self.out_norm(x))).to(out_dtype)

@@ -1,5 +1,6 @@
 """Building blocks shared by the U-Nets: initialized linear/conv layers with FIR resampling,
-adaptive group norm, noise-level embeddings, multi-head self-attention and the residual U-Net block.
+adaptive group norm, noise-level embeddings, multi-head self- and cross-attention and the residual
+U-Net block.
 
 Every layer is dtype/device agnostic: it runs in whatever dtype its inputs have (or the active
 autocast context chooses) and never assumes a particular device or memory format.
@@ -14,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["INIT_MODES", "weight_init", "num_groups", "Linear", "Conv2d", "GroupNorm",
-           "PositionalEmbedding", "FourierEmbedding", "SelfAttention", "UNetBlock",
-           "parse_resolution", "DiffusionNet"]
+           "PositionalEmbedding", "FourierEmbedding", "SelfAttention", "CrossAttention", "UNetBlock",
+           "parse_resolution"]
 
 INIT_MODES = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 
@@ -158,15 +159,19 @@ class PositionalEmbedding(nn.Module):
 
 class FourierEmbedding(nn.Module):
     """Random Fourier features ``[cos(2 pi c f_k), sin(2 pi c f_k)]``, ``f_k ~ N(0, scale^2)``
-    (NCSN++; ``sin_first`` as in :class:`PositionalEmbedding`). The frequencies are a saved buffer
-    (``freqs``) drawn from the global RNG at construction."""
+    (NCSN++; ``sin_first`` as in :class:`PositionalEmbedding`). The frequencies ``freqs`` are drawn
+    from the global RNG at construction: a saved buffer, or a trained parameter with ``learnable``."""
 
-    def __init__(self, num_channels: int, scale: float = 16.0, sin_first: bool = False):
+    def __init__(self, num_channels: int, scale: float = 16.0, sin_first: bool = False, learnable: bool = False):
         super().__init__()
         if num_channels < 2 or num_channels % 2:
             raise ValueError(f"FourierEmbedding needs an even num_channels >= 2, got {num_channels}")
         self.num_channels, self.sin_first = num_channels, sin_first
-        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+        freqs = torch.randn(num_channels // 2) * scale
+        if learnable:
+            self.freqs = nn.Parameter(freqs)
+        else:
+            self.register_buffer("freqs", freqs)
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         c = _noise_input(c_noise)
@@ -203,14 +208,51 @@ class SelfAttention(nn.Module):
         return self.proj(a.transpose(-1, -2).reshape(b, c, h, w))
 
 
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention from the H*W positions of a feature map (queries; pre-norm, 1x1
+    projection) to the L tokens of a context ``[B, L, context_dim]`` (keys and values; linear
+    projections). The output projection starts at exactly zero. Returns the residual update only.
+
+    A token whose values are all exactly 0 is padding: no query attends to it. A row whose tokens are
+    all padding has no context, and its update is exactly 0 (the branch contributes nothing), so
+    conditional and unconditional rows can share one batch (classifier-free guidance)."""
+
+    def __init__(self, channels: int, context_dim: int, num_heads: int, eps: float = 1e-5,
+                 init: dict | None = None):
+        super().__init__()
+        if num_heads < 1 or channels % num_heads:
+            raise ValueError(f"attention needs channels ({channels}) divisible by num_heads ({num_heads})")
+        self.num_heads, self.context_dim = num_heads, context_dim
+        self.norm = GroupNorm(channels, eps=eps)
+        self.q = Conv2d(channels, channels, kernel=1, **(init or {}))
+        self.kv = Linear(context_dim, 2 * channels, **(init or {}))  # output j * C + (h * C/heads + c)
+        self.proj = Conv2d(channels, channels, kernel=1, init_weight=0.0, init_bias=0.0)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        d = c // self.num_heads
+        present = context.ne(0).any(dim=-1)  # [B, L]: real tokens (before any down-cast)
+        has_context = present.any(dim=1)  # [B]
+        q = self.q(self.norm(x)).reshape(b, self.num_heads, d, h * w).transpose(-1, -2)  # [B, heads, HW, d]
+        kv = self.kv(context.to(x.dtype)).reshape(b, -1, 2, self.num_heads, d)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, d]
+        mask = (present | ~has_context[:, None])[:, None, None, :]  # rows without context: any finite values
+        a = F.scaled_dot_product_attention(q, k, v.to(q.dtype), attn_mask=mask)
+        out = self.proj(a.transpose(-1, -2).reshape(b, c, h, w))
+        return out * has_context.reshape(b, 1, 1, 1).to(out.dtype)
+
+
 class UNetBlock(nn.Module):
     """Residual block ``x -> skip(x) + conv1(drop(act(norm1(conv0(act(norm0 x))) (+) emb)))``,
-    optionally 2x up/down-sampling, followed by optional self-attention.
+    optionally 2x up/down-sampling, followed by optional self-attention and (after
+    :meth:`add_cross_attention`) cross-attention to a context.
 
     The noise embedding enters as a per-channel shift (DDPM++/NCSN++) or, with ``adaptive_scale``,
     as scale-and-shift of the normalized features (ADM). ``skip_scale`` rescales each residual sum
     (sqrt(1/2) in DDPM++/NCSN++). ``init``/``init_zero``/``init_attn`` are keyword dicts for the
-    regular, output (near-)zero and attention q/k/v layers.
+    regular, output (near-)zero and attention q/k/v layers. The cross-attention update is added
+    without ``skip_scale``, so a block given no context computes exactly what it computes without
+    cross-attention.
     """
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, *, up: bool = False,
@@ -234,16 +276,21 @@ class UNetBlock(nn.Module):
             kernel = 1 if resample_proj or in_channels != out_channels else 0
             self.skip = Conv2d(in_channels, out_channels, kernel, up=up, down=down,
                                resample_filter=resample_filter, **init)
+        self.num_heads = num_heads if num_heads is not None else max(1, out_channels // channels_per_head)
+        self.eps, self.init_attn = eps, init_attn if init_attn is not None else init
         self.attn = None
         if attention:
-            heads = num_heads if num_heads is not None else max(1, out_channels // channels_per_head)
-            self.attn = SelfAttention(out_channels, heads, eps=eps,
-                                      init=init_attn if init_attn is not None else init, init_zero=init_zero)
+            self.attn = SelfAttention(out_channels, self.num_heads, eps=eps, init=self.init_attn, init_zero=init_zero)
+        self.xattn: CrossAttention | None = None
+
+    def add_cross_attention(self, context_dim: int) -> None:
+        """Attend to a ``[B, L, context_dim]`` context after the self-attention (heads and init as it)."""
+        self.xattn = CrossAttention(self.out_channels, context_dim, self.num_heads, eps=self.eps, init=self.init_attn)
 
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.skip_scale == 1 else x * self.skip_scale
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv0(F.silu(self.norm0(x)))
         params = self.affine(emb)[:, :, None, None]
         if self.adaptive_scale:
@@ -255,10 +302,10 @@ class UNetBlock(nn.Module):
         x = self._scaled(h + (self.skip(x) if self.skip is not None else x))
         if self.attn is not None:
             x = self._scaled(x + self.attn(x))
+        if self.xattn is not None and context is not None:
+            x = x + self.xattn(x, context)
         return x
 
-
-# --- the contract every network in this package follows ------------------------------------------
 
 def parse_resolution(img_resolution: int | Sequence[int]) -> tuple[int, int]:
     """``img_resolution`` (an int for square images or ``(H, W)``) as a ``(H, W)`` tuple."""
@@ -266,114 +313,3 @@ def parse_resolution(img_resolution: int | Sequence[int]) -> tuple[int, int]:
     if len(res) != 2 or not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in res):
         raise ValueError(f"img_resolution must be a positive int or (H, W) pair of ints, got {img_resolution!r}")
     return res
-
-
-class DiffusionNet(nn.Module):
-    """Base class: ``F(x, c_noise, class_labels=None, augment_labels=None) -> [B, out_channels, H, W]``.
-
-    Validates the configuration (resolution divisible by ``2**(levels-1)``, channel counts) and, at
-    call time, the input shape and conditioning. ``class_labels`` may be int labels ``[B]`` or
-    one-hot/soft ``[B, label_dim]`` floats; ``None`` (or an all-zero vector) means unconditional.
-    With ``label_dropout > 0`` whole label vectors are zeroed at that rate in training mode only,
-    so one network serves classifier-free guidance.
-    """
-
-    cond_keys = ("class_labels", "augment_labels")
-
-    def __init__(self, img_resolution: int | Sequence[int], in_channels: int, out_channels: int | None,
-                 channel_mult: Sequence[int], num_blocks: int, attn_resolutions: Sequence[int],
-                 dropout: float, label_dim: int, label_dropout: float, augment_dim: int):
-        super().__init__()
-        self.img_resolution = parse_resolution(img_resolution)
-        out_channels = in_channels if out_channels is None else out_channels
-        self.channel_mult = tuple(int(m) for m in channel_mult)
-        self.attn_resolutions = tuple(int(r) for r in attn_resolutions)
-        for name, value, low in [("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
-                                 ("num_blocks", num_blocks, 1), ("label_dim", label_dim, 0),
-                                 ("augment_dim", augment_dim, 0)]:
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if not self.channel_mult or min(self.channel_mult) < 1:
-            raise ValueError(f"channel_mult must be a non-empty sequence of positive ints, got {channel_mult!r}")
-        if not (0 <= dropout < 1 and 0 <= label_dropout <= 1):
-            raise ValueError(f"need 0 <= dropout < 1 and 0 <= label_dropout <= 1, got {dropout}, {label_dropout}")
-        factor = 2 ** (len(self.channel_mult) - 1)
-        h, w = self.img_resolution
-        if h % factor or w % factor:
-            raise ValueError(f"img_resolution {h}x{w} is incompatible with channel_mult {self.channel_mult}: "
-                             f"H and W must be divisible by 2**(len(channel_mult)-1) = {factor}")
-        self.in_channels, self.out_channels, self.num_blocks = in_channels, out_channels, num_blocks
-        self.label_dim, self.label_dropout, self.augment_dim = label_dim, float(label_dropout), augment_dim
-        self.dropout = float(dropout)
-
-    def embed(self, c_noise: torch.Tensor, labels: torch.Tensor | None,
-              augment_labels: torch.Tensor | None) -> torch.Tensor:
-        """The conditioning embedding ``[B, model_channels * channel_mult_emb]`` (ADM order: noise,
-        augment, MLP, then labels; SongUNet overrides it with its own order)."""
-        dtype = self.map_layer0.weight.dtype
-        emb = self.map_noise(c_noise).to(dtype)
-        if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels.to(dtype))
-        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
-        if self.map_label is not None:
-            emb = emb + self.map_label(labels.to(dtype))
-        return F.silu(emb)
-
-    def level_resolution(self, level: int) -> tuple[int, int]:
-        """``(H, W)`` of the feature maps at U-Net level ``level`` (0 = input resolution)."""
-        return self.img_resolution[0] >> level, self.img_resolution[1] >> level
-
-    def use_attention(self, level: int) -> bool:
-        """Whether ``attn_resolutions`` selects ``level``; matched against the *smaller* side."""
-        return min(self.level_resolution(level)) in self.attn_resolutions
-
-    def check_inputs(self, x: torch.Tensor, c_noise, class_labels, augment_labels,
-                     cond: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Validate a call; returns ``(c_noise [B], labels [B, label_dim] or None, augment or None)``
-        with label dropout applied in training mode."""
-        name = type(self).__name__
-        if cond:
-            raise TypeError(f"{name}.forward got unknown conditioning key(s) {sorted(cond)}; "
-                            f"accepted: {', '.join(self.cond_keys)}")
-        expected = (self.in_channels, *self.img_resolution)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"{name} expects x of shape [B, {expected[0]}, {expected[1]}, {expected[2]}] "
-                             f"(in_channels, img_resolution), got {list(x.shape)}")
-        batch = x.shape[0]
-        c_noise = torch.as_tensor(c_noise, device=x.device).reshape(-1)
-        if c_noise.numel() == 1:
-            c_noise = c_noise.expand(batch)
-        elif c_noise.numel() != batch:
-            raise ValueError(f"c_noise has {c_noise.numel()} values but x has batch size {batch}")
-        labels = self.prepare_labels(class_labels, batch, x.device)
-        if augment_labels is not None and not self.augment_dim:
-            raise ValueError(f"{name} was built with augment_dim=0 but augment_labels were given")
-        if augment_labels is not None and tuple(augment_labels.shape) != (batch, self.augment_dim):
-            raise ValueError(f"augment_labels must be [{batch}, {self.augment_dim}], got {list(augment_labels.shape)}")
-        return c_noise, labels, augment_labels
-
-    def prepare_labels(self, class_labels, batch: int, device: torch.device) -> torch.Tensor | None:
-        """Class labels as ``[batch, label_dim]`` float vectors (zeros for ``None``), label dropout
-        applied in training mode; ``None`` for an unconditional network."""
-        if not self.label_dim:
-            if class_labels is not None:
-                raise ValueError(f"{type(self).__name__} is unconditional (label_dim=0) but class_labels were given")
-            return None
-        if class_labels is None:
-            return torch.zeros(batch, self.label_dim, device=device)
-        labels = torch.as_tensor(class_labels, device=device)
-        if not labels.is_floating_point():
-            if labels.ndim != 1 or labels.shape[0] != batch:
-                raise ValueError(f"integer class_labels must have shape [{batch}], got {list(labels.shape)}")
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.label_dim):
-                raise ValueError(f"integer class_labels must lie in [0, {self.label_dim}), "
-                                 f"got range [{int(labels.min())}, {int(labels.max())}]")
-            labels = F.one_hot(labels.long(), self.label_dim).float()
-        elif labels.ndim != 2 or labels.shape[1] != self.label_dim or labels.shape[0] not in (1, batch):
-            raise ValueError(f"float class_labels must have shape [{batch}, {self.label_dim}], "
-                             f"got {list(labels.shape)}")
-        labels = labels.expand(batch, -1)
-        if self.training and self.label_dropout > 0:
-            keep = torch.rand(batch, 1, device=device) >= self.label_dropout
-            labels = labels * keep.to(labels.dtype)
-        return labels

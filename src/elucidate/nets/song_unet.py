@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2d, DiffusionNet, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from .base import DiffusionNet
+from .layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
 
 __all__ = ["SongUNet"]
 
@@ -42,14 +43,16 @@ class SongUNet(DiffusionNet):
     """
 
     def __init__(self, img_resolution: int | Sequence[int], in_channels: int, out_channels: int | None = None,
-                 label_dim: int = 0, augment_dim: int = 0, model_channels: int = 128,
+                 label_dim: int = 0, augment_dim: int = 0, cond_channels: int = 0, context_dim: int = 0,
+                 model_channels: int = 128,
                  channel_mult: Sequence[int] = (1, 2, 2, 2), channel_mult_emb: int = 4, num_blocks: int = 4,
                  attn_resolutions: Sequence[int] = (16,), dropout: float = 0.10, label_dropout: float = 0.0,
                  embedding_type: str = "positional", channel_mult_noise: int = 1,
                  encoder_type: str = "standard", decoder_type: str = "standard",
                  resample_filter: Sequence[float] = (1, 1), num_heads: int = 1):
         super().__init__(img_resolution, in_channels, out_channels, channel_mult, num_blocks,
-                         attn_resolutions, dropout, label_dim, label_dropout, augment_dim)
+                         attn_resolutions, dropout, label_dim, label_dropout, augment_dim, cond_channels,
+                         context_dim)
         self.embedding_type = _choice("embedding_type", embedding_type, EMBEDDING_TYPES)
         self.encoder_type = _choice("encoder_type", encoder_type, ENCODER_TYPES)
         self.decoder_type = _choice("decoder_type", decoder_type, DECODER_TYPES)
@@ -79,7 +82,7 @@ class SongUNet(DiffusionNet):
         for level, mult in enumerate(self.channel_mult):
             stage = nn.ModuleDict()
             if level == 0:
-                stage["conv"] = Conv2d(cout, model_channels, 3, **init)
+                stage["conv"] = self.widen_input(Conv2d(cout, model_channels, 3, **init))
                 cout = model_channels
             else:
                 stage["down"] = block(cout, cout, down=True)
@@ -120,6 +123,7 @@ class SongUNet(DiffusionNet):
                 stage["aux_norm"] = GroupNorm(cout, eps=1e-6)
                 stage["aux_conv"] = Conv2d(cout, self.out_channels, 3, **init_out)
             self.dec.append(stage)
+        self.add_cross_attention(self.dec[0]["mid"][0])
 
     def embed(self, c_noise: torch.Tensor, labels: torch.Tensor | None,
               augment_labels: torch.Tensor | None) -> torch.Tensor:
@@ -133,16 +137,19 @@ class SongUNet(DiffusionNet):
         return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None,
-                augment_labels: torch.Tensor | None = None, **cond) -> torch.Tensor:
-        """``F(x, c_noise)``: ``x`` ``[B, in_channels, H, W]``, ``c_noise`` ``[B]`` -> ``[B, out_channels, H, W]``."""
+                augment_labels: torch.Tensor | None = None, concat: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        """``F(x, c_noise)``: ``x`` ``[B, in_channels, H, W]``, ``c_noise`` ``[B]`` -> ``[B, out_channels, H, W]``
+        (conditions: see :class:`~.base.DiffusionNet`)."""
         c_noise, labels, augment_labels = self.check_inputs(x, c_noise, class_labels, augment_labels, cond)
         emb = self.embed(c_noise, labels, augment_labels)
-        out_dtype, skips, aux = x.dtype, [], x
+        out_dtype, skips, aux = x.dtype, [], x  # the skip/residual encoders' input pyramid starts from x alone
+        x, context = self.check_conditions(x, concat, context)
         for stage in self.enc:
             if "conv" in stage:
                 x = stage["conv"](x)
             else:
-                x = stage["down"](x, emb)
+                x = stage["down"](x, emb, context)
                 if "aux_skip" in stage:
                     aux = stage["aux_down"](aux)
                     x = x + stage["aux_skip"](aux)
@@ -150,18 +157,18 @@ class SongUNet(DiffusionNet):
                     x = aux = (x + stage["aux_residual"](aux)) / math.sqrt(2)
             skips.append(x)
             for blk in stage["blocks"]:
-                x = blk(x, emb)
+                x = blk(x, emb, context)
                 skips.append(x)
 
         aux = None
         for stage in self.dec:
             if "mid" in stage:
                 for blk in stage["mid"]:
-                    x = blk(x, emb)
+                    x = blk(x, emb, context)
             else:
-                x = stage["up"](x, emb)
+                x = stage["up"](x, emb, context)
             for blk in stage["blocks"]:
-                x = blk(torch.cat([x, skips.pop()], dim=1), emb)
+                x = blk(torch.cat([x, skips.pop()], dim=1), emb, context)
             if "aux_conv" in stage:
                 if "aux_up" in stage:
                     aux = stage["aux_up"](aux)

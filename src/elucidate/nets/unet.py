@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2d, DiffusionNet, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from .base import DiffusionNet
+from .layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock
 
 __all__ = ["UNet"]
 
@@ -34,12 +35,14 @@ class UNet(DiffusionNet):
     """
 
     def __init__(self, img_resolution: int | Sequence[int], in_channels: int, out_channels: int | None = None,
-                 label_dim: int = 0, augment_dim: int = 0, model_channels: int = 32,
+                 label_dim: int = 0, augment_dim: int = 0, cond_channels: int = 0, context_dim: int = 0,
+                 model_channels: int = 32,
                  channel_mult: Sequence[int] = (1, 2, 3), channel_mult_emb: int = 4, num_blocks: int = 2,
                  attn_resolutions: Sequence[int] = (), dropout: float = 0.0, label_dropout: float = 0.0,
                  channels_per_head: int = 64, mid_attention: bool = True):
         super().__init__(img_resolution, in_channels, out_channels, channel_mult, num_blocks,
-                         attn_resolutions, dropout, label_dim, label_dropout, augment_dim)
+                         attn_resolutions, dropout, label_dim, label_dropout, augment_dim, cond_channels,
+                         context_dim)
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
         init_zero = dict(init_mode="kaiming_uniform", init_weight=0.0, init_bias=0.0)
@@ -54,7 +57,7 @@ class UNet(DiffusionNet):
         self.map_label = (Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal",
                                  init_weight=math.sqrt(label_dim)) if label_dim else None)
 
-        self.stem = Conv2d(in_channels, widths[0], 3, **init)
+        self.stem = self.widen_input(Conv2d(in_channels, widths[0], 3, **init))
         self.enc = nn.ModuleList()
         cout = widths[0]
         for level, width in enumerate(widths):
@@ -74,26 +77,30 @@ class UNet(DiffusionNet):
             self.dec.append(blocks)
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, self.out_channels, 3, **init_zero)
+        self.add_cross_attention(self.mid[0])
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None,
-                augment_labels: torch.Tensor | None = None, **cond) -> torch.Tensor:
-        """``F(x, c_noise)``: ``x`` ``[B, in_channels, H, W]``, ``c_noise`` ``[B]`` -> ``[B, out_channels, H, W]``."""
+                augment_labels: torch.Tensor | None = None, concat: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        """``F(x, c_noise)``: ``x`` ``[B, in_channels, H, W]``, ``c_noise`` ``[B]`` -> ``[B, out_channels, H, W]``
+        (conditions: see :class:`~.base.DiffusionNet`)."""
         c_noise, labels, augment_labels = self.check_inputs(x, c_noise, class_labels, augment_labels, cond)
         emb = self.embed(c_noise, labels, augment_labels)
         out_dtype, skips = x.dtype, []
+        x, context = self.check_conditions(x, concat, context)
         x = self.stem(x)
         for level, blocks in enumerate(self.enc):
             if level > 0:
                 x = F.avg_pool2d(x, 2)
             for blk in blocks:
-                x = blk(x, emb)
+                x = blk(x, emb, context)
             skips.append(x)
         for blk in self.mid:
-            x = blk(x, emb)
+            x = blk(x, emb, context)
         for i, blocks in enumerate(self.dec):
             if i > 0:
                 x = F.interpolate(x, scale_factor=2.0, mode="nearest")
             x = torch.cat([x, skips.pop()], dim=1)
             for blk in blocks:
-                x = blk(x, emb)
+                x = blk(x, emb, context)
         return self.out_conv(F.silu(self.out_norm(x))).to(out_dtype)

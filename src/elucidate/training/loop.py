@@ -8,7 +8,6 @@ see the same global batch as one.
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import time
 from pathlib import Path
@@ -17,30 +16,43 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import (
+    DAMAGED_DIR,
+    CheckpointDamaged,
+    check_fits,
+    check_run_checkpoint,
     checkpoint_name,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    newest_usable,
     optimizer_from_flat,
     save_checkpoint,
+    set_aside,
 )
 from ..config import Config, dump_config, parse_config
 from ..denoiser import Denoiser, with_null_condition
 from ..errors import UserError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, remove_stale_temp_files
 from ..generate import autocast_for, generate
 from ..losses import denoising_loss
 from ..model import DataInfo, build_network_for
+from ..rundir import append_metrics, check_same_run, truncate_metrics
+from ..runlock import RunLock, RunLocked
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from .ema import EMA
 from .rng import batch_indices, derive_seed, derived_generator
 
-__all__ = ["Trainer", "SIGMA_EDGES", "RESUMABLE_KEYS", "make_optimizer"]
+__all__ = ["Trainer", "TrainingStopped", "SIGMA_EDGES", "RESUMABLE_KEYS", "make_optimizer"]
 
 #: Loss-by-sigma bins (log-spaced, two per decade from 1e-3 to 1e3; values outside go to the end bins).
 SIGMA_EDGES = [10 ** (e / 2) for e in range(-6, 7)]
 #: training keys that may change when a run is resumed (they do not affect the weights).
-RESUMABLE_KEYS = {"steps", "checkpoint_every", "sample_every", "log_every", "keep_checkpoints", "num_sample_images"}
+RESUMABLE_KEYS = {"steps", "checkpoint_every", "sample_every", "log_every", "keep_checkpoints", "num_sample_images",
+                  "max_bad_steps"}
+
+
+class TrainingStopped(UserError):
+    """Training gave up (too many consecutive non-finite steps); the message says where it stands."""
 
 
 class Trainer:
@@ -52,6 +64,7 @@ class Trainer:
         self.t = config.training
         self.dist: DistInfo = init_distributed(device)
         self.device = self.dist.device
+        self._lock = self._lock_run()  # one writer per run directory (held until train() returns)
         if self.t.batch_size % (self.dist.world_size * self.t.grad_accumulation):
             raise UserError(f"training.batch_size = {self.t.batch_size} must be divisible by processes x "
                             f"grad_accumulation = {self.dist.world_size} x {self.t.grad_accumulation}")
@@ -59,7 +72,7 @@ class Trainer:
 
         from ..data import build_dataset
         self.dataset = build_dataset(config.data)
-        self.info = DataInfo(self.dataset.channels, tuple(self.dataset.resolution), self.dataset.num_classes)
+        self.info = DataInfo.from_dataset(self.dataset)
         torch.manual_seed(derive_seed(self.t.seed, "init"))
         self.net = build_network_for(config, self.info).to(self.device)
         if self.t.channels_last:
@@ -78,6 +91,7 @@ class Trainer:
         self.ema = EMA(self.net, self.t.ema_halflife, self.t.ema_rampup)
         self.params = list(self.net.parameters())
         self.step, self.skipped, self.seconds = 0, 0, 0.0
+        self.bad_streak, self.saved_step = 0, None  # consecutive skipped steps; step of the last checkpoint
         self.stop_requested = False
         self._prepare_run_dir()
 
@@ -87,59 +101,70 @@ class Trainer:
         return {"step": self.step, "images": self.step * self.t.batch_size, "skipped_steps": self.skipped,
                 "seconds": self.seconds, "config": self.config.to_dict(), "data": self.info.to_dict(),
                 "normalizer": normalizer.to_config() if normalizer is not None else None,
-                "world_size": self.dist.world_size, "torch": torch.__version__}
+                "world_size": self.dist.world_size, "torch": torch.__version__, "bad_streak": self.bad_streak}
+
+    def _lock_run(self) -> RunLock:
+        """Take the run directory's lock (rank 0 only; every rank fails if rank 0 cannot)."""
+        lock, error = RunLock(self.run_dir, "training"), None
+        try:
+            if self.dist.is_main:
+                lock.acquire()
+        except RunLocked as e:
+            error = e
+        if self.dist.world_size > 1 and all_reduce_sum(torch.tensor([float(error is not None)], device=self.device)):
+            raise error or RunLocked(f"{self.run_dir} is in use by another writer (see rank 0)")
+        if error is not None:
+            raise error
+        return lock
 
     def _prepare_run_dir(self) -> None:
-        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+        ckpt, tensors, meta, damaged = self._newest_usable_checkpoint()
         if ckpt is None:
+            if any((folder := self.run_dir / "checkpoints" / DAMAGED_DIR).glob("*")):
+                raise UserError(f"{self.run_dir} has only damaged checkpoints (moved to {folder}); to start "
+                                f"over, remove that folder or use a new --out directory")
             if self.dist.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             barrier()
             return
-        tensors, meta = load_checkpoint(ckpt, self.device)
-        self._check_same_run(parse_config(meta["config"]), ckpt)
         self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         self.ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         self.optimizer.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
         self.step, self.skipped, self.seconds = int(meta["step"]), int(meta["skipped_steps"]), float(meta["seconds"])
+        self.bad_streak, self.saved_step = int(meta.get("bad_streak", 0)), self.step
         if self.dist.is_main:
+            remove_stale_temp_files(self.run_dir, "config.yaml", "metrics.jsonl")  # left by a killed run
+            remove_stale_temp_files(self.run_dir / "checkpoints", "ckpt-*")
             atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))
-            self._truncate_metrics()
-            self._append_metrics({"event": "resume", "step": self.step, "checkpoint": ckpt.name})
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            self._append_metrics({"event": "resume", "step": self.step, "checkpoint": ckpt.name, "damaged": damaged})
         self.log(f"resuming {self.run_dir} from {ckpt.name} (step {self.step})")
         barrier()
 
-    def _check_same_run(self, saved: Config, ckpt: Path) -> None:
-        old, new = saved.to_dict(), self.config.to_dict()
-        for section in ("data", "network", "diffusion", "training"):  # sampling settings never touch the weights
-            for key in sorted(set(old[section]) | set(new[section])):
-                if section == "training" and key in RESUMABLE_KEYS:
-                    continue
-                if old[section].get(key) != new[section].get(key):
-                    raise UserError(f"{self.run_dir} holds a run with {section}.{key} = {old[section].get(key)!r} "
-                                    f"(in {ckpt.name}) but the config says {new[section].get(key)!r}; "
-                                    f"use a new --out directory or the same config")
+    def _newest_usable_checkpoint(self) -> tuple[Path | None, dict, dict, list[str]]:
+        """(newest undamaged checkpoint, its tensors and metadata, names of damaged ones moved aside).
+        A readable one of another config or network is an error (moving it would lose the run)."""
+        damaged = []
 
-    def _truncate_metrics(self) -> None:
-        """Drop log lines written after the checkpoint we resume from (they will be redone)."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step", 0) <= self.step:
-                kept.append(line)
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        def attempt(ckpt: Path) -> tuple[dict, dict]:
+            layout, meta = check_run_checkpoint(ckpt, resumable=True)
+            check_same_run(parse_config(meta["config"]).to_dict(), self.config.to_dict(), self.run_dir, ckpt,
+                           sections=("data", "network", "diffusion", "training"), resumable=RESUMABLE_KEYS)
+            check_fits(ckpt, layout, meta, {"net.": self.net, "ema.": self.ema.module}, self.optimizer)
+            return load_checkpoint(ckpt, self.device)
+
+        def on_damaged(e: CheckpointDamaged) -> None:
+            where = set_aside(e.path) if self.dist.is_main else e.path.parent / DAMAGED_DIR
+            self.log(f"warning: {e}; moved it to {where} and trying the previous checkpoint")
+            damaged.append(e.path.name)
+
+        found = newest_usable(reversed(list_checkpoints(self.run_dir / "checkpoints")), attempt, on_damaged)
+        return (found[0], *found[1], damaged) if found else (None, {}, {}, damaged)
 
     def _append_metrics(self, record: dict) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_metrics(self.run_dir / "metrics.jsonl", record)
 
     # ------------------------------------------------------------------------------------------
     def _batch(self, step: int):
@@ -158,6 +183,8 @@ class Trainer:
         if self.t.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         cond = {"class_labels": labels} if self.net_label_dim > 0 else {}
+        wanted = {"concat": self.net_sizes[0], "context": self.net_sizes[1]}  # what the network takes
+        cond.update({k: v for k, v in self.dataset.get_conditions(indices[part]).items() if wanted.get(k)})
         if cond and self.t.cond_drop_prob > 0:
             keep = torch.rand(B, generator=derived_generator(self.t.seed, "cond_drop", step))[part]
             keep = keep >= self.t.cond_drop_prob
@@ -170,6 +197,11 @@ class Trainer:
     @property
     def net_label_dim(self) -> int:
         return int(getattr(self.net, "label_dim", 0) or 0)
+
+    @property
+    def net_sizes(self) -> tuple[int, int]:
+        """(cond_channels, context_dim) of the network: which data conditions it takes."""
+        return int(getattr(self.net, "cond_channels", 0) or 0), int(getattr(self.net, "context_dim", 0) or 0)
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """One optimizer step; returns (per-sample losses, their sigmas, whether the step was applied)."""
@@ -210,11 +242,15 @@ class Trainer:
     def save(self) -> Path:
         """Write a checkpoint for the current step (main process) and prune old ones."""
         path = self.run_dir / "checkpoints" / checkpoint_name(self.step)
-        if self.dist.is_main:
+        if self.dist.is_main:  # a failed write raises fileio.WriteError and leaves the older ones as they were
             save_checkpoint(path, net=self.net, ema=self.ema.module, optimizer=self.optimizer, meta=self._meta())
             if self.t.keep_checkpoints:
                 for old in list_checkpoints(path.parent)[:-self.t.keep_checkpoints]:
-                    old.unlink(missing_ok=True)
+                    try:
+                        old.unlink(missing_ok=True)
+                    except OSError as e:  # not fatal: the new checkpoint is written
+                        self.log(f"warning: cannot remove old checkpoint {old}: {e}")
+        self.saved_step = self.step
         barrier()
         return path
 
@@ -241,14 +277,22 @@ class Trainer:
         self.log("interrupt received: finishing this step and writing a checkpoint")
 
     def train(self) -> dict:
-        """Run until ``training.steps``; returns a summary. Ctrl-C checkpoints and stops cleanly."""
+        """Run until ``training.steps``; returns a summary. Ctrl-C (SIGINT) and SIGTERM (preemption)
+        finish the step, checkpoint and stop cleanly. Releases the run directory's lock (taken by __init__)."""
+        try:
+            return self._train()
+        finally:
+            self._lock.release()
+
+    def _train(self) -> dict:
         total = self.t.steps
         if self.step >= total:
             self.log(f"{self.run_dir} is already trained to step {self.step} (training.steps = {total})")
             latest = latest_checkpoint(self.run_dir / "checkpoints")
             return {"step": self.step, "skipped_steps": self.skipped, "checkpoint": latest, "samples": None,
                     "seconds": self.seconds, "interrupted": False}
-        previous = signal.signal(signal.SIGINT, self._request_stop) if _main_thread() else None
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)
+                    } if _main_thread() else {}
         bar = None
         if self.progress and self.dist.is_main and self.step < total:
             from tqdm.auto import tqdm
@@ -258,11 +302,12 @@ class Trainer:
         acc = torch.zeros(2 + 2 * K, dtype=torch.float64)  # loss sum, count, per-bin sums, per-bin counts
         interval_start, interval_images = time.perf_counter(), 0
         try:
-            while self.step < total and not self.stop_requested:
+            while self.step < total and not self._stop_agreed():
                 t0 = time.perf_counter()
                 losses, sigma, applied = self.train_step(self.step)
                 self.step += 1
                 self.skipped += 0 if applied else 1
+                self.bad_streak = 0 if applied else self.bad_streak + 1
                 self.seconds += time.perf_counter() - t0
                 interval_images += self.t.batch_size
                 finite = torch.isfinite(losses)
@@ -280,8 +325,10 @@ class Trainer:
                     self._log_interval(acc, interval_images / max(elapsed, 1e-9), bar)
                     acc.zero_()
                     interval_start, interval_images = time.perf_counter(), 0
-                if self.step % self.t.checkpoint_every == 0 and self.step < total:
-                    self.save()
+                if self.t.max_bad_steps is not None and self.bad_streak >= self.t.max_bad_steps:
+                    self._stop_diverged()
+                if self.step % self.t.checkpoint_every == 0 and self.step < total and not self.bad_streak:
+                    self.save()  # (none during a run of skipped steps: the state has not changed)
                 if self.t.sample_every and self.step % self.t.sample_every == 0 and self.step < total:
                     self.sample_grid()
             ckpt = self.save()
@@ -289,10 +336,31 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return {"step": self.step, "skipped_steps": self.skipped, "checkpoint": ckpt, "samples": grid,
                 "seconds": self.seconds, "interrupted": self.stop_requested}
+
+    def _stop_agreed(self) -> bool:
+        """Whether any process was asked to stop (all processes must stop at the same step)."""
+        if self.dist.world_size == 1:
+            return self.stop_requested
+        return bool(all_reduce_sum(torch.tensor([float(self.stop_requested)], device=self.device)))
+
+    def _stop_diverged(self) -> None:
+        """Stop after ``max_bad_steps`` skipped steps in a row, keeping a checkpoint of the last good state
+        (a skipped step changes nothing but the counters: the state now is the state after step ``good``)."""
+        streak, good = self.bad_streak, self.step - self.bad_streak
+        if self.saved_step is None or self.saved_step < good:
+            now = self.step, self.skipped, streak
+            self.step, self.skipped, self.bad_streak = good, self.skipped - streak, 0
+            self.save()
+            self.step, self.skipped, self.bad_streak = now
+        if self.dist.is_main:
+            self._append_metrics({"event": "stopped", "step": self.step, "bad_steps": streak, "last_good_step": good})
+        raise TrainingStopped(f"training stopped at step {self.step}: {streak} steps in a row had a non-finite "
+                              f"gradient (training.max_bad_steps); {checkpoint_name(self.saved_step)} holds the last "
+                              f"good state (step {good}); lower training.lr, or resume with a larger max_bad_steps")
 
     def _log_interval(self, acc: torch.Tensor, images_per_sec: float, bar) -> None:
         acc = all_reduce_sum(acc.to(self.device)).cpu() if self.dist.world_size > 1 else acc
