@@ -134,6 +134,8 @@ class SamplingConfig:
                           default_factory=dict)
     guidance: float = param(1.0, "classifier-free guidance weight: D_uncond + w (D_cond - D_uncond); 1 = off, "
                                  "0 = unconditional", symbol="w", minimum=0)
+    sigmas: list | None = param(None, "explicit noise levels from sigma_max down to 0 (a tuned schedule, see "
+                                      "elucidate tune); overrides schedule, steps and the sigma range")
 
     def validate(self) -> None:
         from .sampling import SCHEDULES, SOLVERS, check_options
@@ -148,10 +150,26 @@ class SamplingConfig:
             raise ConfigError(f"sampling.s_min = {self.s_min} must not exceed sampling.s_max = {self.s_max}")
         if not isinstance(self.options, dict):
             raise ConfigError(f"sampling.options = {self.options!r}: expected a mapping of solver options")
+        if self.sigmas is not None:
+            self._check_sigmas()
         try:
             check_options(self.sampler, self.options)
         except ValueError as e:
             raise ConfigError(f"sampling.options: {e}") from None
+
+    def _check_sigmas(self) -> None:
+        from .sampling import check_sigmas, num_steps
+
+        ok = isinstance(self.sigmas, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.sigmas)
+        try:
+            if not ok:
+                raise ValueError("expected a list of numbers")
+            check_sigmas(self.sigmas)
+        except ValueError as e:
+            raise ConfigError(f"sampling.sigmas: {e}") from None
+        self.sigmas = [float(v) for v in self.sigmas]
+        self.steps = num_steps(self.sigmas)
 
     def solver_kwargs(self) -> dict:
         """Keyword arguments for the chosen solver: the config values it takes (see

@@ -16,7 +16,7 @@ __all__ = ["schedule_for", "generate", "parse_seeds", "autocast_for"]
 
 
 def schedule_for(cfg: SamplingConfig, formulation: Formulation, *, device=None) -> torch.Tensor:
-    """The sigmas the config asks for (float64, ending in 0).
+    """The sigmas the config asks for (float64, ending in 0): ``cfg.sigmas`` if given (a tuned schedule).
 
     ``schedule: auto`` with no range override is the formulation's own discretization (EDM Table 1).
     A named schedule (or ``auto`` with ``sigma_min``/``sigma_max``/``rho`` given, which means Karras)
@@ -25,7 +25,9 @@ def schedule_for(cfg: SamplingConfig, formulation: Formulation, *, device=None) 
     and repeated levels dropped, so every step costs evaluations and moves.
     """
     own = cfg.schedule == "auto" and cfg.sigma_min is None and cfg.sigma_max is None and cfg.rho is None
-    if own:
+    if cfg.sigmas is not None:  # explicit levels (a tuned schedule) override the rest
+        sigmas = torch.tensor(cfg.sigmas, dtype=torch.float64)
+    elif own:
         sigmas = formulation.sampling_sigmas(cfg.steps)
     else:
         lo, hi = formulation.schedule_range(cfg.sigma_min, cfg.sigma_max)

@@ -15,7 +15,7 @@ import warnings
 __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 
 #: The command modules, in the order their commands appear in ``elucidate --help``.
-COMMAND_MODULES = ("train", "sample", "evaluate", "reports", "interop")
+COMMAND_MODULES = ("train", "sample", "evaluate", "tune", "reports", "interop")
 
 
 class _Parser(argparse.ArgumentParser):

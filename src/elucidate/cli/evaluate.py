@@ -56,7 +56,9 @@ def register(sub) -> dict:
     p.add_argument("--inception", default=None)
     p.add_argument("--schedules", default="karras,exponential,vp", help="sandbox discretizations")
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN/sweep or ./sweep)")
-    add_sampling_options(p)
+    p.add_argument("--tuned", action="store_true",
+                   help="also the run's tuned schedules (RUN/schedules/nfeN.json) at the --nfe budgets that have one")
+    add_sampling_options(p, tuned=False)
     p = sub.add_parser("likelihood", help="bits/dim of the run's data by the probability-flow ODE")
     p.add_argument("run", type=Path)
     p.add_argument("--num", type=int, default=256, help="images of the training data (a seeded subset)")
@@ -104,7 +106,8 @@ def cmd_eval(args) -> int:
     result = evaluate(run, args.metric, num=args.num, ref=ref, extractor=extractor, cfg=cfg, repeats=args.repeats,
                       batch_size=args.batch, device=args.device, progress=True)
     run_dir = run.checkpoint.parent.parent if run.checkpoint.parent.name == "checkpoints" else run.checkpoint.parent
-    out = run_dir / "eval" / f"{args.metric}-{cfg.sampler}-{cfg.steps}steps-{args.num}-step{run.step}.json"
+    tag = f"tuned-nfe{args.tuned_nfe}-" if getattr(args, "tuned_nfe", None) else ""
+    out = run_dir / "eval" / f"{args.metric}-{tag}{cfg.sampler}-{cfg.steps}steps-{args.num}-step{run.step}.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     columns = ["metric", "value", "min", "num", "repeats", "sampler", "steps", "nfe", "features", "step"]
     columns += [k for k in ("precision", "recall", "std") if k in result]
@@ -141,8 +144,31 @@ def _write_sweep(rows: list[dict], out_dir: Path, stem: str, metric: str, title:
     return [csv_path, md_path, png_path]
 
 
+def _tuned_rows(args, run, base, nfes: list[int], ref, extractor) -> list[dict]:
+    """Sweep rows of the run's tuned schedules at the budgets that have one (sampler ``tuned``)."""
+    from ..evaluation import evaluate
+    from ..sampling.tuned import tuned_config, tuned_path
+
+    have = [n for n in nfes if tuned_path(args.run, n).is_file()]
+    if not have:
+        raise UserError(f"--tuned: no tuned schedule for NFE {args.nfe} in {tuned_path(args.run, nfes[0]).parent}; "
+                        f"run `elucidate tune {args.run} --nfe {args.nfe}` first")
+    rows = []
+    for n in have:
+        cfg = tuned_config(base, args.run, n, shape=run.shape, checkpoint=run.checkpoint.name)
+        result = evaluate(run, args.metric, num=args.num, ref=ref, extractor=extractor, cfg=cfg, batch_size=args.batch,
+                          device=args.device)
+        rows.append({"sampler": "tuned", "steps": cfg.steps, "nfe": result["nfe"], "value": result["value"]})
+        rows[-1].update({k: result[k] for k in ("precision", "recall", "std") if k in result})
+        print(f"  tuned ({cfg.sampler})  steps {cfg.steps:>3}  NFE {result['nfe']:>3}  "
+              f"{args.metric} {result['value']:.4g}")
+    return rows
+
+
 def cmd_sweep(args) -> int:
     nfes = int_list(args.nfe, "--nfe")
+    if args.tuned and (args.sandbox or args.run is None):
+        raise UserError("--tuned needs a RUN (tuned schedules live in RUN/schedules; see `elucidate tune`)")
     if args.sandbox:
         from ..sampling import sweep_solvers
         from ..sandbox import sandbox_sweep
@@ -169,9 +195,11 @@ def cmd_sweep(args) -> int:
         samplers = _names(args.samplers) if args.samplers else sweep_solvers()
         name = feature_name(args.metric, args.features, run.config.data.get("dataset"))
         ref = _reference(args, run, name, need_features=METRICS[args.metric].needs_features)
-        rows = sweep(run, args.metric, samplers=samplers, nfes=nfes, num=args.num, ref=ref,
-                     extractor=feature_extractor(name, args.inception, args.device), base=base, batch_size=args.batch,
-                     device=args.device, progress=True)
+        extractor = feature_extractor(name, args.inception, args.device)
+        rows = sweep(run, args.metric, samplers=samplers, nfes=nfes, num=args.num, ref=ref, extractor=extractor,
+                     base=base, batch_size=args.batch, device=args.device, progress=True)
+        if args.tuned:
+            rows += _tuned_rows(args, run, base, nfes, ref, extractor)
         out_dir = args.out or (Path(args.run) / "sweep")
         paths = _write_sweep(rows, out_dir, f"{args.metric}-vs-nfe", args.metric,
                              f"{args.metric} vs NFE ({args.num} samples, step {run.step})")

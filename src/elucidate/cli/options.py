@@ -17,11 +17,16 @@ def solver_help() -> str:
     return "; ".join(f"{name}: {spec.description}" for name, spec in SOLVERS.items())
 
 
-def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    """The sampler flags of sample/eval/sweep (defaults: the run's ``sampling`` section)."""
+def add_sampling_options(p: argparse.ArgumentParser, *, tuned: bool = True) -> None:
+    """The sampler flags of sample/eval/sweep (defaults: the run's ``sampling`` section); ``tuned``
+    adds ``--nfe N`` (the run's schedule tuned for N evaluations, see ``elucidate tune``)."""
     from ..sampling import SCHEDULES
 
     g = p.add_argument_group("sampler (defaults: the run's sampling section)")
+    if tuned:
+        g.add_argument("--nfe", dest="tuned_nfe", type=int, metavar="N",
+                       help="use the sampler and schedule tuned for N evaluations (RUN/schedules/nfeN.json, "
+                            "made by `elucidate tune RUN --nfe N`)")
     g.add_argument("--sampler", metavar="NAME", help=solver_help())
     g.add_argument("--steps", type=int, help="number of steps N (Heun: NFE = 2N - 1)")
     g.add_argument("--schedule", metavar="NAME",
@@ -58,6 +63,8 @@ def sampling_from_args(base, args):
     from ..sampling import CONFIG_OPTIONS, get_solver
 
     changes = {k: getattr(args, k) for k in _SAMPLING_FLAGS if getattr(args, k, None) is not None}
+    if getattr(args, "tuned_nfe", None) is not None:
+        base, changes = _tuned(base, args, changes)
     same_solver = changes.get("sampler", base.sampler) == base.sampler
     options = dict(base.options) if same_solver else {}  # the config's extra options belong to its solver
     for item in getattr(args, "solver_options", None) or []:
@@ -73,6 +80,21 @@ def sampling_from_args(base, args):
             raise UserError(f"--{key.replace('_', '-')} was given but sampler {cfg.sampler!r} does not take it "
                             f"(it takes {sorted(spec.options) or 'no options'})")
     return cfg
+
+
+def _tuned(base, args, changes: dict):
+    """``--nfe N``: the run's tuned sampler, options and sigmas (flags that would change them are errors)."""
+    from ..model import resolve_checkpoint
+    from ..sampling.tuned import tuned_config
+
+    clash = [k for k in ("sampler", "steps", "schedule", "sigma_min", "sigma_max", "rho") if k in changes]
+    clash += ["option"] if getattr(args, "solver_options", None) else []
+    if clash:
+        flags = ", ".join("--" + k.replace("_", "-") for k in clash)
+        raise UserError(f"--nfe uses the tuned sampler and schedule; drop {flags}")
+    if args.tuned_nfe < 1:
+        raise UserError(f"--nfe must be >= 1, got {args.tuned_nfe}")
+    return tuned_config(base, args.run, args.tuned_nfe, checkpoint=resolve_checkpoint(args.run).name), changes
 
 
 def parse_seed_arg(text: str) -> list[int]:

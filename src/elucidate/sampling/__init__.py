@@ -4,6 +4,7 @@ Every registered solver is available as ``elucidate.sampling.<name>`` (e.g. ``sa
 stored choice ``(sampler, sigmas, options)`` replays as
 ``getattr(sampling, sampler)(D, x, sigmas, **options)``.
 """
+from . import highorder as _highorder  # noqa: F401  (registers iPNDM and UniPC)
 from . import multistep as _multistep  # noqa: F401  (registers the built-in multistep solvers)
 from . import solvers as _solvers  # noqa: F401  (registers the built-in single-step solvers)
 from .ablation import ablation
@@ -35,6 +36,8 @@ from .schedules import (
     vp_sigmas,
 )
 from .solvers import ancestral_step, check_sigmas, num_steps
+from .tuned import TunedSchedule, load_tuned, tuned_config
+from .tuning import tune
 
 __all__ = [
     "ablation", "SeededNoise", "get_sampler", "sample", "CONFIG_OPTIONS", "SOLVERS", "SolverSpec", "check_options",
@@ -42,7 +45,7 @@ __all__ = [
     "nfe", "ode_solvers", "register_solver", "steps_for_nfe", "stochastic_solvers", "sweep_solvers", "SCHEDULES",
     "exponential_sigmas", "get_schedule", "iddpm_sigmas", "karras_sigmas", "linear_sigmas", "ve_sigmas",
     "vp_betas_for_range", "vp_range_sigmas", "vp_sigmas", "ancestral_step", "check_sigmas", "lms_coefficients",
-    "num_steps", *SOLVERS,
+    "num_steps", "tune", "TunedSchedule", "load_tuned", "tuned_config", *SOLVERS,
 ]
 
 

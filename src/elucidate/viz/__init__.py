@@ -18,6 +18,7 @@ from .schedules import (
 )
 from .training import loss_by_sigma_stages, plot_loss, plot_loss_by_sigma, read_metrics, smooth
 from .trajectory import TrajectoryRecorder, plot_trajectory
+from .tuned import plot_tuned_schedules, tuned_error_series
 
 __all__ = [
     "shifted_alpha_bar_curves", "atomic_write_bytes", "figure_to_png", "new_figure", "save_figure",
@@ -26,5 +27,5 @@ __all__ = [
     "plot_schedules", "schedule_table", "plot_alpha_bar", "default_alpha_bar_curves",
     "default_mixture", "flow_paths", "plot_flow", "plot_flow_comparison",
     "read_metrics", "smooth", "plot_loss", "plot_loss_by_sigma", "loss_by_sigma_stages",
-    "plot_quality_vs_nfe", "quality_series",
+    "plot_quality_vs_nfe", "quality_series", "plot_tuned_schedules", "tuned_error_series",
 ]

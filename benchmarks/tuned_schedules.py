@@ -1,0 +1,236 @@
+"""Tuned schedules (elucidate.sampling.tune) against k-diffusion's samplers x schedules, side by side in one run.
+
+Part ``gmm``: tune at NFE 9, 17 and 35 on one exact Gaussian mixture (``--tune-on``), then solve the
+probability-flow ODE of *other* mixtures (two fitted to the real digits, one to patches of scikit-learn's
+sample photos, three random ones) from the same noise and report the RMSE to the converged solution
+(Heun, 1000 Karras steps) of the tuned (sampler, sigmas, options) and of the best of k-diffusion 0.1.1's
+euler / heun / dpm_2 / lms / dpmpp_2m x karras (rho 7) / exponential / polyexponential (rho 1 = exponential,
+so rho 2 and 0.5 are used) at the same NFE. Target: tuned <= 0.5 x best.
+
+Part ``demo``: tune NFE 9 and NFE 5 on a trained demo run (``--run``, made by ``elucidate demo``; the
+results are stored in RUN/schedules as ``elucidate tune`` does) and measure fd_digits (``--num``
+samples, seeds 0..num-1, vs the 1,797 real digits) of the tuned schedules and of dpmpp_2m on the
+run's Karras rho = 7 schedule at NFE 9 and 17 (and Heun at NFE 35 for scale).
+Targets: tuned NFE 9 <= dpmpp_2m NFE 17, tuned NFE 5 <= dpmpp_2m NFE 9.
+
+    python benchmarks/tuned_schedules.py [--part gmm|demo|all] [--run runs/demo] [--num 2000]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from elucidate import GaussianMixture
+from elucidate.sampling import SOLVERS, karras_sigmas, tune
+from elucidate.sampling.tuning import rmse
+from elucidate.sandbox import digits_mixture
+
+NFES = (9, 17, 35)
+SAMPLERS = {"euler": ("sample_euler", 1), "heun": ("sample_heun", 2), "dpm_2": ("sample_dpm_2", 2),
+            "lms": ("sample_lms", 1), "dpmpp_2m": ("sample_dpmpp_2m", 1)}
+
+
+def kdiffusion():
+    """k-diffusion 0.1.1's sampling.py without its package __init__ (which imports torchvision)."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None:
+        sys.exit("needs the test dependency k-diffusion: pip install --no-deps k-diffusion torchsde torchdiffeq "
+                 "trampoline")
+    root = spec.submodule_search_locations[0]
+    package, utils = types.ModuleType("_kdiff_ref"), types.ModuleType("_kdiff_ref.utils")
+    package.__path__, package.utils = [root], utils
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+    sys.modules.setdefault("_kdiff_ref", package)
+    sys.modules.setdefault("_kdiff_ref.utils", utils)
+    loader = importlib.util.spec_from_file_location("_kdiff_ref.sampling", f"{root}/sampling.py")
+    module = importlib.util.module_from_spec(loader)
+    sys.modules["_kdiff_ref.sampling"] = module
+    loader.loader.exec_module(module)
+    return module
+
+
+def _fit(patches: np.ndarray, k: int, seed: int) -> GaussianMixture:
+    from sklearn.mixture import GaussianMixture as SkGMM
+
+    g = SkGMM(k, covariance_type="diag", random_state=seed, reg_covar=1e-4).fit(patches)
+    return GaussianMixture(torch.tensor(g.means_), torch.tensor(g.covariances_).sqrt(), torch.tensor(g.weights_))
+
+
+def photo_patches_mixture(k: int = 16, seed: int = 0) -> GaussianMixture:
+    """16 diagonal Gaussians fitted to 20,000 gray 8x8 patches of scikit-learn's two sample photos."""
+    from sklearn.datasets import load_sample_images
+    from sklearn.feature_extraction.image import extract_patches_2d
+
+    rng = np.random.RandomState(seed)
+    p = np.concatenate([extract_patches_2d(im.mean(-1), (8, 8), max_patches=10000, random_state=rng)
+                        for im in load_sample_images().images])
+    return _fit(p.reshape(len(p), 64) / 127.5 - 1, k, seed)
+
+
+def skimage_patches_mixture(k: int = 16, seed: int = 0) -> GaussianMixture:
+    """16 diagonal Gaussians fitted to gray 8x8 patches of scikit-image's bundled test photos."""
+    from skimage import data
+    from sklearn.feature_extraction.image import extract_patches_2d
+
+    rng = np.random.RandomState(seed)
+    images = [data.camera(), data.coins(), data.moon(), data.astronaut().mean(-1), data.text()]
+    p = np.concatenate([extract_patches_2d(np.asarray(im, dtype=np.float64), (8, 8), max_patches=5000,
+                                           random_state=rng) for im in images])
+    return _fit(p.reshape(len(p), 64) / 127.5 - 1, k, seed)
+
+
+def random_mixture(seed: int, k: int = 8, d: int = 64, lo: float = 0.01, hi: float = 0.3) -> GaussianMixture:
+    """k components, means uniform in [-0.8, 0.8]^d, per-pixel stds log-uniform in [lo, hi]."""
+    g = torch.Generator().manual_seed(seed)
+    means = (torch.rand(k, d, generator=g, dtype=torch.float64) * 2 - 1) * 0.8
+    stds = torch.exp(math.log(lo) + torch.rand(k, d, generator=g, dtype=torch.float64) * math.log(hi / lo))
+    return GaussianMixture(means, stds, torch.rand(k, generator=g, dtype=torch.float64) + 0.2)
+
+
+def union(*mixtures: GaussianMixture) -> GaussianMixture:
+    """One mixture holding every component of the given ones (each family with equal total weight)."""
+    return GaussianMixture(torch.cat([m.means for m in mixtures]), torch.cat([m.stds for m in mixtures]),
+                           torch.cat([m.weights / len(mixtures) for m in mixtures]))
+
+
+EVALUATION = {
+    "digits (std >= 0.02)": lambda: digits_mixture(0.02),
+    "digits (std >= 0.1)": lambda: digits_mixture(0.1),
+    "photo patches": photo_patches_mixture,
+    "random A": lambda: random_mixture(0),
+    "random B": lambda: random_mixture(1),
+    "random C (4 comp., std 0.005-0.1)": lambda: random_mixture(2, k=4, lo=0.005, hi=0.1),
+}
+TUNING = {
+    "union": lambda: union(skimage_patches_mixture(), random_mixture(100, k=16, lo=0.002, hi=0.5)),
+    "skimage patches": skimage_patches_mixture,
+    "multiscale random": lambda: random_mixture(100, k=16, lo=0.002, hi=0.5),
+    "photo patches": photo_patches_mixture,  # in-distribution: tuned on one of the evaluation mixtures
+}
+
+
+def gmm_part(args) -> dict:
+    K = kdiffusion()
+    schedules = {"karras": lambda n: K.get_sigmas_karras(n, 0.002, 80.0),
+                 "exponential": lambda n: K.get_sigmas_exponential(n, 0.002, 80.0),
+                 "polyexp2": lambda n: K.get_sigmas_polyexponential(n, 0.002, 80.0, rho=2.0),
+                 "polyexp0.5": lambda n: K.get_sigmas_polyexponential(n, 0.002, 80.0, rho=0.5)}
+    mixture = TUNING[args.tune_on]()
+    t0 = time.perf_counter()
+    tuned = {n: tune(mixture.denoise, (args.samples, mixture.dim), n, seed=args.seed, reference_steps=1000,
+                     loss=args.loss) for n in NFES}
+    seconds = time.perf_counter() - t0
+    print(f"## Exact mixtures: tuned on '{args.tune_on}' ({args.samples} + {args.samples} draws, reference Heun "
+          f"1000 steps, "
+          f"{seconds:.0f} s for NFE {', '.join(map(str, NFES))})\n")
+    for n, t in tuned.items():
+        print(f"- NFE {n}: {t.sampler} {t.options or ''}, tuning RMSE {t.tuning_error:.2e}, held-out "
+              f"{t.heldout_error:.2e}; sigmas {', '.join(f'{s:.3g}' for s in t.sigmas)}")
+    print("\n| mixture | NFE | tuned | best k-diffusion (sampler/schedule) | ratio | target <= 0.5 |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for name, make in EVALUATION.items():
+        m = make()
+        x = torch.randn(args.samples, m.dim, generator=torch.Generator().manual_seed(args.seed + 12345),
+                        dtype=torch.float64) * 80.0
+        reference = SOLVERS["heun"](m.denoise, x, karras_sigmas(1000))
+        for n in NFES:
+            base = []
+            for sampler, (fn, per_step) in SAMPLERS.items():
+                steps = n if per_step == 1 else (n + 1) // 2
+                for sched, make_sigmas in schedules.items():
+                    out = getattr(K, fn)(m.denoise, x, make_sigmas(steps), disable=True)
+                    base.append((rmse(out, reference), f"{sampler}/{sched}"))
+            best = min(base)
+            err = rmse(tuned[n](m.denoise, x), reference)
+            rows.append({"mixture": name, "nfe": n, "tuned": err, "best": best[0], "best_name": best[1],
+                         "ratio": err / best[0]})
+            r = rows[-1]
+            print(f"| {name}{' (tuned on it)' if name == args.tune_on else ''} | {n} | {err:.2e} | "
+                  f"{best[0]:.2e} ({best[1]}) | {r['ratio']:.2f} | "
+                  f"{'met' if r['ratio'] <= 0.5 else 'NOT met'} |")
+    met = sum(r["ratio"] <= 0.5 for r in rows)
+    print(f"\ntarget met in {met} of {len(rows)} cases\n")
+    return {"tune_on": args.tune_on, "seconds": seconds, "tuned": {n: t.to_dict() for n, t in tuned.items()},
+            "rows": rows}
+
+
+def demo_part(args) -> dict:
+    from elucidate.config import SamplingConfig
+    from elucidate.evaluation import evaluate, feature_extractor, load_reference
+    from elucidate.model import load_run
+    from elucidate.sampling.tuned import tuned_path
+
+    run = load_run(args.run)
+    lo, hi = run.denoiser.formulation.schedule_range()
+    tuned, seconds = {}, {}
+    for n in (9, 5):
+        t0, c0 = time.perf_counter(), time.process_time()
+        tuned[n] = tune(run.denoiser, (64, *run.shape), n, sigma_min=lo, sigma_max=hi, seed=args.seed,
+                        loss=args.loss)
+        seconds[n] = (time.perf_counter() - t0, time.process_time() - c0)
+        tuned[n].model = {"run": str(args.run), "checkpoint": run.checkpoint.name, "step": run.step,
+                          "formulation": run.denoiser.formulation.name, "shape": list(run.shape), "ema": True}
+        print(f"wrote {tuned[n].save(tuned_path(args.run, n))} (as `elucidate tune {args.run} --nfe {n}` does)")
+    extractor = feature_extractor("fd_digits")
+    ref = load_reference("digits", "fd_digits")
+    configs = {f"tuned NFE {n}": SamplingConfig(sampler=t.sampler, options=t.options, sigmas=t.sigmas)
+               for n, t in tuned.items()}
+    configs |= {"dpmpp_2m/karras NFE 9": SamplingConfig(sampler="dpmpp_2m", steps=9),
+               "dpmpp_2m/karras NFE 17": SamplingConfig(sampler="dpmpp_2m", steps=17),
+               "heun/karras NFE 35": SamplingConfig(sampler="heun", steps=18)}
+    fd = {}
+    for name, cfg in configs.items():
+        cfg.validate()
+        fd[name] = evaluate(run, "fd_digits", num=args.num, ref=ref, extractor=extractor, cfg=cfg)["value"]
+    print(f"## Demo model ({run.checkpoint}, fd_digits of {args.num} samples)\n")
+    for n in (9, 5):
+        t = tuned[n]
+        print(f"- tuned NFE {n}: {t.sampler} {t.options or ''}, RMSE to the reference {t.tuning_error:.3g} "
+              f"(held-out {t.heldout_error:.3g}; best Karras/exponential baseline "
+              f"{min(b['heldout_error'] for b in t.baselines):.3g}); tuning took {seconds[n][0]:.0f} s wall, "
+              f"{seconds[n][1]:.0f} s CPU")
+    print("\n| sampling | fd_digits |\n|---|---|")
+    for name, value in fd.items():
+        print(f"| {name} | {value:.2f} |")
+    targets = [("tuned NFE 9 <= dpmpp_2m/karras NFE 17", fd["tuned NFE 9"], fd["dpmpp_2m/karras NFE 17"]),
+               ("tuned NFE 5 <= dpmpp_2m/karras NFE 9", fd["tuned NFE 5"], fd["dpmpp_2m/karras NFE 9"])]
+    print()
+    for text, a, b in targets:
+        print(f"- {text}: {a:.2f} vs {b:.2f}: {'met' if a <= b else 'NOT met'}")
+    return {"fd": fd, "seconds": seconds, "tuned": {n: t.to_dict() for n, t in tuned.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["gmm", "demo", "all"], default="all")
+    parser.add_argument("--tune-on", dest="tune_on", choices=list(TUNING), default="union")
+    parser.add_argument("--samples", type=int, default=384, help="noise draws per mixture (tuning and evaluation)")
+    parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="demo run (elucidate demo --out RUN)")
+    parser.add_argument("--num", type=int, default=2000, help="samples per fd_digits measurement")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loss", choices=["rmse", "mean", "l4"], default="l4",
+                        help="what tune() minimizes (its default: l4)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
+    args = parser.parse_args()
+    results = {}
+    if args.part in ("gmm", "all"):
+        results["gmm"] = gmm_part(args)
+    if args.part in ("demo", "all"):
+        results["demo"] = demo_part(args)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""``elucidate tune``: a schedule and solver tuned per NFE budget for a run (or the exact-GMM sandbox)."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from ..errors import UserError
+from .options import int_list
+
+__all__ = ["register"]
+
+
+def register(sub) -> dict:
+    """Add the tune subcommand; returns its handler."""
+    p = sub.add_parser("tune", help="tune where the steps go and which ODE solver takes them, per NFE budget")
+    p.add_argument("run", type=Path, nargs="?", help="run directory or checkpoint (omit with --sandbox)")
+    p.add_argument("--nfe", required=True, help="NFE budget(s), e.g. 10 or 5,10,20 (one tuned schedule each)")
+    p.add_argument("--sandbox", action="store_true",
+                   help="no model: tune on the exact denoiser of the digits Gaussian mixture")
+    p.add_argument("--num", type=int, default=None,
+                   help="noise draws to tune on (and as many held out; default 64 for a run, 256 for --sandbox)")
+    p.add_argument("--seed", type=int, default=0, help="tuning noise (the held-out noise uses seed + 1)")
+    p.add_argument("--samplers", default=None,
+                   help="comma-separated ODE solvers to choose from (default: the deterministic sweep solvers)")
+    p.add_argument("--reference-steps", dest="reference_steps", type=int, default=None,
+                   help="Heun steps of the reference solution (default max(128, 8 x NFE))")
+    p.add_argument("--max-evals", dest="max_evals", type=int, default=150,
+                   help="solver runs of the search per finalist solver")
+    p.add_argument("--finalists", type=int, default=3, help="solvers whose schedules are searched")
+    p.add_argument("--loss", choices=["rmse", "mean", "l4"], default=None,
+                   help="what the search minimizes: rmse over all pixels, or the mean of each sample's RMS error "
+                        "(less swayed by the few samples that land in another mode; default: tune()'s)")
+    p.add_argument("--out", type=Path, default=None, help="folder for nfeN.json and tuned.png "
+                                                          "(default RUN/schedules, or ./schedules with --sandbox)")
+    p.add_argument("--ema", dest="ema", action="store_true", default=True, help="use the EMA weights (default)")
+    p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw training weights")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    return {"tune": cmd_tune}
+
+
+def _target(args):
+    """(D, sample shape, sigma_min, sigma_max, model info, output folder) of the run or the sandbox."""
+    if args.sandbox:
+        if args.run is not None:
+            raise UserError("give a RUN or --sandbox, not both")
+        from ..sandbox import digits_mixture
+
+        gmm = digits_mixture()
+        info = {"sandbox": "digits Gaussian mixture (min std 0.02)", "shape": [gmm.dim]}
+        return gmm.denoise, (gmm.dim,), 0.002, 80.0, info, args.out or Path("schedules")
+    if args.run is None:
+        raise UserError("tune needs a RUN directory (or --sandbox)")
+    import torch
+
+    from ..denoiser import Guided
+    from ..model import load_run
+    from ..sampling.tuned import run_directory
+
+    run = load_run(args.run, ema=args.ema, device=args.device)
+    cfg, formulation = run.config.sampling, run.denoiser.formulation
+    lo, hi = formulation.schedule_range(cfg.sigma_min, cfg.sigma_max)
+    D = run.denoiser if cfg.guidance == 1 else Guided(run.denoiser, cfg.guidance)
+    label_dim = int(getattr(run.denoiser.net, "label_dim", 0) or 0)
+    if label_dim:  # class-conditional: image i gets label i % classes, as sample/eval do with seeds
+        num = args.num or 64
+        D = functools.partial(D, class_labels=torch.arange(num, device=args.device) % label_dim)
+    info = {"run": str(run_directory(args.run)), "checkpoint": run.checkpoint.name, "step": run.step,
+            "formulation": formulation.name, "shape": list(run.shape), "ema": bool(args.ema)}
+    return D, run.shape, float(lo), float(hi), info, args.out or run_directory(args.run) / "schedules"
+
+
+def cmd_tune(args) -> int:
+    import torch
+
+    from ..sampling.tuned import TunedSchedule
+    from ..sampling.tuning import tune
+    from ..viz import plot_tuned_schedules, save_figure
+
+    nfes = int_list(args.nfe, "--nfe")
+    D, shape, lo, hi, info, out = _target(args)
+    num = args.num or (256 if args.sandbox else 64)
+    if num < 2:
+        raise UserError(f"--num must be >= 2, got {num}")
+    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()] if args.samplers else None
+    device = torch.device(args.device) if args.device else None
+    for nfe in nfes:
+        print(f"elucidate tune: NFE {nfe}, {num} + {num} noise draws, sigma {lo:g}..{hi:g}")
+        try:
+            tuned = tune(D, (num, *shape), nfe, seed=args.seed, sigma_min=lo, sigma_max=hi, samplers=samplers,
+                         progress=True, reference_steps=args.reference_steps, finalists=args.finalists,
+                         max_evals=args.max_evals, device=device, **({"loss": args.loss} if args.loss else {}))
+        except ValueError as e:  # unknown / stochastic solver names, a budget no solver fits
+            raise UserError(str(e)) from None
+        tuned.model = info
+        path = tuned.save(out / f"nfe{nfe}.json")
+        best = min((b for b in tuned.baselines), key=lambda b: b["heldout_error"])
+        print(f"  {tuned.sampler} {tuned.options or ''} with {tuned.steps} steps: RMSE to the reference "
+              f"{tuned.tuning_error:.3g} (held-out {tuned.heldout_error:.3g}; best Karras/exponential baseline "
+              f"{best['sampler']}/{best['schedule']} {best['heldout_error']:.3g}) in {tuned.seconds:.0f} s")
+        print(f"  wrote {path}")
+    stored = []
+    for path in out.glob("nfe*.json"):
+        try:
+            stored.append(TunedSchedule.load(path))
+        except UserError as e:  # an old or foreign file next to ours: leave it out of the plot
+            print(f"elucidate tune: warning: {e}")
+    stored.sort(key=lambda t: t.nfe)
+    figure = save_figure(plot_tuned_schedules(stored), out / "tuned.png")
+    print(f"wrote {figure}")
+    if not args.sandbox:
+        print(f"next: elucidate sample {args.run} --nfe {nfes[0]} --seeds 0-63 --out grid.png")
+    return 0

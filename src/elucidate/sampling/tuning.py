@@ -1,0 +1,362 @@
+"""Schedules tuned per NFE budget: where the steps go and which solver takes them, for one denoiser.
+
+:func:`tune` solves the probability-flow ODE of ``D`` from its own noise with a fine reference solver
+(Heun, ``reference_steps`` Karras steps). Every candidate solver is scored on Karras rho = 7, the
+exponential schedule and a GITS-like dynamic program over the reference trajectory (the Euler steps
+between its levels with the least summed one-step error); the best few (finalists) also try Karras
+rho in {3, 5, 10} and VP, then move the interior log-sigmas from their best start to minimize the error
+of the final samples to the reference (:data:`LOSSES`; default ``l4``, which weighs the samples that
+come out worst most): coarse-to-fine, a pattern search over the knots of a
+piecewise-linear warp of the step index, then over every level. Held-out noise measures how the result
+generalizes. The search replays the registered solver itself, so the tuned ``(sampler, sigmas, options)``
+costs at most ``nfe`` evaluations by construction.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .registry import SOLVERS, check_options, get_solver, sweep_solvers
+from .schedules import exponential_sigmas, karras_sigmas, vp_range_sigmas
+from .tuned import TunedSchedule
+
+__all__ = ["tune", "candidate_solvers", "OPTION_VARIANTS", "NOISE_SEED_OFFSET", "tuning_noise", "rmse"]
+
+#: Option sets tried for a solver besides its defaults (the search picks among them by error).
+OPTION_VARIANTS: dict[str, list[dict]] = {
+    "lms": [{"order": 3}],
+    "ipndm": [{"order": 3}, {"order": 2}],
+    "unipc": [{"order": 3}, {"variant": "bh1"}, {"order": 3, "variant": "bh1"}],
+}
+#: Tuning noise for ``seed`` comes from ``torch.Generator().manual_seed(NOISE_SEED_OFFSET + seed)``, a
+#: stream no ``elucidate sample/eval`` seed uses (those seed one generator per image).
+NOISE_SEED_OFFSET = 0x7E5E_0000
+#: Initial schedules: Karras rho values (plus exponential and VP) and the DP over the reference; every
+#: candidate is screened on :data:`SCREEN` (rho 7, exponential, DP: also its baselines), finalists on all.
+INIT_RHOS = (3.0, 5.0, 7.0, 10.0)
+SCREEN = (7.0,)
+
+
+def candidate_solvers(samplers: Sequence[str] | None = None) -> list[tuple[str, dict]]:
+    """(solver, options) pairs to tune: each named deterministic solver with its defaults and
+    :data:`OPTION_VARIANTS` (default: the deterministic sweep solvers)."""
+    names = sweep_solvers(deterministic=True) if samplers is None else list(samplers)
+    out = []
+    for name in names:
+        spec = get_solver(name)
+        if spec.stochastic:
+            raise ValueError(f"sampler {name!r} draws noise; tuning needs a deterministic (ODE) solver")
+        for options in [{}, *OPTION_VARIANTS.get(name, [])]:
+            if all(k in spec.options for k in options):
+                check_options(name, options)
+                out.append((name, dict(options)))
+    return out
+
+
+def tuning_noise(shape: Sequence[int], seed: int, sigma_max: float, *, dtype=torch.float64, device=None):
+    """The initial x = sigma_max n of a tuning run (float32 draws, as ``sample()``)."""
+    g = torch.Generator().manual_seed(NOISE_SEED_OFFSET + int(seed))
+    return (torch.randn(tuple(shape), generator=g) * sigma_max).to(device=device, dtype=dtype)
+
+
+def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Root mean square difference over all elements (inf if not finite)."""
+    value = (a.double() - b.double()).pow(2).mean().sqrt().item()
+    return value if math.isfinite(value) else math.inf
+
+
+class _Memo:
+    """D with its answers remembered by (sigma, bits of x): a schedule that shares its first levels with
+    one tried before replays those steps without evaluating D again. Counts real evaluations."""
+
+    def __init__(self, D: Callable, size: int = 512):
+        self.D, self.size, self.cache, self.calls = D, size, OrderedDict(), 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        key = (float(sigma.reshape(-1)[0]), hashlib.blake2b(x.detach().cpu().numpy().tobytes(),
+                                                            digest_size=16).digest())
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.cache.move_to_end(key)
+            return hit
+        self.calls += 1
+        out = self.D(x, sigma)
+        self.cache[key] = out
+        if len(self.cache) > self.size:
+            self.cache.popitem(last=False)
+        return out
+
+
+def _to_sigmas(u: list[float], sigma_max: float) -> torch.Tensor:
+    return torch.tensor([sigma_max, *(math.exp(v) for v in u), 0.0], dtype=torch.float64)
+
+
+def _from_sigmas(sigmas: torch.Tensor) -> list[float]:
+    return [math.log(float(s)) for s in sigmas[1:-1]]
+
+
+def _dp_schedule(ref_sigmas: list[float], states: list[torch.Tensor], denoised: list[torch.Tensor],
+                 final: torch.Tensor, steps: int, points: int = 80) -> torch.Tensor | None:
+    """GITS-style initial schedule: ``steps`` Euler steps between levels of the reference trajectory
+    (every k-th of its levels, ``points`` at most) minimizing the sum of the one-step errors to it."""
+    n, points = len(ref_sigmas), max(points, steps + 1)
+    if n < steps:
+        return None  # the reference has fewer levels than the schedule needs
+    idx = sorted(set(round(i * (n - 1) / (points - 1)) for i in range(points))) if n > points else list(range(n))
+    s = [ref_sigmas[i] for i in idx] + [0.0]
+    X = [states[i] for i in idx] + [final]
+    d = [(states[i] - denoised[i]) / ref_sigmas[i] for i in idx]
+    G = len(s)
+    cost = [[math.inf] * G for _ in range(G)]
+    for i in range(G - 1):
+        for j in range(i + 1, G):
+            cost[i][j] = rmse(X[i] + (s[j] - s[i]) * d[i], X[j])
+    best = [[math.inf] * G for _ in range(steps + 1)]  # best[k][j]: k steps from node 0 to node j
+    back = [[-1] * G for _ in range(steps + 1)]
+    best[0][0] = 0.0
+    for k in range(1, steps + 1):
+        for j in range(1, G):
+            for i in range(j):
+                value = best[k - 1][i] + cost[i][j]
+                if value < best[k][j]:
+                    best[k][j], back[k][j] = value, i
+    path, j = [G - 1], G - 1
+    for k in range(steps, 0, -1):
+        j = back[k][j]
+        path.append(j)
+    return torch.tensor([s[j] for j in reversed(path)], dtype=torch.float64)
+
+
+def sample_mean_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The mean over samples of each sample's RMS difference (inf if not finite): unlike the RMSE over
+    all elements, a few samples that land in another mode do not dominate it."""
+    per_sample = (a.double() - b.double()).flatten(1).pow(2).mean(1).sqrt()
+    value = per_sample.mean().item()
+    return value if math.isfinite(value) else math.inf
+
+
+def sample_l4_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """(mean over samples of each sample's mean square difference squared)^(1/4): weighs the samples with
+    large errors (those that come out malformed) more than the RMSE does."""
+    per_sample = (a.double() - b.double()).flatten(1).pow(2).mean(1)
+    value = per_sample.pow(2).mean().pow(0.25).item()
+    return value if math.isfinite(value) else math.inf
+
+
+#: What the search minimizes: ``rmse`` (over all elements), ``mean`` (:func:`sample_mean_error`) or
+#: ``l4`` (:func:`sample_l4_error`).
+LOSSES = {"rmse": rmse, "mean": sample_mean_error, "l4": sample_l4_error}
+
+
+class _Problem:
+    """One solver's loss as a function of the interior log-sigmas, on fixed noise and reference."""
+
+    def __init__(self, D, x, reference, sampler: str, options: dict, sigma_max: float, loss: str = "rmse"):
+        self.D, self.x, self.reference = D, x, reference
+        self.fn, self.options, self.sigma_max = SOLVERS[sampler].fn, options, sigma_max
+        self.loss, self.evals = LOSSES[loss], 0
+
+    def rmse(self, sigmas: torch.Tensor) -> float:
+        """RMSE of the final samples to the reference (what is reported)."""
+        return rmse(self.fn(self.D, self.x, sigmas, **self.options), self.reference)
+
+    def error(self, sigmas: torch.Tensor) -> float:
+        self.evals += 1
+        return self.loss(self.fn(self.D, self.x, sigmas, **self.options), self.reference)
+
+    def __call__(self, u: list[float]) -> float:
+        return self.error(_to_sigmas(u, self.sigma_max))
+
+
+def _resample(u: list[float], hi: float, m: int) -> list[float]:
+    """A decreasing curve given by its values at step fractions 0 (``hi``), 1/n, ..., 1 (``u``), read
+    piecewise-linearly at 1/m, ..., 1: the ``m`` knots of a schedule, or the levels of ``m`` steps."""
+    full, n = [hi, *u], len(u)
+    if m == n:
+        return list(u)
+    out = []
+    for j in range(1, m + 1):
+        pos = j / m * n
+        k = min(int(pos), n - 1)
+        out.append(full[k] + (pos - k) * (full[k + 1] - full[k]))
+    return out
+
+
+def _pattern_search(f: Callable[[list[float]], float], v: list[float], lo: float, hi: float, *,
+                    max_evals: int, tol: float = 0.02, step0: float = 0.25) -> tuple[list[float], float, int]:
+    """Minimize ``f`` over decreasing ``v`` in (lo, hi) by moving one coordinate at a time (last first,
+    so the replayed prefix stays the same), with a step per coordinate that grows on success and halves
+    on failure; stops when every step is below ``tol`` (in log-sigma) or after ``max_evals``."""
+    v, best, evals = list(v), f(v), 1
+    step = [step0] * len(v)
+    direction = [1.0] * len(v)
+    while evals < max_evals and max(step, default=0) >= tol:
+        for k in reversed(range(len(v))):
+            if step[k] < tol:
+                continue
+            upper = hi if k == 0 else v[k - 1]
+            lower = lo if k == len(v) - 1 else v[k + 1]
+            margin = 0.02 * (upper - lower)
+            moved = False
+            for sign in (direction[k], -direction[k]):
+                value = min(max(v[k] + sign * step[k], lower + margin), upper - margin)
+                if abs(value - v[k]) < 1e-9:
+                    continue
+                trial = v[:k] + [value] + v[k + 1:]
+                err = f(trial)
+                evals += 1
+                if err < best:
+                    v, best, moved, direction[k] = trial, err, True, sign
+                    step[k] = min(step[k] * 1.5, 1.0)
+                    break
+            if not moved:
+                step[k] *= 0.5
+            if evals >= max_evals:
+                break
+    return v, best, evals
+
+
+def _search(problem, u: list[float], lo: float, hi: float, max_evals: int, coarse: int = 6):
+    """Coarse-to-fine: first ``coarse`` knots of a piecewise-linear warp (all steps move together, so
+    the search cannot trap two neighbouring levels), then every level on its own."""
+    n = len(u)
+    best_u, best = u, problem(u)
+    if n > coarse + 2:
+        v, err, used = _pattern_search(lambda v: problem(_resample(v, hi, n)), _resample(u, hi, coarse), lo, hi,
+                                       max_evals=max_evals // 2)
+        if err < best:
+            best_u, best = _resample(v, hi, n), err
+        max_evals -= used
+    v, err, _ = _pattern_search(problem, best_u, lo, hi, max_evals=max_evals)
+    return (v, err) if err < best else (best_u, best)
+
+
+def _initial_schedules(steps: int, sigma_min: float, sigma_max: float, dp: torch.Tensor | None,
+                       rhos: Sequence[float]) -> dict:
+    inits = {f"karras_rho{rho:g}": karras_sigmas(steps, sigma_min, sigma_max, rho) for rho in rhos}
+    inits["exponential"] = exponential_sigmas(steps, sigma_min, sigma_max)
+    if len(rhos) > 1:
+        inits["vp"] = vp_range_sigmas(steps, sigma_min, sigma_max)
+    if dp is not None:
+        inits["dp"] = dp
+    return inits
+
+
+def _reference(D, x, sigma_min, sigma_max, reference_steps, keep_trajectory):
+    states, denoised = [], []
+
+    def record(info):
+        if keep_trajectory:
+            states.append(info["x"])
+            denoised.append(info["denoised"])
+
+    sigmas = karras_sigmas(reference_steps, sigma_min, sigma_max)
+    final = SOLVERS["heun"].fn(D, x, sigmas, callback=record)
+    return final, sigmas[:-1].tolist(), states, denoised
+
+
+def tune(D: Callable, shape: Sequence[int], nfe: int, *, seed: int = 0, sigma_min: float = 0.002,
+         sigma_max: float = 80.0, samplers: Sequence[str] | None = None, progress: bool = False,
+         heldout_seed: int | None = None, reference_steps: int | None = None, finalists: int = 3,
+         max_evals: int = 150, loss: str = "l4", dtype: torch.dtype = torch.float64,
+         device=None) -> TunedSchedule:
+    """The solver, options and noise levels (``sigma_max`` down to 0) that solve ``D``'s probability-flow
+    ODE from ``shape[0]`` draws of noise (``seed``) closest to a converged solution in ``nfe`` evaluations.
+
+    ``D(x, sigma)`` is any denoiser; ``shape`` is ``[batch, *sample_shape]`` of the tuning batch, whose
+    noise comes from ``seed`` (:func:`tuning_noise`). Each candidate solver (``samplers``, default the
+    deterministic sweep solvers, with the option sets of :data:`OPTION_VARIANTS`) is scored on its best
+    start; the ``finalists`` best are searched (``max_evals`` solver runs each) and the lowest tuning
+    ``loss`` wins (``rmse`` over all elements, ``mean`` of per-sample RMS errors, or ``l4``: per-sample
+    mean squares averaged in the square, which weighs the worst samples most; on the demo model it gave
+    the best FD, ``mean`` the best transfer between exact mixtures). Interior levels stay in
+    [sigma_min, sigma_max]. The result reports (as RMSE, whatever the loss) the tuning error, the error
+    on held-out noise (``heldout_seed``, default ``seed + 1``), the finalists and the Karras rho = 7 and
+    exponential baselines of every candidate at the same NFE on both draws. The reference is Heun
+    with ``reference_steps`` Karras steps (default ``max(128, 8 nfe)``: its error must stay well below
+    the tuned one's, or the search fits the reference's own error).
+    """
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    t0 = time.perf_counter()
+    heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
+    reference_steps = reference_steps or max(128, 8 * nfe)
+    memo = _Memo(D)
+    say = print if progress else (lambda *a, **k: None)
+    x = tuning_noise(shape, seed, sigma_max, dtype=dtype, device=device)
+    x_held = tuning_noise(shape, heldout_seed, sigma_max, dtype=dtype, device=device)
+    say(f"tune: reference solutions (heun, {reference_steps} steps) for {shape[0]} + {shape[0]} noise draws")
+    ref, ref_sigmas, states, denoised = _reference(D, x, sigma_min, sigma_max, reference_steps, True)
+    ref_held = _reference(D, x_held, sigma_min, sigma_max, reference_steps, False)[0]
+    reference_evals = 2 * SOLVERS["heun"].nfe(reference_steps) * shape[0]
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+
+    scored = []
+    dp_cache: dict[int, torch.Tensor] = {}
+    for sampler, options in candidate_solvers(samplers):
+        spec = SOLVERS[sampler]
+        steps = spec.steps_for_nfe(nfe)
+        if spec.nfe(steps) > nfe:
+            continue
+        if steps not in dp_cache:
+            dp_cache[steps] = _dp_schedule(ref_sigmas, states, denoised, ref, steps)
+        problem = _Problem(memo, x, ref, sampler, options, sigma_max, loss)
+        screen = _initial_schedules(steps, sigma_min, sigma_max, dp_cache[steps], SCREEN)
+        inits = {name: (s, problem.error(s)) for name, s in screen.items()}
+        start = min(inits, key=lambda k: inits[k][1])
+        scored.append({"sampler": sampler, "options": options, "steps": steps, "start": start,
+                       "inits": inits, "problem": problem})
+        say(f"  {_label(sampler, options):<28} steps {steps:>3}  best start {start:<14} "
+            f"{loss} {inits[start][1]:.3e}")
+    if not scored:
+        raise ValueError(f"no candidate solver fits NFE {nfe}")
+    scored.sort(key=lambda c: c["inits"][c["start"]][1])
+
+    results = []
+    for cand in scored[:max(1, finalists)]:
+        problem = cand["problem"]
+        for name, s in _initial_schedules(cand["steps"], sigma_min, sigma_max, None, INIT_RHOS).items():
+            if name not in cand["inits"]:  # the other classic starts, for the finalists only
+                cand["inits"][name] = (s, problem.error(s))
+        cand["start"] = min(cand["inits"], key=lambda k: cand["inits"][k][1])
+        sigmas0 = cand["inits"][cand["start"]][0]
+        u, err = (_search(problem, _from_sigmas(sigmas0), lo, hi, max_evals)
+                  if cand["steps"] > 1 else ([], cand["inits"][cand["start"]][1]))
+        sigmas = _to_sigmas(u, sigma_max)
+        held = _Problem(memo, x_held, ref_held, cand["sampler"], cand["options"], sigma_max).rmse(sigmas)
+        results.append({**cand, "sigmas": sigmas, "loss": err, "error": problem.rmse(sigmas), "heldout": held})
+        say(f"  tuned {_label(cand['sampler'], cand['options']):<22} RMSE {results[-1]['error']:.3e} "
+            f"(held-out {held:.3e}) after {problem.evals} solver runs")
+    best = min(results, key=lambda r: r["loss"])
+
+    baselines = []
+    for cand in scored:
+        for name in ("karras_rho7", "exponential"):
+            sigmas = cand["inits"][name][0]
+            err = cand["problem"].rmse(sigmas)
+            held = _Problem(memo, x_held, ref_held, cand["sampler"], cand["options"], sigma_max).rmse(sigmas)
+            baselines.append({"sampler": cand["sampler"], "options": cand["options"],
+                              "schedule": "karras" if name == "karras_rho7" else name,
+                              "nfe": SOLVERS[cand["sampler"]].nfe(cand["steps"]), "tuning_error": err,
+                              "heldout_error": held})
+    finals = [{"sampler": r["sampler"], "options": r["options"], "start": r["start"], "tuning_error": r["error"],
+               "heldout_error": r["heldout"], "sigmas": r["sigmas"].tolist()} for r in results]
+    return TunedSchedule(
+        sampler=best["sampler"], sigmas=best["sigmas"].tolist(), options=best["options"], nfe=nfe, seed=seed,
+        heldout_seed=heldout_seed, num_samples=int(shape[0]), sigma_min=sigma_min, sigma_max=sigma_max,
+        tuning_error=best["error"], heldout_error=best["heldout"], baselines=baselines, finalists=finals,
+        reference={"solver": "heun", "schedule": "karras", "steps": reference_steps}, loss=loss,
+        evaluations=memo.calls * int(shape[0]) + reference_evals, seconds=round(time.perf_counter() - t0, 2))
+
+
+def _label(sampler: str, options: dict) -> str:
+    return sampler + ("(" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")" if options else "")

@@ -1,0 +1,253 @@
+"""Schedules tuned per NFE budget (elucidate.sampling.tune, `elucidate tune`, `sample/eval --nfe`,
+`sweep --tuned`) and the solvers added for them: UniPC against diffusers' UniPCMultistepScheduler on
+identical inputs, iPNDM against a literal transcription of its published recurrence."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from elucidate import GaussianMixture
+from elucidate.cli import main
+from elucidate.config import SamplingConfig
+from elucidate.errors import ConfigError, UserError
+from elucidate.sampling import SOLVERS, ipndm, karras_sigmas, tune, unipc
+from elucidate.sampling.tuned import TunedSchedule, load_tuned, tuned_path
+from elucidate.sampling.tuning import LOSSES, rmse, tuning_noise
+
+f64 = torch.float64
+
+
+# --- UniPC and iPNDM against references --------------------------------------------------------
+
+class EpsNet:
+    """A fixed smooth eps-prediction function of (x_vp, sigma) standing in for a network."""
+
+    def __init__(self, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.randn(2, 2, generator=g, dtype=f64) * 0.3
+        self.b = torch.randn(2, generator=g, dtype=f64) * 0.1
+
+    def __call__(self, x_vp, sigma):
+        s = torch.as_tensor(sigma, dtype=f64).reshape(-1, 1, 1, 1)
+        return torch.tanh(torch.einsum("oc,bchw->bohw", self.w, x_vp) + self.b[:, None, None] * torch.cos(s))
+
+    def denoiser(self, x, sigma):  # VE x = x_vp / alpha, alpha = 1 / sqrt(1 + sigma^2): D = x - sigma eps
+        s = sigma.reshape(-1, 1, 1, 1).to(f64)
+        return x - s * self(x / torch.sqrt(1 + s ** 2), s)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("variant", ["bh2", "bh1"])
+@pytest.mark.parametrize("steps", [5, 12])
+def test_unipc_equals_diffusers(order, variant, steps):
+    diffusers = pytest.importorskip("diffusers")
+    # diffusers' bh1 step into sigma = 0 multiplies B(h) = -inf by 0 (NaN), so bh1 ends at its sigma_min
+    scheduler = diffusers.UniPCMultistepScheduler(solver_order=order, solver_type=variant, beta_start=0.00085,
+                                                  beta_end=0.012, beta_schedule="scaled_linear",
+                                                  final_sigmas_type="zero" if variant == "bh2" else "sigma_min")
+    scheduler.set_timesteps(steps)
+    sigmas = scheduler.sigmas.double().clone()
+    scheduler.sigmas = sigmas  # its step arithmetic in float64 too, so the comparison is exact
+    net = EpsNet()
+    x_T = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1), dtype=f64)
+    sample = x_T.clone()
+    with torch.no_grad():
+        for k, t in enumerate(scheduler.timesteps):
+            sample = scheduler.step(net(sample, sigmas[k]), t, sample).prev_sample
+    ours = unipc(net.denoiser, x_T * math.sqrt(1 + float(sigmas[0]) ** 2), sigmas, order=order, variant=variant)
+    ours = ours / math.sqrt(1 + float(sigmas[-1]) ** 2)  # back to diffusers' VP scale at the last level
+    assert torch.allclose(ours, sample, rtol=0, atol=1e-10), (ours - sample).abs().max()
+
+
+def ipndm_transcribed(D, x, t, max_order=4):
+    """iPNDM as published (Zhang & Chen, DEIS; as in the EDM-style samplers of its follow-ups), line by line."""
+    buffer = []
+    for i in range(len(t) - 1):
+        d_cur = (x - D(x, torch.full((x.shape[0],), float(t[i]), dtype=x.dtype))) / t[i]
+        order = min(max_order, i + 1)
+        if order == 1:
+            x = x + (t[i + 1] - t[i]) * d_cur
+        elif order == 2:
+            x = x + (t[i + 1] - t[i]) * (3 * d_cur - buffer[-1]) / 2
+        elif order == 3:
+            x = x + (t[i + 1] - t[i]) * (23 * d_cur - 16 * buffer[-1] + 5 * buffer[-2]) / 12
+        else:
+            x = x + (t[i + 1] - t[i]) * (55 * d_cur - 59 * buffer[-1] + 37 * buffer[-2] - 9 * buffer[-3]) / 24
+        buffer.append(d_cur)
+    return x
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_ipndm_is_the_published_recurrence(gmm, order):
+    t = karras_sigmas(9)
+    x = torch.randn(16, gmm.dim, generator=torch.Generator().manual_seed(0), dtype=f64) * 80
+    expected = ipndm_transcribed(gmm.denoise, x, t.tolist(), order)
+    assert torch.allclose(ipndm(gmm.denoise, x, t, order=order), expected, rtol=0, atol=1e-12)
+
+
+def test_new_solver_options_are_checked(gmm):
+    x = torch.zeros(2, gmm.dim, dtype=f64)
+    with pytest.raises(ValueError, match="order"):
+        ipndm(gmm.denoise, x, karras_sigmas(3), order=5)
+    with pytest.raises(ValueError, match="variant"):
+        unipc(gmm.denoise, x, karras_sigmas(3), variant="bh3")
+
+
+# --- tune() on an exact mixture ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tuned_gmm():
+    # a 4-D mixture with a stiff component (std 0.03): the default schedules leave error on the table
+    gmm = GaussianMixture(torch.tensor([[1.0, -0.5, 0.3, 0.0], [-1.0, 0.8, -0.2, 0.5], [0.2, 0.1, 1.2, -1.0]]),
+                          torch.tensor([0.2, 0.03, 0.15]), [0.5, 0.3, 0.2])
+    result = tune(gmm.denoise, (128, gmm.dim), 6, seed=3, samplers=["euler", "dpmpp_2m", "ipndm", "unipc"],
+                  reference_steps=256, max_evals=60, finalists=2)
+    return gmm, result
+
+
+def test_tune_returns_a_valid_schedule(tuned_gmm):
+    _, t = tuned_gmm
+    s = t.sigmas
+    assert isinstance(s, list) and all(isinstance(v, float) for v in s)
+    assert s[0] == 80.0 and s[-1] == 0.0 and all(b < a for a, b in zip(s, s[1:]))
+    assert s[-2] >= 0.002 * (1 - 1e-12)
+    assert t.sampler in SOLVERS and not SOLVERS[t.sampler].stochastic and t.nfe == 6
+    assert math.isfinite(t.tuning_error) and math.isfinite(t.heldout_error)
+    assert t.baselines and all({"sampler", "schedule", "nfe", "tuning_error", "heldout_error"} <= set(b)
+                               for b in t.baselines)
+
+
+def test_tuned_schedule_replays_within_its_budget(tuned_gmm):
+    gmm, t = tuned_gmm
+    calls = []
+
+    def counting(x, sigma):
+        calls.append(1)
+        return gmm.denoise(x, sigma)
+
+    import elucidate.sampling as sampling
+
+    x = torch.randn(8, gmm.dim, generator=torch.Generator().manual_seed(0), dtype=f64) * 80
+    out = getattr(sampling, t.sampler)(counting, x, torch.tensor(t.sigmas, dtype=f64), **t.options)
+    assert 1 <= len(calls) <= t.nfe and torch.equal(out, t(gmm.denoise, x))
+
+
+def test_tuned_schedule_beats_karras_on_held_out_noise(tuned_gmm):
+    gmm, t = tuned_gmm
+    x = tuning_noise((256, gmm.dim), 1234, 80.0)  # neither the tuning nor the held-out draw
+    reference = SOLVERS["heun"](gmm.denoise, x, karras_sigmas(1000))
+    tuned_error = rmse(t(gmm.denoise, x), reference)
+    karras = {name: rmse(SOLVERS[name](gmm.denoise, x, karras_sigmas(SOLVERS[name].steps_for_nfe(6))), reference)
+              for name in ("euler", "heun", "dpmpp_2m", "lms", t.sampler)}
+    assert tuned_error < 0.7 * min(karras.values()), (tuned_error, karras)
+
+
+def test_losses_weigh_outlying_samples_differently(gmm):
+    a, b = torch.zeros(4, 2, dtype=f64), torch.zeros(4, 2, dtype=f64)
+    b[0] = 2.0  # one sample of four is off by 2 in both elements
+    assert LOSSES["rmse"](a, b) == pytest.approx(1.0)  # sqrt(8 / 8)
+    assert LOSSES["mean"](a, b) == pytest.approx(0.5)  # per-sample RMS [2, 0, 0, 0]
+    assert LOSSES["l4"](a, b) == pytest.approx(2 ** 0.5)  # per-sample MSE [4, 0, 0, 0] -> (16 / 4)^(1/4)
+    with pytest.raises(ValueError, match="loss"):
+        tune(gmm.denoise, (8, gmm.dim), 4, loss="l1")
+
+
+def test_json_round_trip_and_validation(tuned_gmm, tmp_path):
+    _, t = tuned_gmm
+    path = t.save(tmp_path / "nfe6.json")
+    again = TunedSchedule.load(path)
+    assert again == t and again.sigmas == t.sigmas
+    data = json.loads(path.read_text())
+    assert {"sampler", "sigmas", "options", "nfe", "seed", "created", "tuning_error", "heldout_error",
+            "baselines", "model"} <= set(data)
+    for broken, needle in [({**data, "sigmas": data["sigmas"][:-1] + [data["sigmas"][-2] / 2]}, "exactly 0"),
+                           ({**data, "sigmas": [1.0, 2.0, 0.0]}, "non-increasing"),
+                           ({**data, "sampler": "euler_ancestral"}, "draws noise"),
+                           ({**data, "nfe": 2}, "more than nfe"),
+                           ({**data, "format": "other"}, "not a tuned schedule")]:
+        path.write_text(json.dumps(broken))
+        with pytest.raises(UserError, match=needle) as info:
+            TunedSchedule.load(path)
+        assert "\n" not in str(info.value)
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="not a readable"):
+        TunedSchedule.load(path)
+
+
+def test_missing_or_mismatched_tuned_file_names_the_command(tuned_gmm, tmp_path):
+    _, t = tuned_gmm
+    with pytest.raises(UserError, match=r"elucidate tune .* --nfe 6"):
+        load_tuned(tmp_path, 6)
+    t.save(tuned_path(tmp_path, 7))  # stored under the wrong budget
+    with pytest.raises(UserError, match="tuned for NFE 6, not 7"):
+        load_tuned(tmp_path, 7)
+
+
+def test_sampling_config_takes_explicit_sigmas():
+    cfg = SamplingConfig(sampler="dpmpp_2m", sigmas=[80, 3, 0.5, 0])
+    cfg.validate()
+    assert cfg.steps == 3 and cfg.sigmas == [80.0, 3.0, 0.5, 0.0]
+    with pytest.raises(ConfigError, match="sampling.sigmas"):
+        SamplingConfig(sigmas=[1, 2, 0]).validate()
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def test_cli_tune_sandbox_writes_json_and_plot(tmp_path, capsys):
+    assert main(["tune", "--sandbox", "--nfe", "4,6", "--num", "32", "--reference-steps", "48", "--max-evals", "20",
+                 "--finalists", "1", "--samplers", "euler,dpmpp_2m,unipc", "--out", str(tmp_path)]) == 0
+    assert {p.name for p in tmp_path.iterdir()} == {"nfe4.json", "nfe6.json", "tuned.png"}
+    t = TunedSchedule.load(tmp_path / "nfe6.json")
+    assert t.nfe == 6 and t.model["shape"] == [64] and t.sigmas[0] == 80.0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["tune", "--sandbox", "--nfe", "4", "--samplers", "euler_ancestral", "--out", str(tmp_path)]) == 2
+
+
+TINY = {"data": {"dataset": "digits", "max_size": 200},
+        "network": {"arch": "unet", "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
+                    "attn_resolutions": []},
+        "diffusion": {"type": "EDM"},
+        "training": {"steps": 10, "batch_size": 16, "checkpoint_every": 10, "sample_every": 0, "log_every": 5},
+        "sampling": {"steps": 5}}
+
+
+@pytest.mark.slow
+def test_cli_tune_run_then_sample_with_nfe(tmp_path, capsys):
+    import numpy as np
+
+    from elucidate.generate import generate
+    from elucidate.model import load_run
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(run), "--no-progress"]) == 0
+    assert main(["tune", str(run), "--nfe", "4", "--num", "8", "--reference-steps", "16", "--max-evals", "10",
+                 "--finalists", "1", "--samplers", "euler,dpmpp_2m"]) == 0
+    assert (run / "schedules" / "nfe4.json").is_file() and (run / "schedules" / "tuned.png").is_file()
+    t = load_tuned(run, 4)
+    assert t.model["step"] == 10 and t.model["shape"] == [1, 8, 8]
+
+    assert main(["sample", str(run), "--nfe", "4", "--seeds", "0-3", "--out", str(tmp_path / "s.npz")]) == 0
+    loaded = load_run(run)
+    expected = generate(loaded.denoiser, loaded.denoiser.formulation, loaded.shape, range(4),
+                        SamplingConfig(sampler=t.sampler, options=t.options, sigmas=t.sigmas))
+    with np.load(tmp_path / "s.npz") as data:
+        values = loaded.normalizer.from_model(expected).permute(0, 2, 3, 1).numpy()
+        assert np.allclose(data["values"], values, atol=1e-4)
+    capsys.readouterr()
+    assert main(["sample", str(run), "--nfe", "6", "--seeds", "0", "--out", str(tmp_path / "x.png")]) == 2
+    assert f"elucidate tune {run} --nfe 6" in capsys.readouterr().err
+    assert main(["sample", str(run), "--nfe", "4", "--steps", "3", "--seeds", "0",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "drop --steps" in capsys.readouterr().err
+    assert main(["sweep", str(run), "--samplers", "euler", "--nfe", "4", "--num", "16", "--tuned",
+                 "--out", str(tmp_path / "sweep")]) == 0
+    rows = (tmp_path / "sweep" / "fd_digits-vs-nfe.csv").read_text().splitlines()
+    assert rows[0].startswith("sampler,steps,nfe,value") and any(r.startswith("tuned,") for r in rows)
+    assert main(["sweep", str(run), "--samplers", "euler", "--nfe", "6", "--num", "16", "--tuned"]) == 2
+    assert f"elucidate tune {run} --nfe 6" in capsys.readouterr().err
