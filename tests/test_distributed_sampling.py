@@ -105,3 +105,19 @@ def test_two_processes_sample_the_same_bytes_and_evaluate_the_same_figure(traine
     two = json.loads(out.read_text())
     assert two["value"] == pytest.approx(one["value"], rel=1e-12, abs=1e-12)
     assert one["value"] > 0
+
+
+@pytest.mark.slow
+def test_an_error_on_one_rank_ends_all_ranks(tmp_path):
+    # rank 1 fails before the gather that rank 0 waits in: torchrun must end rank 0 too (no hang)
+    script = tmp_path / "fail.py"
+    script.write_text("import torch\nfrom elucidate.distributed_sampling import init_sampling, map_batches\n"
+                      "info = init_sampling()\n"
+                      "def f(b):\n    if info.rank == 1:\n        raise SystemExit(3)\n"
+                      "    return torch.zeros(len(b), 2)\n"
+                      "map_batches(f, 10, 3)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert r.returncode != 0 and "exitcode  : 3" in r.stderr
