@@ -121,3 +121,14 @@ def test_an_error_on_one_rank_ends_all_ranks(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert r.returncode != 0 and "exitcode  : 3" in r.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_sweep_the_same_rows(trained, tmp_path):
+    args = ["sweep", trained, "--samplers", "euler,heun", "--nfe", "3", "--num-samples", "7", "--batch", "3",
+            "--metric", "fd_digits"]
+    assert main(list(map(str, [*args, "--out", tmp_path / "one"]))) == 0
+    r = torchrun(*args, "--out", tmp_path / "two")
+    assert r.stdout.count("wrote ") == 1
+    one = (tmp_path / "one" / "fd_digits-vs-nfe.csv").read_text()
+    assert one == (tmp_path / "two" / "fd_digits-vs-nfe.csv").read_text() and len(one.splitlines()) == 3
