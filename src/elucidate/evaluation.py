@@ -177,20 +177,29 @@ def solver_nfe(cfg: SamplingConfig, formulation) -> int:
 def sample_features(run: LoadedRun, extractor, seeds: Sequence[int], cfg: SamplingConfig, *,
                     batch_size: int = 250, device=None, progress: bool = False):
     """Generate ``len(seeds)`` samples and return their FeatureStats (features kept)."""
+    from .distributed_sampling import map_batches, world
     from .metrics import FeatureStats
 
     stats = FeatureStats(keep_features=True)
     label_dim = int(getattr(run.denoiser.net, "label_dim", 0) or 0)
     seeds = list(seeds)
-    for start in range(0, len(seeds), batch_size):
-        chunk = seeds[start:start + batch_size]
+    show = progress and world()[0] == 0
+    done = 0
+
+    def features(b: range) -> torch.Tensor:  # under torchrun each rank computes its own batches
+        nonlocal done
+        chunk = seeds[b.start:b.stop]
         labels = torch.tensor(chunk) % label_dim if label_dim else None
         x = generate(run.denoiser, run.denoiser.formulation, run.shape, chunk, cfg, batch_size=batch_size,
                      device=device, class_labels=labels)
-        stats.update(extractor(to_pixels(x, run.normalizer)))
-        if progress:
-            print(f"\r  sampled {min(start + batch_size, len(seeds))}/{len(seeds)}", end="", flush=True)
-    if progress:
+        done += len(chunk)
+        if show:
+            print(f"\r  sampled {done}/{len(seeds)} (this process)", end="", flush=True)
+        return extractor(to_pixels(x, run.normalizer))
+
+    for batch in map_batches(features, len(seeds), batch_size):  # gathered in seed order: stats as one process
+        stats.update(batch)
+    if show:
         print()
     return stats
 

@@ -21,8 +21,9 @@ def register(sub) -> dict:
     p = sub.add_parser("eval", help="sample a run and score it (" + ", ".join(METRICS) + ")")
     add_model_source(p, "run directory (latest checkpoint) or checkpoint file")
     p.add_argument("--metric", default="fd_digits", choices=list(METRICS), help=metric_help)
-    p.add_argument("--num", type=int, default=10000,
-                   help="samples per repeat (seeds 0..num-1, then num..2num-1 ...)")
+    p.add_argument("--num", "--num-samples", dest="num", type=int, default=10000,
+                   help="samples per repeat (seeds 0..num-1, then num..2num-1 ...); under torchrun spell it "
+                        "--num-samples (torchrun takes --num for its own --numa-binding)")
     p.add_argument("--ref", default=None, help="reference: stats .npz (mu, sigma), 'digits', a folder, zip or "
                                                "array (default: the run's training data)")
     p.add_argument("--repeats", type=int, default=1, help="repeat over disjoint seed ranges; report mean and min "
@@ -50,7 +51,8 @@ def register(sub) -> dict:
                         "deterministic ones only with --sandbox)")
     p.add_argument("--nfe", default="5,9,17,35,63")
     p.add_argument("--metric", default="fd_digits", choices=list(METRICS), help=metric_help)
-    p.add_argument("--num", type=int, default=2000)
+    p.add_argument("--num", "--num-samples", dest="num", type=int, default=2000,
+                   help="samples per point (--num-samples under torchrun)")
     p.add_argument("--ref", default=None)
     p.add_argument("--features", default=None, choices=list(FEATURE_ALIASES))
     p.add_argument("--inception", default=None)
@@ -92,7 +94,27 @@ def _reference(args, run, extractor_name: str, need_features: bool):
                           need_features=need_features)
 
 
+def _distributed(handler):
+    """Run ``handler(args)`` in torchrun's process group if there is one (seed batches sharded over ranks)."""
+    def wrapped(args) -> int:
+        from ..distributed_sampling import init_sampling
+        from ..training.distributed import shutdown_distributed
+
+        info = init_sampling(args.device)
+        try:
+            if info.world_size > 1:
+                args.device = str(info.device)
+            return handler(args, info.is_main)
+        finally:
+            shutdown_distributed()
+    return wrapped
+
+
 def cmd_eval(args) -> int:
+    return _distributed(_eval)(args)
+
+
+def _eval(args, main: bool) -> int:
     from ..evaluation import METRICS, evaluate, feature_extractor, feature_name
     from ..fileio import atomic_write_text
 
@@ -105,6 +127,8 @@ def cmd_eval(args) -> int:
     extractor = feature_extractor(name, args.inception, args.device)
     result = evaluate(run, args.metric, num=args.num, ref=ref, extractor=extractor, cfg=cfg, repeats=args.repeats,
                       batch_size=args.batch, device=args.device, progress=True)
+    if not main:  # every rank has the same figure; rank 0 reports it
+        return 0
     run_dir = run.checkpoint.parent.parent if run.checkpoint.parent.name == "checkpoints" else run.checkpoint.parent
     tag = f"tuned-nfe{args.tuned_nfe}-" if getattr(args, "tuned_nfe", None) else ""
     out = run_dir / "eval" / f"{args.metric}-{tag}{cfg.sampler}-{cfg.steps}steps-{args.num}-step{run.step}.json"
@@ -144,7 +168,7 @@ def _write_sweep(rows: list[dict], out_dir: Path, stem: str, metric: str, title:
     return [csv_path, md_path, png_path]
 
 
-def _tuned_rows(args, run, base, nfes: list[int], ref, extractor) -> list[dict]:
+def _tuned_rows(args, run, base, nfes: list[int], ref, extractor, progress: bool = True) -> list[dict]:
     """Sweep rows of the run's tuned schedules at the budgets that have one (sampler ``tuned``)."""
     from ..evaluation import evaluate
     from ..sampling.tuned import tuned_config, tuned_path
@@ -160,12 +184,19 @@ def _tuned_rows(args, run, base, nfes: list[int], ref, extractor) -> list[dict]:
                           device=args.device)
         rows.append({"sampler": "tuned", "steps": cfg.steps, "nfe": result["nfe"], "value": result["value"]})
         rows[-1].update({k: result[k] for k in ("precision", "recall", "std") if k in result})
-        print(f"  tuned ({cfg.sampler})  steps {cfg.steps:>3}  NFE {result['nfe']:>3}  "
-              f"{args.metric} {result['value']:.4g}")
+        if progress:
+            print(f"  tuned ({cfg.sampler})  steps {cfg.steps:>3}  NFE {result['nfe']:>3}  "
+                  f"{args.metric} {result['value']:.4g}")
     return rows
 
 
 def cmd_sweep(args) -> int:
+    if args.sandbox:
+        return _sweep(args, True)
+    return _distributed(_sweep)(args)
+
+
+def _sweep(args, main: bool) -> int:
     nfes = int_list(args.nfe, "--nfe")
     if args.tuned and (args.sandbox or args.run is None):
         raise UserError("--tuned needs a RUN (tuned schedules live in RUN/schedules; see `elucidate tune`)")
@@ -197,9 +228,11 @@ def cmd_sweep(args) -> int:
         ref = _reference(args, run, name, need_features=METRICS[args.metric].needs_features)
         extractor = feature_extractor(name, args.inception, args.device)
         rows = sweep(run, args.metric, samplers=samplers, nfes=nfes, num=args.num, ref=ref, extractor=extractor,
-                     base=base, batch_size=args.batch, device=args.device, progress=True)
+                     base=base, batch_size=args.batch, device=args.device, progress=main)
         if args.tuned:
-            rows += _tuned_rows(args, run, base, nfes, ref, extractor)
+            rows += _tuned_rows(args, run, base, nfes, ref, extractor, progress=main)
+        if not main:  # every rank has the same rows; rank 0 writes them
+            return 0
         out_dir = args.out or (Path(args.run) / "sweep")
         paths = _write_sweep(rows, out_dir, f"{args.metric}-vs-nfe", args.metric,
                              f"{args.metric} vs NFE ({args.num} samples, step {run.step})")

@@ -23,15 +23,37 @@ def register(sub) -> dict:
 
 
 def cmd_sample(args) -> int:
+    import torch
+
+    from ..distributed_sampling import init_sampling, map_batches, world
     from ..generate import generate
-    from ..output import write_samples
+    from ..output import output_kind, write_samples
+    from ..training.distributed import shutdown_distributed
 
     seeds = parse_seed_arg(args.seeds)
-    run = load_model(args)
-    cfg = sampling_from_args(run.config.sampling, args)
-    labels = class_labels_for(run, seeds, args.class_label)
-    x = generate(run.denoiser, run.denoiser.formulation, run.shape, seeds, cfg, batch_size=args.batch,
-                 device=args.device, class_labels=labels, precision=args.precision, progress=True)
-    out = write_samples(x, seeds, args.out, normalizer=run.normalizer)
-    print(f"wrote {len(seeds)} samples ({cfg.sampler}, {cfg.steps} steps) from {run.checkpoint} to {out}")
-    return 0
+    output_kind(args.out)  # a bad --out fails before any sampling, on every rank
+    info = init_sampling(args.device)
+    try:
+        if info.world_size > 1:
+            args.device = str(info.device)
+        run = load_model(args)
+        cfg = sampling_from_args(run.config.sampling, args)
+        labels = class_labels_for(run, seeds, args.class_label)
+        if info.world_size == 1:
+            x = generate(run.denoiser, run.denoiser.formulation, run.shape, seeds, cfg, batch_size=args.batch,
+                         device=args.device, class_labels=labels, precision=args.precision, progress=True)
+        else:  # each rank samples its batches (the same batches one process would), rank 0 writes them all
+            def one(b: range):
+                return generate(run.denoiser, run.denoiser.formulation, run.shape, seeds[b.start:b.stop], cfg,
+                                batch_size=args.batch, device=args.device,
+                                class_labels=None if labels is None else labels[b.start:b.stop],
+                                precision=args.precision, progress=info.is_main)
+            x = torch.cat(map_batches(one, len(seeds), args.batch)).float()
+        if world()[0] != 0:
+            return 0
+        out = write_samples(x, seeds, args.out, normalizer=run.normalizer)
+        ranks = f" on {info.world_size} processes" if info.world_size > 1 else ""
+        print(f"wrote {len(seeds)} samples ({cfg.sampler}, {cfg.steps} steps) from {run.checkpoint} to {out}{ranks}")
+        return 0
+    finally:
+        shutdown_distributed()
