@@ -97,9 +97,14 @@ class TrainingConfig:
                                   minimum=0, maximum=1)
     max_bad_steps: int | None = param(100, "non-finite steps in a row (each skipped) before training stops; "
                                            "null = never", minimum=1)
+    ema: dict | None = param(None, "post-hoc (power-function) EMA next to the half-life one: {type: power, "
+                                   "stds: [0.05, 0.10], snapshot_every: steps (default checkpoint_every)}; "
+                                   "null = off (see docs/training.md)")
 
     def validate(self) -> None:
         _validate(self, "training")
+        if self.ema is not None:
+            self.ema = _check_power_ema(self.ema, self.checkpoint_every)
         betas = self.betas
         if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
                 isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
@@ -108,6 +113,28 @@ class TrainingConfig:
         if self.batch_size % self.grad_accumulation:
             raise ConfigError(f"training.batch_size = {self.batch_size} is not divisible by "
                               f"training.grad_accumulation = {self.grad_accumulation}")
+
+
+def _check_power_ema(ema: Any, checkpoint_every: int) -> dict:
+    """training.ema, validated and completed: {type: power, stds: [...], snapshot_every: N}."""
+    from .training.phema import MAX_SIGMA_REL
+    if not isinstance(ema, dict):
+        raise ConfigError(f"training.ema = {ema!r}: expected a mapping {{type: power, stds: [...], snapshot_every: N}}")
+    for key in ema:
+        if key not in ("type", "stds", "snapshot_every"):
+            raise _unknown("training.ema", key, ("type", "stds", "snapshot_every"))
+    if ema.get("type", "power") != "power":
+        raise ConfigError(f"training.ema.type = {ema.get('type')!r}: expected 'power'")
+    stds = ema.get("stds", [0.05, 0.10])
+    if not isinstance(stds, (list, tuple)) or not stds or any(
+            isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < MAX_SIGMA_REL for s in stds):
+        raise ConfigError(f"training.ema.stds = {stds!r}: expected a non-empty list of relative stds in "
+                          f"(0, {MAX_SIGMA_REL:.4f})")
+    if len(set(stds)) != len(stds):
+        raise ConfigError(f"training.ema.stds = {stds!r}: has duplicates")
+    every = _check_number("training.ema.snapshot_every", ema.get("snapshot_every", checkpoint_every),
+                          integer=True, minimum=1)
+    return {"type": "power", "stds": [float(s) for s in stds], "snapshot_every": every}
 
 
 @dataclass
