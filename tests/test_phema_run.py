@@ -27,6 +27,10 @@ def train(raw: dict, run: Path) -> dict:
 
 
 def test_config_defaults_and_validation():
+    from elucidate import ema_config as config
+    from elucidate.training import phema
+
+    assert config.MAX_SIGMA_REL == phema.MAX_SIGMA_REL
     assert parse_config(tiny(ema=None)).training.ema is None
     ema = parse_config(tiny(ema={"stds": [0.1]}, checkpoint_every=7)).training.ema
     assert ema == {"type": "power", "stds": [0.1], "snapshot_every": 7}

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from .ema_config import check_power_ema
 from .errors import ConfigError
 from .formulations import FORMULATIONS, Formulation, Shifted
 from .params import check_value, describe, param, validate_fields
@@ -104,7 +105,7 @@ class TrainingConfig:
     def validate(self) -> None:
         _validate(self, "training")
         if self.ema is not None:
-            self.ema = _check_power_ema(self.ema, self.checkpoint_every)
+            self.ema = check_power_ema(self.ema, self.checkpoint_every)
         betas = self.betas
         if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
                 isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
@@ -113,28 +114,6 @@ class TrainingConfig:
         if self.batch_size % self.grad_accumulation:
             raise ConfigError(f"training.batch_size = {self.batch_size} is not divisible by "
                               f"training.grad_accumulation = {self.grad_accumulation}")
-
-
-def _check_power_ema(ema: Any, checkpoint_every: int) -> dict:
-    """training.ema, validated and completed: {type: power, stds: [...], snapshot_every: N}."""
-    from .training.phema import MAX_SIGMA_REL
-    if not isinstance(ema, dict):
-        raise ConfigError(f"training.ema = {ema!r}: expected a mapping {{type: power, stds: [...], snapshot_every: N}}")
-    for key in ema:
-        if key not in ("type", "stds", "snapshot_every"):
-            raise _unknown("training.ema", key, ("type", "stds", "snapshot_every"))
-    if ema.get("type", "power") != "power":
-        raise ConfigError(f"training.ema.type = {ema.get('type')!r}: expected 'power'")
-    stds = ema.get("stds", [0.05, 0.10])
-    if not isinstance(stds, (list, tuple)) or not stds or any(
-            isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < MAX_SIGMA_REL for s in stds):
-        raise ConfigError(f"training.ema.stds = {stds!r}: expected a non-empty list of relative stds in "
-                          f"(0, {MAX_SIGMA_REL:.4f})")
-    if len(set(stds)) != len(stds):
-        raise ConfigError(f"training.ema.stds = {stds!r}: has duplicates")
-    every = _check_number("training.ema.snapshot_every", ema.get("snapshot_every", checkpoint_every),
-                          integer=True, minimum=1)
-    return {"type": "power", "stds": [float(s) for s in stds], "snapshot_every": every}
 
 
 @dataclass
