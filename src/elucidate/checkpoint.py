@@ -83,14 +83,17 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], info: dict) -> dict:
 
 
 def save_checkpoint(path: Path, *, net: torch.nn.Module, ema: torch.nn.Module | None,
-                    optimizer: torch.optim.Optimizer | None, meta: dict) -> Path:
-    """Write a checkpoint atomically; ``meta`` must be JSON-serializable."""
+                    optimizer: torch.optim.Optimizer | None, meta: dict,
+                    extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint atomically; ``meta`` must be JSON-serializable; ``extra`` tensors are stored
+    under their own (already prefixed) names, e.g. ``phema.*``."""
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     for prefix, module in (("net", net), ("ema", ema)):
         if module is not None:
             for name, value in module.state_dict().items():
                 tensors[f"{prefix}.{name}"] = value
+    tensors.update(extra or {})
     meta = dict(meta, format=FORMAT)
     if optimizer is not None:
         opt_tensors, opt_info = optimizer_to_flat(optimizer)

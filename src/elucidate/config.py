@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from .ema_config import check_power_ema
 from .errors import ConfigError
 from .formulations import FORMULATIONS, Formulation, Shifted
 from .params import check_value, describe, param, validate_fields
@@ -97,9 +98,14 @@ class TrainingConfig:
                                   minimum=0, maximum=1)
     max_bad_steps: int | None = param(100, "non-finite steps in a row (each skipped) before training stops; "
                                            "null = never", minimum=1)
+    ema: dict | None = param(None, "post-hoc (power-function) EMA next to the half-life one: {type: power, "
+                                   "stds: [0.05, 0.10], snapshot_every: steps (default checkpoint_every)}; "
+                                   "null = off (see docs/training.md)")
 
     def validate(self) -> None:
         _validate(self, "training")
+        if self.ema is not None:
+            self.ema = check_power_ema(self.ema, self.checkpoint_every)
         betas = self.betas
         if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
                 isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):

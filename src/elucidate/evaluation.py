@@ -36,9 +36,9 @@ class Metric:
 #: name -> Metric; ``register_metric`` adds one (CLI choices and docs follow).
 METRICS: dict[str, Metric] = {}
 #: The default feature network of kid/pr per dataset (Inception otherwise).
-DATASET_FEATURES = {"digits": "fd_digits"}
+DATASET_FEATURES = {"digits": "fd_digits", "mnist": "fd_mnist"}
 #: ``--features`` names -> feature extractor names.
-FEATURE_ALIASES = {"digits": "fd_digits", "inception": "inception"}
+FEATURE_ALIASES = {"digits": "fd_digits", "mnist": "fd_mnist", "inception": "inception"}
 
 
 def register_metric(name: str, description: str, *, features: str | None = None, needs_features: bool = False):
@@ -60,6 +60,8 @@ def _frechet(stats, ref) -> dict:
 
 register_metric("fd_digits", "Frechet distance in the bundled digits classifier's features (offline)",
                 features="fd_digits")(_frechet)
+register_metric("fd_mnist", "Frechet distance in the bundled 28x28 MNIST classifier's features (offline)",
+                features="fd_mnist")(_frechet)
 register_metric("fid", "FID: Frechet distance in Inception-v3 features (weights from a local file)",
                 features="inception")(_frechet)
 
@@ -127,7 +129,7 @@ def _dataset_from_spec(spec: str):
     from .data import build_dataset
 
     path = Path(spec)
-    if spec in ("digits", "faces"):
+    if spec in ("digits", "faces", "mnist"):
         return build_dataset({"dataset": spec})
     if path.is_dir():
         return build_dataset({"dataset": "folder", "path": spec})
@@ -135,7 +137,7 @@ def _dataset_from_spec(spec: str):
         return build_dataset({"dataset": "zip", "path": spec})
     if path.suffix.lower() in (".npz", ".npy"):
         return build_dataset({"dataset": "npz", "path": spec})
-    raise UserError(f"reference {spec!r}: expected 'digits', an image folder, a .zip, an .npz/.npy array "
+    raise UserError(f"reference {spec!r}: expected 'digits', 'mnist', an image folder, a .zip, an .npz/.npy array "
                     f"or an .npz of statistics (mu, sigma)")
 
 

@@ -15,7 +15,7 @@ import warnings
 __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 
 #: The command modules, in the order their commands appear in ``elucidate --help``.
-COMMAND_MODULES = ("train", "sample", "evaluate", "tune", "reports", "interop")
+COMMAND_MODULES = ("train", "sample", "evaluate", "tune", "reports", "interop", "phema")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,6 +1,7 @@
 """Evaluation commands: eval, ref, sweep."""
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -20,7 +21,8 @@ def register(sub) -> dict:
     metric_help = "; ".join(f"{m.name}: {m.description}" for m in METRICS.values())
     p = sub.add_parser("eval", help="sample a run and score it (" + ", ".join(METRICS) + ")")
     add_model_source(p, "run directory (latest checkpoint) or checkpoint file")
-    p.add_argument("--metric", default="fd_digits", choices=list(METRICS), help=metric_help)
+    p.add_argument("--metric", default=None, choices=list(METRICS),
+                   help="default: fd_mnist for an mnist run, else fd_digits; " + metric_help)
     p.add_argument("--num", "--num-samples", dest="num", type=int, default=10000,
                    help="samples per repeat (seeds 0..num-1, then num..2num-1 ...); under torchrun spell it "
                         "--num-samples (torchrun takes --num for its own --numa-binding)")
@@ -50,7 +52,8 @@ def register(sub) -> dict:
                    help="comma-separated solver names (default: the solvers declared for sweeps; "
                         "deterministic ones only with --sandbox)")
     p.add_argument("--nfe", default="5,9,17,35,63")
-    p.add_argument("--metric", default="fd_digits", choices=list(METRICS), help=metric_help)
+    p.add_argument("--metric", default=None, choices=list(METRICS),
+                   help="default: fd_mnist for an mnist run, else fd_digits; " + metric_help)
     p.add_argument("--num", "--num-samples", dest="num", type=int, default=2000,
                    help="samples per point (--num-samples under torchrun)")
     p.add_argument("--ref", default=None)
@@ -60,6 +63,11 @@ def register(sub) -> dict:
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN/sweep or ./sweep)")
     p.add_argument("--tuned", action="store_true",
                    help="also the run's tuned schedules (RUN/schedules/nfeN.json) at the --nfe budgets that have one")
+    p.add_argument("--ema-std", type=float, default=None, metavar="S",
+                   help="sweep the post-hoc EMA of relative std S (reconstructed from RUN/phema snapshots)")
+    p.add_argument("--ema-stds", default=None, metavar="S1,S2,...",
+                   help="instead of samplers x NFE: quality at the configured sampler for each post-hoc EMA "
+                        "length (relative std), plotted to RUN/sweep/METRIC-vs-ema-std.png")
     add_sampling_options(p, tuned=False)
     p = sub.add_parser("likelihood", help="bits/dim of the run's data by the probability-flow ODE")
     p.add_argument("run", type=Path)
@@ -81,13 +89,19 @@ def _names(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
+def _default_metric(args, run) -> None:
+    """``--metric`` unless given: the run's dataset's bundled Frechet distance (fd_mnist for mnist)."""
+    if args.metric is None:
+        args.metric = "fd_mnist" if run.config.data.get("dataset") == "mnist" else "fd_digits"
+
+
 def _reference(args, run, extractor_name: str, need_features: bool):
     from ..evaluation import load_reference
 
     spec = args.ref
     if spec is None:
         data = run.config.data
-        spec = data["dataset"] if data["dataset"] in ("digits", "faces") else data.get("path")
+        spec = data["dataset"] if data["dataset"] in ("digits", "faces", "mnist") else data.get("path")
         if spec is None:
             raise UserError("--ref is required (the run's data section has no path)")
     return load_reference(spec, extractor_name, inception=args.inception, device=args.device,
@@ -122,6 +136,7 @@ def _eval(args, main: bool) -> int:
     if args.diffusers is not None and args.ref is None:
         raise UserError("--ref is required with --diffusers (reference data or statistics to compare with)")
     cfg = sampling_from_args(run.config.sampling, args)
+    _default_metric(args, run)
     name = feature_name(args.metric, args.features, run.config.data.get("dataset"))
     ref = _reference(args, run, name, need_features=METRICS[args.metric].needs_features)
     extractor = feature_extractor(name, args.inception, args.device)
@@ -129,8 +144,10 @@ def _eval(args, main: bool) -> int:
                       batch_size=args.batch, device=args.device, progress=True)
     if not main:  # every rank has the same figure; rank 0 reports it
         return 0
-    run_dir = run.checkpoint.parent.parent if run.checkpoint.parent.name == "checkpoints" else run.checkpoint.parent
+    parent = run.checkpoint.parent
+    run_dir = parent.parent if parent.name in ("checkpoints", "phema") else parent
     tag = f"tuned-nfe{args.tuned_nfe}-" if getattr(args, "tuned_nfe", None) else ""
+    tag += f"ema{args.ema_std:.3f}-" if getattr(args, "ema_std", None) is not None else ""
     out = run_dir / "eval" / f"{args.metric}-{tag}{cfg.sampler}-{cfg.steps}steps-{args.num}-step{run.step}.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     columns = ["metric", "value", "min", "num", "repeats", "sampler", "steps", "nfe", "features", "step"]
@@ -217,16 +234,31 @@ def _sweep(args, main: bool) -> int:
     else:
         if args.run is None:
             raise UserError("sweep needs a RUN directory (or --sandbox)")
-        from ..evaluation import METRICS, feature_extractor, feature_name, sweep
-        from ..model import load_run
+        from ..evaluation import METRICS, evaluate, feature_extractor, feature_name, sweep
         from ..sampling import sweep_solvers
 
-        run = load_run(args.run, ema=args.ema, device=args.device)
+        if args.ema_stds is not None and (args.ema_std is not None or args.tuned):
+            raise UserError("--ema-stds cannot be combined with --ema-std or --tuned")
+        run = load_model(argparse.Namespace(run=args.run, ema=args.ema, ema_std=args.ema_std, device=args.device))
         base = sampling_from_args(run.config.sampling, args)
         samplers = _names(args.samplers) if args.samplers else sweep_solvers()
+        _default_metric(args, run)
         name = feature_name(args.metric, args.features, run.config.data.get("dataset"))
         ref = _reference(args, run, name, need_features=METRICS[args.metric].needs_features)
         extractor = feature_extractor(name, args.inception, args.device)
+        if args.ema_stds is not None:
+            from ..distributed_sampling import world
+            from .phema import ema_sweep
+
+            if world()[1] > 1:
+                raise UserError("sweep --ema-stds runs in one process (use torchrun for sample, eval and sweep "
+                                "over NFE)")
+
+            def score(r):
+                return evaluate(r, args.metric, num=args.num, ref=ref, extractor=extractor, cfg=base,
+                                batch_size=args.batch, device=args.device), base
+            print("wrote " + ", ".join(str(p) for p in ema_sweep(args, score)))
+            return 0
         rows = sweep(run, args.metric, samplers=samplers, nfes=nfes, num=args.num, ref=ref, extractor=extractor,
                      base=base, batch_size=args.batch, device=args.device, progress=main)
         if args.tuned:

@@ -36,6 +36,9 @@ def add_model_source(p, help: str) -> None:
     p.add_argument("--diffusers", type=Path, default=None, metavar="DIR",
                    help="sample a local diffusers pipeline / UNet folder instead of a run (safetensors; never "
                         "downloads)")
+    p.add_argument("--ema-std", type=float, default=None, metavar="S",
+                   help="use the post-hoc EMA of relative std S, reconstructed from RUN/phema snapshots (cached as "
+                        "RUN/phema/ema-S.safetensors; see elucidate ema)")
 
 
 def load_model(args):
@@ -48,4 +51,8 @@ def load_model(args):
         return load_diffusers(args.diffusers, device=args.device)
     from ..model import load_run
 
+    if getattr(args, "ema_std", None) is not None:
+        from ..phema_export import ema_checkpoint
+
+        return load_run(ema_checkpoint(args.run, args.ema_std), device=args.device)
     return load_run(args.run, ema=args.ema, device=args.device)

@@ -40,6 +40,7 @@ from ..rundir import append_metrics, check_same_run, truncate_metrics
 from ..runlock import RunLock, RunLocked
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from .ema import EMA
+from .posthoc import RunPowerEMA
 from .rng import batch_indices, derive_seed, derived_generator
 
 __all__ = ["Trainer", "TrainingStopped", "SIGMA_EDGES", "RESUMABLE_KEYS", "make_optimizer"]
@@ -89,6 +90,7 @@ class Trainer:
             self.model = DistributedDataParallel(self.denoiser, device_ids=ids)
         self.optimizer = make_optimizer(self.net, self.t)
         self.ema = EMA(self.net, self.t.ema_halflife, self.t.ema_rampup)
+        self.phema = RunPowerEMA(self.net, self.t.ema, self.run_dir, self.dist.is_main)  # inert if training.ema is null
         self.params = list(self.net.parameters())
         self.step, self.skipped, self.seconds = 0, 0, 0.0
         self.bad_streak, self.saved_step = 0, None  # consecutive skipped steps; step of the last checkpoint
@@ -134,6 +136,7 @@ class Trainer:
         self.optimizer.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
         self.step, self.skipped, self.seconds = int(meta["step"]), int(meta["skipped_steps"]), float(meta["seconds"])
         self.bad_streak, self.saved_step = int(meta.get("bad_streak", 0)), self.step
+        self.phema.resume(tensors, self.step)
         if self.dist.is_main:
             remove_stale_temp_files(self.run_dir, "config.yaml", "metrics.jsonl")  # left by a killed run
             remove_stale_temp_files(self.run_dir / "checkpoints", "ckpt-*")
@@ -243,7 +246,8 @@ class Trainer:
         """Write a checkpoint for the current step (main process) and prune old ones."""
         path = self.run_dir / "checkpoints" / checkpoint_name(self.step)
         if self.dist.is_main:  # a failed write raises fileio.WriteError and leaves the older ones as they were
-            save_checkpoint(path, net=self.net, ema=self.ema.module, optimizer=self.optimizer, meta=self._meta())
+            save_checkpoint(path, net=self.net, ema=self.ema.module, optimizer=self.optimizer, meta=self._meta(),
+                            extra=self.phema.checkpoint_tensors())
             if self.t.keep_checkpoints:
                 for old in list_checkpoints(path.parent)[:-self.t.keep_checkpoints]:
                     try:
@@ -308,6 +312,7 @@ class Trainer:
                 self.step += 1
                 self.skipped += 0 if applied else 1
                 self.bad_streak = 0 if applied else self.bad_streak + 1
+                self.phema.after_step(self.net, self.step, self.step == total)
                 self.seconds += time.perf_counter() - t0
                 interval_images += self.t.batch_size
                 finite = torch.isfinite(losses)
