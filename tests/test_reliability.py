@@ -437,3 +437,37 @@ def test_max_bad_steps_validation():
     for bad in (0, -1, 2.5, "many", True):
         with pytest.raises(ConfigError, match="training.max_bad_steps"):
             parse_config(tiny_config(max_bad_steps=bad))
+
+
+# --- diverged models ---------------------------------------------------------------------------------
+def test_check_finite_counts_and_names_the_seeds():
+    from elucidate.generate import NonFiniteSamples, check_finite
+
+    x = torch.zeros(8, 1, 2, 2)
+    check_finite(x, range(10, 18))
+    x[1, 0, 0, 0], x[5, 0, 1, 1] = float("nan"), float("-inf")
+    with pytest.raises(NonFiniteSamples, match=r"^2 of 8 samples contain NaN/Inf \(seeds 11, 15\)"):
+        check_finite(x, range(10, 18))
+
+
+@pytest.mark.parametrize("verb", ["sample", "eval"])
+def test_nonfinite_samples_exit_2_and_write_nothing(trained, tmp_path, capsys, monkeypatch, verb):
+    import elucidate.evaluation
+    import elucidate.generate
+
+    real = elucidate.generate.generate
+
+    def diverged(*args, **kwargs):  # the real sampler, then two images poisoned as a diverged model would
+        x = real(*args, **kwargs)
+        x[:2] = float("nan")
+        return x
+
+    monkeypatch.setattr(elucidate.generate, "generate", diverged)
+    monkeypatch.setattr(elucidate.evaluation, "generate", diverged)
+    out = tmp_path / "s.npz"
+    argv = (["sample", trained, "--seeds", "0-7", "--steps", "2", "--out", out] if verb == "sample" else
+            ["eval", trained, "--num", "8", "--steps", "2", "--ref", "digits"])
+    code, err = cli_main(argv, capsys)
+    errors = [line for line in err if "error:" in line or "Traceback" in line]  # (the rest: progress bars)
+    assert code == 2 and len(errors) == 1 and "2 of 8 samples contain NaN/Inf" in errors[0], err
+    assert not out.exists() and not (trained / "eval").exists()

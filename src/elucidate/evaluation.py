@@ -12,7 +12,7 @@ import torch
 
 from .config import SamplingConfig
 from .errors import UserError
-from .generate import generate
+from .generate import check_finite, generate
 from .model import LoadedRun
 from .pixels import to_pixels
 from .sampling.registry import get_solver, steps_for_nfe
@@ -194,6 +194,7 @@ def sample_features(run: LoadedRun, extractor, seeds: Sequence[int], cfg: Sampli
         labels = torch.tensor(chunk) % label_dim if label_dim else None
         x = generate(run.denoiser, run.denoiser.formulation, run.shape, chunk, cfg, batch_size=batch_size,
                      device=device, class_labels=labels)
+        check_finite(x, chunk)  # a diverged model must not get a metric
         done += len(chunk)
         if show:
             print(f"\r  sampled {done}/{len(seeds)} (this process)", end="", flush=True)

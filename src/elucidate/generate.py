@@ -12,7 +12,21 @@ from .errors import UserError
 from .formulations import Formulation
 from .sampling import get_schedule, iddpm_sigmas, karras_sigmas, sample, vp_range_sigmas
 
-__all__ = ["schedule_for", "generate", "parse_seeds", "autocast_for"]
+__all__ = ["schedule_for", "generate", "parse_seeds", "autocast_for", "check_finite", "NonFiniteSamples"]
+
+
+class NonFiniteSamples(UserError):
+    """Sampling produced NaN/Inf (a diverged model or an unstable sampler setting)."""
+
+
+def check_finite(x: torch.Tensor, seeds: Sequence[int]) -> None:
+    """Raise :class:`NonFiniteSamples` naming how many samples (and which seeds) hold NaN/Inf."""
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+    if bool(bad.any()):
+        which = [int(s) for s, b in zip(seeds, bad.tolist()) if b]
+        shown = ", ".join(map(str, which[:5])) + (", ..." if len(which) > 5 else "")
+        raise NonFiniteSamples(f"{len(which)} of {len(x)} samples contain NaN/Inf (seeds {shown}): the model or the "
+                               f"sampler settings diverged; nothing was written")
 
 
 def schedule_for(cfg: SamplingConfig, formulation: Formulation, *, device=None) -> torch.Tensor:

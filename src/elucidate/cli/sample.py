@@ -26,7 +26,7 @@ def cmd_sample(args) -> int:
     import torch
 
     from ..distributed_sampling import init_sampling, map_batches, world
-    from ..generate import generate
+    from ..generate import check_finite, generate
     from ..output import output_kind, write_samples
     from ..training.distributed import shutdown_distributed
 
@@ -51,6 +51,7 @@ def cmd_sample(args) -> int:
             x = torch.cat(map_batches(one, len(seeds), args.batch)).float()
         if world()[0] != 0:
             return 0
+        check_finite(x, seeds)  # never write garbage silently
         out = write_samples(x, seeds, args.out, normalizer=run.normalizer)
         ranks = f" on {info.world_size} processes" if info.world_size > 1 else ""
         print(f"wrote {len(seeds)} samples ({cfg.sampler}, {cfg.steps} steps) from {run.checkpoint} to {out}{ranks}")
