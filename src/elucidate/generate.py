@@ -104,6 +104,10 @@ def generate(denoiser: Callable[..., torch.Tensor], formulation: Formulation, sh
     return torch.cat(out)
 
 
+#: the most seeds one range may name (a typo such as 0-10000000000 must not exhaust memory)
+MAX_SEEDS = 10_000_000
+
+
 def parse_seeds(text: str) -> list[int]:
     """'0-63' -> [0..63]; '1,5,9' and '0-9,20-29' also work."""
     seeds: list[int] = []
@@ -113,13 +117,15 @@ def parse_seeds(text: str) -> list[int]:
             if "-" in part[1:]:
                 lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
                 lo_i, hi_i = int(lo), int(hi)
-                if hi_i < lo_i:
+                if hi_i < lo_i or hi_i - lo_i >= MAX_SEEDS:
                     raise ValueError
                 seeds.extend(range(lo_i, hi_i + 1))
             elif part:
                 seeds.append(int(part))
     except ValueError:
-        raise ValueError(f"seeds {text!r}: expected e.g. 0-63 or 1,5,9") from None
+        raise ValueError(f"seeds {text!r}: expected e.g. 0-63 or 1,5,9 (at most {MAX_SEEDS:,} per range)") from None
     if not seeds:
         raise ValueError(f"seeds {text!r}: no seeds given")
+    if min(seeds) < 0 or max(seeds) >= 2**63:
+        raise ValueError(f"seeds {text!r}: seeds must be in 0..2**63-1")
     return seeds
