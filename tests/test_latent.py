@@ -428,3 +428,22 @@ def test_two_gloo_processes_equal_one(tmp_path):
         for key in ("loss", "d_loss", "d_weight", "logvar", "psnr"):
             if key in ra:
                 assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), key
+
+
+def test_cli_train_vae_writes_a_run_and_errors_are_one_line(tmp_path, capsys):
+    import yaml
+
+    from elucidate.cli import main
+    from elucidate.runlock import RunLock
+
+    cfg = tmp_path / "vae.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(steps=2, checkpoint_every=2)))
+    run = tmp_path / "run"
+    assert main(["train-vae", str(cfg), "--out", str(run), "--no-progress"]) == 0
+    assert "trained to step 2" in capsys.readouterr().out and latest_checkpoint(run / "checkpoints") is not None
+    with RunLock(run, "test"):  # a second writer is refused at once
+        assert main(["train-vae", str(cfg), "--out", str(run), "--no-progress", "--set", "training.steps=4"]) == 2
+    assert "in use" in capsys.readouterr().err
+    assert main(["train-vae", str(cfg), "--out", str(tmp_path / "x"), "--set", "model.bogus=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bogus" in err[0]

@@ -1,4 +1,4 @@
-"""Commands that write a run: train, demo."""
+"""Commands that write a run: train, train-vae, demo."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +37,15 @@ def register(sub) -> dict:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo preset)")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    return {"train": cmd_train, "demo": cmd_demo}
+
+    p = sub.add_parser("train-vae", help="train (or resume) a KL autoencoder for latent diffusion")
+    p.add_argument("config", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="run directory (resumed if it has checkpoints)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set training.steps=200 (repeatable)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return {"train": cmd_train, "demo": cmd_demo, "train-vae": cmd_train_vae}
 
 
 def cmd_train(args) -> int:
@@ -52,6 +60,16 @@ def cmd_train(args) -> int:
         shutdown_distributed()
     print(f"trained to step {summary['step']} ({summary['skipped_steps']} skipped); "
           f"checkpoint: {summary['checkpoint']}" + (f"; samples: {summary['samples']}" if summary["samples"] else ""))
+    return 130 if summary.get("interrupted") else 0
+
+
+def cmd_train_vae(args) -> int:
+    from ..latent import train_vae
+
+    summary = train_vae(args.config, args.out, overrides=args.overrides, device=args.device, progress=args.progress)
+    fd = f", fd {summary['fd']:.3g}" if summary.get("fd") is not None else ""
+    psnr = f"; held-out PSNR {summary['psnr']:.2f} dB{fd}" if summary.get("psnr") is not None else ""
+    print(f"trained to step {summary['step']}; checkpoint: {summary['checkpoint']}{psnr}")
     return 130 if summary.get("interrupted") else 0
 
 

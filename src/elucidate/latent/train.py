@@ -8,6 +8,7 @@ the batch and N processes train the same weights as one.
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from ..fileio import atomic_write_text
 from ..generate import autocast_for
 from ..model import DataInfo
 from ..rundir import append_metrics, check_same_run, truncate_metrics
+from ..runlock import RunLock
 from ..training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from ..training.loop import make_optimizer
 from ..training.rng import batch_indices, derive_seed, derived_generator
@@ -341,8 +343,12 @@ def train_vae(config_path_or_dict: str | Path | dict | VAEConfig, out_dir: str |
     else:
         config = load_vae_config(config_path_or_dict, overrides)
     joined = dist.is_available() and dist.is_initialized()
+    lock = RunLock(out_dir, "train-vae")  # one writer per run directory (rank 0 holds it)
+    if int(os.environ.get("RANK", "0")) == 0:
+        lock.acquire()
     try:
         return VAETrainer(config, out_dir, device=device, progress=progress).train()
     finally:
+        lock.release()
         if not joined:
             shutdown_distributed()
