@@ -79,6 +79,8 @@ class RunLock:
     def acquire(self) -> RunLock:
         if self._fd is not None:
             return self
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UserError(f"{self.run_dir} is a file; expected a run directory (an existing one is resumed)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if fcntl is None:  # pragma: no cover - Windows
             warnings.warn(f"{self.run_dir} is not locked: locking run directories needs fcntl (POSIX); "

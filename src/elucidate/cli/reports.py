@@ -58,5 +58,7 @@ def cmd_report(args) -> int:
 
     if not args.run.is_dir():
         raise UserError(f"{args.run} is not a run directory")
+    if not any((args.run / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints")):
+        raise UserError(f"{args.run} is not a run directory (no config.yaml, metrics.jsonl or checkpoints/)")
     print(f"wrote {write_report(args.run, args.out)}")
     return 0

@@ -198,8 +198,10 @@ def load_vae_config(source: str | Path | dict, overrides: list[str] | tuple[str,
         raw = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if raw is None:
+        raise ConfigError(f"config file {path} is empty; start from configs/digits-vae.yaml")
     try:
-        return parse_vae_config(apply_vae_overrides(raw or {}, overrides))
+        return parse_vae_config(apply_vae_overrides(raw, overrides))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

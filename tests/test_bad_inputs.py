@@ -1,0 +1,88 @@
+"""Every verb, every bad input: exit status 2, one error line naming the problem, no traceback, and
+nothing written where the output would have gone (issue 12). A verb added to the CLI without rows
+here fails ``test_every_verb_has_rows``."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from elucidate.cli import build_parser, main
+
+TINY = {"data": {"dataset": "digits", "max_size": 64},
+        "network": {"arch": "unet", "model_channels": 8, "channel_mult": [1], "num_blocks": 1, "attn_resolutions": []},
+        "diffusion": {"type": "EDM"},
+        "training": {"steps": 2, "batch_size": 8, "checkpoint_every": 2, "sample_every": 0, "log_every": 1},
+        "sampling": {"steps": 2}}
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad")
+    p = {"missing": root / "missing", "empty": root / "empty.yaml", "garbage": root / "garbage.bin",
+         "dir": root / "a_directory", "untrained": root / "untrained", "config": root / "tiny.yaml",
+         "run": root / "run", "npz": root / "wrong.npz"}
+    p["empty"].write_text("")
+    p["garbage"].write_bytes(os.urandom(64) + b"\x00: [")
+    p["dir"].mkdir()
+    p["untrained"].mkdir()
+    p["config"].write_text(yaml.safe_dump(TINY))
+    (p["untrained"] / "config.yaml").write_text(yaml.safe_dump(TINY))
+    import numpy as np
+    np.savez(p["npz"], mu=np.zeros(3), sigma=np.zeros((2, 2)))  # statistics of the wrong shapes
+    assert main(["train", str(p["config"]), "--out", str(p["run"]), "--no-progress"]) == 0
+    return p
+
+
+def ref(name: str) -> str:
+    return "{" + name + "}"
+
+
+RUNS = ["missing", "garbage", "dir", "untrained"]  # a run that is not there / a file / empty / never trained
+CONFIGS = ["missing", "empty", "garbage", "dir"]
+# verb -> argument lists; {name} is replaced by the fixture path, OUT by a fresh output path
+ROWS: dict[str, list[list[str]]] = {
+    "train": [[ref(c), "--out", "OUT"] for c in CONFIGS] + [
+        ["{config}", "--out", "{garbage}"], ["{config}", "--out", "OUT", "--set", "training.steps=-1"]],
+    "train-vae": [[ref(c), "--out", "OUT"] for c in CONFIGS],
+    "demo": [["--out", "{garbage}"], ["--out", "OUT", "--steps", "0"]],
+    "sample": [[ref(r), "--out", "OUT.png"] for r in RUNS] + [
+        ["{run}", "--out", "OUT.png", "--steps", "0"], ["{run}", "--out", "OUT.png", "--seeds", "9-1"],
+        ["{run}", "--out", "OUT.gif"], ["{run}", "--out", "OUT.png", "--guidance", "-1"],
+        ["{run}", "--out", "OUT.png", "--sampler", "nope"]],
+    "eval": [[ref(r), "--num", "8"] for r in RUNS] + [
+        ["{run}", "--num", "0"], ["{run}", "--num", "8", "--ref", "{npz}"]],
+    "ref": [["{missing}", "--out", "OUT.npz"], ["{garbage}", "--out", "OUT.npz"], ["{dir}", "--out", "OUT.npz"]],
+    "sweep": [[ref(r), "--num", "8"] for r in RUNS] + [["{run}", "--nfe", "0", "--num", "8"]],
+    "likelihood": [[ref(r), "--num", "4"] for r in RUNS] + [["{run}", "--num", "0"]],
+    "tune": [[ref(r), "--nfe", "5"] for r in RUNS] + [["{run}", "--nfe", "0"]],
+    "plot": [[ref(r)] for r in ["missing", "garbage", "dir"]],
+    "report": [[ref(r), "--out", "OUT.html"] for r in ["missing", "garbage", "dir"]],
+    "export": [[ref(r), "--diffusers", "OUT"] for r in RUNS] + [["{run}", "--diffusers", "OUT"]],
+    "ema": [[ref(r), "--std", "0.05"] for r in RUNS] + [["{run}", "--std", "0.05"], ["{run}", "--std", "2"]],
+}
+CASES = [(verb, args) for verb, rows in ROWS.items() for args in rows]
+
+
+def test_every_verb_has_rows():
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert set(sub.choices) == set(ROWS)
+
+
+@pytest.mark.parametrize("verb, args", CASES, ids=[f"{v}:{' '.join(a)}" for v, a in CASES])
+def test_bad_input_is_one_line_and_writes_nothing(paths, tmp_path, capsys, verb, args):
+    out = tmp_path / "out"
+    argv = [verb] + [str(out) + a[3:] if a.startswith("OUT") else a.format(**{k: str(v) for k, v in paths.items()})
+                     for a in args]
+    before = {p: p.stat().st_mtime_ns for p in paths["run"].rglob("*") if p.is_file()}
+    code = main(argv)
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert code == 2, (argv, captured.err)
+    assert len(errors) == 1 and errors[0].startswith(f"elucidate {verb}: error: "), captured.err
+    assert "Traceback" not in captured.err
+    assert not list(tmp_path.glob("out*")), "an output was written"
+    leftovers = [p for p in paths["run"].rglob("*") if p.is_file() and p not in before]
+    assert not [p for p in leftovers if p.name.startswith(".")], leftovers  # no temp files in the run
