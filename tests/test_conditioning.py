@@ -372,3 +372,32 @@ def test_data_info_round_trip_and_old_metadata():
     old = {"channels": 1, "resolution": [8, 8], "num_classes": 10}  # checkpoints written before conditions
     assert DataInfo.from_dict(old) == DataInfo(1, (8, 8), 10, 0, None)
     assert DataInfo.from_dataset(build_dataset({"dataset": "digits", "max_size": 10})).context_shape is None
+
+
+@pytest.mark.parametrize("conditioning, condition", [("concat", "lowres"), ("crossattn", "class_tokens"),
+                                                     ("hybrid", ["lowres", "class_tokens"])])
+def test_the_training_loop_feeds_the_data_conditions(tmp_path, monkeypatch, conditioning, condition):
+    from elucidate.config import parse_config
+    from elucidate.training import Trainer
+
+    raw = {"data": {"dataset": "digits", "max_size": 32, "condition": condition},
+           "network": {"arch": "unet", "model_channels": 8, "channel_mult": [1], "num_blocks": 1,
+                       "attn_resolutions": [4], "conditioning": conditioning},
+           "training": {"steps": 1, "batch_size": 4, "sample_every": 0, "checkpoint_every": 1}}
+    trainer = Trainer(parse_config(raw), tmp_path / "run", progress=False, log=lambda *a: None)
+    seen = {}
+    forward = type(trainer.net).forward
+
+    def spy(self, x, c_noise, **cond):
+        seen.update({k: v for k, v in cond.items() if v is not None})
+        return forward(self, x, c_noise, **cond)
+
+    monkeypatch.setattr(type(trainer.net), "forward", spy)
+    trainer.train_step(0)
+    wanted = {"concat": conditioning in ("concat", "hybrid"),
+              "context": conditioning in ("crossattn", "hybrid")}
+    assert {k for k, on in wanted.items() if on} <= set(seen)
+    if wanted["concat"]:
+        assert seen["concat"].shape[1] == trainer.net.cond_channels
+    if wanted["context"]:
+        assert seen["context"].shape[-1] == trainer.net.context_dim
