@@ -113,7 +113,7 @@ def test_run_lock_is_exclusive_names_its_holder_and_dies_with_it(tmp_path):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted 50-step CLI run; while it trains a second writer tries the same directory."""
+    """An uninterrupted 50-step CLI run; while it is paused mid-run a second writer tries the same directory."""
     tmp = tmp_path_factory.mktemp("reliability")
     cfg = tmp / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(steps=50, checkpoint_every=2, keep_checkpoints=3, log_every=2)))
@@ -123,10 +123,16 @@ def reference(tmp_path_factory):
     deadline = time.time() + 120
     while time.time() < deadline and not list_checkpoints(run / "checkpoints") and first.poll() is None:
         time.sleep(0.01)
-    t0 = time.perf_counter()
-    second = subprocess.run(train_command(cfg, run), cwd=ROOT, env=env(), capture_output=True, text=True)
-    second_seconds = time.perf_counter() - t0
     first_running = first.poll() is None
+    if first_running:  # pause the first writer so it still holds the run however slow the second starts
+        first.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.perf_counter()
+        second = subprocess.run(train_command(cfg, run), cwd=ROOT, env=env(), capture_output=True, text=True)
+        second_seconds = time.perf_counter() - t0
+    finally:
+        if first_running:
+            first.send_signal(signal.SIGCONT)
     out, err = first.communicate(timeout=300)
     return {"cfg": cfg, "run": run, "first": (first.pid, first.returncode, out, err), "second": second,
             "second_seconds": second_seconds, "first_running": first_running}
