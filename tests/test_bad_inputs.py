@@ -45,8 +45,13 @@ CONFIGS = ["missing", "empty", "garbage", "dir"]
 # verb -> argument lists; {name} is replaced by the fixture path, OUT by a fresh output path
 ROWS: dict[str, list[list[str]]] = {
     "train": [[ref(c), "--out", "OUT"] for c in CONFIGS] + [
-        ["{config}", "--out", "{garbage}"], ["{config}", "--out", "OUT", "--set", "training.steps=-1"]],
+        ["{config}", "--out", "{garbage}"], ["{config}", "--out", "OUT", "--set", "training.steps=-1"],
+        ["{config}", "--out", "OUT", "--set", "latent.vae={missing}"], ["{config}", "--out", "OUT", "--set",
+                                                                        "latent.vae={run}"]],
     "train-vae": [[ref(c), "--out", "OUT"] for c in CONFIGS],
+    "encode": [["digits", "--vae", ref(r), "--out", "OUT.npz"] for r in RUNS + ["run"]] + [
+        ["{missing}", "--vae", "{run}", "--out", "OUT.npz"], ["{empty}", "--vae", "{run}", "--out", "OUT.npz"],
+        ["digits", "--vae", "{run}", "--out", "OUT.npz", "--batch", "0"]],
     "demo": [["--out", "{garbage}"], ["--out", "OUT", "--steps", "0"]],
     "sample": [[ref(r), "--out", "OUT.png"] for r in RUNS] + [
         ["{run}", "--out", "OUT.png", "--steps", "0"], ["{run}", "--out", "OUT.png", "--seeds", "9-1"],

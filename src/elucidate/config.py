@@ -19,12 +19,13 @@ import yaml
 from .ema_config import check_power_ema
 from .errors import ConfigError
 from .formulations import FORMULATIONS, Formulation, Shifted
+from .latent_config import LatentConfig, check_latent
 from .params import check_value, describe, param, validate_fields
 
 __all__ = ["Config", "TrainingConfig", "SamplingConfig", "ConfigWarning", "load_config", "parse_config",
            "apply_overrides", "dump_config", "diffusion_keys", "SCHEDULE_KEYS"]
 
-SECTIONS = ("data", "network", "diffusion", "training", "sampling")
+SECTIONS = ("data", "network", "diffusion", "training", "sampling", "latent")
 #: diffusion keys every type accepts: the sampling schedule's range and curvature (seed config schema).
 SCHEDULE_KEYS = ("sigma_min", "sigma_max", "rho")
 
@@ -198,6 +199,7 @@ class Config:
     diffusion: dict = field(default_factory=lambda: {"type": "EDM"})
     training: TrainingConfig = field(default_factory=TrainingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    latent: LatentConfig | None = None  # diffusion in a VAE's latent space (docs/latent.md)
 
     def formulation(self) -> Formulation:
         """The diffusion formulation the ``diffusion`` section describes."""
@@ -206,6 +208,8 @@ class Config:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["training"]["betas"] = list(self.training.betas)
+        if out["latent"] is None:  # pixel runs: their configs look as before the section existed
+            del out["latent"]
         return out
 
 
@@ -316,6 +320,7 @@ def parse_config(raw: dict | None) -> Config:
         diffusion={},
         training=_typed_section(TrainingConfig, "training", raw.get("training")),
         sampling=_typed_section(SamplingConfig, "sampling", sampling),
+        latent=check_latent(raw.get("latent")),
     )
     resolved = formulation.to_config()  # explicit per-type defaults, seed-schema spelling
     config.diffusion = {SEED_SPELLING.get(k, k): v for k, v in resolved.items()}

@@ -195,6 +195,7 @@ def sample_features(run: LoadedRun, extractor, seeds: Sequence[int], cfg: Sampli
         x = generate(run.denoiser, run.denoiser.formulation, run.shape, chunk, cfg, batch_size=batch_size,
                      device=device, class_labels=labels)
         check_finite(x, chunk)  # a diverged model must not get a metric
+        x = run.images(x)  # a latent run is measured on its decoded images
         done += len(chunk)
         if show:
             print(f"\r  sampled {done}/{len(seeds)} (this process)", end="", flush=True)

@@ -140,7 +140,9 @@ def build_network_for(config: Config, info: DataInfo) -> nn.Module:
 
 @dataclass
 class LoadedRun:
-    """A trained model ready to sample: denoiser (in eval mode), config, data info, normalizer."""
+    """A trained model ready to sample: denoiser (in eval mode), config, data info (of what the model
+    generates: latents for a latent run), normalizer (of the images) and ``decode`` (latents -> images
+    for a latent run, else None)."""
 
     denoiser: Denoiser
     config: Config
@@ -148,10 +150,16 @@ class LoadedRun:
     normalizer: object | None
     step: int
     checkpoint: Path
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """The shape the sampler generates (latents for a latent run)."""
         return (self.info.channels, *self.info.resolution)
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        """Generated samples as images in model range: decoded for a latent run, else ``x`` itself."""
+        return x if self.decode is None else self.decode(x)
 
 
 def _candidates(path: Path) -> tuple[list[Path], bool]:
@@ -221,4 +229,8 @@ def load_run(path: Path, *, ema: bool = True, device: torch.device | str | None 
         from .data import Normalizer
         normalizer = Normalizer.from_config(meta["normalizer"])
     denoiser = Denoiser(net, config.formulation()).to(device).eval().requires_grad_(False)
-    return LoadedRun(denoiser, config, info, normalizer, int(meta["step"]), ckpt)
+    decode = None
+    if meta.get("latent") is not None:
+        from .latent.diffusion import load_latent_decoder
+        decode = load_latent_decoder(ckpt, meta["latent"], device)
+    return LoadedRun(denoiser, config, info, normalizer, int(meta["step"]), ckpt, decode)

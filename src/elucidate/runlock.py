@@ -71,6 +71,7 @@ class RunLock:
         self.path = self.run_dir / LOCK_NAME
         self._fd: int | None = None
         self._pid = 0
+        self.created = False  # acquire() made the directory: release() removes it if it is still empty
 
     @property
     def held(self) -> bool:
@@ -81,6 +82,7 @@ class RunLock:
             return self
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise UserError(f"{self.run_dir} is a file; expected a run directory (an existing one is resumed)")
+        self.created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if fcntl is None:  # pragma: no cover - Windows
             warnings.warn(f"{self.run_dir} is not locked: locking run directories needs fcntl (POSIX); "
@@ -123,6 +125,9 @@ class RunLock:
         if self._pid == os.getpid():  # not in a forked child: the parent still holds the lock
             with contextlib.suppress(OSError):
                 self.path.unlink()  # while still holding the lock; a waiter that opened it retries
+            if self.created:  # a writer that failed before writing anything leaves no empty run behind
+                with contextlib.suppress(OSError):
+                    self.run_dir.rmdir()
         os.close(fd)  # drops the flock (once no other descriptor shares it)
 
     def __enter__(self) -> RunLock:

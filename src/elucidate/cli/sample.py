@@ -16,6 +16,9 @@ def register(sub) -> dict:
     p.add_argument("--seeds", default="0-63", help="e.g. 0-63 or 1,5,9 (image i depends on its seed only)")
     p.add_argument("--out", type=Path, required=True,
                    help="grid.png (one grid), DIR/ (one PNG per seed) or samples.npz (uint8 N,H,W,C + seeds)")
+    p.add_argument("--trajectory", type=Path, default=None, metavar="PNG",
+                   help="also draw the denoising trajectory (x_i and D(x_i), decoded for a latent run) of the "
+                        "first 4 seeds")
     p.add_argument("--class", dest="class_label", type=int, default=None,
                    help="class label for a class-conditional model (default: seed %% number of classes)")
     add_sampling_options(p)
@@ -40,14 +43,15 @@ def cmd_sample(args) -> int:
         cfg = sampling_from_args(run.config.sampling, args)
         labels = class_labels_for(run, seeds, args.class_label)
         if info.world_size == 1:
-            x = generate(run.denoiser, run.denoiser.formulation, run.shape, seeds, cfg, batch_size=args.batch,
-                         device=args.device, class_labels=labels, precision=args.precision, progress=True)
+            x = run.images(generate(run.denoiser, run.denoiser.formulation, run.shape, seeds, cfg,
+                                    batch_size=args.batch, device=args.device, class_labels=labels,
+                                    precision=args.precision, progress=True))
         else:  # each rank samples its batches (the same batches one process would), rank 0 writes them all
             def one(b: range):
-                return generate(run.denoiser, run.denoiser.formulation, run.shape, seeds[b.start:b.stop], cfg,
-                                batch_size=args.batch, device=args.device,
-                                class_labels=None if labels is None else labels[b.start:b.stop],
-                                precision=args.precision, progress=info.is_main)
+                return run.images(generate(run.denoiser, run.denoiser.formulation, run.shape, seeds[b.start:b.stop],
+                                           cfg, batch_size=args.batch, device=args.device,
+                                           class_labels=None if labels is None else labels[b.start:b.stop],
+                                           precision=args.precision, progress=info.is_main))
             x = torch.cat(map_batches(one, len(seeds), args.batch)).float()
         if world()[0] != 0:
             return 0
@@ -55,6 +59,21 @@ def cmd_sample(args) -> int:
         out = write_samples(x, seeds, args.out, normalizer=run.normalizer)
         ranks = f" on {info.world_size} processes" if info.world_size > 1 else ""
         print(f"wrote {len(seeds)} samples ({cfg.sampler}, {cfg.steps} steps) from {run.checkpoint} to {out}{ranks}")
+        if args.trajectory is not None:
+            print(f"wrote {_trajectory(run, seeds[:4], cfg, labels, args)}")
         return 0
     finally:
         shutdown_distributed()
+
+
+def _trajectory(run, seeds, cfg, labels, args) -> Path:
+    """The trajectory figure of ``seeds`` (x_i above D(x_i) per step), decoded for a latent run."""
+    from ..generate import generate
+    from ..viz import TrajectoryRecorder, plot_trajectory, save_figure
+
+    recorder = TrajectoryRecorder(max_images=len(seeds), decode=run.decode)
+    final = generate(run.denoiser, run.denoiser.formulation, run.shape, seeds, cfg, device=args.device,
+                     class_labels=None if labels is None else labels[:len(seeds)], precision=args.precision,
+                     callback=recorder)
+    recorder.finish(final)
+    return save_figure(plot_trajectory(recorder, num_columns=8, max_images=len(seeds)), args.trajectory)

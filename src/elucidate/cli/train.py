@@ -1,4 +1,4 @@
-"""Commands that write a run: train, train-vae, demo."""
+"""Commands that write a run: train, train-vae, demo; and encode (a dataset into a VAE's latents)."""
 from __future__ import annotations
 
 import argparse
@@ -45,7 +45,15 @@ def register(sub) -> dict:
                    help="override a config value, e.g. --set training.steps=200 (repeatable)")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    return {"train": cmd_train, "demo": cmd_demo, "train-vae": cmd_train_vae}
+
+    p = sub.add_parser("encode", help="pre-encode a dataset with a trained VAE (for latent.encoded)")
+    p.add_argument("data", help="digits, mnist, an image folder, a .zip, an .npz/.npy array, or a config YAML "
+                                "(its data section); resized to the VAE's resolution unless it sets one")
+    p.add_argument("--vae", required=True, type=Path, help="train-vae run directory or checkpoint")
+    p.add_argument("--out", type=Path, required=True, help="latents.npz (posterior mean and std of every image)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--device", default=None)
+    return {"train": cmd_train, "demo": cmd_demo, "train-vae": cmd_train_vae, "encode": cmd_encode}
 
 
 def cmd_train(args) -> int:
@@ -77,4 +85,16 @@ def cmd_demo(args) -> int:
     from ..demo import run_demo
 
     run_demo(args.out, steps=args.steps, device=args.device, progress=args.progress)
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from ..latent.encode import encode_dataset, resolve_data_spec
+
+    if args.batch < 1:
+        from ..errors import UserError
+        raise UserError(f"--batch {args.batch}: expected an integer >= 1")
+    meta = encode_dataset(resolve_data_spec(args.data), args.vae, args.out, batch_size=args.batch, device=args.device)
+    print(f"wrote {args.out}: {meta['count']} posteriors of shape {meta['latent_shape']} (VAE {meta['vae']}, "
+          f"step {meta['vae_step']}); train with latent: {{vae: {args.vae}, encoded: {args.out}}}")
     return 0

@@ -33,7 +33,7 @@ from ..model import DataInfo
 from ..rundir import append_metrics, check_same_run, truncate_metrics
 from ..runlock import RunLock
 from ..training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
-from ..training.loop import make_optimizer
+from ..training.optim import make_optimizer
 from ..training.rng import batch_indices, derive_seed, derived_generator
 from .build import CHECKPOINT_KIND, OptimizerPair, build_autoencoder, build_vae_loss
 from .config import RESUMABLE_KEYS, VAEConfig, dump_vae_config, load_vae_config, parse_vae_config

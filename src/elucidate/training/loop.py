@@ -40,13 +40,13 @@ from ..rundir import append_metrics, check_same_run, truncate_metrics
 from ..runlock import RunLock, RunLocked
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from .ema import EMA
+from .optim import make_optimizer
 from .posthoc import RunPowerEMA
 from .rng import batch_indices, derive_seed, derived_generator
+from .stats import SIGMA_EDGES, IntervalStats
 
-__all__ = ["Trainer", "TrainingStopped", "SIGMA_EDGES", "RESUMABLE_KEYS", "make_optimizer"]
+__all__ = ["Trainer", "TrainingStopped", "SIGMA_EDGES", "RESUMABLE_KEYS"]
 
-#: Loss-by-sigma bins (log-spaced, two per decade from 1e-3 to 1e3; values outside go to the end bins).
-SIGMA_EDGES = [10 ** (e / 2) for e in range(-6, 7)]
 #: training keys that may change when a run is resumed (they do not affect the weights).
 RESUMABLE_KEYS = {"steps", "checkpoint_every", "sample_every", "log_every", "keep_checkpoints", "num_sample_images",
                   "max_bad_steps"}
@@ -66,13 +66,25 @@ class Trainer:
         self.dist: DistInfo = init_distributed(device)
         self.device = self.dist.device
         self._lock = self._lock_run()  # one writer per run directory (held until train() returns)
+        try:
+            self._setup(config)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _setup(self, config: Config) -> None:
         if self.t.batch_size % (self.dist.world_size * self.t.grad_accumulation):
             raise UserError(f"training.batch_size = {self.t.batch_size} must be divisible by processes x "
                             f"grad_accumulation = {self.dist.world_size} x {self.t.grad_accumulation}")
         self.local_batch = self.t.batch_size // self.dist.world_size
 
         from ..data import build_dataset
-        self.dataset = build_dataset(config.data)
+        self.dataset, self.latent = build_dataset(config.data), None  # latent: the record of a latent run
+        if config.latent is not None:  # diffusion on a VAE's latents: elucidate.latent.diffusion
+            from ..latent.diffusion import latent_training_data
+            self.dataset, self.latent = latent_training_data(
+                config, self.dataset, self.run_dir, sigma_data=getattr(config.formulation(), "sigma_data", None),
+                is_main=self.dist.is_main, barrier=barrier, device=self.device, log=self.log)
         self.info = DataInfo.from_dataset(self.dataset)
         torch.manual_seed(derive_seed(self.t.seed, "init"))
         self.net = build_network_for(config, self.info).to(self.device)
@@ -103,7 +115,8 @@ class Trainer:
         return {"step": self.step, "images": self.step * self.t.batch_size, "skipped_steps": self.skipped,
                 "seconds": self.seconds, "config": self.config.to_dict(), "data": self.info.to_dict(),
                 "normalizer": normalizer.to_config() if normalizer is not None else None,
-                "world_size": self.dist.world_size, "torch": torch.__version__, "bad_streak": self.bad_streak}
+                "world_size": self.dist.world_size, "torch": torch.__version__, "bad_streak": self.bad_streak,
+                "latent": self.latent}
 
     def _lock_run(self) -> RunLock:
         """Take the run directory's lock (rank 0 only; every rank fails if rank 0 cannot)."""
@@ -154,7 +167,7 @@ class Trainer:
         def attempt(ckpt: Path) -> tuple[dict, dict]:
             layout, meta = check_run_checkpoint(ckpt, resumable=True)
             check_same_run(parse_config(meta["config"]).to_dict(), self.config.to_dict(), self.run_dir, ckpt,
-                           sections=("data", "network", "diffusion", "training"), resumable=RESUMABLE_KEYS)
+                           sections=("data", "network", "diffusion", "training", "latent"), resumable=RESUMABLE_KEYS)
             check_fits(ckpt, layout, meta, {"net.": self.net, "ema.": self.ema.module}, self.optimizer)
             return load_checkpoint(ckpt, self.device)
 
@@ -181,6 +194,8 @@ class Trainer:
         noise = torch.randn((B, C, H, W), generator=g)
         part = slice(self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch)
         images, labels = self.dataset.get_batch(indices[part])
+        if self.latent is not None:  # a fresh posterior sample of each latent, drawn from (seed, step)
+            images = self.dataset.draw_batch(indices, derived_generator(self.t.seed, "latent", step))[part]
         to = dict(device=self.device, non_blocking=True)
         images = images.to(**to)
         if self.t.channels_last:
@@ -271,6 +286,9 @@ class Trainer:
         denoiser = Denoiser(self.ema.module, self.formulation).eval()
         x = generate(denoiser, self.formulation, (self.info.channels, *self.info.resolution), range(n),
                      self.config.sampling, device=self.device, class_labels=labels, precision=self.t.precision)
+        if self.latent is not None:
+            from ..latent.diffusion import load_latent_decoder
+            x = load_latent_decoder(self.run_dir, self.latent, self.device)(x)
         path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image_grid(x, path)
@@ -301,10 +319,7 @@ class Trainer:
         if self.progress and self.dist.is_main and self.step < total:
             from tqdm.auto import tqdm
             bar = tqdm(total=total, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
-        edges = torch.tensor(SIGMA_EDGES, dtype=torch.float32)
-        K = len(SIGMA_EDGES) - 1
-        acc = torch.zeros(2 + 2 * K, dtype=torch.float64)  # loss sum, count, per-bin sums, per-bin counts
-        interval_start, interval_images = time.perf_counter(), 0
+        stats = IntervalStats()
         try:
             while self.step < total and not self._stop_agreed():
                 t0 = time.perf_counter()
@@ -314,22 +329,11 @@ class Trainer:
                 self.bad_streak = 0 if applied else self.bad_streak + 1
                 self.phema.after_step(self.net, self.step, self.step == total)
                 self.seconds += time.perf_counter() - t0
-                interval_images += self.t.batch_size
-                finite = torch.isfinite(losses)
-                if finite.any():
-                    l64, s = losses[finite].double().cpu(), sigma.detach()[finite].float().cpu()
-                    bins = (torch.bucketize(s, edges) - 1).clamp(0, K - 1)
-                    acc[0] += l64.sum()
-                    acc[1] += l64.numel()
-                    acc[2:2 + K] += torch.zeros(K, dtype=torch.float64).index_add_(0, bins, l64)
-                    acc[2 + K:] += torch.bincount(bins, minlength=K).double()
+                stats.add(losses, sigma, self.t.batch_size)
                 if bar is not None:
                     bar.update(1)
                 if self.step % self.t.log_every == 0 or self.step == total:
-                    elapsed = time.perf_counter() - interval_start
-                    self._log_interval(acc, interval_images / max(elapsed, 1e-9), bar)
-                    acc.zero_()
-                    interval_start, interval_images = time.perf_counter(), 0
+                    self._log_interval(stats, bar)
                 if self.t.max_bad_steps is not None and self.bad_streak >= self.t.max_bad_steps:
                     self._stop_diverged()
                 if self.step % self.t.checkpoint_every == 0 and self.step < total and not self.bad_streak:
@@ -367,31 +371,18 @@ class Trainer:
                               f"gradient (training.max_bad_steps); {checkpoint_name(self.saved_step)} holds the last "
                               f"good state (step {good}); lower training.lr, or resume with a larger max_bad_steps")
 
-    def _log_interval(self, acc: torch.Tensor, images_per_sec: float, bar) -> None:
-        acc = all_reduce_sum(acc.to(self.device)).cpu() if self.dist.world_size > 1 else acc
-        K = len(SIGMA_EDGES) - 1
-        loss = float(acc[0] / acc[1]) if acc[1] > 0 else None
-        counts = acc[2 + K:]
-        by_sigma = [float(acc[2 + i] / counts[i]) if counts[i] > 0 else None for i in range(K)]
-        record = {"step": self.step, "kimg": self.step * self.t.batch_size / 1000, "loss": loss,
-                  "lr": self.optimizer.param_groups[0]["lr"], "images_per_sec": images_per_sec,
-                  "seconds": round(self.seconds, 3), "sigma_edges": SIGMA_EDGES, "loss_by_sigma": by_sigma,
-                  "count_by_sigma": [int(c) for c in counts], "skipped_steps": self.skipped}
+    def _log_interval(self, stats: IntervalStats, bar) -> None:
+        reduce = (lambda acc: all_reduce_sum(acc.to(self.device)).cpu()) if self.dist.world_size > 1 else None
+        interval = stats.take(reduce)
+        record = {"step": self.step, "kimg": self.step * self.t.batch_size / 1000, "loss": interval["loss"],
+                  "lr": self.optimizer.param_groups[0]["lr"], "images_per_sec": interval["images_per_sec"],
+                  "seconds": round(self.seconds, 3), **{k: interval[k] for k in ("sigma_edges", "loss_by_sigma",
+                                                                                 "count_by_sigma")},
+                  "skipped_steps": self.skipped}
         if self.dist.is_main:
             self._append_metrics(record)
-            if bar is not None and loss is not None:
+            if bar is not None and (loss := interval["loss"]) is not None:
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_sec']:.0f}")
-
-
-def make_optimizer(net: torch.nn.Module, t) -> torch.optim.Optimizer:
-    """Adam/AdamW with the config's hyper-parameters; the fused kernel where this torch and device
-    support it (about 3x faster than the default on CPU), else the default implementation."""
-    opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    kwargs = dict(lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
-    try:
-        return opt_cls(net.parameters(), fused=True, **kwargs)
-    except (RuntimeError, TypeError, ValueError):
-        return opt_cls(net.parameters(), **kwargs)
 
 
 def _main_thread() -> bool:

@@ -30,13 +30,15 @@ class TrajectoryRecorder:
     ``info`` dicts come from the solvers (``{x, i, sigma, sigma_hat, denoised}``). Only the first
     ``max_images`` samples of the batch are kept (``None`` keeps all). ``sigmas[k]`` is the noise
     level of ``xs[k]`` (sigma_i, before any churn) and ``sigma_hats[k]`` the level D was run at.
+    ``decode`` maps what the solver sees to images (a latent run's decoder: both x_i and D(x_i) are
+    decoded), default none.
     """
 
-    def __init__(self, max_images: int | None = 8):
+    def __init__(self, max_images: int | None = 8, decode=None):
         if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int)
                                        or max_images < 1):
             raise ValueError(f"max_images must be an integer >= 1 or None, got {max_images!r}")
-        self.max_images = max_images
+        self.max_images, self.decode = max_images, decode
         self.steps: list[int] = []
         self.sigmas: list[float] = []
         self.sigma_hats: list[float] = []
@@ -45,6 +47,8 @@ class TrajectoryRecorder:
 
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()[: self.max_images]
+        if self.decode is not None:
+            t = self.decode(t)
         return t.to("cpu", torch.float32, copy=True)
 
     def __call__(self, info: dict) -> None:

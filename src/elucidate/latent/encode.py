@@ -1,0 +1,124 @@
+"""Pre-encoding a dataset with a trained VAE: the posterior mean and std of every image, once
+(``elucidate encode DATA --vae RUN --out latents.npz``), so latent training never runs the encoder."""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..fileio import atomic_path
+from .autoencoder import AutoencoderKL
+
+__all__ = ["encode_posteriors", "write_encoded", "read_encoded", "encode_dataset", "resolve_data_spec"]
+
+#: ``meta["format"]`` of an encoded-latents file.
+ENCODED_FORMAT = "elucidate-latents-1"
+
+
+@torch.no_grad()
+def encode_posteriors(vae: AutoencoderKL, dataset, *, batch_size: int = 256, device=None,
+                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of ``q(z | x)`` for every item of ``dataset`` (x-flipped copies included), float32 CPU."""
+    device = next(vae.parameters()).device if device is None else torch.device(device)
+    was_training = vae.training
+    vae.eval()
+    means, stds = [], []
+    starts = range(0, len(dataset), batch_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(dataset), desc="encoding", unit="img")
+    try:
+        for start in starts:
+            x, _ = dataset.get_batch(torch.arange(start, min(start + batch_size, len(dataset))))
+            posterior = vae.encode(x.to(device, torch.float32))
+            means.append(posterior.mean.float().cpu())
+            stds.append(posterior.std.float().cpu())
+            if bar is not None:
+                bar.update(x.shape[0])
+    finally:
+        vae.train(was_training)
+        if bar is not None:
+            bar.close()
+    return torch.cat(means), torch.cat(stds)
+
+
+def write_encoded(path: str | Path, mean: torch.Tensor, std: torch.Tensor, meta: dict) -> Path:
+    """An ``.npz`` with float32 ``mean``, ``std`` and a JSON ``meta`` string, written atomically."""
+    path = Path(path)
+    if path.suffix.lower() != ".npz":
+        raise UserError(f"--out {path}: expected a .npz file")
+    meta = dict(meta, format=ENCODED_FORMAT, count=int(mean.shape[0]), latent_shape=list(mean.shape[1:]))
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, mean=mean.float().numpy(), std=std.float().numpy(), meta=np.array(json.dumps(meta)))
+    return path
+
+
+def read_encoded(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(mean, std, meta) of a file written by :func:`write_encoded` (one-line errors otherwise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"latent.encoded = {str(path)!r} does not exist (write it with `elucidate encode`)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            mean, std, meta = data["mean"], data["std"], json.loads(str(data["meta"]))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not an encoded-latents file from `elucidate encode` ({type(e).__name__})") from None
+    if meta.get("format") != ENCODED_FORMAT or mean.shape != std.shape or mean.ndim != 4:
+        raise UserError(f"{path} is not an encoded-latents file from `elucidate encode` (format or shapes)")
+    return torch.from_numpy(mean), torch.from_numpy(std), meta
+
+
+def encode_dataset(data: dict, vae_source: str | Path, out: str | Path, *, batch_size: int = 256, device=None,
+                   progress: bool = True) -> dict:
+    """Encode the dataset ``data`` (a config ``data`` section; its resolution defaults to the VAE's)
+    with the VAE of ``vae_source``; writes ``out`` and returns its metadata."""
+    from ..data import build_dataset
+    from .build import load_vae, load_vae_checkpoint
+    from .diffusion import _check_pixels
+
+    _, vae_meta, ckpt = load_vae_checkpoint(vae_source)
+    vae = load_vae(ckpt, device=device)
+    data = dict(data)
+    data.setdefault("resolution", list(vae.img_resolution) if vae.img_resolution[0] != vae.img_resolution[1]
+                    else vae.img_resolution[0])
+    dataset = build_dataset(data)
+    _check_pixels(vae, ckpt, dataset)
+    mean, std = encode_posteriors(vae, dataset, batch_size=batch_size, device=device, progress=progress)
+    meta = {"vae": str(Path(ckpt).resolve()), "vae_step": int(vae_meta.get("step", 0)),
+            "vae_crc32": int(vae_meta["crc32"]), "data": data, "posterior_mean_std": float(mean.double().std())}
+    write_encoded(out, mean, std, meta)
+    return dict(meta, count=int(mean.shape[0]), latent_shape=list(mean.shape[1:]))
+
+
+def resolve_data_spec(spec: str) -> dict:
+    """A ``data`` section from a command-line DATA: a dataset name, a path, or a config YAML's data section."""
+    path = Path(spec)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        from ..config import ConfigError, _check_data
+        if not path.is_file():
+            raise UserError(f"{spec} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{spec} is not valid YAML ({type(e).__name__})") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
+            raise ConfigError(f"{spec} has no data section")
+        return _check_data(raw["data"])
+    if spec in ("digits", "mnist", "faces"):
+        return {"dataset": spec}
+    if path.is_dir():
+        return {"dataset": "folder", "path": spec}
+    if path.suffix.lower() == ".zip":
+        return {"dataset": "zip", "path": spec}
+    if path.suffix.lower() in (".npz", ".npy"):
+        return {"dataset": "npz", "path": spec}
+    raise UserError(f"DATA {spec!r}: expected digits, mnist, an image folder, a .zip, an .npz/.npy array or a "
+                    f"config .yaml")
