@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from .training.distributed import DistInfo, init_distributed
+from .runtime.distributed import DistInfo, init_distributed
 
 __all__ = ["init_sampling", "world", "shard_batches", "gather_batches", "map_batches"]
 

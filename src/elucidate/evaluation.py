@@ -13,6 +13,7 @@ import torch
 from .config import SamplingConfig
 from .errors import UserError
 from .generate import check_finite, generate
+from .metrics.features import feature_extractor
 from .model import LoadedRun
 from .pixels import to_pixels
 from .sampling.registry import get_solver, steps_for_nfe
@@ -100,19 +101,6 @@ def feature_name(metric: str, features: str | None, run_dataset: str | None = No
             raise UserError(f"--features {features!r}: expected one of {list(FEATURE_ALIASES)}")
         return FEATURE_ALIASES[features]
     return DATASET_FEATURES.get(run_dataset, "inception")
-
-
-def feature_extractor(name: str, inception: str | None = None, device=None):
-    """The feature network by name ("fd_digits" or "inception" from a local weights file)."""
-    from .metrics import get_feature_extractor
-
-    if name == "inception" and inception is None:
-        raise UserError("Inception features need --inception PATH to pt_inception-2015-12-05-6726825d.pth "
-                        "(see docs/metrics.md; nothing is downloaded)")
-    try:
-        return get_feature_extractor(name, path=inception, device=device)
-    except (ValueError, FileNotFoundError) as e:
-        raise UserError(str(e)) from None
 
 
 @dataclasses.dataclass

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .errors import UserError
-from .training.rng import derived_generator
+from .runtime.rng import derived_generator
 
 __all__ = ["log_likelihood", "bits_per_dim", "run_likelihood", "METHODS", "TRACES", "PROBES"]
 

@@ -112,7 +112,7 @@ def _distributed(handler):
     """Run ``handler(args)`` in torchrun's process group if there is one (seed batches sharded over ranks)."""
     def wrapped(args) -> int:
         from ..distributed_sampling import init_sampling
-        from ..training.distributed import shutdown_distributed
+        from ..runtime.distributed import shutdown_distributed
 
         info = init_sampling(args.device)
         try:

@@ -31,7 +31,7 @@ def cmd_sample(args) -> int:
     from ..distributed_sampling import init_sampling, map_batches, world
     from ..generate import check_finite, generate
     from ..output import output_kind, write_samples
-    from ..training.distributed import shutdown_distributed
+    from ..runtime.distributed import shutdown_distributed
 
     seeds = parse_seed_arg(args.seeds)
     output_kind(args.out)  # a bad --out fails before any sampling, on every rank

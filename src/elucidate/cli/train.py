@@ -58,8 +58,8 @@ def register(sub) -> dict:
 
 def cmd_train(args) -> int:
     from ..config import load_config
+    from ..runtime.distributed import shutdown_distributed
     from ..training import Trainer
-    from ..training.distributed import shutdown_distributed
 
     config = load_config(args.config, args.overrides)
     try:

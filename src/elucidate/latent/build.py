@@ -7,7 +7,7 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..errors import ConfigError, UserError
-from ..model import resolve_checkpoint
+from ..runfiles import resolve_checkpoint
 from .autoencoder import AutoencoderKL
 from .config import VAEConfig, parse_vae_config
 from .vae_loss import VAELoss

@@ -18,7 +18,7 @@ from ..errors import ConfigError, UserError
 from ..fileio import atomic_write_text
 from .autoencoder import AutoencoderKL
 from .build import load_vae, load_vae_checkpoint
-from .encode import encode_posteriors, read_encoded
+from .encode import check_pixels, encode_posteriors, read_encoded
 
 __all__ = ["LatentDataset", "latent_training_data", "scale_for", "LatentDecoder", "load_latent_decoder",
            "RUN_VAE", "RUN_LATENT"]
@@ -112,7 +112,7 @@ def latent_training_data(config, pixels, run_dir: Path, *, sigma_data: float | N
         barrier()
     record = json.loads(record_path.read_text())
     vae = load_vae(run_dir / RUN_VAE, device=device)
-    _check_pixels(vae, run_dir / RUN_VAE, pixels)
+    check_pixels(vae, run_dir / RUN_VAE, pixels)
     if lat.encoded is not None:
         mean, std, file_meta = read_encoded(lat.encoded)
         if file_meta.get("vae_crc32") != record["vae"]["crc32"]:
@@ -132,14 +132,6 @@ def latent_training_data(config, pixels, run_dir: Path, *, sigma_data: float | N
         barrier()
     dataset = LatentDataset(pixels, mean, std, record["scale_factor"], sample_posterior=lat.sample_posterior)
     return dataset, record
-
-
-def _check_pixels(vae: AutoencoderKL, where: Path, pixels) -> None:
-    want = (int(vae.in_channels), tuple(vae.img_resolution))
-    got = (int(pixels.channels), tuple(pixels.resolution))
-    if want != got:
-        raise ConfigError(f"the data are {got[0]}x{got[1][0]}x{got[1][1]} but the VAE ({where}) takes "
-                          f"{want[0]}x{want[1][0]}x{want[1][1]}; set data.resolution (and channels) to match")
 
 
 class LatentDecoder:

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from ..fileio import atomic_path
 from .autoencoder import AutoencoderKL
 
-__all__ = ["encode_posteriors", "write_encoded", "read_encoded", "encode_dataset", "resolve_data_spec"]
+__all__ = ["encode_posteriors", "write_encoded", "read_encoded", "encode_dataset", "resolve_data_spec", "check_pixels"]
 
 #: ``meta["format"]`` of an encoded-latents file.
 ENCODED_FORMAT = "elucidate-latents-1"
@@ -80,7 +80,6 @@ def encode_dataset(data: dict, vae_source: str | Path, out: str | Path, *, batch
     with the VAE of ``vae_source``; writes ``out`` and returns its metadata."""
     from ..data import build_dataset
     from .build import load_vae, load_vae_checkpoint
-    from .diffusion import _check_pixels
 
     _, vae_meta, ckpt = load_vae_checkpoint(vae_source)
     vae = load_vae(ckpt, device=device)
@@ -88,12 +87,21 @@ def encode_dataset(data: dict, vae_source: str | Path, out: str | Path, *, batch
     data.setdefault("resolution", list(vae.img_resolution) if vae.img_resolution[0] != vae.img_resolution[1]
                     else vae.img_resolution[0])
     dataset = build_dataset(data)
-    _check_pixels(vae, ckpt, dataset)
+    check_pixels(vae, ckpt, dataset)
     mean, std = encode_posteriors(vae, dataset, batch_size=batch_size, device=device, progress=progress)
     meta = {"vae": str(Path(ckpt).resolve()), "vae_step": int(vae_meta.get("step", 0)),
             "vae_crc32": int(vae_meta["crc32"]), "data": data, "posterior_mean_std": float(mean.double().std())}
     write_encoded(out, mean, std, meta)
     return dict(meta, count=int(mean.shape[0]), latent_shape=list(mean.shape[1:]))
+
+
+def check_pixels(vae: AutoencoderKL, where: Path, pixels) -> None:
+    """A ConfigError unless the dataset's images have the channels and resolution the VAE takes."""
+    want = (int(vae.in_channels), tuple(vae.img_resolution))
+    got = (int(pixels.channels), tuple(pixels.resolution))
+    if want != got:
+        raise ConfigError(f"the data are {got[0]}x{got[1][0]}x{got[1][1]} but the VAE ({where}) takes "
+                          f"{want[0]}x{want[1][0]}x{want[1][1]}; set data.resolution (and channels) to match")
 
 
 def resolve_data_spec(spec: str) -> dict:
@@ -102,7 +110,7 @@ def resolve_data_spec(spec: str) -> dict:
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        from ..config import ConfigError, _check_data
+        from ..config import _check_data
         if not path.is_file():
             raise UserError(f"{spec} does not exist")
         try:

@@ -29,12 +29,12 @@ from ..checkpoint import (
 from ..errors import UserError
 from ..fileio import atomic_write_text
 from ..generate import autocast_for
-from ..model import DataInfo
 from ..rundir import append_metrics, check_same_run, truncate_metrics
+from ..runfiles import DataInfo
 from ..runlock import RunLock
-from ..training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
-from ..training.optim import make_optimizer
-from ..training.rng import batch_indices, derive_seed, derived_generator
+from ..runtime.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
+from ..runtime.optim import make_optimizer
+from ..runtime.rng import batch_indices, derive_seed, derived_generator
 from .build import CHECKPOINT_KIND, OptimizerPair, build_autoencoder, build_vae_loss
 from .config import RESUMABLE_KEYS, VAEConfig, dump_vae_config, load_vae_config, parse_vae_config
 from .distribution import DiagonalGaussianDistribution
@@ -232,7 +232,7 @@ class VAETrainer:
         if name == "none":
             return None
         if self._extractor is None:
-            from ..evaluation import feature_extractor
+            from ..metrics.features import feature_extractor
             if name == "fd_digits" and self.channels not in (1, 3):
                 raise UserError(f"training.fd_features = fd_digits needs 1- or 3-channel data, got {self.channels}")
             self._extractor = (feature_extractor("fd_digits") if name == "fd_digits"

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .frechet import FeatureStats
 
-__all__ = ["ClassifierScore", "FeatureExtractor", "ModuleExtractor", "classifier_score",
+__all__ = ["feature_extractor", "ClassifierScore", "FeatureExtractor", "ModuleExtractor", "classifier_score",
            "compute_stats", "get_feature_extractor"]
 
 EXTRACTOR_NAMES = ("fd_digits", "fd_mnist", "fid", "inception")
@@ -178,3 +178,16 @@ def classifier_score(probabilities: Any, *, threshold: float = 0.9) -> Classifie
         confident_fraction=float((top >= threshold).mean()), histogram=hist, class_fractions=frac,
         mean_confidence=float(top.mean()), class_entropy=float(-(nz * np.log(nz)).sum()),
         threshold=float(threshold), count=int(p.shape[0]))
+
+
+def feature_extractor(name: str, inception: str | None = None, device=None):
+    """The feature network by name ("fd_digits" or "inception" from a local weights file)."""
+    from ..errors import UserError
+
+    if name == "inception" and inception is None:
+        raise UserError("Inception features need --inception PATH to pt_inception-2015-12-05-6726825d.pth "
+                        "(see docs/metrics.md; nothing is downloaded)")
+    try:
+        return get_feature_extractor(name, path=inception, device=device)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None

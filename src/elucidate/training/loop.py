@@ -38,11 +38,11 @@ from ..losses import denoising_loss
 from ..model import DataInfo, build_network_for
 from ..rundir import append_metrics, check_same_run, truncate_metrics
 from ..runlock import RunLock, RunLocked
-from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from ..runtime.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from ..runtime.optim import make_optimizer
+from ..runtime.rng import batch_indices, derive_seed, derived_generator
 from .ema import EMA
-from .optim import make_optimizer
 from .posthoc import RunPowerEMA
-from .rng import batch_indices, derive_seed, derived_generator
 from .stats import SIGMA_EDGES, IntervalStats
 
 __all__ = ["Trainer", "TrainingStopped", "SIGMA_EDGES", "RESUMABLE_KEYS"]
