@@ -1,7 +1,7 @@
 """The training loop: any formulation, any network, one process or many (torchrun + DDP).
 
-Determinism: the data indices, training sigmas and noise of the global batch at step k are pure
-functions of (seed, k), and each process takes its slice; dropout uses a generator reseeded from
+Determinism: the data indices, augmentations, training sigmas and noise of the global batch at step k
+are pure functions of (seed, k), and each process takes its slice; dropout uses a generator reseeded from
 (seed, k, rank). A run resumed from a checkpoint therefore continues bit-exactly, and N processes
 see the same global batch as one.
 """
@@ -38,6 +38,7 @@ from ..losses import denoising_loss
 from ..model import DataInfo, build_network_for
 from ..rundir import append_metrics, check_same_run, truncate_metrics
 from ..runlock import RunLock, RunLocked
+from .augment import augment_batch, augment_pipe
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from .ema import EMA
 from .posthoc import RunPowerEMA
@@ -81,11 +82,8 @@ class Trainer:
         self.formulation = config.formulation()
         self.denoiser = Denoiser(self.net, self.formulation)
         self.model = self.denoiser
+        self.augment = augment_pipe(self.t.augment, self.info.resolution)  # None = off
         if self.dist.world_size > 1:
-            if int(getattr(self.net, "augment_dim", 0) or 0):  # its embedding would never get a gradient
-                raise UserError(f"network.augment_dim = {self.net.augment_dim} is not supported with several "
-                                f"processes yet (no augmentation pipeline feeds it); remove it or train with one "
-                                f"process")
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.denoiser, device_ids=ids)
         self.optimizer = make_optimizer(self.net, self.t)
@@ -171,9 +169,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _batch(self, step: int):
-        """This process's slice of the global batch at ``step``: (images, conditions, sigma, noise). With
-        ``cond_drop_prob`` each sample loses all its conditions with that probability (classifier-free
-        guidance), drawn from (seed, step) like everything else."""
+        """This process's slice of the global batch at ``step``: (images, conditions, sigma, noise), images
+        augmented by ``training.augment`` (:mod:`.augment`). With ``cond_drop_prob`` each sample loses all
+        its conditions with that probability (classifier-free guidance), drawn from (seed, step) too."""
         B, C, (H, W) = self.t.batch_size, self.info.channels, self.info.resolution
         indices = batch_indices(self.t.seed, step, B, len(self.dataset))
         g = derived_generator(self.t.seed, "noise", step)
@@ -182,7 +180,8 @@ class Trainer:
         part = slice(self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch)
         images, labels = self.dataset.get_batch(indices[part])
         to = dict(device=self.device, non_blocking=True)
-        images = images.to(**to)
+        images, augment = augment_batch(self.augment, int(getattr(self.net, "augment_dim", 0) or 0),
+                                        images.to(**to), self.t.seed, step, B, part)
         if self.t.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         cond = {"class_labels": labels} if self.net_label_dim > 0 else {}
@@ -194,7 +193,7 @@ class Trainer:
             for key, value in cond.items():
                 value, null = with_null_condition(self.net, key, value)
                 cond[key] = torch.where(keep.reshape((-1,) + (1,) * (value.ndim - 1)), value, null)
-        cond = {key: value.to(**to) for key, value in cond.items()}
+        cond = {key: value.to(**to) for key, value in {**cond, **augment}.items()}
         return images, cond, sigma[part].to(**to), noise[part].to(**to)
 
     @property
