@@ -14,7 +14,7 @@ __all__ = ["AugmentSettings", "LABEL_LAYOUT", "AUGMENT_LABEL_DIM", "check_augmen
 
 #: The augment label vector, in order: (transform, its entries). Every entry is 0 when the transform
 #: was not applied, so an all-zero vector means "not augmented" (what sampling uses).
-LABEL_LAYOUT = (("xflip", 1), ("yflip", 1), ("rotate90", 2), ("translate", 2), ("scale", 1), ("rotate", 2),
+LABEL_LAYOUT = (("xflip", 1), ("yflip", 1), ("rotate90", 3), ("translate", 2), ("scale", 1), ("rotate", 2),
                 ("aniso", 2))
 #: length of the augment label vector (the network's ``augment_dim`` when augmentation is on).
 AUGMENT_LABEL_DIM = sum(n for _, n in LABEL_LAYOUT)

@@ -8,8 +8,8 @@ borders) -- all exact pixel permutations -- then isotropic scaling (log-normal),
 and anisotropic scaling (log-normal stretch along a random axis), composed into one affine map and
 resampled bilinearly with reflection padding (only for the images that got one of them).
 
-The label vector (:data:`~elucidate.augment_config.LABEL_LAYOUT`, 11 entries) holds, in order:
-xflip flag, yflip flag, (sin, cos - 1) of the k x 90 degree rotation, translation (x, y) as a fraction
+The label vector (:data:`~elucidate.augment_config.LABEL_LAYOUT`, 12 entries) holds, in order:
+xflip flag, yflip flag, the k x 90 degree rotation one-hot over k = 1, 2, 3, translation (x, y) as a fraction
 of (W, H), log2 of the scale, (sin, cos - 1) of the rotation angle, and the stretch log2(a) times
 (cos, sin) of twice its axis angle. Every entry is 0 when its transform was not applied.
 """
@@ -26,8 +26,6 @@ from ..errors import UserError
 from .rng import derived_generator
 
 __all__ = ["AugmentPipe", "augment_pipe", "augment_batch"]
-
-_QUARTER_COS = torch.tensor([1.0, 0, -1, 0], dtype=torch.float64)  # cos(k pi / 2), exactly
 
 
 @dataclass
@@ -73,9 +71,9 @@ class AugmentPipe(AugmentSettings):
             M = _affine(log_scale[idx], angle[idx], log_aniso[idx], axis[idx])
             x = x.clone()
             x[idx.to(x.device)] = _resample(x[idx.to(x.device)], M)
-        quarter_sin, quarter_cos = torch.tensor([0.0, 1, 0, -1], dtype=torch.float64)[k], _QUARTER_COS[k]
+        quarters = F.one_hot(k, 4)[:, 1:].double()  # k x 90 degrees, one-hot over k = 1, 2, 3
         labels = torch.stack([
-            on["xflip"].double(), on["yflip"].double(), quarter_sin, quarter_cos - 1,
+            on["xflip"].double(), on["yflip"].double(), *quarters.unbind(1),
             shift[:, 0].double() / W, shift[:, 1].double() / H, log_scale,
             torch.sin(angle), torch.cos(angle) - 1,
             log_aniso * torch.cos(2 * axis), log_aniso * torch.sin(2 * axis)], 1)
