@@ -80,6 +80,7 @@ class AugmentPipe(AugmentSettings):
         return x, labels.float().to(images.device)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(augmented ``images``, their labels ``[B, label_dim]``), parameters drawn from ``generator``."""
         return self.apply(images, self.draw(images.shape[0], generator))
 
 
