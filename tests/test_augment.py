@@ -10,10 +10,10 @@ import yaml
 
 from elucidate.augment_config import AUGMENT_LABEL_DIM, LABEL_LAYOUT
 from elucidate.config import parse_config
-from elucidate.errors import ConfigError
+from elucidate.errors import ConfigError, UserError
 from elucidate.model import DataInfo, build_network_for
 from elucidate.training import Trainer, derived_generator, latest_checkpoint, load_checkpoint
-from elucidate.training.augment import AugmentPipe, augment_batch
+from elucidate.training.augment import AugmentPipe, augment_batch, augment_pipe
 
 ROOT = Path(__file__).resolve().parents[1]
 OFF = {"xflip": 0, "yflip": 0, "rotate90": 0, "translate": 0, "scale": 0, "rotate": 0, "aniso": 0}
@@ -168,6 +168,18 @@ def test_network_augment_dim_follows_the_pipeline():
     raw = tiny()
     raw["training"]["augment"] = None
     assert build_network_for(parse_config(raw), info).augment_dim == 0
+    raw = tiny()
+    raw["network"] = {"arch": "diffusers_unet2d"}
+    with pytest.raises(ConfigError, match="augment_dim must be 0 .training.augment needs it"):
+        build_network_for(parse_config(raw), info)
+
+
+def test_rotate90_needs_square_images():
+    settings = parse_config(tiny()).training.augment
+    assert augment_pipe(settings, (8, 8)) is not None and augment_pipe(None, (8, 16)) is None
+    with pytest.raises(UserError, match="training.augment.rotate90 needs square images but the data are 8x16"):
+        augment_pipe(settings, (8, 16))
+    assert augment_pipe({**settings, "rotate90": 0.0}, (8, 16)) is not None
 
 
 def test_every_network_ignores_absent_augment_labels():

@@ -142,7 +142,8 @@ def build_network_for(config: Config, info: DataInfo) -> nn.Module:
     try:
         return build_network(config.network.get("arch", "unet"), **kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"network: {e}") from None
+        why = " (training.augment needs it)" if "augment_dim" in str(e) and config.training.augment else ""
+        raise ConfigError(f"network: {e}{why}") from None
 
 
 @dataclass
