@@ -114,7 +114,9 @@ def test_churn_on_a_discrete_grid_stays_on_the_grid():
 
 
 @pytest.mark.slow
-def test_augment_dim_under_two_processes_is_a_clear_error(tmp_path):
+def test_augment_dim_without_augmentation_trains_under_two_processes(tmp_path):
+    """A network with augment_dim > 0 gets zero augment_labels when training.augment is off, so its
+    embedding is in the graph on every rank and DDP trains it (it used to be rejected)."""
     raw = {"data": {"dataset": "digits", "max_size": 64},
            "network": {"arch": "unet", "model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
                        "augment_dim": 4},
@@ -126,6 +128,5 @@ def test_augment_dim_under_two_processes_is_a_clear_error(tmp_path):
                         "-m", "elucidate", "train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300,
                        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode != 0
-    assert "augment_dim = 4 is not supported with several processes" in r.stderr
-    assert "elucidate train: error: network.augment_dim" in r.stderr  # (torchrun adds its own report)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "ckpt-00000002.safetensors").is_file()

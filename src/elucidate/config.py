@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from .augment_config import check_augment
 from .ema_config import check_power_ema
 from .errors import ConfigError
 from .formulations import FORMULATIONS, Formulation, Shifted
@@ -102,11 +103,17 @@ class TrainingConfig:
     ema: dict | None = param(None, "post-hoc (power-function) EMA next to the half-life one: {type: power, "
                                    "stds: [0.05, 0.10], snapshot_every: steps (default checkpoint_every)}; "
                                    "null = off (see docs/training.md)")
+    augment: dict | None = param(None, "EDM's non-leaky augmentation of the training images, e.g. {p: 0.12, xflip: "
+                                       "1, translate: 1, scale: 1, rotate: 1, aniso: 1}: its parameters reach the "
+                                       "network as augment_labels (zero when sampling); null = off (see "
+                                       "training.augment below and docs/training.md)")
 
     def validate(self) -> None:
         _validate(self, "training")
         if self.ema is not None:
             self.ema = check_power_ema(self.ema, self.checkpoint_every)
+        if self.augment is not None:
+            self.augment = check_augment(self.augment)
         betas = self.betas
         if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
                 isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
@@ -322,6 +329,9 @@ def parse_config(raw: dict | None) -> Config:
         sampling=_typed_section(SamplingConfig, "sampling", sampling),
         latent=check_latent(raw.get("latent")),
     )
+    if config.latent is not None and config.training.augment is not None:
+        raise ConfigError("training.augment is not supported with latent diffusion (it would transform latents, "
+                          "not images); remove one of them")
     resolved = formulation.to_config()  # explicit per-type defaults, seed-schema spelling
     config.diffusion = {SEED_SPELLING.get(k, k): v for k, v in resolved.items()}
     return config

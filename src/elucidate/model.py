@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .augment_config import AUGMENT_LABEL_DIM
 from .checkpoint import check_fits, check_run_checkpoint, load_checkpoint
 from .config import Config, ConfigError, parse_config
 from .denoiser import Denoiser
@@ -69,7 +70,8 @@ def build_network_for(config: Config, info: DataInfo) -> nn.Module:
     provide: ``label_dim`` (adm = class labels), ``cond_channels`` (concat) and ``context_dim``
     (crossattn; hybrid = concat + crossattn), each sized from the data; the others are 0. Without
     it, each of those keys works on its own (``auto`` = the data's size, default 0). Shape keys given
-    explicitly must agree with the data.
+    explicitly must agree with the data. With ``training.augment``, ``augment_dim`` is the size of its
+    labels (``AUGMENT_LABEL_DIM``).
     """
     from .nets import build_network
     from .nets.layers import parse_resolution
@@ -92,10 +94,16 @@ def build_network_for(config: Config, info: DataInfo) -> nn.Module:
     # a condition size of 0 is every network's default: pass it only when set, so networks without
     # that kind of condition (e.g. diffusers_unet2d has no concat/crossattn) still build
     kwargs.update({k: v for k, v in _condition_sizes(config.network, info).items() if v or k in config.network})
+    if config.training.augment is not None:  # the augment labels' size (given explicitly, it must agree)
+        if kwargs.get("augment_dim", AUGMENT_LABEL_DIM) != AUGMENT_LABEL_DIM:
+            raise ConfigError(f"network.augment_dim = {kwargs['augment_dim']!r} does not match training.augment's "
+                              f"labels ({AUGMENT_LABEL_DIM}); remove it to use theirs")
+        kwargs["augment_dim"] = AUGMENT_LABEL_DIM
     try:
         return build_network(config.network.get("arch", "unet"), **kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"network: {e}") from None
+        why = " (training.augment needs it)" if "augment_dim" in str(e) and config.training.augment else ""
+        raise ConfigError(f"network: {e}{why}") from None
 
 
 @dataclass

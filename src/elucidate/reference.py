@@ -58,6 +58,7 @@ def _heading(text: str, markdown: bool, level: int = 2) -> list[str]:
 
 def config_reference(markdown: bool = False) -> str:
     """Every config key, formulation parameter, network preset and solver option, with its meaning."""
+    from .augment_config import AUGMENT_LABEL_DIM, AugmentSettings
     from .config import SCHEDULE_KEYS, SamplingConfig, TrainingConfig
     from .data.build import KEY_DOCS
     from .formulations import FORMULATIONS
@@ -102,6 +103,13 @@ def config_reference(markdown: bool = False) -> str:
     for section, cls in (("training", TrainingConfig), ("sampling", SamplingConfig)):
         out += _heading(section, markdown)
         out += _table(["key", "symbol", "default", "meaning"], _param_rows(describe(cls)), markdown)
+        if cls is TrainingConfig:
+            out += _heading("training.augment", markdown, 3)
+            out += [f"Non-leaky augmentation (docs/training.md): each transform is applied to an image with "
+                    f"probability min(1, p x its multiplier); keys not given take these defaults; the network "
+                    f"gets augment_dim = {AUGMENT_LABEL_DIM}.", ""]
+            out += _table(["key", "default", "meaning"],
+                          [[r[0], r[2], r[3]] for r in _param_rows(describe(AugmentSettings))], markdown)
 
     out += _heading("solvers (sampling.sampler)", markdown)
     config_name = {arg: key for key, arg in CONFIG_OPTIONS.items()}

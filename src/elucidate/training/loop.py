@@ -1,7 +1,7 @@
 """The training loop: any formulation, any network, one process or many (torchrun + DDP).
 
-Determinism: the data indices, training sigmas and noise of the global batch at step k are pure
-functions of (seed, k), and each process takes its slice; dropout uses a generator reseeded from
+Determinism: the data indices, augmentations, training sigmas and noise of the global batch at step k
+are pure functions of (seed, k), and each process takes its slice; dropout uses a generator reseeded from
 (seed, k, rank). A run resumed from a checkpoint therefore continues bit-exactly, and N processes
 see the same global batch as one.
 """
@@ -41,6 +41,7 @@ from ..runlock import RunLock, RunLocked
 from ..runtime.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from ..runtime.optim import make_optimizer
 from ..runtime.rng import batch_indices, derive_seed, derived_generator
+from .augment import augment_batch, augment_pipe
 from .ema import EMA
 from .posthoc import RunPowerEMA
 from .stats import SIGMA_EDGES, IntervalStats
@@ -93,11 +94,8 @@ class Trainer:
         self.formulation = config.formulation()
         self.denoiser = Denoiser(self.net, self.formulation)
         self.model = self.denoiser
+        self.augment = augment_pipe(self.t.augment, self.info.resolution)  # None = off
         if self.dist.world_size > 1:
-            if int(getattr(self.net, "augment_dim", 0) or 0):  # its embedding would never get a gradient
-                raise UserError(f"network.augment_dim = {self.net.augment_dim} is not supported with several "
-                                f"processes yet (no augmentation pipeline feeds it); remove it or train with one "
-                                f"process")
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.denoiser, device_ids=ids)
         self.optimizer = make_optimizer(self.net, self.t)
@@ -184,9 +182,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _batch(self, step: int):
-        """This process's slice of the global batch at ``step``: (images, conditions, sigma, noise). With
-        ``cond_drop_prob`` each sample loses all its conditions with that probability (classifier-free
-        guidance), drawn from (seed, step) like everything else."""
+        """This process's slice of the global batch at ``step``: (images, conditions, sigma, noise), images
+        augmented by ``training.augment`` (:mod:`.augment`). With ``cond_drop_prob`` each sample loses all
+        its conditions with that probability (classifier-free guidance), drawn from (seed, step) too."""
         B, C, (H, W) = self.t.batch_size, self.info.channels, self.info.resolution
         indices = batch_indices(self.t.seed, step, B, len(self.dataset))
         g = derived_generator(self.t.seed, "noise", step)
@@ -197,7 +195,8 @@ class Trainer:
         if self.latent is not None:  # a fresh posterior sample of each latent, drawn from (seed, step)
             images = self.dataset.draw_batch(indices, derived_generator(self.t.seed, "latent", step))[part]
         to = dict(device=self.device, non_blocking=True)
-        images = images.to(**to)
+        images, augment = augment_batch(self.augment, int(getattr(self.net, "augment_dim", 0) or 0),
+                                        images.to(**to), self.t.seed, step, B, part)
         if self.t.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         cond = {"class_labels": labels} if self.net_label_dim > 0 else {}
@@ -209,7 +208,7 @@ class Trainer:
             for key, value in cond.items():
                 value, null = with_null_condition(self.net, key, value)
                 cond[key] = torch.where(keep.reshape((-1,) + (1,) * (value.ndim - 1)), value, null)
-        cond = {key: value.to(**to) for key, value in cond.items()}
+        cond = {key: value.to(**to) for key, value in {**cond, **augment}.items()}
         return images, cond, sigma[part].to(**to), noise[part].to(**to)
 
     @property
