@@ -83,6 +83,8 @@ def test_latent_section_is_validated_and_absent_from_pixel_configs():
                        ("runs/vae", "section 'latent' must be a mapping")]:
         with pytest.raises(ConfigError, match=match):
             parse_config({"latent": bad})
+    with pytest.raises(ConfigError, match="training.augment is not supported with latent diffusion"):
+        parse_config({"latent": {"vae": "v"}, "training": {"augment": {"p": 0.1}}})
 
 
 # --- latent data -----------------------------------------------------------------------------------
