@@ -346,3 +346,19 @@ def test_classifier_score(digits):
     noise = classifier_score(clf.predict_proba(torch.rand(200, 1, 8, 8) * 255))
     assert real.confident_fraction > 0.95 and real.class_entropy > 0.99 * np.log(10)
     assert noise.confident_fraction < 0.2
+
+
+def test_copy_check_flags_copies_and_not_fresh_images():
+    from elucidate.metrics import copy_check, nearest_neighbors
+
+    g = torch.Generator().manual_seed(0)
+    training = torch.rand(40, 1, 6, 6, generator=g)
+    d, i = nearest_neighbors(training[:5] + 1e-3, training, k=2)
+    brute = torch.cdist(training[:5].flatten(1).double() + 1e-3, training.flatten(1).double())
+    assert torch.equal(i[:, 0], torch.arange(5)) and torch.allclose(d, brute.topk(2, largest=False).values)
+    copies = copy_check(training[torch.arange(30) % 40] + 1e-4 * torch.randn(30, 1, 6, 6, generator=g), training)
+    assert copies["closer_than_any_real"] == 1.0 and copies["ratio_below"] == 1.0
+    assert copies["real_ratio_below"] < 0.2 and copies["sample_nn_median"] < 0.01 * copies["real_nn_median"]
+    fresh = copy_check(torch.rand(30, 1, 6, 6, generator=g), training)  # new draws of the same distribution
+    assert fresh["closer_than_any_real"] <= 0.1 and fresh["ratio_below"] < 0.2
+    assert 0.7 < fresh["sample_nn_median"] / fresh["real_nn_median"] < 1.4

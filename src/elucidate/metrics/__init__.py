@@ -5,6 +5,8 @@ Library level; feature networks never download anything:
 * :func:`frechet_distance`, :class:`FeatureStats`, :func:`save_stats` / :func:`load_stats`
   (``.npz`` with ``mu`` / ``sigma``, the NVlabs/edm and pytorch-fid format);
 * :func:`kid` (Bińkowski et al. 2018), :func:`precision_recall` (Kynkäänniemi et al. 2019);
+* :func:`copy_check`: nearest-neighbour distances of samples to the training set against real vs real
+  (are samples copies?);
 * feature extractors (:func:`get_feature_extractor`): the bundled digits classifiers
   (``"fd_digits"`` 8x8, ``"fd_mnist"`` 28x28) and FID Inception-v3 from a local weights file (``"fid"``);
   :func:`compute_stats` and :func:`classifier_score`.
@@ -47,10 +49,11 @@ from .inception import (
     load_inception,
 )
 from .kid import kid, mmd2_unbiased
+from .memorization import copy_check, nearest_neighbors
 from .precision_recall import knn_radii, precision_recall
 
 __all__ = [
-    "ClassifierScore", "DigitsClassifier", "DigitsSplit", "FID_WEIGHTS_FILENAME",
+    "copy_check", "nearest_neighbors", "ClassifierScore", "DigitsClassifier", "DigitsSplit", "FID_WEIGHTS_FILENAME",
     "FID_WEIGHTS_SHA256_PREFIX", "FID_WEIGHTS_URL", "FIDInceptionV3", "FeatureExtractor",
     "FeatureStats", "MissingFileError", "ModuleExtractor", "classifier_score", "compute_stats",
     "digits_split", "file_sha256", "frechet_distance", "get_feature_extractor", "kid",
