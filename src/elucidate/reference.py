@@ -60,6 +60,7 @@ def config_reference(markdown: bool = False) -> str:
     """Every config key, formulation parameter, network preset and solver option, with its meaning."""
     from .augment_config import AUGMENT_LABEL_DIM, AugmentSettings
     from .config import SCHEDULE_KEYS, SamplingConfig, TrainingConfig
+    from .latent_config import LatentConfig
     from .data.build import KEY_DOCS
     from .formulations import FORMULATIONS
     from .nets import PRESETS
@@ -100,7 +101,7 @@ def config_reference(markdown: bool = False) -> str:
             out.append("")
         out += _table(["key", "symbol", "default", "meaning"], _param_rows(describe(cls)), markdown)
 
-    for section, cls in (("training", TrainingConfig), ("sampling", SamplingConfig)):
+    for section, cls in (("training", TrainingConfig), ("sampling", SamplingConfig), ("latent", LatentConfig)):
         out += _heading(section, markdown)
         out += _table(["key", "symbol", "default", "meaning"], _param_rows(describe(cls)), markdown)
         if cls is TrainingConfig:
