@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test,diffusers,data]"
+	$(PY) -m pip install --quiet -e ".[test,diffusers,data,tensorboard]"
 	# test-only references; k-diffusion without its torchvision-importing dependencies
 	$(PY) -m pip install --quiet --no-deps k-diffusion torchsde torchdiffeq trampoline
 	touch $(STAMP)

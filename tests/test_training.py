@@ -196,3 +196,34 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
         trainer.save()
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [
         "ckpt-00000002.safetensors", "ckpt-00000003.safetensors"]
+
+
+def test_tensorboard_mirrors_metrics_and_grids_and_a_resume_replaces_what_followed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    config = tiny_config(steps=6, log_every=1, checkpoint_every=3, sample_every=3, tensorboard=True)
+    Trainer(parse_config(config), run, progress=False, log=lambda *a: None).train()
+    # a run killed after step 6 but resumed from the step-3 checkpoint redoes steps 4..6
+    (run / "checkpoints" / "ckpt-00000006.safetensors").unlink()
+    config["training"]["steps"] = 8
+    Trainer(parse_config(config), run, progress=False, log=lambda *a: None).train()
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    losses = events.Scalars("train/loss")
+    jsonl = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    expected = [(r["step"], r["loss"]) for r in jsonl if "loss" in r]
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in losses] == expected  # steps 1..8, once each
+    assert [e.step for e in events.Images("samples")] == [3, 6, 8]
+    assert any(tag.startswith("loss_by_sigma/") for tag in events.Tags()["scalars"])
+
+
+def test_tensorboard_without_the_package_is_a_one_line_config_error(monkeypatch):
+    import importlib.util
+
+    from elucidate.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"training.tensorboard = true needs the tensorboard package: pip install"):
+        parse_config(tiny_config(tensorboard=True))

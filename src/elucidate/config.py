@@ -107,9 +107,16 @@ class TrainingConfig:
                                        "1, translate: 1, scale: 1, rotate: 1, aniso: 1}: its parameters reach the "
                                        "network as augment_labels (zero when sampling); null = off (see "
                                        "training.augment below and docs/training.md)")
+    tensorboard: bool = param(False, "also write the metrics and sample grids as TensorBoard event files in "
+                                     "RUN/tensorboard (needs: pip install 'elucidate[tensorboard]')")
 
     def validate(self) -> None:
         _validate(self, "training")
+        if self.tensorboard:
+            import importlib.util
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ConfigError("training.tensorboard = true needs the tensorboard package: "
+                                  "pip install 'elucidate[tensorboard]' (or set it to false)")
         if self.ema is not None:
             self.ema = check_power_ema(self.ema, self.checkpoint_every)
         if self.augment is not None:

@@ -60,9 +60,9 @@ def config_reference(markdown: bool = False) -> str:
     """Every config key, formulation parameter, network preset and solver option, with its meaning."""
     from .augment_config import AUGMENT_LABEL_DIM, AugmentSettings
     from .config import SCHEDULE_KEYS, SamplingConfig, TrainingConfig
-    from .latent_config import LatentConfig
     from .data.build import KEY_DOCS
     from .formulations import FORMULATIONS
+    from .latent_config import LatentConfig
     from .nets import PRESETS
     from .sampling import CONFIG_OPTIONS, SOLVERS
 

@@ -45,12 +45,13 @@ from .augment import augment_batch, augment_pipe
 from .ema import EMA
 from .posthoc import RunPowerEMA
 from .stats import SIGMA_EDGES, IntervalStats
+from .tensorboard import TensorBoardLog
 
 __all__ = ["Trainer", "TrainingStopped", "SIGMA_EDGES", "RESUMABLE_KEYS"]
 
 #: training keys that may change when a run is resumed (they do not affect the weights).
 RESUMABLE_KEYS = {"steps", "checkpoint_every", "sample_every", "log_every", "keep_checkpoints", "num_sample_images",
-                  "max_bad_steps"}
+                  "max_bad_steps", "tensorboard"}
 
 
 class TrainingStopped(UserError):
@@ -100,6 +101,7 @@ class Trainer:
             self.model = DistributedDataParallel(self.denoiser, device_ids=ids)
         self.optimizer = make_optimizer(self.net, self.t)
         self.ema = EMA(self.net, self.t.ema_halflife, self.t.ema_rampup)
+        self.tb = TensorBoardLog(self.run_dir, self.t.tensorboard and self.dist.is_main)  # no-op when off
         self.phema = RunPowerEMA(self.net, self.t.ema, self.run_dir, self.dist.is_main)  # inert if training.ema is null
         self.params = list(self.net.parameters())
         self.step, self.skipped, self.seconds = 0, 0, 0.0
@@ -179,6 +181,7 @@ class Trainer:
 
     def _append_metrics(self, record: dict) -> None:
         append_metrics(self.run_dir / "metrics.jsonl", record)
+        self.tb.scalars(record)
 
     # ------------------------------------------------------------------------------------------
     def _batch(self, step: int):
@@ -291,6 +294,7 @@ class Trainer:
         path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image_grid(x, path)
+        self.tb.image(path, self.step)
         return path
 
     def _request_stop(self, signum, frame) -> None:
@@ -303,6 +307,7 @@ class Trainer:
         try:
             return self._train()
         finally:
+            self.tb.close()
             self._lock.release()
 
     def _train(self) -> dict:
