@@ -51,7 +51,8 @@ ROWS: dict[str, list[list[str]]] = {
     "train-vae": [[ref(c), "--out", "OUT"] for c in CONFIGS],
     "encode": [["digits", "--vae", ref(r), "--out", "OUT.npz"] for r in RUNS + ["run"]] + [
         ["{missing}", "--vae", "{run}", "--out", "OUT.npz"], ["{empty}", "--vae", "{run}", "--out", "OUT.npz"],
-        ["digits", "--vae", "{run}", "--out", "OUT.npz", "--batch", "0"]],
+        ["digits", "--vae", "{run}", "--out", "OUT.npz", "--batch", "0"],
+        ["digits", "--vae", "{run}", "--out", "OUT.txt"]],
     "demo": [["--out", "{garbage}"], ["--out", "OUT", "--steps", "0"]],
     "sample": [[ref(r), "--out", "OUT.png"] for r in RUNS] + [
         ["{run}", "--out", "OUT.png", "--steps", "0"], ["{run}", "--out", "OUT.png", "--seeds", "9-1"],

@@ -81,6 +81,8 @@ def encode_dataset(data: dict, vae_source: str | Path, out: str | Path, *, batch
     from ..data import build_dataset
     from .build import load_vae, load_vae_checkpoint
 
+    if Path(out).suffix.lower() != ".npz":  # before any work
+        raise UserError(f"--out {out}: expected a .npz file")
     _, vae_meta, ckpt = load_vae_checkpoint(vae_source)
     vae = load_vae(ckpt, device=device)
     data = dict(data)
