@@ -13,6 +13,16 @@ from elucidate import GaussianMixture
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (restored after): like a torchrun rank or a subprocess with
+    OMP_NUM_THREADS=1, and fast for tiny networks. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def kdiff():
     """k-diffusion 0.1.1's ``sampling`` module, loaded without the package ``__init__``

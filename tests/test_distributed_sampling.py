@@ -54,15 +54,9 @@ def test_no_option_of_sample_eval_sweep_is_taken_by_torchrun():
             assert not ours or safe, f"{verb} {ours}: every spelling is taken by torchrun"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The in-process run uses one thread like each torchrun rank (OMP_NUM_THREADS=1): on some CPUs
-    oneDNN's results depend on the thread count in the last bits, which would make the comparisons
-    below compare thread counts instead of process counts."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The in-process runs use one thread like each torchrun rank (OMP_NUM_THREADS=1): on some CPUs oneDNN's
+# results depend on the thread count in the last bits, which would compare thread counts, not processes.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

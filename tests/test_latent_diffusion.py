@@ -26,12 +26,7 @@ from elucidate.viz import TrajectoryRecorder
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def vae_config(seed: int = 5) -> dict:
@@ -178,7 +173,9 @@ def test_sampling_a_latent_run_gives_decoded_images(vae_run, tmp_path):
     scale = json.loads((run / RUN_LATENT).read_text())["scale_factor"]
     torch.testing.assert_close(loaded.images(z), load_vae(run / RUN_VAE).decode(z / scale))
     assert loaded.images(z).shape == (3, 1, 8, 8)
-    assert Image.open(latest_sample(run)).size[0] > 0  # the training loop's grid is decoded too
+    from elucidate.viz import save_image_grid  # the training loop's grid shows 4 decoded 1x8x8 images
+    assert Image.open(latest_sample(run)).size == Image.open(save_image_grid(torch.zeros(4, 1, 8, 8),
+                                                                             tmp_path / "ref.png")).size
 
     recorder = TrajectoryRecorder(max_images=2, decode=loaded.decode)
     from elucidate.generate import generate

@@ -114,17 +114,11 @@ class Reference:
 
 
 def _dataset_from_spec(spec: str):
-    from .data import build_dataset
+    from .data import build_dataset, data_section_for
 
-    path = Path(spec)
-    if spec in ("digits", "faces", "mnist"):
-        return build_dataset({"dataset": spec})
-    if path.is_dir():
-        return build_dataset({"dataset": "folder", "path": spec})
-    if path.suffix.lower() == ".zip":
-        return build_dataset({"dataset": "zip", "path": spec})
-    if path.suffix.lower() in (".npz", ".npy"):
-        return build_dataset({"dataset": "npz", "path": spec})
+    section = data_section_for(spec)
+    if section is not None:
+        return build_dataset(section)
     raise UserError(f"reference {spec!r}: expected 'digits', 'mnist', an image folder, a .zip, an .npz/.npy array "
                     f"or an .npz of statistics (mu, sigma)")
 

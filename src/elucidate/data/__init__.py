@@ -7,7 +7,7 @@ fast ``get_batch(indices)``, NVlabs-style x-flip indexing and a serializable ``n
 Use :func:`build_dataset` with a config dict; all problems raise :class:`DataError` at construction.
 """
 from .arrays import ArrayDataset
-from .build import CONFIG_KEYS, DATA_KEYS, DATASETS, build_dataset
+from .build import CONFIG_KEYS, DATA_KEYS, DATASETS, build_dataset, data_section_for
 from .bundled import DigitsDataset, FacesDataset
 from .dataset import ImageDataset
 from .errors import DataError
@@ -16,4 +16,4 @@ from .normalize import NORMALIZE_MODES, Normalizer
 
 __all__ = ["DataError", "Normalizer", "NORMALIZE_MODES", "ImageDataset", "ImageFolderDataset", "ZipImageDataset",
            "ArrayDataset", "DigitsDataset", "FacesDataset", "IMAGE_EXTENSIONS", "DATASETS", "CONFIG_KEYS",
-           "DATA_KEYS", "build_dataset"]
+           "DATA_KEYS", "build_dataset", "data_section_for"]

@@ -14,7 +14,7 @@ from .dataset import ImageDataset
 from .errors import DataError
 from .images import ImageFolderDataset, ZipImageDataset
 
-__all__ = ["DATASETS", "CONFIG_KEYS", "DATA_KEYS", "build_dataset"]
+__all__ = ["DATASETS", "CONFIG_KEYS", "DATA_KEYS", "build_dataset", "data_section_for"]
 
 DATASETS = ("digits", "folder", "zip", "npz", "faces", "mnist")
 #: Every data config key with its one-line description (the config reference is generated from it).
@@ -87,3 +87,18 @@ def build_dataset(config: Mapping[str, Any]) -> ImageDataset:
         raise DataError(f"data config: path={path!r} must be a string")
     factory = {"folder": ImageFolderDataset, "zip": ZipImageDataset, "npz": ArrayDataset}[kind]
     return factory(path, **options)
+
+
+def data_section_for(spec: str) -> dict | None:
+    """The ``data`` section a command-line dataset names: a bundled dataset (digits, mnist, faces), an
+    image folder, a .zip, or an .npz/.npy array; None when ``spec`` is none of them."""
+    if spec in ("digits", "faces", "mnist"):
+        return {"dataset": spec}
+    suffix = os.path.splitext(spec)[1].lower()
+    if os.path.isdir(spec):
+        return {"dataset": "folder", "path": spec}
+    if suffix == ".zip":
+        return {"dataset": "zip", "path": spec}
+    if suffix in (".npz", ".npy"):
+        return {"dataset": "npz", "path": spec}
+    return None

@@ -128,11 +128,16 @@ class ImageDataset(Dataset):
         images = self.normalizer.to_model(self.images[base])
         if self.xflip and bool(flip.any()):
             images[flip] = images[flip].flip(-1)
+        return images, self._labels_of(base)
+
+    def get_labels(self, indices: torch.Tensor) -> torch.Tensor:
+        """Labels ``[B]`` int64 of dataset indices (-1 when unlabeled), without reading the images."""
+        return self._labels_of(self._locate(indices)[0])
+
+    def _labels_of(self, base: torch.Tensor) -> torch.Tensor:
         if self.labels is None:
-            labels = torch.full((indices.numel(),), -1, dtype=torch.int64)
-        else:
-            labels = self.labels[base]
-        return images, labels
+            return torch.full((base.numel(),), -1, dtype=torch.int64)
+        return self.labels[base]
 
     def get_conditions(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """The conditions of dataset indices, as the networks take them: ``concat`` ``[B, C', H, W]``

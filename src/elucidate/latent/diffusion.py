@@ -32,7 +32,7 @@ class LatentDataset:
     posterior means, ``draw_batch(indices, generator)`` a sample ``s (mean + std n)``, n ~ N(0, I)."""
 
     def __init__(self, pixels, mean: torch.Tensor, std: torch.Tensor, scale_factor: float, *,
-                 sample_posterior: bool = True):
+                 sample_posterior: bool = True, decode: LatentDecoder | None = None):
         if len(pixels) != mean.shape[0]:
             raise ConfigError(f"the encoded latents hold {mean.shape[0]} items but the data section gives "
                               f"{len(pixels)} images; encode the same data (same xflip, max_size)")
@@ -42,6 +42,7 @@ class LatentDataset:
         self.pixels, self.mean, self.std = pixels, mean.float(), std.float()
         self.scale_factor, self.sample_posterior = float(scale_factor), sample_posterior
         self.normalizer = getattr(pixels, "normalizer", None)  # of the decoded images
+        self.decode = decode  # latents -> images (the run's VAE), for the training loop's sample grids
 
     def __len__(self) -> int:
         return self.mean.shape[0]
@@ -52,12 +53,9 @@ class LatentDataset:
     cond_channels = property(lambda self: 0)
     context_shape = property(lambda self: getattr(self.pixels, "context_shape", None))
 
-    def _labels(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.pixels.get_batch(indices)[1]
-
     def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scaled posterior means, labels) of ``indices``."""
-        return self.mean[indices] * self.scale_factor, self._labels(indices)
+        return self.mean[indices] * self.scale_factor, self.pixels.get_labels(indices)
 
     def draw_batch(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A scaled posterior sample for each index (the mean with ``sample_posterior: false``)."""
@@ -130,7 +128,8 @@ def latent_training_data(config, pixels, run_dir: Path, *, sigma_data: float | N
             log(f"latent diffusion: {len(pixels)} images -> latents {list(mean.shape[1:])}, scale factor "
                 f"{scale:.4g} ({'auto' if lat.scale_factor == 'auto' else 'given'})")
         barrier()
-    dataset = LatentDataset(pixels, mean, std, record["scale_factor"], sample_posterior=lat.sample_posterior)
+    dataset = LatentDataset(pixels, mean, std, record["scale_factor"], sample_posterior=lat.sample_posterior,
+                            decode=LatentDecoder(vae, record["scale_factor"]))
     return dataset, record
 
 

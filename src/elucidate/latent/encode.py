@@ -122,13 +122,10 @@ def resolve_data_spec(spec: str) -> dict:
         if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
             raise ConfigError(f"{spec} has no data section")
         return _check_data(raw["data"])
-    if spec in ("digits", "mnist", "faces"):
-        return {"dataset": spec}
-    if path.is_dir():
-        return {"dataset": "folder", "path": spec}
-    if path.suffix.lower() == ".zip":
-        return {"dataset": "zip", "path": spec}
-    if path.suffix.lower() in (".npz", ".npy"):
-        return {"dataset": "npz", "path": spec}
+    from ..data import data_section_for
+
+    section = data_section_for(spec)
+    if section is not None:
+        return section
     raise UserError(f"DATA {spec!r}: expected digits, mnist, an image folder, a .zip, an .npz/.npy array or a "
                     f"config .yaml")

@@ -288,9 +288,8 @@ class Trainer:
         denoiser = Denoiser(self.ema.module, self.formulation).eval()
         x = generate(denoiser, self.formulation, (self.info.channels, *self.info.resolution), range(n),
                      self.config.sampling, device=self.device, class_labels=labels, precision=self.t.precision)
-        if self.latent is not None:
-            from ..latent.diffusion import load_latent_decoder
-            x = load_latent_decoder(self.run_dir, self.latent, self.device)(x)
+        if self.latent is not None:  # decoded with the VAE the dataset already holds
+            x = self.dataset.decode(x)
         path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image_grid(x, path)
