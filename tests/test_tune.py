@@ -156,6 +156,64 @@ def test_losses_weigh_outlying_samples_differently(gmm):
         tune(gmm.denoise, (8, gmm.dim), 4, loss="l1")
 
 
+def test_several_models_route_blocks_and_weigh_relative_errors():
+    from elucidate.sampling.tuning import _geometric, _Models
+
+    x, sigma = torch.arange(12, dtype=f64).reshape(6, 2), torch.ones(6, dtype=f64)
+    both = _Models([lambda x, s: x * 0 + 1, lambda x, s: x * 0 + 2], per=3)
+    assert both(x, sigma)[:, 0].tolist() == [1, 1, 1, 2, 2, 2]
+    a, b = torch.zeros(4, 1, dtype=f64), torch.zeros(4, 1, dtype=f64)
+    b[:2], b[2:] = 0.1, 10.0  # model 1 is off by 0.1, model 2 by 10: each is judged relative to itself
+    geometric = _geometric(rmse, 2)
+    assert geometric(a, b) == pytest.approx(1.0)
+    b[:2] = 0.05  # halving the small model's error counts as much as halving the large one's
+    assert geometric(a, b) == pytest.approx(2 ** -0.5)
+    b[2:] = 5.0
+    assert geometric(a, b) == pytest.approx(0.5)
+    assert _geometric(rmse, 1) is rmse
+
+
+def test_tune_on_several_mixtures_serves_each(tuned_gmm):
+    gmm, _ = tuned_gmm
+    narrow = GaussianMixture(torch.tensor([[2.0, 0.0, -1.0, 1.0], [0.0, -2.0, 1.0, -1.0]]), torch.tensor([0.01, 0.3]),
+                             [0.5, 0.5])
+    models = [gmm.denoise, narrow.denoise]
+    t = tune(models, (48, 4), 5, seed=2, samplers=["dpmpp_2m", "unipc"], reference_steps=256, max_evals=40,
+             finalists=1)
+    assert t.num_samples == 96 and t.nfe == 5
+    with pytest.raises(ValueError, match="list of them"):
+        tune([], (8, 4), 5)
+
+    def relative(sigmas, sampler, options):  # geometric mean over the two models of the RMSE on new draws
+        errors = []
+        for m in (gmm, narrow):
+            x = tuning_noise((256, 4), 99, 80.0)
+            reference = SOLVERS["heun"](m.denoise, x, karras_sigmas(1000))
+            errors.append(rmse(SOLVERS[sampler](m.denoise, x, torch.tensor(sigmas, dtype=f64), **options), reference))
+        return math.sqrt(errors[0] * errors[1]), errors
+
+    tuned, per_model = relative(t.sigmas, t.sampler, t.options)
+    karras = [relative(karras_sigmas(SOLVERS[s].steps_for_nfe(5)).tolist(), s, {}) for s in ("dpmpp_2m", "unipc")]
+    assert tuned < 0.5 * min(k[0] for k in karras), (tuned, karras)
+    for i in range(2):  # better on each model than either solver on Karras rho = 7 (measured: 0.094, 0.18)
+        assert per_model[i] < min(k[1][i] for k in karras), (per_model, karras)
+
+
+def test_a_search_result_worse_on_held_out_noise_falls_back_to_its_start(tuned_gmm, monkeypatch):
+    import elucidate.sampling.tuning as tuning
+
+    gmm, _ = tuned_gmm
+    bad = lambda problem, u, lo, hi, max_evals: ([hi - 0.01 * (k + 1) for k in range(len(u))], 0.0)  # noqa: E731
+    monkeypatch.setattr(tuning, "_search", bad)  # claims a perfect fit with every level crammed below sigma_max
+    t = tune(gmm.denoise, (32, gmm.dim), 6, samplers=["dpmpp_2m"], reference_steps=128, finalists=1)
+    (final,) = t.finalists
+    assert final["kept_start"] and t.sigmas == final["sigmas"]
+    assert t.sigmas[1] < 40  # a classic start, not the crammed levels (80 -> 79.2 -> ...)
+    start = {"karras_rho7": karras_sigmas(6), "exponential": None}.get(final["start"])
+    if start is not None:
+        assert torch.allclose(torch.tensor(t.sigmas, dtype=f64), start)
+
+
 def test_json_round_trip_and_validation(tuned_gmm, tmp_path):
     _, t = tuned_gmm
     path = t.save(tmp_path / "nfe6.json")
@@ -251,3 +309,27 @@ def test_cli_tune_run_then_sample_with_nfe(tmp_path, capsys):
     assert rows[0].startswith("sampler,steps,nfe,value") and any(r.startswith("tuned,") for r in rows)
     assert main(["sweep", str(run), "--samplers", "euler", "--nfe", "6", "--num", "16", "--tuned"]) == 2
     assert f"elucidate tune {run} --nfe 6" in capsys.readouterr().err
+
+    # one schedule for two runs: written to each, each with its own checkpoint and the runs it serves
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(run, twin)
+    assert main(["tune", str(run), str(twin), "--nfe", "3", "--num", "4", "--reference-steps", "16",
+                 "--max-evals", "6", "--finalists", "1", "--samplers", "euler"]) == 0
+    a, b = load_tuned(run, 3), load_tuned(twin, 3)
+    assert a.sigmas == b.sigmas and a.num_samples == 8
+    assert a.model["run"] == str(run) and b.model["run"] == str(twin)
+    assert a.model["tuned_with"] == b.model["tuned_with"] == [str(run), str(twin)]
+    assert (twin / "schedules" / "tuned.png").is_file()
+
+
+def test_cli_tune_refuses_runs_of_different_shapes(monkeypatch, tmp_path, capsys):
+    import elucidate.cli.tune as cli_tune
+
+    shapes = {"a": (1, 8, 8), "b": (3, 8, 8)}
+    monkeypatch.setattr(cli_tune, "_target", lambda args, run: (None, shapes[run.name], 0.002, 80.0,
+                                                                 {"run": run.name}, tmp_path))
+    assert main(["tune", "a", "b", "--nfe", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "b: sample shape [3, 8, 8]" in err and "differ from a's [1, 8, 8]" in err

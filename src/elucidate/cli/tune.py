@@ -13,7 +13,8 @@ __all__ = ["register"]
 def register(sub) -> dict:
     """Add the tune subcommand; returns its handler."""
     p = sub.add_parser("tune", help="tune where the steps go and which ODE solver takes them, per NFE budget")
-    p.add_argument("run", type=Path, nargs="?", help="run directory or checkpoint (omit with --sandbox)")
+    p.add_argument("run", type=Path, nargs="*", help="run directory or checkpoint (omit with --sandbox); several "
+                                                     "runs of one sample shape get one schedule tuned for all")
     p.add_argument("--nfe", required=True, help="NFE budget(s), e.g. 10 or 5,10,20 (one tuned schedule each)")
     p.add_argument("--sandbox", action="store_true",
                    help="no model: tune on the exact denoiser of the digits Gaussian mixture")
@@ -38,17 +39,17 @@ def register(sub) -> dict:
     return {"tune": cmd_tune}
 
 
-def _target(args):
-    """(D, sample shape, sigma_min, sigma_max, model info, output folder) of the run or the sandbox."""
+def _target(args, run_arg):
+    """(D, sample shape, sigma_min, sigma_max, model info, output folder) of one run or the sandbox."""
     if args.sandbox:
-        if args.run is not None:
+        if run_arg is not None:
             raise UserError("give a RUN or --sandbox, not both")
         from ..sandbox import digits_mixture
 
         gmm = digits_mixture()
         info = {"sandbox": "digits Gaussian mixture (min std 0.02)", "shape": [gmm.dim]}
         return gmm.denoise, (gmm.dim,), 0.002, 80.0, info, args.out or Path("schedules")
-    if args.run is None:
+    if run_arg is None:
         raise UserError("tune needs a RUN directory (or --sandbox)")
     import torch
 
@@ -56,7 +57,7 @@ def _target(args):
     from ..model import load_run
     from ..sampling.tuned import run_directory
 
-    run = load_run(args.run, ema=args.ema, device=args.device)
+    run = load_run(run_arg, ema=args.ema, device=args.device)
     cfg, formulation = run.config.sampling, run.denoiser.formulation
     lo, hi = formulation.schedule_range(cfg.sigma_min, cfg.sigma_max)
     D = run.denoiser if cfg.guidance == 1 else Guided(run.denoiser, cfg.guidance)
@@ -64,40 +65,68 @@ def _target(args):
     if label_dim:  # class-conditional: image i gets label i % classes, as sample/eval do with seeds
         num = args.num or 64
         D = functools.partial(D, class_labels=torch.arange(num, device=args.device) % label_dim)
-    info = {"run": str(run_directory(args.run)), "checkpoint": run.checkpoint.name, "step": run.step,
+    info = {"run": str(run_directory(run_arg)), "checkpoint": run.checkpoint.name, "step": run.step,
             "formulation": formulation.name, "shape": list(run.shape), "ema": bool(args.ema)}
-    return D, run.shape, float(lo), float(hi), info, args.out or run_directory(args.run) / "schedules"
+    return D, run.shape, float(lo), float(hi), info, args.out or run_directory(run_arg) / "schedules"
+
+
+def _targets(args) -> list[tuple]:
+    """One target per run (or the sandbox's); several must share the sample shape and sigma range."""
+    targets = [_target(args, run) for run in args.run] if args.run else [_target(args, None)]
+    first = targets[0]
+    for other in targets[1:]:
+        if tuple(other[1]) != tuple(first[1]) or other[2:4] != first[2:4]:
+            raise UserError(f"{other[4]['run']}: sample shape {list(other[1])}, sigma {other[2]:g}..{other[3]:g} "
+                            f"differ from {first[4]['run']}'s {list(first[1])}, {first[2]:g}..{first[3]:g}; "
+                            "one schedule is tuned for runs of one shape and range")
+    return targets
 
 
 def cmd_tune(args) -> int:
     import torch
 
-    from ..sampling.tuned import TunedSchedule
     from ..sampling.tuning import tune
-    from ..viz import plot_tuned_schedules, save_figure
 
     nfes = int_list(args.nfe, "--nfe")
-    D, shape, lo, hi, info, out = _target(args)
+    targets = _targets(args)
+    _, shape, lo, hi, _, out = targets[0]
+    D = [t[0] for t in targets] if len(targets) > 1 else targets[0][0]
+    outs = [args.out] if args.out else [t[5] for t in targets]
     num = args.num or (256 if args.sandbox else 64)
     if num < 2:
         raise UserError(f"--num must be >= 2, got {num}")
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()] if args.samplers else None
     device = torch.device(args.device) if args.device else None
     for nfe in nfes:
-        print(f"elucidate tune: NFE {nfe}, {num} + {num} noise draws, sigma {lo:g}..{hi:g}")
+        models = f" for each of {len(targets)} runs" if len(targets) > 1 else ""
+        print(f"elucidate tune: NFE {nfe}, {num} + {num} noise draws{models}, sigma {lo:g}..{hi:g}")
         try:
             tuned = tune(D, (num, *shape), nfe, seed=args.seed, sigma_min=lo, sigma_max=hi, samplers=samplers,
                          progress=True, reference_steps=args.reference_steps, finalists=args.finalists,
                          max_evals=args.max_evals, device=device, **({"loss": args.loss} if args.loss else {}))
         except ValueError as e:  # unknown / stochastic solver names, a budget no solver fits
             raise UserError(str(e)) from None
-        tuned.model = info
-        path = tuned.save(out / f"nfe{nfe}.json")
+        paths = []
+        for (*_, info, _), folder in zip(targets, outs):
+            tuned.model = {**info, **({"tuned_with": [t[4]["run"] for t in targets]} if len(targets) > 1 else {})}
+            paths.append(tuned.save(folder / f"nfe{nfe}.json"))
         best = min((b for b in tuned.baselines), key=lambda b: b["heldout_error"])
         print(f"  {tuned.sampler} {tuned.options or ''} with {tuned.steps} steps: RMSE to the reference "
               f"{tuned.tuning_error:.3g} (held-out {tuned.heldout_error:.3g}; best Karras/exponential baseline "
               f"{best['sampler']}/{best['schedule']} {best['heldout_error']:.3g}) in {tuned.seconds:.0f} s")
-        print(f"  wrote {path}")
+        print("  wrote " + ", ".join(map(str, paths)))
+    for folder in outs:
+        _plot(folder)
+    if not args.sandbox:
+        print(f"next: elucidate sample {args.run[0]} --nfe {nfes[0]} --seeds 0-63 --out grid.png")
+    return 0
+
+
+def _plot(out: Path) -> None:
+    """tuned.png of every tuned schedule stored in ``out``."""
+    from ..sampling.tuned import TunedSchedule
+    from ..viz import plot_tuned_schedules, save_figure
+
     stored = []
     for path in out.glob("nfe*.json"):
         try:
@@ -105,8 +134,4 @@ def cmd_tune(args) -> int:
         except UserError as e:  # an old or foreign file next to ours: leave it out of the plot
             print(f"elucidate tune: warning: {e}")
     stored.sort(key=lambda t: t.nfe)
-    figure = save_figure(plot_tuned_schedules(stored), out / "tuned.png")
-    print(f"wrote {figure}")
-    if not args.sandbox:
-        print(f"next: elucidate sample {args.run} --nfe {nfes[0]} --seeds 0-63 --out grid.png")
-    return 0
+    print(f"wrote {save_figure(plot_tuned_schedules(stored), out / 'tuned.png')}")

@@ -6,10 +6,11 @@ exponential schedule and a GITS-like dynamic program over the reference trajecto
 between its levels with the least summed one-step error); the best few (finalists) also try Karras
 rho in {3, 5, 10} and VP, then move the interior log-sigmas from their best start to minimize the error
 of the final samples to the reference (:data:`LOSSES`; default ``l4``, which weighs the samples that
-come out worst most): coarse-to-fine, a pattern search over the knots of a
-piecewise-linear warp of the step index, then over every level. Held-out noise measures how the result
-generalizes. The search replays the registered solver itself, so the tuned ``(sampler, sigmas, options)``
-costs at most ``nfe`` evaluations by construction.
+come out worst most): coarse-to-fine, a pattern search over the knots of a piecewise-linear warp of
+the step index, then over every level. Held-out noise measures how the result generalizes, and a
+searched schedule that does worse on it than its start is dropped for the start. The search replays the
+registered solver itself, so the tuned ``(sampler, sigmas, options)`` costs at most ``nfe`` evaluations
+by construction. ``D`` may be several denoisers: one schedule for all, each judged relatively.
 """
 from __future__ import annotations
 
@@ -153,13 +154,41 @@ def sample_l4_error(a: torch.Tensor, b: torch.Tensor) -> float:
 LOSSES = {"rmse": rmse, "mean": sample_mean_error, "l4": sample_l4_error}
 
 
+class _Models:
+    """Several denoisers as one: sample block ``i`` (``per`` rows) goes to ``models[i]``."""
+
+    def __init__(self, models: Sequence[Callable], per: int):
+        self.models, self.per = list(models), per
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        blocks = [slice(i * self.per, (i + 1) * self.per) for i in range(len(self.models))]
+        return torch.cat([D(x[b], sigma[b]) for D, b in zip(self.models, blocks)])
+
+
+def _geometric(loss: Callable, groups: int) -> Callable:
+    """The geometric mean of ``loss`` over ``groups`` equal blocks of the batch: every model counts by
+    its relative error, however large its errors are next to the others'."""
+    if groups == 1:
+        return loss
+
+    def geometric(a: torch.Tensor, b: torch.Tensor) -> float:
+        per = a.shape[0] // groups
+        values = [loss(a[i * per:(i + 1) * per], b[i * per:(i + 1) * per]) for i in range(groups)]
+        if not all(0 < v < math.inf for v in values):
+            return 0.0 if all(v == 0 for v in values) else math.inf
+        return math.exp(sum(map(math.log, values)) / groups)
+
+    return geometric
+
+
 class _Problem:
     """One solver's loss as a function of the interior log-sigmas, on fixed noise and reference."""
 
-    def __init__(self, D, x, reference, sampler: str, options: dict, sigma_max: float, loss: str = "rmse"):
+    def __init__(self, D, x, reference, sampler: str, options: dict, sigma_max: float,
+                 loss: Callable = rmse):
         self.D, self.x, self.reference = D, x, reference
         self.fn, self.options, self.sigma_max = SOLVERS[sampler].fn, options, sigma_max
-        self.loss, self.evals = LOSSES[loss], 0
+        self.loss, self.evals = loss, 0
 
     def rmse(self, sigmas: torch.Tensor) -> float:
         """RMSE of the final samples to the reference (what is reported)."""
@@ -260,7 +289,7 @@ def _reference(D, x, sigma_min, sigma_max, reference_steps, keep_trajectory):
     return final, sigmas[:-1].tolist(), states, denoised
 
 
-def tune(D: Callable, shape: Sequence[int], nfe: int, *, seed: int = 0, sigma_min: float = 0.002,
+def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, seed: int = 0, sigma_min: float = 0.002,
          sigma_max: float = 80.0, samplers: Sequence[str] | None = None, progress: bool = False,
          heldout_seed: int | None = None, reference_steps: int | None = None, finalists: int = 3,
          max_evals: int = 150, loss: str = "l4", dtype: torch.dtype = torch.float64,
@@ -277,7 +306,12 @@ def tune(D: Callable, shape: Sequence[int], nfe: int, *, seed: int = 0, sigma_mi
     the best FD, ``mean`` the best transfer between exact mixtures). Interior levels stay in
     [sigma_min, sigma_max]. The result reports (as RMSE, whatever the loss) the tuning error, the error
     on held-out noise (``heldout_seed``, default ``seed + 1``), the finalists and the Karras rho = 7 and
-    exponential baselines of every candidate at the same NFE on both draws. The reference is Heun
+    exponential baselines of every candidate at the same NFE on both draws.
+
+    ``D`` may also be a list of denoisers of the same sample shape (several models, or the exact denoisers
+    of several distributions): each gets its own ``shape[0]`` draws and the search minimizes the geometric
+    mean of their losses, so that one schedule serves them all, each judged by its relative error. The
+    reference is Heun
     with ``reference_steps`` Karras steps (default ``max(128, 8 nfe)``: its error must stay well below
     the tuned one's, or the search fits the reference's own error).
     """
@@ -287,6 +321,13 @@ def tune(D: Callable, shape: Sequence[int], nfe: int, *, seed: int = 0, sigma_mi
         raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    models = list(D) if isinstance(D, (list, tuple)) else [D]
+    if not models or not all(callable(m) for m in models):
+        raise ValueError("D must be a denoiser D(x, sigma) or a non-empty list of them")
+    per = int(shape[0])
+    if len(models) > 1:
+        D, shape = _Models(models, per), (per * len(models), *shape[1:])
+    objective = _geometric(LOSSES[loss], len(models))
     t0 = time.perf_counter()
     heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
     reference_steps = reference_steps or max(128, 8 * nfe)
@@ -309,7 +350,7 @@ def tune(D: Callable, shape: Sequence[int], nfe: int, *, seed: int = 0, sigma_mi
             continue
         if steps not in dp_cache:
             dp_cache[steps] = _dp_schedule(ref_sigmas, states, denoised, ref, steps)
-        problem = _Problem(memo, x, ref, sampler, options, sigma_max, loss)
+        problem = _Problem(memo, x, ref, sampler, options, sigma_max, objective)
         screen = _initial_schedules(steps, sigma_min, sigma_max, dp_cache[steps], SCREEN)
         inits = {name: (s, problem.error(s)) for name, s in screen.items()}
         start = min(inits, key=lambda k: inits[k][1])
@@ -332,8 +373,14 @@ def tune(D: Callable, shape: Sequence[int], nfe: int, *, seed: int = 0, sigma_mi
         u, err = (_search(problem, _from_sigmas(sigmas0), lo, hi, max_evals)
                   if cand["steps"] > 1 else ([], cand["inits"][cand["start"]][1]))
         sigmas = _to_sigmas(u, sigma_max)
-        held = _Problem(memo, x_held, ref_held, cand["sampler"], cand["options"], sigma_max).rmse(sigmas)
-        results.append({**cand, "sigmas": sigmas, "loss": err, "error": problem.rmse(sigmas), "heldout": held})
+        held_problem = _Problem(memo, x_held, ref_held, cand["sampler"], cand["options"], sigma_max, objective)
+        start = cand["inits"][cand["start"]]
+        fell_back = held_problem.error(sigmas) > held_problem.error(start[0])
+        if fell_back:  # the search fitted this noise at the expense of other draws: keep its start
+            sigmas, err = start[0].clone(), start[1]
+        held = held_problem.rmse(sigmas)
+        results.append({**cand, "sigmas": sigmas, "loss": err, "error": problem.rmse(sigmas), "heldout": held,
+                        "fell_back": fell_back})
         say(f"  tuned {_label(cand['sampler'], cand['options']):<22} RMSE {results[-1]['error']:.3e} "
             f"(held-out {held:.3e}) after {problem.evals} solver runs")
     best = min(results, key=lambda r: r["loss"])
@@ -349,7 +396,8 @@ def tune(D: Callable, shape: Sequence[int], nfe: int, *, seed: int = 0, sigma_mi
                               "nfe": SOLVERS[cand["sampler"]].nfe(cand["steps"]), "tuning_error": err,
                               "heldout_error": held})
     finals = [{"sampler": r["sampler"], "options": r["options"], "start": r["start"], "tuning_error": r["error"],
-               "heldout_error": r["heldout"], "sigmas": r["sigmas"].tolist()} for r in results]
+               "heldout_error": r["heldout"], "kept_start": r["fell_back"], "sigmas": r["sigmas"].tolist()}
+              for r in results]
     return TunedSchedule(
         sampler=best["sampler"], sigmas=best["sigmas"].tolist(), options=best["options"], nfe=nfe, seed=seed,
         heldout_seed=heldout_seed, num_samples=int(shape[0]), sigma_min=sigma_min, sigma_max=sigma_max,
