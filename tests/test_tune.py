@@ -199,15 +199,17 @@ def test_tune_on_several_mixtures_serves_each(tuned_gmm):
         assert per_model[i] < min(k[1][i] for k in karras), (per_model, karras)
 
 
-def test_a_search_result_worse_on_held_out_noise_falls_back_to_its_start(tuned_gmm, monkeypatch):
+def test_held_out_noise_drops_a_search_result_that_does_not_generalize(tuned_gmm, monkeypatch):
     import elucidate.sampling.tuning as tuning
 
     gmm, _ = tuned_gmm
-    bad = lambda problem, u, lo, hi, max_evals: ([hi - 0.01 * (k + 1) for k in range(len(u))], 0.0)  # noqa: E731
-    monkeypatch.setattr(tuning, "_search", bad)  # claims a perfect fit with every level crammed below sigma_max
+    def bad(problem, u, lo, hi, max_evals):  # claims a perfect fit with every level crammed below sigma_max
+        return [("start", u, problem(u)), ("levels", [hi - 0.01 * (k + 1) for k in range(len(u))], 0.0)]
+
+    monkeypatch.setattr(tuning, "_search", bad)
     t = tune(gmm.denoise, (32, gmm.dim), 6, samplers=["dpmpp_2m"], reference_steps=128, finalists=1)
     (final,) = t.finalists
-    assert final["kept_start"] and t.sigmas == final["sigmas"]
+    assert final["stage"] == "start" and t.sigmas == final["sigmas"]
     assert t.sigmas[1] < 40  # a classic start, not the crammed levels (80 -> 79.2 -> ...)
     start = {"karras_rho7": karras_sigmas(6), "exponential": None}.get(final["start"])
     if start is not None:

@@ -7,10 +7,12 @@ between its levels with the least summed one-step error); the best few (finalist
 rho in {3, 5, 10} and VP, then move the interior log-sigmas from their best start to minimize the error
 of the final samples to the reference (:data:`LOSSES`; default ``l4``, which weighs the samples that
 come out worst most): coarse-to-fine, a pattern search over the knots of a piecewise-linear warp of
-the step index, then over every level. Held-out noise measures how the result generalizes, and a
-searched schedule that does worse on it than its start is dropped for the start. The search replays the
-registered solver itself, so the tuned ``(sampler, sigmas, options)`` costs at most ``nfe`` evaluations
-by construction. ``D`` may be several denoisers: one schedule for all, each judged relatively.
+the step index, then over every level. A second (held-out) draw of noise picks among each finalist's
+start, warp and per-level results, so a search that fitted its own noise at the expense of other draws
+does not win; the finalist with the lowest tuning loss does. The
+search replays the registered solver itself, so the tuned ``(sampler, sigmas, options)`` costs at most
+``nfe`` evaluations by construction. ``D`` may be several denoisers: one schedule for all, each judged
+relatively.
 """
 from __future__ import annotations
 
@@ -252,17 +254,22 @@ def _pattern_search(f: Callable[[list[float]], float], v: list[float], lo: float
 
 def _search(problem, u: list[float], lo: float, hi: float, max_evals: int, coarse: int = 6):
     """Coarse-to-fine: first ``coarse`` knots of a piecewise-linear warp (all steps move together, so
-    the search cannot trap two neighbouring levels), then every level on its own."""
+    the search cannot trap two neighbouring levels), then every level on its own. Returns every stage
+    as ``(name, u, loss)``: the start, the warp's best and the levels' best."""
     n = len(u)
-    best_u, best = u, problem(u)
+    stages = [("start", list(u), problem(u))]
+    best_u, best = stages[0][1:]
     if n > coarse + 2:
         v, err, used = _pattern_search(lambda v: problem(_resample(v, hi, n)), _resample(u, hi, coarse), lo, hi,
                                        max_evals=max_evals // 2)
         if err < best:
             best_u, best = _resample(v, hi, n), err
+            stages.append(("warp", best_u, best))
         max_evals -= used
     v, err, _ = _pattern_search(problem, best_u, lo, hi, max_evals=max_evals)
-    return (v, err) if err < best else (best_u, best)
+    if err < best:
+        stages.append(("levels", v, err))
+    return stages
 
 
 def _initial_schedules(steps: int, sigma_min: float, sigma_max: float, dp: torch.Tensor | None,
@@ -370,19 +377,18 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
                 cand["inits"][name] = (s, problem.error(s))
         cand["start"] = min(cand["inits"], key=lambda k: cand["inits"][k][1])
         sigmas0 = cand["inits"][cand["start"]][0]
-        u, err = (_search(problem, _from_sigmas(sigmas0), lo, hi, max_evals)
-                  if cand["steps"] > 1 else ([], cand["inits"][cand["start"]][1]))
-        sigmas = _to_sigmas(u, sigma_max)
+        stages = (_search(problem, _from_sigmas(sigmas0), lo, hi, max_evals) if cand["steps"] > 1
+                  else [("start", [], cand["inits"][cand["start"]][1])])
+        # the held-out draw picks the stage: a search that fitted this noise at the expense of others loses
         held_problem = _Problem(memo, x_held, ref_held, cand["sampler"], cand["options"], sigma_max, objective)
-        start = cand["inits"][cand["start"]]
-        fell_back = held_problem.error(sigmas) > held_problem.error(start[0])
-        if fell_back:  # the search fitted this noise at the expense of other draws: keep its start
-            sigmas, err = start[0].clone(), start[1]
+        checked = [(held_problem.error(_to_sigmas(u, sigma_max)), name, u, err) for name, u, err in stages]
+        _, stage, u, err = min(checked, key=lambda c: c[0])
+        sigmas = _to_sigmas(u, sigma_max)
         held = held_problem.rmse(sigmas)
         results.append({**cand, "sigmas": sigmas, "loss": err, "error": problem.rmse(sigmas), "heldout": held,
-                        "fell_back": fell_back})
+                        "stage": stage})
         say(f"  tuned {_label(cand['sampler'], cand['options']):<22} RMSE {results[-1]['error']:.3e} "
-            f"(held-out {held:.3e}) after {problem.evals} solver runs")
+            f"(held-out {held:.3e}, stage {stage}) after {problem.evals} solver runs")
     best = min(results, key=lambda r: r["loss"])
 
     baselines = []
@@ -396,7 +402,7 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
                               "nfe": SOLVERS[cand["sampler"]].nfe(cand["steps"]), "tuning_error": err,
                               "heldout_error": held})
     finals = [{"sampler": r["sampler"], "options": r["options"], "start": r["start"], "tuning_error": r["error"],
-               "heldout_error": r["heldout"], "kept_start": r["fell_back"], "sigmas": r["sigmas"].tolist()}
+               "heldout_error": r["heldout"], "stage": r["stage"], "sigmas": r["sigmas"].tolist()}
               for r in results]
     return TunedSchedule(
         sampler=best["sampler"], sigmas=best["sigmas"].tolist(), options=best["options"], nfe=nfe, seed=seed,
