@@ -9,10 +9,9 @@ of the final samples to the reference (:data:`LOSSES`; default ``l4``, which wei
 come out worst most): coarse-to-fine, a pattern search over the knots of a piecewise-linear warp of
 the step index, then over every level. A second (held-out) draw of noise picks among each finalist's
 start, warp and per-level results, so a search that fitted its own noise at the expense of other draws
-does not win; the finalist with the lowest tuning loss does. The
-search replays the registered solver itself, so the tuned ``(sampler, sigmas, options)`` costs at most
-``nfe`` evaluations by construction. ``D`` may be several denoisers: one schedule for all, each judged
-relatively.
+does not win; the finalist with the lowest tuning loss does. The search replays the registered solver
+itself, so the tuned ``(sampler, sigmas, options)`` costs at most ``nfe`` evaluations by construction.
+``D`` may be several denoisers: one schedule for all, each judged relatively.
 """
 from __future__ import annotations
 
@@ -313,14 +312,16 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
     the best FD, ``mean`` the best transfer between exact mixtures). Interior levels stay in
     [sigma_min, sigma_max]. The result reports (as RMSE, whatever the loss) the tuning error, the error
     on held-out noise (``heldout_seed``, default ``seed + 1``), the finalists and the Karras rho = 7 and
-    exponential baselines of every candidate at the same NFE on both draws.
+    exponential baselines of every candidate at the same NFE on both draws. The held-out draw also
+    chooses, per finalist, between its start and the two search stages (so its error is slightly
+    optimistic; measure on new noise to be sure).
 
     ``D`` may also be a list of denoisers of the same sample shape (several models, or the exact denoisers
     of several distributions): each gets its own ``shape[0]`` draws and the search minimizes the geometric
-    mean of their losses, so that one schedule serves them all, each judged by its relative error. The
-    reference is Heun
-    with ``reference_steps`` Karras steps (default ``max(128, 8 nfe)``: its error must stay well below
-    the tuned one's, or the search fits the reference's own error).
+    mean of their losses, so that one schedule serves them all, each judged by its relative error.
+
+    The reference is Heun with ``reference_steps`` Karras steps (default ``max(128, 8 nfe)``: its error
+    must stay well below the tuned one's, or the search fits the reference's own error).
     """
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
