@@ -157,20 +157,20 @@ def test_losses_weigh_outlying_samples_differently(gmm):
 
 
 def test_several_models_route_blocks_and_weigh_relative_errors():
-    from elucidate.sampling.tuning import _geometric, _Models
+    from elucidate.sampling.objectives import Models, geometric_mean_loss
 
     x, sigma = torch.arange(12, dtype=f64).reshape(6, 2), torch.ones(6, dtype=f64)
-    both = _Models([lambda x, s: x * 0 + 1, lambda x, s: x * 0 + 2], per=3)
+    both = Models([lambda x, s: x * 0 + 1, lambda x, s: x * 0 + 2], per=3)
     assert both(x, sigma)[:, 0].tolist() == [1, 1, 1, 2, 2, 2]
     a, b = torch.zeros(4, 1, dtype=f64), torch.zeros(4, 1, dtype=f64)
     b[:2], b[2:] = 0.1, 10.0  # model 1 is off by 0.1, model 2 by 10: each is judged relative to itself
-    geometric = _geometric(rmse, 2)
+    geometric = geometric_mean_loss(rmse, 2)
     assert geometric(a, b) == pytest.approx(1.0)
     b[:2] = 0.05  # halving the small model's error counts as much as halving the large one's
     assert geometric(a, b) == pytest.approx(2 ** -0.5)
     b[2:] = 5.0
     assert geometric(a, b) == pytest.approx(0.5)
-    assert _geometric(rmse, 1) is rmse
+    assert geometric_mean_loss(rmse, 1) is rmse
 
 
 def test_tune_on_several_mixtures_serves_each(tuned_gmm):

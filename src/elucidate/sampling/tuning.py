@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .objectives import LOSSES, Models, geometric_mean_loss, rmse
 from .registry import SOLVERS, check_options, get_solver, sweep_solvers
 from .schedules import exponential_sigmas, karras_sigmas, vp_range_sigmas
 from .tuned import TunedSchedule
@@ -64,12 +65,6 @@ def tuning_noise(shape: Sequence[int], seed: int, sigma_max: float, *, dtype=tor
     """The initial x = sigma_max n of a tuning run (float32 draws, as ``sample()``)."""
     g = torch.Generator().manual_seed(NOISE_SEED_OFFSET + int(seed))
     return (torch.randn(tuple(shape), generator=g) * sigma_max).to(device=device, dtype=dtype)
-
-
-def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Root mean square difference over all elements (inf if not finite)."""
-    value = (a.double() - b.double()).pow(2).mean().sqrt().item()
-    return value if math.isfinite(value) else math.inf
 
 
 class _Memo:
@@ -132,54 +127,6 @@ def _dp_schedule(ref_sigmas: list[float], states: list[torch.Tensor], denoised: 
         j = back[k][j]
         path.append(j)
     return torch.tensor([s[j] for j in reversed(path)], dtype=torch.float64)
-
-
-def sample_mean_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """The mean over samples of each sample's RMS difference (inf if not finite): unlike the RMSE over
-    all elements, a few samples that land in another mode do not dominate it."""
-    per_sample = (a.double() - b.double()).flatten(1).pow(2).mean(1).sqrt()
-    value = per_sample.mean().item()
-    return value if math.isfinite(value) else math.inf
-
-
-def sample_l4_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """(mean over samples of each sample's mean square difference squared)^(1/4): weighs the samples with
-    large errors (those that come out malformed) more than the RMSE does."""
-    per_sample = (a.double() - b.double()).flatten(1).pow(2).mean(1)
-    value = per_sample.pow(2).mean().pow(0.25).item()
-    return value if math.isfinite(value) else math.inf
-
-
-#: What the search minimizes: ``rmse`` (over all elements), ``mean`` (:func:`sample_mean_error`) or
-#: ``l4`` (:func:`sample_l4_error`).
-LOSSES = {"rmse": rmse, "mean": sample_mean_error, "l4": sample_l4_error}
-
-
-class _Models:
-    """Several denoisers as one: sample block ``i`` (``per`` rows) goes to ``models[i]``."""
-
-    def __init__(self, models: Sequence[Callable], per: int):
-        self.models, self.per = list(models), per
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        blocks = [slice(i * self.per, (i + 1) * self.per) for i in range(len(self.models))]
-        return torch.cat([D(x[b], sigma[b]) for D, b in zip(self.models, blocks)])
-
-
-def _geometric(loss: Callable, groups: int) -> Callable:
-    """The geometric mean of ``loss`` over ``groups`` equal blocks of the batch: every model counts by
-    its relative error, however large its errors are next to the others'."""
-    if groups == 1:
-        return loss
-
-    def geometric(a: torch.Tensor, b: torch.Tensor) -> float:
-        per = a.shape[0] // groups
-        values = [loss(a[i * per:(i + 1) * per], b[i * per:(i + 1) * per]) for i in range(groups)]
-        if not all(0 < v < math.inf for v in values):
-            return 0.0 if all(v == 0 for v in values) else math.inf
-        return math.exp(sum(map(math.log, values)) / groups)
-
-    return geometric
 
 
 class _Problem:
@@ -334,8 +281,8 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
         raise ValueError("D must be a denoiser D(x, sigma) or a non-empty list of them")
     per = int(shape[0])
     if len(models) > 1:
-        D, shape = _Models(models, per), (per * len(models), *shape[1:])
-    objective = _geometric(LOSSES[loss], len(models))
+        D, shape = Models(models, per), (per * len(models), *shape[1:])
+    objective = geometric_mean_loss(LOSSES[loss], len(models))
     t0 = time.perf_counter()
     heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
     reference_steps = reference_steps or max(128, 8 * nfe)

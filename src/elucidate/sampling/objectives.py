@@ -1,0 +1,64 @@
+"""What :func:`elucidate.sampling.tune` minimizes: the error of final samples to a reference, per
+sample or over all elements, and the geometric mean of it over several models tuned at once."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = ["rmse", "sample_mean_error", "sample_l4_error", "LOSSES", "Models", "geometric_mean_loss"]
+
+
+def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Root mean square difference over all elements (inf if not finite)."""
+    value = (a.double() - b.double()).pow(2).mean().sqrt().item()
+    return value if math.isfinite(value) else math.inf
+
+
+def sample_mean_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The mean over samples of each sample's RMS difference (inf if not finite): unlike the RMSE over
+    all elements, a few samples that land in another mode do not dominate it."""
+    per_sample = (a.double() - b.double()).flatten(1).pow(2).mean(1).sqrt()
+    value = per_sample.mean().item()
+    return value if math.isfinite(value) else math.inf
+
+
+def sample_l4_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """(mean over samples of each sample's mean square difference squared)^(1/4): weighs the samples with
+    large errors (those that come out malformed) more than the RMSE does."""
+    per_sample = (a.double() - b.double()).flatten(1).pow(2).mean(1)
+    value = per_sample.pow(2).mean().pow(0.25).item()
+    return value if math.isfinite(value) else math.inf
+
+
+#: What the search minimizes: ``rmse`` (over all elements), ``mean`` (:func:`sample_mean_error`) or
+#: ``l4`` (:func:`sample_l4_error`).
+LOSSES = {"rmse": rmse, "mean": sample_mean_error, "l4": sample_l4_error}
+
+
+class Models:
+    """Several denoisers as one: sample block ``i`` (``per`` rows) goes to ``models[i]``."""
+
+    def __init__(self, models: Sequence[Callable], per: int):
+        self.models, self.per = list(models), per
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        blocks = [slice(i * self.per, (i + 1) * self.per) for i in range(len(self.models))]
+        return torch.cat([D(x[b], sigma[b]) for D, b in zip(self.models, blocks)])
+
+
+def geometric_mean_loss(loss: Callable, groups: int) -> Callable:
+    """The geometric mean of ``loss`` over ``groups`` equal blocks of the batch: every model counts by
+    its relative error, however large its errors are next to the others'."""
+    if groups == 1:
+        return loss
+
+    def geometric(a: torch.Tensor, b: torch.Tensor) -> float:
+        per = a.shape[0] // groups
+        values = [loss(a[i * per:(i + 1) * per], b[i * per:(i + 1) * per]) for i in range(groups)]
+        if not all(0 < v < math.inf for v in values):
+            return 0.0 if all(v == 0 for v in values) else math.inf
+        return math.exp(sum(map(math.log, values)) / groups)
+
+    return geometric
