@@ -3,12 +3,11 @@ their validation. The pipeline itself is :mod:`elucidate.training.augment`; this
 so the config and the network builder can use it without importing the training package."""
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .errors import ConfigError
-from .params import check_value, describe, param
+from .params import check_value, describe, param, unknown_key
 
 __all__ = ["AugmentSettings", "LABEL_LAYOUT", "AUGMENT_LABEL_DIM", "check_augment"]
 
@@ -52,9 +51,7 @@ def check_augment(raw: Any) -> dict:
     names = [f.name for f in fields(AugmentSettings)]
     for key in raw:
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown key training.augment.{key}{hint}; expected one of {names}")
+            raise unknown_key("training.augment", key, names)
     docs = {p.name: p for p in describe(AugmentSettings)}
     out = {}
     for name in names:

@@ -7,7 +7,6 @@ declarations, see :mod:`elucidate.params`). ``--set section.key=value`` override
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -21,7 +20,7 @@ from .ema_config import check_power_ema
 from .errors import ConfigError
 from .formulations import FORMULATIONS, Formulation, Shifted
 from .latent_config import LatentConfig, check_latent
-from .params import check_value, describe, param, validate_fields
+from .params import check_value, describe, did_you_mean, param, unknown_key, validate_fields
 
 __all__ = ["Config", "TrainingConfig", "SamplingConfig", "ConfigWarning", "load_config", "parse_config",
            "apply_overrides", "dump_config", "diffusion_keys", "SCHEDULE_KEYS"]
@@ -38,15 +37,6 @@ class ConfigWarning(UserWarning):
 def diffusion_keys(name: str) -> tuple[str, ...]:
     """The parameters of the formulation ``name`` (its declared fields)."""
     return tuple(p.name for p in describe(FORMULATIONS[name]))
-
-
-def _suggest(key: str, choices) -> str:
-    close = difflib.get_close_matches(str(key), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _unknown(section: str, key: str, choices) -> ConfigError:
-    return ConfigError(f"unknown key {section}.{key}{_suggest(key, choices)}; expected one of {sorted(choices)}")
 
 
 def _check_number(where: str, value: Any, *, integer: bool = False, minimum: float | None = None,
@@ -163,7 +153,7 @@ class SamplingConfig:
 
         _validate(self, "sampling")
         if self.sampler not in SOLVERS:
-            raise ConfigError(f"sampling.sampler = {self.sampler!r}{_suggest(self.sampler, SOLVERS)}: "
+            raise ConfigError(f"sampling.sampler = {self.sampler!r}{did_you_mean(self.sampler, SOLVERS)}: "
                               f"expected one of {sorted(SOLVERS)}")
         if self.schedule != "auto" and self.schedule not in SCHEDULES:
             raise ConfigError(f"sampling.schedule = {self.schedule!r}: expected 'auto' or one of {sorted(SCHEDULES)}")
@@ -231,7 +221,7 @@ def _formulation_class(kind: Any) -> type[Formulation]:
     by_lower = {k.lower(): v for k, v in FORMULATIONS.items()}
     cls = by_lower.get(str(kind).lower())
     if cls is None:
-        raise ConfigError(f"diffusion.type = {kind!r}{_suggest(kind, FORMULATIONS)}: "
+        raise ConfigError(f"diffusion.type = {kind!r}{did_you_mean(kind, FORMULATIONS)}: "
                           f"expected one of {list(FORMULATIONS)}")
     return cls
 
@@ -260,7 +250,7 @@ def _formulation(section: dict) -> tuple[Formulation, dict]:
             ignored.append(str(key))
         else:
             choices = sorted(set(declared) | set(SCHEDULE_KEYS) | {"shift"})
-            raise ConfigError(f"unknown key diffusion.{key} for type {cls.name}{_suggest(lower, choices)}; "
+            raise ConfigError(f"unknown key diffusion.{key} for type {cls.name}{did_you_mean(lower, choices)}; "
                               f"expected one of {choices}")
     if ignored:
         warnings.warn(f"diffusion keys {', '.join(ignored)} are not parameters of type {cls.name}; ignored",
@@ -280,7 +270,7 @@ def _typed_section(cls, name: str, raw: Any):
     names = [f.name for f in fields(cls)]
     for key in raw:
         if key not in names:
-            raise _unknown(name, key, names)
+            raise unknown_key(name, key, names)
     obj = cls(**raw)
     obj.validate()
     return obj
@@ -293,7 +283,7 @@ def _check_data(section: dict) -> dict:
         raise ConfigError(f"section 'data' must be a mapping, got {type(section).__name__}")
     for key in section:
         if key not in DATA_KEYS:
-            raise _unknown("data", key, DATA_KEYS)
+            raise unknown_key("data", key, DATA_KEYS)
     if "dataset" not in section:
         raise ConfigError("data.dataset is required (e.g. digits, folder, zip, npz)")
     return dict(section)
@@ -306,7 +296,7 @@ def _check_network(section: dict) -> dict:
         raise ConfigError(f"section 'network' must be a mapping, got {type(section).__name__}")
     arch = section.get("arch", "unet")
     if arch not in NETWORKS:
-        raise ConfigError(f"network.arch = {arch!r}{_suggest(arch, NETWORKS)}: expected one of {list(NETWORKS)}")
+        raise ConfigError(f"network.arch = {arch!r}{did_you_mean(arch, NETWORKS)}: expected one of {list(NETWORKS)}")
     return {"arch": arch, **{k: v for k, v in section.items() if k != "arch"}}
 
 
@@ -317,7 +307,7 @@ def parse_config(raw: dict | None) -> Config:
         raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
     for key in raw:
         if key not in SECTIONS:
-            raise _unknown("config", key, SECTIONS)
+            raise unknown_key("config", key, SECTIONS)
     defaults = Config()
     diffusion = raw.get("diffusion") or defaults.diffusion
     if not isinstance(diffusion, dict):
@@ -359,7 +349,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if len(keys) < 2 or not all(keys):
             raise ConfigError(f"override {item!r}: expected section.key=value (e.g. training.steps=200)")
         if keys[0] not in SECTIONS:
-            raise _unknown("config", keys[0], SECTIONS)
+            raise unknown_key("config", keys[0], SECTIONS)
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as e:

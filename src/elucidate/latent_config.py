@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
-from .params import param, validate_fields
+from .params import param, unknown_key, validate_fields
 
 __all__ = ["LatentConfig", "check_latent"]
 
@@ -51,10 +51,7 @@ def check_latent(raw: Any) -> LatentConfig | None:
     names = ("vae", "scale_factor", "encoded", "sample_posterior")
     for key in raw:
         if key not in names:
-            import difflib
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown key latent.{key}{hint}; expected one of {sorted(names)}")
+            raise unknown_key("latent", key, names)
     config = LatentConfig(**raw)
     config.validate()
     return config

@@ -5,11 +5,14 @@ keys, ``elucidate train --help-config`` and the reference tables in the docs are
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any
+
+from .errors import ConfigError
 
 __all__ = ["param", "ParamDoc", "describe", "check_value", "validate_fields"]
 
@@ -120,3 +123,14 @@ def validate_fields(obj: Any, prefix: str = "") -> None:
         value = check_value(prefix + p.name, getattr(obj, p.name), p)
         if value is not getattr(obj, p.name):
             object.__setattr__(obj, p.name, value)
+
+
+def did_you_mean(key: Any, choices) -> str:
+    """`` (did you mean 'x'?)`` for the choice closest to ``key``, or "" when none is close."""
+    close = difflib.get_close_matches(str(key), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown_key(section: str, key: Any, choices) -> ConfigError:
+    """The one-line error for a key of ``section`` that is not one of ``choices``."""
+    return ConfigError(f"unknown key {section}.{key}{did_you_mean(key, choices)}; expected one of {sorted(choices)}")

@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from ..config import _check_data, _check_number, _typed_section, _unknown, _validate
+from ..config import _check_data, _check_number, _typed_section, _validate
 from ..errors import ConfigError
-from ..params import param
+from ..params import param, unknown_key
 
 __all__ = ["VAEConfig", "VAEModelConfig", "VAELossConfig", "VAETrainingConfig", "parse_vae_config",
            "load_vae_config", "dump_vae_config", "apply_vae_overrides", "VAE_SECTIONS", "RESUMABLE_KEYS"]
@@ -155,7 +155,7 @@ def parse_vae_config(raw: dict | None) -> VAEConfig:
         raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
     for key in raw:
         if key not in VAE_SECTIONS:
-            raise _unknown("config", key, VAE_SECTIONS)
+            raise unknown_key("config", key, VAE_SECTIONS)
     return VAEConfig(
         data=_check_data(raw.get("data") or VAEConfig().data),
         model=_typed_section(VAEModelConfig, "model", raw.get("model")),
@@ -173,7 +173,7 @@ def apply_vae_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> di
         if not sep or len(keys) < 2 or not all(keys):
             raise ConfigError(f"override {item!r}: expected section.key=value (e.g. training.steps=200)")
         if keys[0] not in VAE_SECTIONS:
-            raise _unknown("config", keys[0], VAE_SECTIONS)
+            raise unknown_key("config", keys[0], VAE_SECTIONS)
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as e:
