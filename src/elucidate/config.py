@@ -338,18 +338,17 @@ def parse_config(raw: dict | None) -> Config:
 SEED_SPELLING = {"P_mean": "p_mean", "P_std": "p_std"}
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config mapping."""
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], sections=SECTIONS) -> dict:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config mapping whose
+    top-level sections are ``sections``."""
     raw = copy.deepcopy(raw or {})
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected section.key=value")
-        path, text = item.split("=", 1)
+        path, sep, text = str(item).partition("=")
         keys = path.strip().split(".")
-        if len(keys) < 2 or not all(keys):
+        if not sep or len(keys) < 2 or not all(keys):
             raise ConfigError(f"override {item!r}: expected section.key=value (e.g. training.steps=200)")
-        if keys[0] not in SECTIONS:
-            raise unknown_key("config", keys[0], SECTIONS)
+        if keys[0] not in sections:
+            raise unknown_key("config", keys[0], sections)
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -363,8 +362,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config file, apply overrides and validate."""
+def read_config_file(path: str | Path, empty_hint: str) -> dict:
+    """The mapping in a YAML config file (ConfigError if missing, unreadable or empty: ``empty_hint``
+    says what to start from)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -373,8 +373,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if raw is None:
-        raise ConfigError(f"config file {path} is empty; start from configs/digits-edm.yaml (or write "
-                          f"'data: {{dataset: digits}}' to train with every other default)")
+        raise ConfigError(f"config file {path} is empty; {empty_hint}")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file, apply overrides and validate."""
+    raw = read_config_file(path, "start from configs/digits-edm.yaml (or write 'data: {dataset: digits}' to "
+                                 "train with every other default)")
     try:
         return parse_config(apply_overrides(raw, overrides or []))
     except ConfigError as e:

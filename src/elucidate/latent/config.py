@@ -7,14 +7,13 @@ bookkeeping. Every key is checked; errors are one line naming the key.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..config import _check_data, _check_number, _typed_section, _validate
+from ..config import _check_data, _check_number, _typed_section, _validate, apply_overrides, read_config_file
 from ..errors import ConfigError
 from ..params import param, unknown_key
 
@@ -166,44 +165,18 @@ def parse_vae_config(raw: dict | None) -> VAEConfig:
 
 def apply_vae_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Apply ``section.key=value`` strings (values parsed as YAML) to a raw VAE config mapping."""
-    raw = copy.deepcopy(raw or {})
-    for item in overrides:
-        path, sep, text = str(item).partition("=")
-        keys = path.strip().split(".")
-        if not sep or len(keys) < 2 or not all(keys):
-            raise ConfigError(f"override {item!r}: expected section.key=value (e.g. training.steps=200)")
-        if keys[0] not in VAE_SECTIONS:
-            raise unknown_key("config", keys[0], VAE_SECTIONS)
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
-        node = raw
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {key} is not a section")
-        node[keys[-1]] = value
-    return raw
+    return apply_overrides(raw, overrides, VAE_SECTIONS)
 
 
 def load_vae_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> VAEConfig:
     """A validated ``VAEConfig`` from a YAML file path or a mapping, with ``section.key=value`` overrides."""
     if isinstance(source, dict):
         return parse_vae_config(apply_vae_overrides(source, overrides))
-    path = Path(source)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
-    if raw is None:
-        raise ConfigError(f"config file {path} is empty; start from configs/digits-vae.yaml")
+    raw = read_config_file(source, "start from configs/digits-vae.yaml")
     try:
         return parse_vae_config(apply_vae_overrides(raw, overrides))
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{Path(source)}: {e}") from None
 
 
 def dump_vae_config(config: VAEConfig) -> str:
