@@ -330,8 +330,8 @@ def test_cli_tune_refuses_runs_of_different_shapes(monkeypatch, tmp_path, capsys
     import elucidate.cli.tune as cli_tune
 
     shapes = {"a": (1, 8, 8), "b": (3, 8, 8)}
-    monkeypatch.setattr(cli_tune, "_target", lambda args, run: (None, shapes[run.name], 0.002, 80.0,
-                                                                 {"run": run.name}, tmp_path))
+    monkeypatch.setattr(cli_tune, "_target", lambda args, run: cli_tune._Target(None, shapes[run.name], 0.002, 80.0,
+                                                                                 {"run": run.name}, tmp_path))
     assert main(["tune", "a", "b", "--nfe", "4"]) == 2
     err = capsys.readouterr().err
     assert "b: sample shape [3, 8, 8]" in err and "differ from a's [1, 8, 8]" in err

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import UserError
 from .options import int_list
@@ -39,8 +41,20 @@ def register(sub) -> dict:
     return {"tune": cmd_tune}
 
 
-def _target(args, run_arg):
-    """(D, sample shape, sigma_min, sigma_max, model info, output folder) of one run or the sandbox."""
+class _Target(NamedTuple):
+    """What is tuned: a denoiser, its sample shape and sigma range, what to record about it and where
+    its schedules go by default."""
+
+    D: Callable
+    shape: tuple
+    sigma_min: float
+    sigma_max: float
+    info: dict
+    folder: Path
+
+
+def _target(args, run_arg) -> _Target:
+    """The target of one run, or the sandbox's."""
     if args.sandbox:
         if run_arg is not None:
             raise UserError("give a RUN or --sandbox, not both")
@@ -48,7 +62,7 @@ def _target(args, run_arg):
 
         gmm = digits_mixture()
         info = {"sandbox": "digits Gaussian mixture (min std 0.02)", "shape": [gmm.dim]}
-        return gmm.denoise, (gmm.dim,), 0.002, 80.0, info, args.out or Path("schedules")
+        return _Target(gmm.denoise, (gmm.dim,), 0.002, 80.0, info, Path("schedules"))
     if run_arg is None:
         raise UserError("tune needs a RUN directory (or --sandbox)")
     import torch
@@ -67,18 +81,19 @@ def _target(args, run_arg):
         D = functools.partial(D, class_labels=torch.arange(num, device=args.device) % label_dim)
     info = {"run": str(run_directory(run_arg)), "checkpoint": run.checkpoint.name, "step": run.step,
             "formulation": formulation.name, "shape": list(run.shape), "ema": bool(args.ema)}
-    return D, run.shape, float(lo), float(hi), info, args.out or run_directory(run_arg) / "schedules"
+    return _Target(D, tuple(run.shape), float(lo), float(hi), info, run_directory(run_arg) / "schedules")
 
 
-def _targets(args) -> list[tuple]:
+def _targets(args) -> list[_Target]:
     """One target per run (or the sandbox's); several must share the sample shape and sigma range."""
     targets = [_target(args, run) for run in args.run] if args.run else [_target(args, None)]
     first = targets[0]
     for other in targets[1:]:
-        if tuple(other[1]) != tuple(first[1]) or other[2:4] != first[2:4]:
-            raise UserError(f"{other[4]['run']}: sample shape {list(other[1])}, sigma {other[2]:g}..{other[3]:g} "
-                            f"differ from {first[4]['run']}'s {list(first[1])}, {first[2]:g}..{first[3]:g}; "
-                            "one schedule is tuned for runs of one shape and range")
+        if (other.shape, other.sigma_min, other.sigma_max) != (first.shape, first.sigma_min, first.sigma_max):
+            raise UserError(f"{other.info['run']}: sample shape {list(other.shape)}, sigma {other.sigma_min:g}.."
+                            f"{other.sigma_max:g} differ from {first.info['run']}'s {list(first.shape)}, "
+                            f"{first.sigma_min:g}..{first.sigma_max:g}; one schedule is tuned for runs of one "
+                            "shape and range")
     return targets
 
 
@@ -89,9 +104,9 @@ def cmd_tune(args) -> int:
 
     nfes = int_list(args.nfe, "--nfe")
     targets = _targets(args)
-    _, shape, lo, hi, _, out = targets[0]
-    D = [t[0] for t in targets] if len(targets) > 1 else targets[0][0]
-    outs = [args.out] if args.out else [t[5] for t in targets]
+    shape, lo, hi = targets[0].shape, targets[0].sigma_min, targets[0].sigma_max
+    D = [t.D for t in targets] if len(targets) > 1 else targets[0].D
+    outs = [args.out] if args.out else [t.folder for t in targets]  # --out: one file for all the runs
     num = args.num or (256 if args.sandbox else 64)
     if num < 2:
         raise UserError(f"--num must be >= 2, got {num}")
@@ -107,8 +122,9 @@ def cmd_tune(args) -> int:
         except ValueError as e:  # unknown / stochastic solver names, a budget no solver fits
             raise UserError(str(e)) from None
         paths = []
-        for (*_, info, _), folder in zip(targets, outs):
-            tuned.model = {**info, **({"tuned_with": [t[4]["run"] for t in targets]} if len(targets) > 1 else {})}
+        served = {"tuned_with": [t.info["run"] for t in targets]} if len(targets) > 1 else {}
+        for target, folder in zip(targets, outs):  # each run's copy names its own checkpoint
+            tuned.model = {**target.info, **served}
             paths.append(tuned.save(folder / f"nfe{nfe}.json"))
         best = min((b for b in tuned.baselines), key=lambda b: b["heldout_error"])
         print(f"  {tuned.sampler} {tuned.options or ''} with {tuned.steps} steps: RMSE to the reference "
