@@ -171,6 +171,10 @@ def test_several_models_route_blocks_and_weigh_relative_errors():
     b[2:] = 5.0
     assert geometric(a, b) == pytest.approx(0.5)
     assert geometric_mean_loss(rmse, 1) is rmse
+    b[:2] = 0.0  # one model exact: the geometric mean is 0, not a failure
+    assert geometric(a, b) == 0.0
+    b[2:] = math.nan  # one model's samples not finite: the schedule fails
+    assert geometric(a, b) == math.inf
 
 
 def test_tune_on_several_mixtures_serves_each(tuned_gmm):

@@ -57,8 +57,10 @@ def geometric_mean_loss(loss: Callable, groups: int) -> Callable:
     def geometric(a: torch.Tensor, b: torch.Tensor) -> float:
         per = a.shape[0] // groups
         values = [loss(a[i * per:(i + 1) * per], b[i * per:(i + 1) * per]) for i in range(groups)]
-        if not all(0 < v < math.inf for v in values):
-            return 0.0 if all(v == 0 for v in values) else math.inf
+        if math.inf in values:  # a model whose samples did not come out finite fails the schedule
+            return math.inf
+        if 0.0 in values:  # one model solved exactly: the product, and so the mean, is 0
+            return 0.0
         return math.exp(sum(map(math.log, values)) / groups)
 
     return geometric
