@@ -35,7 +35,7 @@ import torch
 from elucidate import GaussianMixture
 from elucidate.sampling import SOLVERS, karras_sigmas, tune
 from elucidate.sampling.tuning import rmse
-from elucidate.sandbox import digits_mixture
+from elucidate.sandbox import class_mixture, digits_mixture
 
 NFES = (9, 17, 35)
 SAMPLERS = {"euler": ("sample_euler", 1), "heun": ("sample_heun", 2), "dpm_2": ("sample_dpm_2", 2),
@@ -121,10 +121,7 @@ def half_digits_mixture(min_std: float) -> GaussianMixture:
 
     data = load_digits()
     x = torch.tensor(data.images[::2], dtype=torch.float64).reshape(-1, 64) / 8.0 - 1.0
-    y = torch.tensor(data.target[::2])
-    stds = torch.stack([x[y == k].std(0) for k in range(10)]).clamp_min(min_std)
-    return GaussianMixture(torch.stack([x[y == k].mean(0) for k in range(10)]), stds,
-                           torch.bincount(y, minlength=10).double())
+    return class_mixture(x, torch.tensor(data.target[::2]), min_std)
 
 
 def random_mixture(seed: int, k: int = 8, d: int = 64, lo: float = 0.01, hi: float = 0.3) -> GaussianMixture:

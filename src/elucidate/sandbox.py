@@ -12,7 +12,7 @@ from .analytic import GaussianMixture
 from .sampling import schedules as S
 from .sampling.registry import SOLVERS, ode_solvers, sweep_solvers
 
-__all__ = ["digits_mixture", "SANDBOX_SCHEDULES", "sandbox_sweep"]
+__all__ = ["digits_mixture", "class_mixture", "SANDBOX_SCHEDULES", "sandbox_sweep"]
 
 
 #: Discretizations over one common range [sigma_min, sigma_max], so all share one exact solution.
@@ -32,11 +32,16 @@ def digits_mixture(min_std: float = 0.02) -> GaussianMixture:
 
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float64).reshape(-1, 64) / 8.0 - 1.0
-    y = torch.tensor(data.target)
-    means = torch.stack([x[y == k].mean(0) for k in range(10)])
-    stds = torch.stack([x[y == k].std(0) for k in range(10)]).clamp_min(min_std)
-    weights = torch.bincount(y, minlength=10).double()
-    return GaussianMixture(means, stds, weights)
+    return class_mixture(x, torch.tensor(data.target), min_std)
+
+
+def class_mixture(x: torch.Tensor, labels: torch.Tensor, min_std: float = 0.02) -> GaussianMixture:
+    """One diagonal Gaussian per class of the rows of ``x`` (pixel means, stds floored at ``min_std``),
+    weighted by class frequency."""
+    classes = int(labels.max()) + 1
+    means = torch.stack([x[labels == k].mean(0) for k in range(classes)])
+    stds = torch.stack([x[labels == k].std(0) for k in range(classes)]).clamp_min(min_std)
+    return GaussianMixture(means, stds, torch.bincount(labels, minlength=classes).double())
 
 
 def sandbox_sweep(mixture: GaussianMixture | None = None, *, solvers: Sequence[str] | None = None,
