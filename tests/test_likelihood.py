@@ -236,3 +236,10 @@ def test_run_likelihood_on_a_tiny_trained_run(tmp_path):
     assert rebatched["mean"] == pytest.approx(out["mean"], abs=1e-4)  # per-image draws, not per-batch
     exact = run_likelihood(run, 6, batch_size=6, trace="exact", seed=0, steps=16)
     assert exact["mean"] == pytest.approx(out["mean"], abs=0.1)  # the same quantity, without probe noise
+
+
+def test_log_likelihood_is_reachable_as_the_issue_spells_it():
+    import elucidate
+
+    assert elucidate.log_likelihood is log_likelihood and "log_likelihood" in elucidate.__all__
+
