@@ -14,7 +14,7 @@ from elucidate import GaussianMixture
 from elucidate.cli import main
 from elucidate.config import SamplingConfig
 from elucidate.errors import ConfigError, UserError
-from elucidate.sampling import SOLVERS, ipndm, karras_sigmas, tune, unipc
+from elucidate.sampling import SOLVERS, exponential_sigmas, ipndm, karras_sigmas, tune, unipc
 from elucidate.sampling.tuned import TunedSchedule, load_tuned, tuned_path
 from elucidate.sampling.tuning import LOSSES, rmse, tuning_noise
 
@@ -89,10 +89,39 @@ def test_ipndm_is_the_published_recurrence(gmm, order):
     assert torch.allclose(ipndm(gmm.denoise, x, t, order=order), expected, rtol=0, atol=1e-12)
 
 
+def test_unipc_final_step_integrates_a_polynomial_slope_exactly():
+    # the Adams-Bashforth step into sigma = 0 through k slopes is exact for a slope polynomial of degree k - 1
+    from elucidate.sampling.highorder import _adams_bashforth_to_zero
+
+    c = torch.tensor([0.7, -1.3, 2.1, 0.4], dtype=f64)
+    x = torch.tensor([0.25], dtype=f64)
+    for k in (1, 2, 3, 4):
+        levels = [0.41, 0.23, 0.15, 0.09][-k:]  # oldest first; the newest (last) is where the step starts
+        slopes = [(s, sum(c[j] * s ** j for j in range(k)) * torch.ones(1, dtype=f64)) for s in reversed(levels)]
+        exact = x - sum(c[j] * levels[-1] ** (j + 1) / (j + 1) for j in range(k))
+        assert torch.allclose(_adams_bashforth_to_zero(x, slopes), exact, rtol=0, atol=1e-14)
+
+
+def test_unipc_final_order_keeps_the_spread_the_last_level_has_not_resolved():
+    # one Gaussian N(mu, 0.1^2 I): the exact ODE solution is mu + 0.1 / sqrt(0.1^2 + 80^2) (x - mu). Ending
+    # at sigma 0.1, the data prediction D (final_order 1) shrinks the spread by half; the extrapolation keeps it
+    mu = torch.tensor([0.3, -0.2, 0.5, 0.1], dtype=f64)
+    gmm = GaussianMixture(mu[None], torch.tensor([0.1], dtype=f64))
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0), dtype=f64) * 80
+    exact = mu + 0.1 / math.sqrt(0.1 ** 2 + 80 ** 2) * (x - mu)
+    sigmas = exponential_sigmas(32, sigma_min=0.1)
+    err = {k: rmse(unipc(gmm.denoise, x, sigmas, final_order=k), exact) for k in (1, 2, 3, 4)}
+    assert err[4] < err[3] < err[2] < 0.5 * err[1], err
+    assert err[4] < 0.1 * err[1], err
+    assert torch.equal(unipc(gmm.denoise, x, sigmas), unipc(gmm.denoise, x, sigmas, final_order=1))
+
+
 def test_new_solver_options_are_checked(gmm):
     x = torch.zeros(2, gmm.dim, dtype=f64)
     with pytest.raises(ValueError, match="order"):
         ipndm(gmm.denoise, x, karras_sigmas(3), order=5)
+    with pytest.raises(ValueError, match="order"):
+        unipc(gmm.denoise, x, karras_sigmas(3), final_order=0)
     with pytest.raises(ValueError, match="variant"):
         unipc(gmm.denoise, x, karras_sigmas(3), variant="bh3")
 

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from . import multistep as _multistep  # noqa: F401  (declared first: the solver table keeps declaration order)
+from .multistep import lms_coefficients  # (imported first: the solver table keeps declaration order)
 from .registry import register_solver
 from .solvers import Callback, DenoiserFn, _denoise, _report, check_sigmas
 
@@ -67,6 +67,14 @@ def _solve(rks: list[float], b: list[float]) -> list[float]:
     return torch.linalg.solve(R, torch.tensor(b, dtype=torch.float64)).tolist()
 
 
+def _adams_bashforth_to_zero(x: torch.Tensor, slopes: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """x at sigma = 0 from x at the newest level: the integral of the polynomial in sigma through the
+    ``slopes`` (sigma, dx/dsigma), newest first, from that level to 0."""
+    nodes = [s for s, _ in reversed(slopes)] + [0.0]
+    weights = lms_coefficients(nodes, len(slopes) - 1, len(slopes))
+    return x + sum(w * d for w, (_, d) in zip(weights, slopes))
+
+
 def _unipc_update(x, t_from, t_to, m0, past, order, variant, m_new=None):
     """x at t_to from x at t_from: the UniP predictor (m_new None) or the UniC corrector that also uses
     m_new = D(x_pred; t_to). ``past`` holds (sigma, D) of earlier steps, newest first (data prediction, VE form)."""
@@ -95,20 +103,29 @@ def _unipc_update(x, t_from, t_to, m0, past, order, variant, m_new=None):
                  option_choices={"variant": ("bh1", "bh2")},
                  option_docs={"order": "order p of the UniP predictor (UniC raises the accuracy to p + 1); "
                                        "ramps up over the first steps and down over the last ones",
-                              "variant": "B(h) of UniPC: bh2 = e^h - 1 (default), bh1 = h (for very few steps)"})
+                              "variant": "B(h) of UniPC: bh2 = e^h - 1 (default), bh1 = h (for very few steps)",
+                              "final_order": "the step into sigma = 0: 1 = the data prediction itself (UniPC's); "
+                                             "2-4 = Adams-Bashforth in sigma through the last derivatives"})
 @torch.no_grad()
-def unipc(D: DenoiserFn, x: torch.Tensor, sigmas, *, order: int = 2, variant: str = "bh2",
+def unipc(D: DenoiserFn, x: torch.Tensor, sigmas, *, order: int = 2, variant: str = "bh2", final_order: int = 1,
           callback: Callback = None) -> torch.Tensor:
     """UniPC (Zhao et al. 2023) in data-prediction form on lambda = -log(sigma): a UniP-p step, then at
     the next level the UniC-p correction with the evaluation made there (at the uncorrected point, which
-    the history keeps), so NFE = steps; the final step (into sigma = 0) has no corrector. The order is
-    min(order, steps taken + 1, steps left), as diffusers' UniPCMultistepScheduler (lower_order_final)."""
+    the history keeps), so NFE = steps. The order is min(order, steps taken + 1, steps left), as diffusers'
+    UniPCMultistepScheduler (lower_order_final). The final step (into sigma = 0, where lambda is infinite)
+    has no corrector: with ``final_order`` 1 it is the data prediction D itself; with k > 1 it integrates
+    dx/dsigma = (x - D) / sigma from the last level to 0 by the Adams-Bashforth rule in sigma through the
+    last k levels (:func:`~elucidate.sampling.multistep.lms_coefficients`): on data with little spread
+    around each mode, D at the last level still shrinks the spread it has not resolved yet, which the
+    extrapolation keeps."""
     _check_order(order, 4)
+    _check_order(final_order, 4)
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
     t = check_sigmas(sigmas)
     steps = _steps(t)
     past: list[tuple[float, torch.Tensor]] = []  # (sigma, D at the predicted point), newest first
+    slopes: list[tuple[float, torch.Tensor]] = []  # (sigma, (x - D) / sigma at the corrected point), newest first
     last = None  # (x, sigma, order) before the last predictor step
     for n, i in enumerate(steps):
         denoised = _denoise(D, x, t[i])
@@ -117,8 +134,9 @@ def unipc(D: DenoiserFn, x: torch.Tensor, sigmas, *, order: int = 2, variant: st
             x = _unipc_update(x_prev, s_prev, t[i], past[0][1], past[1:], p, variant, m_new=denoised)
         _report(callback, x, i, t[i], t[i], denoised)
         past = [(t[i], denoised)] + past[: order - 1]
-        if t[i + 1] == 0:  # final step: the order-1 step into sigma = 0 is the data prediction itself
-            x = denoised
+        slopes = [(t[i], (x - denoised) / t[i])] + slopes[: final_order - 1]
+        if t[i + 1] == 0:  # final step into sigma = 0
+            x = denoised if final_order == 1 else _adams_bashforth_to_zero(x, slopes)
             break
         p = min(order, n + 1, len(steps) - n)
         last = (x, t[i], p)

@@ -34,7 +34,8 @@ __all__ = ["tune", "candidate_solvers", "OPTION_VARIANTS", "NOISE_SEED_OFFSET", 
 OPTION_VARIANTS: dict[str, list[dict]] = {
     "lms": [{"order": 3}],
     "ipndm": [{"order": 3}, {"order": 2}],
-    "unipc": [{"order": 3}, {"variant": "bh1"}, {"order": 3, "variant": "bh1"}],
+    "unipc": [{"order": 3}, {"variant": "bh1"}, {"order": 3, "variant": "bh1"}, {"final_order": 3},
+              {"order": 3, "final_order": 3}],
 }
 #: Tuning noise for ``seed`` comes from ``torch.Generator().manual_seed(NOISE_SEED_OFFSET + seed)``, a
 #: stream no ``elucidate sample/eval`` seed uses (those seed one generator per image).
