@@ -249,6 +249,19 @@ def test_held_out_noise_drops_a_search_result_that_does_not_generalize(tuned_gmm
         assert torch.allclose(torch.tensor(t.sigmas, dtype=f64), start)
 
 
+def test_a_finalist_that_fits_only_its_own_draws_does_not_win():
+    from elucidate.sampling.tuning import HELDOUT_SLACK, choose_finalist
+
+    overfit = {"name": "overfit", "loss": 1.0, "heldout_loss": 4.0}  # best on its draws, 4x worse held out
+    steady = {"name": "steady", "loss": 2.0, "heldout_loss": 1.0}
+    close = {"name": "close", "loss": 1.5, "heldout_loss": 1.4}  # within the slack: its tuning loss decides
+    assert HELDOUT_SLACK == 1.5
+    assert choose_finalist([overfit, steady, close])["name"] == "close"
+    assert choose_finalist([overfit, steady])["name"] == "steady"
+    assert choose_finalist([overfit, steady], slack=5.0)["name"] == "overfit"
+    assert choose_finalist([overfit])["name"] == "overfit"
+
+
 def test_json_round_trip_and_validation(tuned_gmm, tmp_path):
     _, t = tuned_gmm
     path = t.save(tmp_path / "nfe6.json")
