@@ -10,8 +10,9 @@ come out worst most): coarse-to-fine, a pattern search over the knots of a piece
 the step index, then over every level. A second (held-out) draw of noise picks among each finalist's
 start, warp and per-level results, so a search that fitted its own noise at the expense of other draws
 does not win; the finalist with the lowest tuning loss does, unless its held-out loss is over
-:data:`HELDOUT_SLACK` times another finalist's (then it fitted its own draws). The search replays the registered solver
-itself, so the tuned ``(sampler, sigmas, options)`` costs at most ``nfe`` evaluations by construction.
+:data:`HELDOUT_SLACK` times another finalist's (then it fitted its own draws). The search replays the
+registered solver itself, so the tuned ``(sampler, sigmas, options)`` costs at most ``nfe`` evaluations
+by construction.
 ``D`` may be several denoisers: one schedule for all, each judged relatively.
 """
 from __future__ import annotations
