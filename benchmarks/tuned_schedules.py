@@ -36,7 +36,7 @@ import torch
 
 from elucidate import GaussianMixture
 from elucidate.sampling import SOLVERS, karras_sigmas, tune
-from elucidate.sampling.tuning import rmse
+from elucidate.sampling.objectives import per_sample_rms, rmse
 from elucidate.sandbox import class_mixture, digits_mixture
 
 NFES = (9, 17, 35)
@@ -179,10 +179,6 @@ def _tune_nfes(D, per: int, args) -> dict:
     return {n: tune(D, (per, 64), n, seed=args.seed, reference_steps=1000, loss=args.loss) for n in NFES}
 
 
-def _per_sample(out: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    return (out - reference).pow(2).flatten(1).mean(1).sqrt()
-
-
 def _top_share(per_sample: torch.Tensor, k: int = 4) -> float:
     """Share of the total squared error that the ``k`` worst samples carry."""
     squares = per_sample.pow(2).sort(descending=True).values
@@ -237,10 +233,10 @@ def gmm_part(args) -> dict:
                 steps = n if per_step == 1 else (n + 1) // 2
                 for sched, make_sigmas in schedules.items():
                     out = getattr(K, fn)(m.denoise, x, make_sigmas(steps), disable=True)
-                    base.append((rmse(out, reference), f"{sampler}/{sched}", _per_sample(out, reference)))
+                    base.append((rmse(out, reference), f"{sampler}/{sched}", per_sample_rms(out, reference)))
             best = min(base, key=lambda b: b[0])
             out = tuned[name][n](m.denoise, x)
-            err, per_sample = rmse(out, reference), _per_sample(out, reference)
+            err, per_sample = rmse(out, reference), per_sample_rms(out, reference)
             rows.append({"mixture": name, "nfe": n, "tuned": err, "best": best[0], "best_name": best[1],
                          "ratio": err / best[0], "tuned_median": per_sample.median().item(),
                          "median_ratio": (per_sample.median() / best[2].median()).item(),

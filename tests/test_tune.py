@@ -91,7 +91,7 @@ def test_ipndm_is_the_published_recurrence(gmm, order):
 
 def test_unipc_final_step_integrates_a_polynomial_slope_exactly():
     # the Adams-Bashforth step into sigma = 0 through k slopes is exact for a slope polynomial of degree k - 1
-    from elucidate.sampling.highorder import _adams_bashforth_to_zero
+    from elucidate.sampling.multistep import adams_bashforth_step
 
     c = torch.tensor([0.7, -1.3, 2.1, 0.4], dtype=f64)
     x = torch.tensor([0.25], dtype=f64)
@@ -99,7 +99,7 @@ def test_unipc_final_step_integrates_a_polynomial_slope_exactly():
         levels = [0.41, 0.23, 0.15, 0.09][-k:]  # oldest first; the newest (last) is where the step starts
         slopes = [(s, sum(c[j] * s ** j for j in range(k)) * torch.ones(1, dtype=f64)) for s in reversed(levels)]
         exact = x - sum(c[j] * levels[-1] ** (j + 1) / (j + 1) for j in range(k))
-        assert torch.allclose(_adams_bashforth_to_zero(x, slopes), exact, rtol=0, atol=1e-14)
+        assert torch.allclose(adams_bashforth_step(x, slopes, 0.0), exact, rtol=0, atol=1e-14)
 
 
 def test_unipc_final_order_keeps_the_spread_the_last_level_has_not_resolved():

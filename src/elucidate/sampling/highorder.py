@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .multistep import lms_coefficients  # (imported first: the solver table keeps declaration order)
+from .multistep import adams_bashforth_step  # (imported first: the solver table keeps declaration order)
 from .registry import register_solver
 from .solvers import Callback, DenoiserFn, _denoise, _report, check_sigmas
 
@@ -67,14 +67,6 @@ def _solve(rks: list[float], b: list[float]) -> list[float]:
     return torch.linalg.solve(R, torch.tensor(b, dtype=torch.float64)).tolist()
 
 
-def _adams_bashforth_to_zero(x: torch.Tensor, slopes: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
-    """x at sigma = 0 from x at the newest level: the integral of the polynomial in sigma through the
-    ``slopes`` (sigma, dx/dsigma), newest first, from that level to 0."""
-    nodes = [s for s, _ in reversed(slopes)] + [0.0]
-    weights = lms_coefficients(nodes, len(slopes) - 1, len(slopes))
-    return x + sum(w * d for w, (_, d) in zip(weights, slopes))
-
-
 def _unipc_update(x, t_from, t_to, m0, past, order, variant, m_new=None):
     """x at t_to from x at t_from: the UniP predictor (m_new None) or the UniC corrector that also uses
     m_new = D(x_pred; t_to). ``past`` holds (sigma, D) of earlier steps, newest first (data prediction, VE form)."""
@@ -115,7 +107,7 @@ def unipc(D: DenoiserFn, x: torch.Tensor, sigmas, *, order: int = 2, variant: st
     UniPCMultistepScheduler (lower_order_final). The final step (into sigma = 0, where lambda is infinite)
     has no corrector: with ``final_order`` 1 it is the data prediction D itself; with k > 1 it integrates
     dx/dsigma = (x - D) / sigma from the last level to 0 by the Adams-Bashforth rule in sigma through the
-    last k levels (:func:`~elucidate.sampling.multistep.lms_coefficients`): on data with little spread
+    last k levels (:func:`~elucidate.sampling.multistep.adams_bashforth_step`, as ``lms``): on data with little spread
     around each mode, D at the last level still shrinks the spread it has not resolved yet, which the
     extrapolation keeps."""
     _check_order(order, 4)
@@ -125,7 +117,7 @@ def unipc(D: DenoiserFn, x: torch.Tensor, sigmas, *, order: int = 2, variant: st
     t = check_sigmas(sigmas)
     steps = _steps(t)
     past: list[tuple[float, torch.Tensor]] = []  # (sigma, D at the predicted point), newest first
-    slopes: list[tuple[float, torch.Tensor]] = []  # (sigma, (x - D) / sigma at the corrected point), newest first
+    slopes: list[tuple[float, torch.Tensor]] = []  # (sigma, (x - D) / sigma) of the last final_order levels
     last = None  # (x, sigma, order) before the last predictor step
     for n, i in enumerate(steps):
         denoised = _denoise(D, x, t[i])
@@ -134,9 +126,10 @@ def unipc(D: DenoiserFn, x: torch.Tensor, sigmas, *, order: int = 2, variant: st
             x = _unipc_update(x_prev, s_prev, t[i], past[0][1], past[1:], p, variant, m_new=denoised)
         _report(callback, x, i, t[i], t[i], denoised)
         past = [(t[i], denoised)] + past[: order - 1]
-        slopes = [(t[i], (x - denoised) / t[i])] + slopes[: final_order - 1]
+        if final_order > 1 and n >= len(steps) - final_order:  # at the corrected point; only the last levels
+            slopes = [(t[i], (x - denoised) / t[i])] + slopes[: final_order - 1]
         if t[i + 1] == 0:  # final step into sigma = 0
-            x = denoised if final_order == 1 else _adams_bashforth_to_zero(x, slopes)
+            x = denoised if final_order == 1 else adams_bashforth_step(x, slopes, 0.0)
             break
         p = min(order, n + 1, len(steps) - n)
         last = (x, t[i], p)

@@ -13,7 +13,7 @@ import torch
 from .registry import register_solver
 from .solvers import Callback, DenoiserFn, NoiseSampler, _denoise, _noise_fn, _report, check_sigmas
 
-__all__ = ["dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_3m", "lms", "lms_coefficients"]
+__all__ = ["dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_3m", "lms", "lms_coefficients", "adams_bashforth_step"]
 
 
 @register_solver(description="DPM-Solver++(2M): multistep 2nd order in lambda = -log(sigma)", order=2, sweep=True)
@@ -151,6 +151,15 @@ def lms_coefficients(t: list[float], i: int, order: int) -> list[float]:
     return weights
 
 
+def adams_bashforth_step(x: torch.Tensor, slopes: list[tuple[float, torch.Tensor]], sigma_next: float) -> torch.Tensor:
+    """x at ``sigma_next`` from x at the newest level of ``slopes`` ((sigma, dx/dsigma), newest first): the
+    integral of the polynomial in sigma through the slopes (:func:`lms_coefficients`)."""
+    nodes = [s for s, _ in reversed(slopes)] + [sigma_next]
+    for coeff, (_, d) in zip(lms_coefficients(nodes, len(slopes) - 1, len(slopes)), slopes):
+        x = x + coeff * d
+    return x
+
+
 @register_solver(description="linear multistep (Adams-Bashforth in sigma) of the given order", order=4, sweep=True)
 @torch.no_grad()
 def lms(D: DenoiserFn, x: torch.Tensor, sigmas, *, order: int = 4, callback: Callback = None) -> torch.Tensor:
@@ -158,15 +167,12 @@ def lms(D: DenoiserFn, x: torch.Tensor, sigmas, *, order: int = 4, callback: Cal
     if isinstance(order, bool) or not isinstance(order, int) or order < 1:
         raise ValueError(f"order must be an integer >= 1, got {order!r}")
     t = check_sigmas(sigmas)
-    t_used: list[float] = []  # the levels of the steps taken (zero-length steps dropped)
-    ds: list[torch.Tensor] = []  # derivatives, newest first
+    slopes: list[tuple[float, torch.Tensor]] = []  # (sigma, dx/dsigma) of the last steps taken, newest first
     for i in range(len(t) - 1):
         if t[i + 1] == t[i]:
             continue
         denoised = _denoise(D, x, t[i])
         _report(callback, x, i, t[i], t[i], denoised)
-        t_used.append(t[i])
-        ds = [(x - denoised) / t[i]] + ds[: order - 1]
-        for coeff, d in zip(lms_coefficients(t_used + [t[i + 1]], len(t_used) - 1, len(ds)), ds):
-            x = x + coeff * d
+        slopes = [(t[i], (x - denoised) / t[i])] + slopes[: order - 1]
+        x = adams_bashforth_step(x, slopes, t[i + 1])
     return x

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["rmse", "sample_mean_error", "sample_l4_error", "LOSSES", "Models", "geometric_mean_loss"]
+__all__ = ["rmse", "per_sample_rms", "sample_mean_error", "sample_l4_error", "LOSSES", "Models", "geometric_mean_loss"]
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -16,11 +16,15 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return value if math.isfinite(value) else math.inf
 
 
+def per_sample_rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Each sample's RMS difference, ``[B]`` (float64)."""
+    return (a.double() - b.double()).flatten(1).pow(2).mean(1).sqrt()
+
+
 def sample_mean_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """The mean over samples of each sample's RMS difference (inf if not finite): unlike the RMSE over
     all elements, a few samples that land in another mode do not dominate it."""
-    per_sample = (a.double() - b.double()).flatten(1).pow(2).mean(1).sqrt()
-    value = per_sample.mean().item()
+    value = per_sample_rms(a, b).mean().item()
     return value if math.isfinite(value) else math.inf
 
 
