@@ -74,6 +74,9 @@ class GaussianMixture:
 
     def denoise(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """The exact E[y | y + sigma n = x], same shape and dtype as ``x``."""
+        shared = self._shared_sigma(x, sigma)
+        if shared is not None:
+            return self._denoise_shared(x, shared)
         flat, var, log_joint = self._posterior(x, sigma)
         resp = (log_joint - torch.logsumexp(log_joint, dim=1, keepdim=True)).exp()  # p(k | x) [B, K]
         # Within component k: E[y | x, k] = mu_k + s_k^2 / (s_k^2 + sigma^2) (x - mu_k)
@@ -83,6 +86,30 @@ class GaussianMixture:
         return out.to(x.dtype).reshape(x.shape)
 
     __call__ = denoise
+
+    def _shared_sigma(self, x: torch.Tensor, sigma) -> float | None:
+        """sigma as one float when every sample has the same positive one (what samplers pass) and the
+        mixture is float64, else None (the general path)."""
+        if self.means.dtype != torch.float64:
+            return None
+        s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
+        if s.numel() != 1 and not (s.numel() == x.shape[0] and bool((s == s[0]).all())):
+            return None
+        value = float(s[0])
+        return value if value > 0 else None
+
+    def _denoise_shared(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """denoise() for one sigma shared by the batch, with [B, K] matrix products instead of [B, K, d]
+        tensors: sum_j (x_j - mu_kj)^2 / v_kj expanded (float64 keeps the cancellation harmless)."""
+        flat = self._flat(x).to(self.means.dtype)
+        var = self.stds ** 2 + sigma ** 2  # [K, d]
+        inv = 1.0 / var
+        quad = (flat ** 2) @ inv.T - 2.0 * flat @ (self.means * inv).T + (self.means ** 2 * inv).sum(1)
+        log_joint = self.weights.log() - 0.5 * (quad + var.log().sum(1) + self.dim * math.log(2 * math.pi))
+        resp = torch.softmax(log_joint, dim=1)  # p(k | x) [B, K]
+        gain = self.stds ** 2 * inv  # E[y | x, k] = mu_k + gain_k (x - mu_k)
+        out = resp @ (self.means * (1.0 - gain)) + flat * (resp @ gain)
+        return out.to(x.dtype).reshape(x.shape)
 
     def score(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """grad_x log p(x; sigma) = (D(x; sigma) - x) / sigma^2 (eq. 3)."""
