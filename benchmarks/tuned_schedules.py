@@ -8,8 +8,8 @@ three random ones) from ``--eval-draws`` new noise draws and report the RMSE to 
 1000 Karras steps) of the tuned (sampler, sigmas, options) and of the best of k-diffusion 0.1.1's euler / heun /
 dpm_2 / lms / dpmpp_2m x karras (rho 7) / exponential / polyexponential (rho 1 = exponential, so rho 2 and
 0.5 are used) at the same NFE. Target: tuned <= 0.5 x best. Also shown: the ratio of the median per-sample
-errors (the bulk) and how much of each RMSE the 4 worst samples carry (draws near a mode boundary that a solver
-sends to another mode).
+errors (the bulk), how much of each RMSE the 4 worst samples carry, and how many samples end in another
+component than the reference's (mode flips: draws near a mode boundary that a solver's small error sends across).
 
 Part ``demo``: tune NFE 9 and NFE 5 on a trained demo run (``--run``, made by ``elucidate demo``; the
 results are stored in RUN/schedules as ``elucidate tune`` does) and measure fd_digits (``--num``
@@ -185,6 +185,11 @@ def _top_share(per_sample: torch.Tensor, k: int = 4) -> float:
     return (squares[:k].sum() / squares.sum()).item()
 
 
+def _flips(m: GaussianMixture, out: torch.Tensor, mode: torch.Tensor) -> int:
+    """How many samples end in another (most likely) component than the reference's."""
+    return int((m.classify(out) != mode).sum())
+
+
 def gmm_part(args) -> dict:
     K = kdiffusion()
     schedules = {"karras": lambda n: K.get_sigmas_karras(n, 0.002, 80.0),
@@ -217,34 +222,39 @@ def gmm_part(args) -> dict:
                 print(f"- {owner}NFE {n}: {t.sampler} {t.options or ''}, tuning RMSE {t.tuning_error:.2e}, held-out "
                       f"{t.heldout_error:.2e}; sigmas {', '.join(f'{s:.3g}' for s in t.sigmas)}")
     print(f"\nEvaluated on {args.eval_draws} new noise draws per mixture. Median ratio: of the per-sample RMS errors "
-          "(the bulk of the samples); top 4: the share of the squared error from the 4 worst samples (tuned / best).\n")
+          "(the bulk of the samples); top 4: the share of the squared error from the 4 worst samples; mode flips: "
+          "samples that end in another component than the reference's (tuned / best).\n")
     print("| mixture | NFE | tuned | best k-diffusion (sampler/schedule) | ratio | target <= 0.5 | median ratio "
-          "| top 4 |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| top 4 | mode flips |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for name, make in EVALUATION.items():
         m = make()
         x = torch.randn(args.eval_draws, m.dim, generator=torch.Generator().manual_seed(args.seed + 12345),
                         dtype=torch.float64) * 80.0
         reference = SOLVERS["heun"](m.denoise, x, karras_sigmas(1000))
+        mode = m.classify(reference)  # the component each reference sample ends in
         for n in NFES:
             base = []
             for sampler, (fn, per_step) in SAMPLERS.items():
                 steps = n if per_step == 1 else (n + 1) // 2
                 for sched, make_sigmas in schedules.items():
                     out = getattr(K, fn)(m.denoise, x, make_sigmas(steps), disable=True)
-                    base.append((rmse(out, reference), f"{sampler}/{sched}", per_sample_rms(out, reference)))
+                    base.append((rmse(out, reference), f"{sampler}/{sched}", per_sample_rms(out, reference),
+                                 _flips(m, out, mode)))
             best = min(base, key=lambda b: b[0])
             out = tuned[name][n](m.denoise, x)
             err, per_sample = rmse(out, reference), per_sample_rms(out, reference)
             rows.append({"mixture": name, "nfe": n, "tuned": err, "best": best[0], "best_name": best[1],
                          "ratio": err / best[0], "tuned_median": per_sample.median().item(),
                          "median_ratio": (per_sample.median() / best[2].median()).item(),
-                         "tuned_top4": _top_share(per_sample), "best_top4": _top_share(best[2])})
+                         "tuned_top4": _top_share(per_sample), "best_top4": _top_share(best[2]),
+                         "tuned_flips": _flips(m, out, mode), "best_flips": best[3]})
             r = rows[-1]
             print(f"| {name}{' (tuned on it)' if name == args.tune_on else ''} | {n} | {err:.2e} | "
                   f"{best[0]:.2e} ({best[1]}) | {r['ratio']:.2f} | {'met' if r['ratio'] <= 0.5 else 'NOT met'} | "
-                  f"{r['median_ratio']:.2f} | {r['tuned_top4']:.2f} / {r['best_top4']:.2f} |")
+                  f"{r['median_ratio']:.2f} | {r['tuned_top4']:.2f} / {r['best_top4']:.2f} | "
+                  f"{r['tuned_flips']} / {r['best_flips']} |")
     met = sum(r["ratio"] <= 0.5 for r in rows)
     print(f"\ntarget met in {met} of {len(rows)} cases\n")
     return {"tune_on": args.tune_on, "seconds": seconds, "rows": rows,
@@ -325,9 +335,9 @@ def main() -> None:
                              "'siblings': each evaluated mixture's schedules tuned on a sibling mixture")
     parser.add_argument("--samples", type=int, default=384,
                         help="tuning noise draws per mixture (--tune-on siblings or one mixture)")
-    parser.add_argument("--eval-draws", dest="eval_draws", type=int, default=2048,
-                        help="new noise draws per evaluated mixture (at 384 the RMSE was decided by <= 4 samples "
-                             "that land in another mode than the reference)")
+    parser.add_argument("--eval-draws", dest="eval_draws", type=int, default=8192,
+                        help="new noise draws per evaluated mixture (at 384 and 2048 the RMSE of some mixtures was "
+                             "decided by <= 4 samples that land in another mode than the reference)")
     parser.add_argument("--family-draws", dest="family_draws", type=int, default=96,
                         help="noise draws per mixture of the family (--tune-on family)")
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="demo run (elucidate demo --out RUN)")
