@@ -56,6 +56,8 @@ def test_shared_sigma_fast_path_equals_the_per_sample_posterior():
         torch.testing.assert_close(shared, general, rtol=0, atol=1e-12)
         torch.testing.assert_close(shared, one_by_one, rtol=0, atol=1e-12)
     assert m._shared_sigma(x, 0.0) is None  # sigma = 0 (and float32 mixtures) use the general path
+    empty = torch.empty(0, 64, dtype=f64)  # an empty batch, with one sigma or a per-sample (empty) one
+    assert m.denoise(empty, 1.0).shape == m.denoise(empty, torch.empty(0, dtype=f64)).shape == (0, 64)
 
 
 def test_sampling_shapes_labels_and_errors(gmm):

@@ -202,8 +202,11 @@ def test_per_sample_seeds_do_not_depend_on_the_batch(gmm, sampler, kwargs):
     big = sample(gmm.denoise, (5, gmm.dim), sampler=sampler, steps=8, seeds=[10, 11, 12, 13, 14], dtype=f64, **kwargs)
     alone = sample(gmm.denoise, (1, gmm.dim), sampler=sampler, steps=8, seeds=[12], dtype=f64, **kwargs)
     reordered = sample(gmm.denoise, (2, gmm.dim), sampler=sampler, steps=8, seeds=[14, 12], dtype=f64, **kwargs)
-    assert torch.equal(big[2], alone[0]) and torch.equal(big[2], reordered[1]) and torch.equal(big[4], reordered[0])
-    assert not torch.equal(big[0], big[1])
+    # equal up to rounding: the mixture's shared-sigma path uses matrix products, which round differently for
+    # different batch sizes (~1e-15); a seed that moved with the batch would differ by O(1)
+    for a, b in ((big[2], alone[0]), (big[2], reordered[1]), (big[4], reordered[0])):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert (big[0] - big[1]).abs().max() > 0.1
 
 
 def test_sample_accepts_explicit_sigmas_and_image_shapes():

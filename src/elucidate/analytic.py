@@ -93,14 +93,16 @@ class GaussianMixture:
         if self.means.dtype != torch.float64:
             return None
         s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
-        if s.numel() != 1 and not (s.numel() == x.shape[0] and bool((s == s[0]).all())):
+        if s.numel() == 0 or (s.numel() != 1 and not (s.numel() == x.shape[0] and bool((s == s[0]).all()))):
             return None
         value = float(s[0])
         return value if value > 0 else None
 
     def _denoise_shared(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """denoise() for one sigma shared by the batch, with [B, K] matrix products instead of [B, K, d]
-        tensors: sum_j (x_j - mu_kj)^2 / v_kj expanded (float64 keeps the cancellation harmless)."""
+        tensors: sum_j (x_j - mu_kj)^2 / v_kj expanded (float64 keeps the cancellation harmless). A
+        sample's result depends on the batch around it only by rounding (~1e-15): matrix products round
+        differently for different batch sizes."""
         flat = self._flat(x).to(self.means.dtype)
         var = self.stds ** 2 + sigma ** 2  # [K, d]
         inv = 1.0 / var
