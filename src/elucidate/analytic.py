@@ -53,14 +53,36 @@ class GaussianMixture:
         return flat
 
     def _posterior(self, x: torch.Tensor, sigma) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Flattened x, per-component noisy variances [B, K, d], and log p(x, k; sigma) [B, K]."""
-        flat = self._flat(x)
-        sigma = batch_sigma(sigma, x).to(self.means.dtype)
-        var = self.stds[None] ** 2 + sigma[:, None, None] ** 2  # Var of y + sigma n within component k
-        diff = flat.to(self.means.dtype)[:, None, :] - self.means[None]
-        log_joint = (self.weights.log()[None]
-                     - 0.5 * (diff ** 2 / var + var.log() + math.log(2 * math.pi)).sum(-1))
+        """Flattened x (the mixture's dtype), per-component noisy variances (``[K, d]`` when the batch
+        shares one sigma, else ``[B, K, d]``), and log p(x, k; sigma) ``[B, K]``."""
+        flat = self._flat(x).to(self.means.dtype)
+        shared = self._shared_sigma(x, sigma)
+        if shared is not None:
+            # [B, K] matrix products instead of [B, K, d] tensors: sum_j (x_j - mu_kj)^2 / v_kj expanded
+            # (float64 keeps the cancellation harmless; a sample's result then depends on the batch around
+            # it by rounding only, ~1e-15, as matrix products round differently for other batch sizes)
+            var = self.stds ** 2 + shared ** 2
+            inv = 1.0 / var
+            quad = (flat ** 2) @ inv.T - 2.0 * flat @ (self.means * inv).T + (self.means ** 2 * inv).sum(1)
+            log_joint = self.weights.log() - 0.5 * (quad + var.log().sum(1) + self.dim * math.log(2 * math.pi))
+        else:
+            sigma = batch_sigma(sigma, x).to(self.means.dtype)
+            var = self.stds[None] ** 2 + sigma[:, None, None] ** 2  # Var of y + sigma n within component k
+            diff = flat[:, None, :] - self.means[None]
+            log_joint = (self.weights.log()[None]
+                         - 0.5 * (diff ** 2 / var + var.log() + math.log(2 * math.pi)).sum(-1))
         return flat, var, log_joint
+
+    def _shared_sigma(self, x: torch.Tensor, sigma) -> float | None:
+        """sigma as one float when every sample has the same positive one (what samplers pass) and the
+        mixture is float64, else None (the general path)."""
+        if self.means.dtype != torch.float64:
+            return None
+        s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
+        if s.numel() == 0 or (s.numel() != 1 and not (s.numel() == x.shape[0] and bool((s == s[0]).all()))):
+            return None
+        value = float(s[0])
+        return value if value > 0 else None
 
     def log_prob(self, x: torch.Tensor, sigma=0.0) -> torch.Tensor:
         """log p(x; sigma): the density of data + sigma-noise, per sample ``[B]``."""
@@ -74,44 +96,20 @@ class GaussianMixture:
 
     def denoise(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """The exact E[y | y + sigma n = x], same shape and dtype as ``x``."""
-        shared = self._shared_sigma(x, sigma)
-        if shared is not None:
-            return self._denoise_shared(x, shared)
         flat, var, log_joint = self._posterior(x, sigma)
-        resp = (log_joint - torch.logsumexp(log_joint, dim=1, keepdim=True)).exp()  # p(k | x) [B, K]
-        # Within component k: E[y | x, k] = mu_k + s_k^2 / (s_k^2 + sigma^2) (x - mu_k)
-        gain = self.stds[None] ** 2 / var
-        cond_mean = self.means[None] + gain * (flat.to(self.means.dtype)[:, None, :] - self.means[None])
-        out = (resp[:, :, None] * cond_mean).sum(1)
+        # Within component k: E[y | x, k] = mu_k + gain_k (x - mu_k), gain_k = s_k^2 / (s_k^2 + sigma^2);
+        # the result is sum_k p(k | x) E[y | x, k]
+        if var.ndim == 2:  # one sigma: as matrix products
+            resp = torch.softmax(log_joint, dim=1)  # p(k | x) [B, K]
+            gain = self.stds ** 2 * (1.0 / var)
+            out = resp @ (self.means * (1.0 - gain)) + flat * (resp @ gain)
+        else:
+            resp = (log_joint - torch.logsumexp(log_joint, dim=1, keepdim=True)).exp()
+            gain = self.stds[None] ** 2 / var
+            out = (resp[:, :, None] * (self.means[None] + gain * (flat[:, None, :] - self.means[None]))).sum(1)
         return out.to(x.dtype).reshape(x.shape)
 
     __call__ = denoise
-
-    def _shared_sigma(self, x: torch.Tensor, sigma) -> float | None:
-        """sigma as one float when every sample has the same positive one (what samplers pass) and the
-        mixture is float64, else None (the general path)."""
-        if self.means.dtype != torch.float64:
-            return None
-        s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
-        if s.numel() == 0 or (s.numel() != 1 and not (s.numel() == x.shape[0] and bool((s == s[0]).all()))):
-            return None
-        value = float(s[0])
-        return value if value > 0 else None
-
-    def _denoise_shared(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        """denoise() for one sigma shared by the batch, with [B, K] matrix products instead of [B, K, d]
-        tensors: sum_j (x_j - mu_kj)^2 / v_kj expanded (float64 keeps the cancellation harmless). A
-        sample's result depends on the batch around it only by rounding (~1e-15): matrix products round
-        differently for different batch sizes."""
-        flat = self._flat(x).to(self.means.dtype)
-        var = self.stds ** 2 + sigma ** 2  # [K, d]
-        inv = 1.0 / var
-        quad = (flat ** 2) @ inv.T - 2.0 * flat @ (self.means * inv).T + (self.means ** 2 * inv).sum(1)
-        log_joint = self.weights.log() - 0.5 * (quad + var.log().sum(1) + self.dim * math.log(2 * math.pi))
-        resp = torch.softmax(log_joint, dim=1)  # p(k | x) [B, K]
-        gain = self.stds ** 2 * inv  # E[y | x, k] = mu_k + gain_k (x - mu_k)
-        out = resp @ (self.means * (1.0 - gain)) + flat * (resp @ gain)
-        return out.to(x.dtype).reshape(x.shape)
 
     def score(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """grad_x log p(x; sigma) = (D(x; sigma) - x) / sigma^2 (eq. 3)."""
