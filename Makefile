@@ -21,10 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --maxschedchunk 1
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --maxschedchunk 1 -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/sampler_overhead.py

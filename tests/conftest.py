@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import types
 
@@ -10,7 +11,31 @@ import torch
 
 from elucidate import GaussianMixture
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers (pytest -n 2) on the 2-core machine: one thread each, for torch here and
+    # for the processes the tests start (CLI runs, torchrun ranks), so the workers do not oversubscribe.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+#: The longest end-to-end tests (seconds at one thread: 570, 120, 330, 245), in the order they start. `make test`
+#: runs two workers that are handed two tests each, then one at a time (``-n 2 --maxschedchunk 1``): the
+#: first worker starts with the demo run and the rotations, the second with the seed snippet and guided digits.
+LONGEST = ("test_demo_digits_are_recognizable", "test_rotations_do_not_leak", "test_seed_snippet_runs_verbatim",
+           "test_guided_digits_are_their_class")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest tests first, then the other slow ones, then the rest (stable otherwise): with two workers
+    the end-to-end runs overlap the many short tests instead of starting last or queueing on one worker."""
+    def rank(item):
+        if item.originalname in LONGEST:
+            return LONGEST.index(item.originalname)
+        return len(LONGEST) + (item.get_closest_marker("slow") is None)
+
+    items.sort(key=rank)
 
 
 @pytest.fixture
