@@ -224,3 +224,24 @@ def test_cli_chain_train_vae_encode_train_sample_eval(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "elucidate", "encode", "digits", "--vae", "L", "--out", "x.npz"],
                          cwd=tmp_path, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "is not an autoencoder checkpoint" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_encode_data_spec_reads_a_config_like_train(tmp_path):
+    """`elucidate encode DATA`: a config's data section (read and validated as `train` reads configs), a
+    dataset name, or one line naming what is wrong."""
+    from elucidate.latent.encode import resolve_data_spec
+
+    good = tmp_path / "good.yaml"
+    good.write_text("data:\n  dataset: digits\ntraining:\n  steps: 5\n")
+    assert resolve_data_spec(str(good))["dataset"] == "digits"
+    assert resolve_data_spec("digits")["dataset"] == "digits"
+    cases = {"missing.yaml": (None, "does not exist"), "empty.yaml": ("", "is empty"),
+             "bad.yaml": ("data: [unclosed\n", "not valid YAML"), "nodata.yaml": ("training: {}\n", "no data section"),
+             "wrongkey.yaml": ("data:\n  dataset: digits\n  colour: red\n", "colour")}
+    for name, (text, message) in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            resolve_data_spec(str(tmp_path / name))
+    with pytest.raises(UserError, match="expected digits"):
+        resolve_data_spec(str(tmp_path / "nothing-here"))

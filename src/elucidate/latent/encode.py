@@ -110,15 +110,9 @@ def resolve_data_spec(spec: str) -> dict:
     """A ``data`` section from a command-line DATA: a dataset name, a path, or a config YAML's data section."""
     path = Path(spec)
     if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
+        from ..config import _check_data, read_config_file
 
-        from ..config import _check_data
-        if not path.is_file():
-            raise UserError(f"{spec} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{spec} is not valid YAML ({type(e).__name__})") from None
+        raw = read_config_file(path, "DATA needs a config with a data section (e.g. configs/digits-edm.yaml)")
         if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
             raise ConfigError(f"{spec} has no data section")
         return _check_data(raw["data"])
