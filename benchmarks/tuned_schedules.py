@@ -18,7 +18,13 @@ run's Karras rho = 7 schedule at NFE 9 and 17 (and Heun at NFE 9 and 35; ``--fig
 by side).
 Targets: tuned NFE 9 <= dpmpp_2m NFE 17, tuned NFE 5 <= dpmpp_2m NFE 9.
 
-    python benchmarks/tuned_schedules.py [--part gmm|demo|all] [--run runs/demo] [--num 2000]
+Part ``origin`` (not in ``all``): where the mode flips come from. For every family and evaluated mixture, the
+largest variances of its covariance and the flips after one DDIM step from sigma 80 to 40 or 10 (then converged);
+and for photo patches at NFE 9 and 35 and random A at NFE 35, the flips of a solver run down to sigma s* and
+converged below it: the oracle (the best k-diffusion sampler x schedule) and, with ``--schedules`` (the JSON
+``--out`` wrote for the gmm part), the tuned schedule.
+
+    python benchmarks/tuned_schedules.py [--part gmm|demo|all|origin] [--run runs/demo] [--num 2000]
 """
 from __future__ import annotations
 
@@ -261,6 +267,74 @@ def gmm_part(args) -> dict:
             "tuned": {name: {n: t.to_dict() for n, t in per_nfe.items()} for name, per_nfe in tuned.items()}}
 
 
+#: (mixture, NFE, its oracle's k-diffusion sampler and schedule) whose flips the origin part attributes.
+ORIGIN_CASES = [("photo patches", 9, "dpmpp_2m", "exponential"), ("photo patches", 35, "lms", "polyexp0.5"),
+                ("random A", 35, "lms", "polyexp0.5")]
+
+
+def _covariance(m: GaussianMixture) -> torch.Tensor:
+    """The mixture's covariance: the components' own (diagonal) plus the spread of their means."""
+    w = m.weights / m.weights.sum()
+    mean = w @ m.means
+    centred = m.means - mean
+    return torch.diag(w @ m.stds.pow(2)) + centred.T @ (w[:, None] * centred)
+
+
+def _converged_from(m: GaussianMixture, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The ODE solved from level ``sigma`` to 0 with 500 Karras steps of Heun (as converged as the reference)."""
+    return SOLVERS["heun"](m.denoise, x, karras_sigmas(500, 0.002, sigma))
+
+
+def origin_part(args) -> dict:
+    K = kdiffusion()
+    rows, cuts = [], (20.0, 5.0, 2.0, 1.0, 0.5, 0.05, 0.0)
+    print(f"## Where the mode flips come from ({args.eval_draws} draws per mixture, as the gmm part)\n")
+    print("| mixture | largest variances | flips after one DDIM step 80 -> 40 | 80 -> 10 |\n|---|---|---|---|")
+    evaluated = {}
+    for name, make in {**{f"family: {k}": v for k, v in FAMILY.items()}, **EVALUATION}.items():
+        m = make()
+        x = torch.randn(args.eval_draws, m.dim, generator=torch.Generator().manual_seed(args.seed + 12345),
+                        dtype=torch.float64) * 80.0
+        reference = SOLVERS["heun"](m.denoise, x, karras_sigmas(1000))
+        mode = m.classify(reference)
+        if name in {case[0] for case in ORIGIN_CASES}:
+            evaluated[name] = (m, x, reference, mode)
+        flips = []
+        for c in (40.0, 10.0):
+            step = SOLVERS["ddim"](m.denoise, x, torch.tensor([80.0, c], dtype=torch.float64))
+            flips.append(_flips(m, _converged_from(m, step, c), mode))
+        top = torch.linalg.eigvalsh(_covariance(m)).flip(0)[:3].tolist()
+        rows.append({"mixture": name, "variances": top, "ddim40": flips[0], "ddim10": flips[1]})
+        print(f"| {name} | {', '.join(f'{v:.2f}' for v in top)} | {flips[0]} | {flips[1]} |")
+    tuned = json.loads(args.schedules.read_text())["gmm"]["tuned"] if args.schedules else {}
+    schedules = {"exponential": K.get_sigmas_exponential, "polyexp0.5": lambda n, lo, hi: K.get_sigmas_polyexponential(
+        n, lo, hi, rho=0.5)}
+    print("\nFlips (RMSE) of the solver run down to s* and converged below it (s* = 0: the solver alone)\n")
+    print(f"| mixture | NFE | solver | {' | '.join(f's* = {c:g}' for c in cuts)} |\n|---|---|---|{'---|' * len(cuts)}")
+    for name, n, oracle, schedule in ORIGIN_CASES:
+        m, x, reference, mode = evaluated[name]
+        solvers = [(f"oracle: {oracle} / {schedule}", getattr(K, f"sample_{oracle}"), {"disable": True},
+                    schedules[schedule](n, 0.002, 80.0))]  # float32 sigmas, as in the gmm part
+        if name in tuned:
+            t = tuned[name][str(n)]
+            solvers.append((f"tuned: {t['sampler']} {t['options'] or ''}", SOLVERS[t["sampler"]].fn, t["options"],
+                            torch.tensor(t["sigmas"], dtype=torch.float64)))
+        for label, solve, options, sigmas in solvers:
+            cells = []
+            for c in cuts:
+                if c == 0:
+                    out = solve(m.denoise, x, sigmas, **options)
+                else:
+                    above = sigmas[sigmas > c]
+                    out = solve(m.denoise, x, torch.cat([above, above.new_tensor([c])]), **options)
+                    out = _converged_from(m, out, c)
+                cells.append((_flips(m, out, mode), rmse(out, reference)))
+            rows.append({"mixture": name, "nfe": n, "solver": label, "cuts": list(cuts), "flips_rmse": cells})
+            print(f"| {name} | {n} | {label} | {' | '.join(f'{f} ({e:.2e})' for f, e in cells)} |")
+    print()
+    return {"rows": rows}
+
+
 def demo_part(args) -> dict:
     from elucidate.config import SamplingConfig
     from elucidate.evaluation import evaluate, feature_extractor, load_reference
@@ -329,7 +403,7 @@ def side_by_side(run, configs: dict, fd: dict, path: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["gmm", "demo", "all"], default="all")
+    parser.add_argument("--part", choices=["gmm", "demo", "all", "origin"], default="all")
     parser.add_argument("--tune-on", dest="tune_on", choices=["family", "siblings", *TUNING], default="family",
                         help="one mixture for all; 'family': one schedule for several mixtures at once; "
                              "'siblings': each evaluated mixture's schedules tuned on a sibling mixture")
@@ -346,6 +420,8 @@ def main() -> None:
     parser.add_argument("--loss", choices=["rmse", "mean", "l4"], default="l4",
                         help="what tune() minimizes (its default: l4)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
+    parser.add_argument("--schedules", type=Path, default=None,
+                        help="origin part: the JSON --out wrote for the gmm part (to attribute its NFE-35 flips)")
     parser.add_argument("--figure", type=Path, default=None,
                         help="demo part: also save seeds 0-63 of tuned NFE 9 next to Heun and DPM-Solver++(2M)")
     args = parser.parse_args()
@@ -354,6 +430,8 @@ def main() -> None:
         results["gmm"] = gmm_part(args)
     if args.part in ("demo", "all"):
         results["demo"] = demo_part(args)
+    if args.part == "origin":
+        results["origin"] = origin_part(args)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
         print(f"wrote {args.out}")
