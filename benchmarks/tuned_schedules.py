@@ -29,6 +29,7 @@ converged below it: the oracle (the best k-diffusion sampler x schedule) and, wi
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -285,6 +286,14 @@ def _converged_from(m: GaussianMixture, x: torch.Tensor, sigma: float) -> torch.
     return SOLVERS["heun"](m.denoise, x, karras_sigmas(500, 0.002, sigma))
 
 
+def _tuned_from(path: Path) -> dict:
+    """The tuned schedules of a gmm part's ``--out`` JSON (one clear error if it is not one)."""
+    try:
+        return json.loads(path.read_text())["gmm"]["tuned"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        sys.exit(f"--schedules {path}: not a JSON that --part gmm --out wrote ({e!r})")
+
+
 def origin_part(args) -> dict:
     K = kdiffusion()
     rows, cuts = [], (20.0, 5.0, 2.0, 1.0, 0.5, 0.05, 0.0)
@@ -306,9 +315,9 @@ def origin_part(args) -> dict:
         top = torch.linalg.eigvalsh(_covariance(m)).flip(0)[:3].tolist()
         rows.append({"mixture": name, "variances": top, "ddim40": flips[0], "ddim10": flips[1]})
         print(f"| {name} | {', '.join(f'{v:.2f}' for v in top)} | {flips[0]} | {flips[1]} |")
-    tuned = json.loads(args.schedules.read_text())["gmm"]["tuned"] if args.schedules else {}
-    schedules = {"exponential": K.get_sigmas_exponential, "polyexp0.5": lambda n, lo, hi: K.get_sigmas_polyexponential(
-        n, lo, hi, rho=0.5)}
+    tuned = _tuned_from(args.schedules) if args.schedules else {}
+    schedules = {"exponential": K.get_sigmas_exponential,
+                 "polyexp0.5": functools.partial(K.get_sigmas_polyexponential, rho=0.5)}
     print("\nFlips (RMSE) of the solver run down to s* and converged below it (s* = 0: the solver alone)\n")
     print(f"| mixture | NFE | solver | {' | '.join(f's* = {c:g}' for c in cuts)} |\n|---|---|---|{'---|' * len(cuts)}")
     for name, n, oracle, schedule in ORIGIN_CASES:
@@ -421,7 +430,7 @@ def main() -> None:
                         help="what tune() minimizes (its default: l4)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     parser.add_argument("--schedules", type=Path, default=None,
-                        help="origin part: the JSON --out wrote for the gmm part (to attribute its NFE-35 flips)")
+                        help="origin part: the JSON --out wrote for the gmm part (to attribute its schedules' flips)")
     parser.add_argument("--figure", type=Path, default=None,
                         help="demo part: also save seeds 0-63 of tuned NFE 9 next to Heun and DPM-Solver++(2M)")
     args = parser.parse_args()
