@@ -29,7 +29,6 @@ converged below it: the oracle (the best k-diffusion sampler x schedule) and, wi
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import json
 import math
@@ -68,6 +67,23 @@ def kdiffusion():
     sys.modules["_kdiff_ref.sampling"] = module
     loader.loader.exec_module(module)
     return module
+
+
+def kdiffusion_schedules(K) -> dict:
+    """k-diffusion's schedules compared against, by name: ``n`` steps from 80 down to 0.002, then 0 (float32)."""
+    return {"karras": lambda n: K.get_sigmas_karras(n, 0.002, 80.0),
+            "exponential": lambda n: K.get_sigmas_exponential(n, 0.002, 80.0),
+            "polyexp2": lambda n: K.get_sigmas_polyexponential(n, 0.002, 80.0, rho=2.0),
+            "polyexp0.5": lambda n: K.get_sigmas_polyexponential(n, 0.002, 80.0, rho=0.5)}
+
+
+def evaluation_draws(m: GaussianMixture, args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``--eval-draws`` noise draws of a mixture, their converged ODE solutions (Heun, 1000 Karras steps) and
+    the component each solution ends in."""
+    x = torch.randn(args.eval_draws, m.dim, generator=torch.Generator().manual_seed(args.seed + 12345),
+                    dtype=torch.float64) * 80.0
+    reference = SOLVERS["heun"](m.denoise, x, karras_sigmas(1000))
+    return x, reference, m.classify(reference)
 
 
 def _fit(patches: np.ndarray, k: int, seed: int) -> GaussianMixture:
@@ -199,10 +215,7 @@ def _flips(m: GaussianMixture, out: torch.Tensor, mode: torch.Tensor) -> int:
 
 def gmm_part(args) -> dict:
     K = kdiffusion()
-    schedules = {"karras": lambda n: K.get_sigmas_karras(n, 0.002, 80.0),
-                 "exponential": lambda n: K.get_sigmas_exponential(n, 0.002, 80.0),
-                 "polyexp2": lambda n: K.get_sigmas_polyexponential(n, 0.002, 80.0, rho=2.0),
-                 "polyexp0.5": lambda n: K.get_sigmas_polyexponential(n, 0.002, 80.0, rho=0.5)}
+    schedules = kdiffusion_schedules(K)
     t0 = time.perf_counter()
     if args.tune_on == "siblings":  # each evaluated mixture gets the schedules tuned on its sibling
         tuned = {name: _tune_nfes(SIBLINGS[name]().denoise, args.samples, args) for name in EVALUATION}
@@ -237,10 +250,7 @@ def gmm_part(args) -> dict:
     rows = []
     for name, make in EVALUATION.items():
         m = make()
-        x = torch.randn(args.eval_draws, m.dim, generator=torch.Generator().manual_seed(args.seed + 12345),
-                        dtype=torch.float64) * 80.0
-        reference = SOLVERS["heun"](m.denoise, x, karras_sigmas(1000))
-        mode = m.classify(reference)  # the component each reference sample ends in
+        x, reference, mode = evaluation_draws(m, args)
         for n in NFES:
             base = []
             for sampler, (fn, per_step) in SAMPLERS.items():
@@ -299,14 +309,11 @@ def origin_part(args) -> dict:
     rows, cuts = [], (20.0, 5.0, 2.0, 1.0, 0.5, 0.05, 0.0)
     print(f"## Where the mode flips come from ({args.eval_draws} draws per mixture, as the gmm part)\n")
     print("| mixture | largest variances | flips after one DDIM step 80 -> 40 | 80 -> 10 |\n|---|---|---|---|")
-    evaluated = {}
+    evaluated, attributed = {}, {case[0] for case in ORIGIN_CASES}
     for name, make in {**{f"family: {k}": v for k, v in FAMILY.items()}, **EVALUATION}.items():
         m = make()
-        x = torch.randn(args.eval_draws, m.dim, generator=torch.Generator().manual_seed(args.seed + 12345),
-                        dtype=torch.float64) * 80.0
-        reference = SOLVERS["heun"](m.denoise, x, karras_sigmas(1000))
-        mode = m.classify(reference)
-        if name in {case[0] for case in ORIGIN_CASES}:
+        x, reference, mode = evaluation_draws(m, args)
+        if name in attributed:
             evaluated[name] = (m, x, reference, mode)
         flips = []
         for c in (40.0, 10.0):
@@ -316,14 +323,13 @@ def origin_part(args) -> dict:
         rows.append({"mixture": name, "variances": top, "ddim40": flips[0], "ddim10": flips[1]})
         print(f"| {name} | {', '.join(f'{v:.2f}' for v in top)} | {flips[0]} | {flips[1]} |")
     tuned = _tuned_from(args.schedules) if args.schedules else {}
-    schedules = {"exponential": K.get_sigmas_exponential,
-                 "polyexp0.5": functools.partial(K.get_sigmas_polyexponential, rho=0.5)}
+    schedules = kdiffusion_schedules(K)
     print("\nFlips (RMSE) of the solver run down to s* and converged below it (s* = 0: the solver alone)\n")
     print(f"| mixture | NFE | solver | {' | '.join(f's* = {c:g}' for c in cuts)} |\n|---|---|---|{'---|' * len(cuts)}")
     for name, n, oracle, schedule in ORIGIN_CASES:
         m, x, reference, mode = evaluated[name]
         solvers = [(f"oracle: {oracle} / {schedule}", getattr(K, f"sample_{oracle}"), {"disable": True},
-                    schedules[schedule](n, 0.002, 80.0))]  # float32 sigmas, as in the gmm part
+                    schedules[schedule](n))]
         if name in tuned:
             t = tuned[name][str(n)]
             solvers.append((f"tuned: {t['sampler']} {t['options'] or ''}", SOLVERS[t["sampler"]].fn, t["options"],
