@@ -210,9 +210,14 @@ def _top_share(per_sample: torch.Tensor, k: int = 4) -> float:
     return (squares[:k].sum() / squares.sum()).item()
 
 
+def _flipped(m: GaussianMixture, out: torch.Tensor, mode: torch.Tensor) -> torch.Tensor:
+    """Which samples end in another (most likely) component than the reference's (mode flips)."""
+    return m.classify(out) != mode
+
+
 def _flips(m: GaussianMixture, out: torch.Tensor, mode: torch.Tensor) -> int:
     """How many samples end in another (most likely) component than the reference's."""
-    return int((m.classify(out) != mode).sum())
+    return int(_flipped(m, out, mode).sum())
 
 
 def gmm_part(args) -> dict:
@@ -264,10 +269,10 @@ def gmm_part(args) -> dict:
                 for sched, make_sigmas in schedules.items():
                     out = getattr(K, fn)(m.denoise, x, make_sigmas(steps), disable=True)
                     base.append((rmse(out, reference), f"{sampler}/{sched}", per_sample_rms(out, reference),
-                                 m.classify(out) != mode))
+                                 _flipped(m, out, mode)))
             best = min(base, key=lambda b: b[0])
             out = tuned[name][n](m.denoise, x)
-            err, per_sample, flipped = rmse(out, reference), per_sample_rms(out, reference), m.classify(out) != mode
+            err, per_sample, flipped = rmse(out, reference), per_sample_rms(out, reference), _flipped(m, out, mode)
             kept = ~(flipped | best[3])  # the draws that neither the tuned run nor the best one flips
             no_flip = (per_sample[kept].pow(2).mean() / best[2][kept].pow(2).mean()).sqrt().item()
             rows.append({"mixture": name, "nfe": n, "tuned": err, "best": best[0], "best_name": best[1],
