@@ -11,7 +11,8 @@ karras (rho 7) / exponential / polyexponential (rho 1 = exponential, so rho 2 an
 Target: tuned <= 0.5 x best. Also shown: the ratio of the median per-sample errors (the bulk), the ratio without
 the draws that either run flips, how much of each RMSE the 4 worst samples carry, and how many samples end in
 another component than the reference's (mode flips: draws near a mode boundary that a solver's small error sends
-across).
+across), a 95 % paired-bootstrap interval of the ratio over the draws, and per NFE the geometric mean of the
+ratios over the six mixtures.
 
 Part ``demo``: tune NFE 9 and NFE 5 on a trained demo run (``--run``, made by ``elucidate demo``; the
 results are stored in RUN/schedules as ``elucidate tune`` does) and measure fd_digits (``--num``
@@ -220,6 +221,21 @@ def _flips(m: GaussianMixture, out: torch.Tensor, mode: torch.Tensor) -> int:
     return int(_flipped(m, out, mode).sum())
 
 
+def _ratio_interval(tuned: torch.Tensor, candidates: list[torch.Tensor], resamples: int = 2000,
+                    seed: int = 0) -> tuple[float, float]:
+    """95 % paired-bootstrap interval of tuned RMSE / best candidate's RMSE from per-sample errors (the draws are
+    resampled with replacement, the best candidate re-picked on each resample as the oracle is on the draws)."""
+    sq = torch.stack([tuned, *candidates]).pow(2)
+    g = torch.Generator().manual_seed(seed)
+    ratios = []
+    for start in range(0, resamples, 50):
+        idx = torch.randint(sq.shape[1], (min(50, resamples - start), sq.shape[1]), generator=g)
+        ms = sq[:, idx].mean(-1)
+        ratios.append((ms[0] / ms[1:].min(0).values).sqrt())
+    lo, hi = torch.quantile(torch.cat(ratios), torch.tensor([0.025, 0.975], dtype=sq.dtype)).tolist()
+    return lo, hi
+
+
 def gmm_part(args) -> dict:
     K = kdiffusion()
     schedules = kdiffusion_schedules(K)
@@ -254,10 +270,11 @@ def gmm_part(args) -> dict:
     print(f"\nEvaluated on {args.eval_draws} new noise draws per mixture. Median ratio: of the per-sample RMS errors "
           "(the bulk of the samples); without flips: the RMSE ratio over the draws neither run flips; top 4: the share "
           "of the squared error from the 4 worst samples; mode flips: "
-          "samples that end in another component than the reference's (tuned / best).\n")
+          "samples that end in another component than the reference's (tuned / best); 95 % interval: of the ratio, "
+          "by a paired bootstrap over the draws (2,000 resamples, the best re-picked on each).\n")
     print("| mixture | NFE | tuned | best k-diffusion (sampler/schedule) | ratio | target <= 0.5 | median ratio "
-          "| ratio without flips | top 4 | mode flips |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| ratio without flips | top 4 | mode flips | 95 % interval |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for name, make in EVALUATION.items():
         m = make()
@@ -275,20 +292,28 @@ def gmm_part(args) -> dict:
             err, per_sample, flipped = rmse(out, reference), per_sample_rms(out, reference), _flipped(m, out, mode)
             kept = ~(flipped | best[3])  # the draws that neither the tuned run nor the best one flips
             no_flip = (per_sample[kept].pow(2).mean() / best[2][kept].pow(2).mean()).sqrt().item()
+            interval = _ratio_interval(per_sample, [b[2] for b in base], seed=args.seed)
             rows.append({"mixture": name, "nfe": n, "tuned": err, "best": best[0], "best_name": best[1],
                          "ratio": err / best[0], "tuned_median": per_sample.median().item(),
                          "median_ratio": (per_sample.median() / best[2].median()).item(), "no_flip_ratio": no_flip,
                          "tuned_top4": _top_share(per_sample), "best_top4": _top_share(best[2]),
-                         "tuned_flips": int(flipped.sum()), "best_flips": int(best[3].sum())})
+                         "tuned_flips": int(flipped.sum()), "best_flips": int(best[3].sum()),
+                         "ratio_interval": interval})
             r = rows[-1]
             print(f"| {name}{' (tuned on it)' if args.tune_on in (name, 'self') else ''} | {n} | {err:.2e} | "
                   f"{best[0]:.2e} ({best[1]}) | {r['ratio']:.2f} | {'met' if r['ratio'] <= 0.5 else 'NOT met'} | "
                   f"{r['median_ratio']:.2f} | {no_flip:.2f} | {r['tuned_top4']:.2f} / {r['best_top4']:.2f} | "
-                  f"{r['tuned_flips']} / {r['best_flips']} |")
+                  f"{r['tuned_flips']} / {r['best_flips']} | {interval[0]:.2f}-{interval[1]:.2f} |")
     met = sum(r["ratio"] <= 0.5 for r in rows)
     met_no_flip = sum(r["no_flip_ratio"] <= 0.5 for r in rows)
-    print(f"\ntarget met in {met} of {len(rows)} cases ({met_no_flip} of {len(rows)} without the flipped draws)\n")
-    return {"tune_on": args.tune_on, "seconds": seconds, "rows": rows,
+    below = sum(r["ratio_interval"][1] <= 0.5 for r in rows)
+    above = sum(r["ratio_interval"][0] > 0.5 for r in rows)
+    print(f"\ntarget met in {met} of {len(rows)} cases ({met_no_flip} of {len(rows)} without the flipped draws); "
+          f"95 % interval below 0.5 in {below}, above in {above}, across 0.5 in {len(rows) - below - above}")
+    geo = {n: math.exp(sum(math.log(r["ratio"]) for r in rows if r["nfe"] == n) / len(EVALUATION)) for n in NFES}
+    print("geometric mean of the ratios over the mixtures: "
+          + ", ".join(f"NFE {n} {g:.2f}" for n, g in geo.items()) + "\n")
+    return {"tune_on": args.tune_on, "seconds": seconds, "rows": rows, "geometric_mean_ratio": geo,
             "tuned": {name: {n: t.to_dict() for n, t in per_nfe.items()} for name, per_nfe in tuned.items()}}
 
 
