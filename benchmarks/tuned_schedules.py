@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from elucidate import GaussianMixture
-from elucidate.sampling import SOLVERS, karras_sigmas, tune
+from elucidate.sampling import SOLVERS, TunedSchedule, karras_sigmas, tune
 from elucidate.sampling.objectives import per_sample_rms, rmse
 from elucidate.sandbox import class_mixture, digits_mixture
 
@@ -236,9 +236,8 @@ def _ratio_interval(tuned: torch.Tensor, candidates: list[torch.Tensor], resampl
     return lo, hi
 
 
-def gmm_part(args) -> dict:
-    K = kdiffusion()
-    schedules = kdiffusion_schedules(K)
+def _tune_gmm(args) -> tuple[dict, str, float]:
+    """Schedules per evaluated mixture and NFE, tuned as ``--tune-on`` says, and a line on what they were tuned on."""
     t0 = time.perf_counter()
     if args.tune_on == "siblings":  # each evaluated mixture gets the schedules tuned on its sibling
         tuned = {name: _tune_nfes(SIBLINGS[name]().denoise, args.samples, args) for name in EVALUATION}
@@ -247,39 +246,63 @@ def gmm_part(args) -> dict:
         tuned = {name: _tune_nfes(make().denoise, args.samples, args) for name, make in EVALUATION.items()}
         what = "each evaluated mixture itself (its own tuning draws, not the evaluation draws)"
     elif args.tune_on == "family":
-        per = args.family_draws
-        one = _tune_nfes([make().denoise for make in FAMILY.values()], per, args)
+        one = _tune_nfes([make().denoise for make in FAMILY.values()], args.family_draws, args)
         tuned = dict.fromkeys(EVALUATION, one)
-        what = f"the family {', '.join(FAMILY)} ({per} draws each)"
+        what = f"the family {', '.join(FAMILY)} ({args.family_draws} draws each)"
     else:
         one = _tune_nfes(TUNING[args.tune_on]().denoise, args.samples, args)
         tuned = dict.fromkeys(EVALUATION, one)
         what = f"'{args.tune_on}'"
+    draws = args.family_draws if args.tune_on == "family" else args.samples
     seconds = time.perf_counter() - t0
-    draws = f"{args.family_draws}" if args.tune_on == "family" else f"{args.samples}"
-    print(f"## Exact mixtures: tuned on {what}; loss {args.loss}, {draws} + {draws} draws, reference "
-          f"Heun 1000 steps, {seconds:.0f} s for NFE {', '.join(map(str, NFES))}\n")
-    shown = {}
-    for name, per_nfe in tuned.items():
-        for n, t in per_nfe.items():
-            if id(t) not in shown:
-                shown[id(t)] = t
-                owner = f"{name}: " if args.tune_on in ("siblings", "self") else ""
-                print(f"- {owner}NFE {n}: {t.sampler} {t.options or ''}, tuning RMSE {t.tuning_error:.2e}, held-out "
-                      f"{t.heldout_error:.2e}; sigmas {', '.join(f'{s:.3g}' for s in t.sigmas)}")
-    print(f"\nEvaluated on {args.eval_draws} new noise draws per mixture. Median ratio: of the per-sample RMS errors "
-          "(the bulk of the samples); without flips: the RMSE ratio over the draws neither run flips; top 4: the share "
-          "of the squared error from the 4 worst samples; mode flips: "
-          "samples that end in another component than the reference's (tuned / best); 95 % interval: of the ratio, "
-          "by a paired bootstrap over the draws (2,000 resamples, the best re-picked on each).\n")
+    return tuned, (f"tuned on {what}; loss {args.loss}, {draws} + {draws} draws, reference Heun 1000 steps, "
+                   f"{seconds:.0f} s for NFE {', '.join(map(str, NFES))}"), seconds
+
+
+def _stored_gmm(path: Path, args) -> tuple[str, dict]:
+    """``--schedules``: the tune_on and tuned schedules of an earlier gmm run's JSON, for the evaluated mixtures."""
+    try:
+        data = json.loads(path.read_text())["gmm"]
+        return data["tune_on"], {name: {n: TunedSchedule.from_dict(data["tuned"][name][str(n)]) for n in args.nfes}
+                                 for name in args.mixtures}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        sys.exit(f"--schedules {path}: not a JSON that --part gmm --out wrote for NFE {args.nfes} ({e!r})")
+
+
+def gmm_part(args) -> dict:
+    K = kdiffusion()
+    schedules = kdiffusion_schedules(K)
+    if args.schedules:  # re-evaluate stored schedules (several sets side by side, e.g. on more or other draws)
+        sets = dict(_stored_gmm(path, args) for path in args.schedules)
+        print(f"## Exact mixtures: stored schedules of {', '.join(map(str, args.schedules))} (tuned on "
+              f"{', '.join(sets)})\n")
+    else:
+        tuned, what, seconds = _tune_gmm(args)
+        sets = {args.tune_on: tuned}
+        print(f"## Exact mixtures: {what}\n")
+    for tune_on, tuned in sets.items():
+        shown = set()
+        for name, per_nfe in tuned.items():
+            for n, t in per_nfe.items():
+                if id(t) not in shown:
+                    shown.add(id(t))
+                    owner = f"{name}: " if tune_on in ("siblings", "self") else ""
+                    which = f"{tune_on}, " if len(sets) > 1 else ""
+                    print(f"- {which}{owner}NFE {n}: {t.sampler} {t.options or ''}, tuning RMSE {t.tuning_error:.2e}, "
+                          f"held-out {t.heldout_error:.2e}; sigmas {', '.join(f'{s:.3g}' for s in t.sigmas)}")
+    print(f"\nEvaluated on {args.eval_draws} new noise draws per mixture (seed {args.seed + 12345}). Median ratio: of "
+          "the per-sample RMS errors (the bulk of the samples); without flips: the RMSE ratio over the draws neither "
+          "run flips; top 4: the share of the squared error from the 4 worst samples; mode flips: samples that end "
+          "in another component than the reference's (tuned / best); 95 % interval: of the ratio, by a paired "
+          "bootstrap over the draws (2,000 resamples, the best re-picked on each).\n")
     print("| mixture | NFE | tuned | best k-diffusion (sampler/schedule) | ratio | target <= 0.5 | median ratio "
           "| ratio without flips | top 4 | mode flips | 95 % interval |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
-    for name, make in EVALUATION.items():
-        m = make()
+    for name in args.mixtures:
+        m = EVALUATION[name]()
         x, reference, mode = evaluation_draws(m, args)
-        for n in NFES:
+        for n in args.nfes:
             base = []
             for sampler, (fn, per_step) in SAMPLERS.items():
                 steps = n if per_step == 1 else (n + 1) // 2
@@ -288,33 +311,43 @@ def gmm_part(args) -> dict:
                     base.append((rmse(out, reference), f"{sampler}/{sched}", per_sample_rms(out, reference),
                                  _flipped(m, out, mode)))
             best = min(base, key=lambda b: b[0])
-            out = tuned[name][n](m.denoise, x)
-            err, per_sample, flipped = rmse(out, reference), per_sample_rms(out, reference), _flipped(m, out, mode)
-            kept = ~(flipped | best[3])  # the draws that neither the tuned run nor the best one flips
-            no_flip = (per_sample[kept].pow(2).mean() / best[2][kept].pow(2).mean()).sqrt().item()
-            interval = _ratio_interval(per_sample, [b[2] for b in base], seed=args.seed)
-            rows.append({"mixture": name, "nfe": n, "tuned": err, "best": best[0], "best_name": best[1],
-                         "ratio": err / best[0], "tuned_median": per_sample.median().item(),
-                         "median_ratio": (per_sample.median() / best[2].median()).item(), "no_flip_ratio": no_flip,
-                         "tuned_top4": _top_share(per_sample), "best_top4": _top_share(best[2]),
-                         "tuned_flips": int(flipped.sum()), "best_flips": int(best[3].sum()),
-                         "ratio_interval": interval})
-            r = rows[-1]
-            print(f"| {name}{' (tuned on it)' if args.tune_on in (name, 'self') else ''} | {n} | {err:.2e} | "
-                  f"{best[0]:.2e} ({best[1]}) | {r['ratio']:.2f} | {'met' if r['ratio'] <= 0.5 else 'NOT met'} | "
-                  f"{r['median_ratio']:.2f} | {no_flip:.2f} | {r['tuned_top4']:.2f} / {r['best_top4']:.2f} | "
-                  f"{r['tuned_flips']} / {r['best_flips']} | {interval[0]:.2f}-{interval[1]:.2f} |")
-    met = sum(r["ratio"] <= 0.5 for r in rows)
-    met_no_flip = sum(r["no_flip_ratio"] <= 0.5 for r in rows)
-    below = sum(r["ratio_interval"][1] <= 0.5 for r in rows)
-    above = sum(r["ratio_interval"][0] > 0.5 for r in rows)
-    print(f"\ntarget met in {met} of {len(rows)} cases ({met_no_flip} of {len(rows)} without the flipped draws); "
-          f"95 % interval below 0.5 in {below}, above in {above}, across 0.5 in {len(rows) - below - above}")
-    geo = {n: math.exp(sum(math.log(r["ratio"]) for r in rows if r["nfe"] == n) / len(EVALUATION)) for n in NFES}
-    print("geometric mean of the ratios over the mixtures: "
-          + ", ".join(f"NFE {n} {g:.2f}" for n, g in geo.items()) + "\n")
-    return {"tune_on": args.tune_on, "seconds": seconds, "rows": rows, "geometric_mean_ratio": geo,
-            "tuned": {name: {n: t.to_dict() for n, t in per_nfe.items()} for name, per_nfe in tuned.items()}}
+            for tune_on, tuned in sets.items():
+                out = tuned[name][n](m.denoise, x)
+                err, per_sample, flipped = rmse(out, reference), per_sample_rms(out, reference), _flipped(m, out, mode)
+                kept = ~(flipped | best[3])  # the draws that neither the tuned run nor the best one flips
+                no_flip = (per_sample[kept].pow(2).mean() / best[2][kept].pow(2).mean()).sqrt().item()
+                interval = _ratio_interval(per_sample, [b[2] for b in base], seed=args.seed)
+                rows.append({"mixture": name, "tune_on": tune_on, "nfe": n, "tuned": err, "best": best[0],
+                             "best_name": best[1], "ratio": err / best[0], "tuned_median": per_sample.median().item(),
+                             "median_ratio": (per_sample.median() / best[2].median()).item(),
+                             "no_flip_ratio": no_flip, "tuned_top4": _top_share(per_sample),
+                             "best_top4": _top_share(best[2]), "tuned_flips": int(flipped.sum()),
+                             "best_flips": int(best[3].sum()), "ratio_interval": interval})
+                r = rows[-1]
+                label = f" [{tune_on}]" if len(sets) > 1 else " (tuned on it)" if tune_on in (name, "self") else ""
+                print(f"| {name}{label} | {n} | {err:.2e} | {best[0]:.2e} ({best[1]}) | {r['ratio']:.2f} | "
+                      f"{'met' if r['ratio'] <= 0.5 else 'NOT met'} | {r['median_ratio']:.2f} | {no_flip:.2f} | "
+                      f"{r['tuned_top4']:.2f} / {r['best_top4']:.2f} | {r['tuned_flips']} / {r['best_flips']} | "
+                      f"{interval[0]:.2f}-{interval[1]:.2f} |", flush=True)
+    geo = {}
+    for tune_on in sets:
+        own = [r for r in rows if r["tune_on"] == tune_on]
+        met = sum(r["ratio"] <= 0.5 for r in own)
+        met_no_flip = sum(r["no_flip_ratio"] <= 0.5 for r in own)
+        below = sum(r["ratio_interval"][1] <= 0.5 for r in own)
+        above = sum(r["ratio_interval"][0] > 0.5 for r in own)
+        geo[tune_on] = {n: math.exp(sum(math.log(r["ratio"]) for r in own if r["nfe"] == n) / len(args.mixtures))
+                        for n in args.nfes}
+        print(f"\n{tune_on}: target met in {met} of {len(own)} cases ({met_no_flip} without the flipped draws); "
+              f"95 % interval below 0.5 in {below}, above in {above}, across 0.5 in {len(own) - below - above}; "
+              "geometric mean of the ratios over the mixtures: "
+              + ", ".join(f"NFE {n} {g:.2f}" for n, g in geo[tune_on].items()))
+    print()
+    result = {"rows": rows, "geometric_mean_ratio": geo if len(sets) > 1 else geo[next(iter(sets))]}
+    if args.schedules:
+        return {**result, "schedules": [str(path) for path in args.schedules]}
+    return {**result, "tune_on": args.tune_on, "seconds": seconds, "tuned": {
+        name: {n: t.to_dict() for n, t in per_nfe.items()} for name, per_nfe in sets[args.tune_on].items()}}
 
 
 #: (mixture, NFE, its oracle's k-diffusion sampler and schedule) whose flips the origin part attributes.
@@ -361,7 +394,7 @@ def origin_part(args) -> dict:
         top = torch.linalg.eigvalsh(_covariance(m)).flip(0)[:3].tolist()
         rows.append({"mixture": name, "variances": top, "ddim40": flips[0], "ddim10": flips[1]})
         print(f"| {name} | {', '.join(f'{v:.2f}' for v in top)} | {flips[0]} | {flips[1]} |")
-    tuned = _tuned_from(args.schedules) if args.schedules else {}
+    tuned = _tuned_from(args.schedules[0]) if args.schedules else {}
     schedules = kdiffusion_schedules(K)
     print("\nFlips (RMSE) of the solver run down to s* and converged below it (s* = 0: the solver alone)\n")
     print(f"| mixture | NFE | solver | {' | '.join(f's* = {c:g}' for c in cuts)} |\n|---|---|---|{'---|' * len(cuts)}")
@@ -475,8 +508,14 @@ def main() -> None:
     parser.add_argument("--loss", choices=["rmse", "mean", "l4"], default="l4",
                         help="what tune() minimizes (its default: l4)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
-    parser.add_argument("--schedules", type=Path, default=None,
-                        help="origin part: the JSON --out wrote for the gmm part (to attribute its schedules' flips)")
+    parser.add_argument("--schedules", type=Path, nargs="+", default=None,
+                        help="JSON that --part gmm --out wrote: the gmm part re-evaluates their schedules side by side "
+                             "instead of tuning (e.g. with more --eval-draws or another --seed); the origin part "
+                             "attributes the first one's flips")
+    parser.add_argument("--nfes", type=int, nargs="+", default=list(NFES), choices=NFES,
+                        help="gmm part: the NFE budgets evaluated (tuning always covers all three)")
+    parser.add_argument("--mixtures", nargs="+", default=list(EVALUATION), choices=list(EVALUATION),
+                        metavar="NAME", help="gmm part: the evaluated mixtures (default: all six)")
     parser.add_argument("--figure", type=Path, default=None,
                         help="demo part: also save seeds 0-63 of tuned NFE 9 next to Heun and DPM-Solver++(2M)")
     args = parser.parse_args()
