@@ -28,6 +28,8 @@ converged below it: the oracle (the best k-diffusion sampler x schedule) and, wi
 ``--out`` wrote for the gmm part), the tuned schedule.
 
     python benchmarks/tuned_schedules.py [--part gmm|demo|all|origin] [--run runs/demo] [--num 2000]
+    python benchmarks/tuned_schedules.py --part gmm --schedules A.json [B.json ...] [--eval-draws 65536] [--seed S]
+        [--nfes 17 35] [--mixtures NAME ...]   # re-evaluate stored schedules, no tuning
 """
 from __future__ import annotations
 
@@ -273,7 +275,10 @@ def gmm_part(args) -> dict:
     K = kdiffusion()
     schedules = kdiffusion_schedules(K)
     if args.schedules:  # re-evaluate stored schedules (several sets side by side, e.g. on more or other draws)
-        sets = dict(_stored_gmm(path, args) for path in args.schedules)
+        sets = {}
+        for path in args.schedules:
+            tune_on, tuned = _stored_gmm(path, args)
+            sets[f"{tune_on} ({path.name})" if tune_on in sets else tune_on] = tuned
         print(f"## Exact mixtures: stored schedules of {', '.join(map(str, args.schedules))} (tuned on "
               f"{', '.join(sets)})\n")
     else:
