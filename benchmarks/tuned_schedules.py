@@ -223,7 +223,11 @@ def _flips(m: GaussianMixture, out: torch.Tensor, mode: torch.Tensor) -> int:
     return int(_flipped(m, out, mode).sum())
 
 
-def _ratio_interval(tuned: torch.Tensor, candidates: list[torch.Tensor], resamples: int = 2000,
+#: Resamples of the paired bootstrap behind each ratio's 95 % interval.
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def _ratio_interval(tuned: torch.Tensor, candidates: list[torch.Tensor], resamples: int = BOOTSTRAP_RESAMPLES,
                     seed: int = 0) -> tuple[float, float]:
     """95 % paired-bootstrap interval of tuned RMSE / best candidate's RMSE from per-sample errors (the draws are
     resampled with replacement, the best candidate re-picked on each resample as the oracle is on the draws)."""
@@ -261,14 +265,24 @@ def _tune_gmm(args) -> tuple[dict, str, float]:
                    f"{seconds:.0f} s for NFE {', '.join(map(str, NFES))}"), seconds
 
 
+def _tuned_from(path: Path) -> dict:
+    """The ``tune_on`` and ``tuned`` schedules (as dicts) of a tuning gmm run's ``--out`` JSON (one clear error if
+    it is not one)."""
+    try:
+        gmm = json.loads(path.read_text())["gmm"]
+        return {"tune_on": gmm["tune_on"], "tuned": gmm["tuned"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        sys.exit(f"--schedules {path}: not a JSON that a tuning --part gmm --out wrote ({e!r})")
+
+
 def _stored_gmm(path: Path, args) -> tuple[str, dict]:
     """``--schedules``: the tune_on and tuned schedules of an earlier gmm run's JSON, for the evaluated mixtures."""
+    data = _tuned_from(path)
     try:
-        data = json.loads(path.read_text())["gmm"]
         return data["tune_on"], {name: {n: TunedSchedule.from_dict(data["tuned"][name][str(n)]) for n in args.nfes}
                                  for name in args.mixtures}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        sys.exit(f"--schedules {path}: not a JSON that --part gmm --out wrote for NFE {args.nfes} ({e!r})")
+    except (KeyError, TypeError, ValueError) as e:
+        sys.exit(f"--schedules {path}: no stored schedule for every --mixtures and --nfes {args.nfes} ({e!r})")
 
 
 def gmm_part(args) -> dict:
@@ -299,7 +313,7 @@ def gmm_part(args) -> dict:
           "the per-sample RMS errors (the bulk of the samples); without flips: the RMSE ratio over the draws neither "
           "run flips; top 4: the share of the squared error from the 4 worst samples; mode flips: samples that end "
           "in another component than the reference's (tuned / best); 95 % interval: of the ratio, by a paired "
-          "bootstrap over the draws (2,000 resamples, the best re-picked on each).\n")
+          f"bootstrap over the draws ({BOOTSTRAP_RESAMPLES:,} resamples, the best re-picked on each).\n")
     print("| mixture | NFE | tuned | best k-diffusion (sampler/schedule) | ratio | target <= 0.5 | median ratio "
           "| ratio without flips | top 4 | mode flips | 95 % interval |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -373,14 +387,6 @@ def _converged_from(m: GaussianMixture, x: torch.Tensor, sigma: float) -> torch.
     return SOLVERS["heun"](m.denoise, x, karras_sigmas(500, 0.002, sigma))
 
 
-def _tuned_from(path: Path) -> dict:
-    """The tuned schedules of a gmm part's ``--out`` JSON (one clear error if it is not one)."""
-    try:
-        return json.loads(path.read_text())["gmm"]["tuned"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        sys.exit(f"--schedules {path}: not a JSON that --part gmm --out wrote ({e!r})")
-
-
 def origin_part(args) -> dict:
     K = kdiffusion()
     rows, cuts = [], (20.0, 5.0, 2.0, 1.0, 0.5, 0.05, 0.0)
@@ -399,7 +405,7 @@ def origin_part(args) -> dict:
         top = torch.linalg.eigvalsh(_covariance(m)).flip(0)[:3].tolist()
         rows.append({"mixture": name, "variances": top, "ddim40": flips[0], "ddim10": flips[1]})
         print(f"| {name} | {', '.join(f'{v:.2f}' for v in top)} | {flips[0]} | {flips[1]} |")
-    tuned = _tuned_from(args.schedules[0]) if args.schedules else {}
+    tuned = _tuned_from(args.schedules[0])["tuned"] if args.schedules else {}
     schedules = kdiffusion_schedules(K)
     print("\nFlips (RMSE) of the solver run down to s* and converged below it (s* = 0: the solver alone)\n")
     print(f"| mixture | NFE | solver | {' | '.join(f's* = {c:g}' for c in cuts)} |\n|---|---|---|{'---|' * len(cuts)}")
