@@ -204,7 +204,8 @@ TUNING = {
 
 
 def _tune_nfes(D, per: int, args) -> dict:
-    return {n: tune(D, (per, 64), n, seed=args.seed, reference_steps=1000, loss=args.loss) for n in NFES}
+    return {n: tune(D, (per, 64), n, seed=args.seed, reference_steps=1000, loss=args.loss, boundary=args.boundary,
+                    pool=args.pool) for n in NFES}
 
 
 def _top_share(per_sample: torch.Tensor, k: int = 4) -> float:
@@ -252,6 +253,8 @@ def _tune_gmm(args) -> tuple[dict, str, float]:
         tuned = {name: _tune_nfes(make().denoise, args.samples, args) for name, make in EVALUATION.items()}
         what = "each evaluated mixture itself (its own tuning draws, not the evaluation draws)"
     elif args.tune_on == "family":
+        if args.boundary:
+            sys.exit("--boundary tunes one model at a time: use it with --tune-on self, siblings or one mixture")
         one = _tune_nfes([make().denoise for make in FAMILY.values()], args.family_draws, args)
         tuned = dict.fromkeys(EVALUATION, one)
         what = f"the family {', '.join(FAMILY)} ({args.family_draws} draws each)"
@@ -261,7 +264,8 @@ def _tune_gmm(args) -> tuple[dict, str, float]:
         what = f"'{args.tune_on}'"
     draws = args.family_draws if args.tune_on == "family" else args.samples
     seconds = time.perf_counter() - t0
-    return tuned, (f"tuned on {what}; loss {args.loss}, {draws} + {draws} draws, reference Heun 1000 steps, "
+    hard = f", each + the {args.boundary} hardest of {args.pool or 16 * draws}" if args.boundary else ""
+    return tuned, (f"tuned on {what}; loss {args.loss}, {draws} + {draws} draws{hard}, reference Heun 1000 steps, "
                    f"{seconds:.0f} s for NFE {', '.join(map(str, NFES))}"), seconds
 
 
@@ -518,6 +522,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--loss", choices=["rmse", "mean", "l4"], default="l4",
                         help="what tune() minimizes (its default: l4)")
+    parser.add_argument("--boundary", type=int, default=0,
+                        help="tune() with the N draws of a larger pool that plain solvers solve worst (not family)")
+    parser.add_argument("--pool", type=int, default=None, help="pool of the --boundary draws (default 16 x --samples)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     parser.add_argument("--schedules", type=Path, nargs="+", default=None,
                         help="JSON that --part gmm --out wrote: the gmm part re-evaluates their schedules side by side "

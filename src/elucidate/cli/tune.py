@@ -33,6 +33,12 @@ def register(sub) -> dict:
     p.add_argument("--loss", choices=["rmse", "mean", "l4"], default=None,
                    help="what the search minimizes: rmse over all pixels, or the mean of each sample's RMS error "
                         "(less swayed by the few samples that land in another mode; default: tune()'s)")
+    p.add_argument("--boundary", type=int, default=0,
+                   help="also tune on the N draws of a larger pool that plain solvers at the budget solve worst, "
+                        "each draw weighted by its share of the pool: rare draws that end in another mode are then "
+                        "seen (costs a reference solution of the pool; one unconditional run)")
+    p.add_argument("--pool", type=int, default=None, help="draws the --boundary ones are picked from "
+                                                          "(default 16 x --num)")
     p.add_argument("--out", type=Path, default=None, help="folder for nfeN.json and tuned.png "
                                                           "(default RUN/schedules, or ./schedules with --sandbox)")
     p.add_argument("--ema", dest="ema", action="store_true", default=True, help="use the EMA weights (default)")
@@ -76,6 +82,8 @@ def _target(args, run_arg) -> _Target:
     lo, hi = formulation.schedule_range(cfg.sigma_min, cfg.sigma_max)
     D = run.denoiser if cfg.guidance == 1 else Guided(run.denoiser, cfg.guidance)
     label_dim = int(getattr(run.denoiser.net, "label_dim", 0) or 0)
+    if label_dim and args.boundary:
+        raise UserError(f"{run_arg}: --boundary needs an unconditional run (the hard draws would change class)")
     if label_dim:  # class-conditional: image i gets label i % classes, as sample/eval do with seeds
         num = args.num or 64
         D = functools.partial(D, class_labels=torch.arange(num, device=args.device) % label_dim)
@@ -110,15 +118,19 @@ def cmd_tune(args) -> int:
     num = args.num or (256 if args.sandbox else 64)
     if num < 2:
         raise UserError(f"--num must be >= 2, got {num}")
+    if args.boundary < 0 or (args.pool is not None and args.pool < 2):
+        raise UserError(f"--boundary must be >= 0 and --pool >= 2, got {args.boundary} and {args.pool}")
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()] if args.samplers else None
     device = torch.device(args.device) if args.device else None
     for nfe in nfes:
         models = f" for each of {len(targets)} runs" if len(targets) > 1 else ""
-        print(f"elucidate tune: NFE {nfe}, {num} + {num} noise draws{models}, sigma {lo:g}..{hi:g}")
+        hard = f" (+ the {args.boundary} hardest of {args.pool or 16 * num} each)" if args.boundary else ""
+        print(f"elucidate tune: NFE {nfe}, {num} + {num} noise draws{hard}{models}, sigma {lo:g}..{hi:g}")
         try:
             tuned = tune(D, (num, *shape), nfe, seed=args.seed, sigma_min=lo, sigma_max=hi, samplers=samplers,
                          progress=True, reference_steps=args.reference_steps, finalists=args.finalists,
-                         max_evals=args.max_evals, device=device, **({"loss": args.loss} if args.loss else {}))
+                         max_evals=args.max_evals, boundary=args.boundary, pool=args.pool, device=device,
+                         **({"loss": args.loss} if args.loss else {}))
         except ValueError as e:  # unknown / stochastic solver names, a budget no solver fits
             raise UserError(str(e)) from None
         paths = []

@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["rmse", "per_sample_rms", "sample_mean_error", "sample_l4_error", "LOSSES", "Models", "geometric_mean_loss"]
+__all__ = ["rmse", "per_sample_rms", "sample_mean_error", "sample_l4_error", "LOSSES", "Models", "geometric_mean_loss",
+           "weighted_loss"]
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -39,6 +40,24 @@ def sample_l4_error(a: torch.Tensor, b: torch.Tensor) -> float:
 #: What the search minimizes: ``rmse`` (over all elements), ``mean`` (:func:`sample_mean_error`) or
 #: ``l4`` (:func:`sample_l4_error`).
 LOSSES = {"rmse": rmse, "mean": sample_mean_error, "l4": sample_l4_error}
+
+
+def weighted_loss(name: str, weights: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """``LOSSES[name]`` with sample i counted by ``weights[i]`` (summing to 1) instead of 1/B: the loss over
+    the population a stratified batch stands for (``rmse``: the square root of the weighted mean of each
+    sample's mean square; ``mean``: the weighted mean of each sample's RMS; ``l4``: the fourth root of the
+    weighted mean of each sample's mean square squared). Equal weights give ``LOSSES[name]`` itself."""
+    if name not in LOSSES:
+        raise ValueError(f"loss must be one of {list(LOSSES)}, got {name!r}")
+    w = weights.detach().double().cpu()
+    power, root = {"rmse": (1.0, 0.5), "mean": (0.5, 1.0), "l4": (2.0, 0.25)}[name]
+
+    def loss(a: torch.Tensor, b: torch.Tensor) -> float:
+        per_sample = (a.double() - b.double()).flatten(1).pow(2).mean(1).cpu()
+        value = (w * per_sample.pow(power)).sum().pow(root).item()
+        return value if math.isfinite(value) else math.inf
+
+    return loss
 
 
 class Models:

@@ -33,6 +33,8 @@ class TunedSchedule:
     seed: int = 0
     heldout_seed: int = 1
     num_samples: int = 0
+    boundary: int = 0
+    pool: int = 0
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     tuning_error: float = math.nan

@@ -1,0 +1,47 @@
+"""Stratified tuning batches for :func:`elucidate.sampling.tune`: the few draws of a large pool that plain
+solvers at the budget get most wrong (those near a boundary between modes, which a small error sends to
+another mode) are always tuned on, and every draw counts by the share of the pool it stands for."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .objectives import per_sample_rms
+from .registry import SOLVERS
+from .schedules import exponential_sigmas, karras_sigmas
+
+__all__ = ["POOL_SEED_OFFSET", "PICKERS", "hardest_draws", "stratify"]
+
+#: The pool of tuning seed s is ``tuning_noise(..., s + POOL_SEED_OFFSET)``: no tuning or held-out draw of it.
+POOL_SEED_OFFSET = 0x10_0000
+#: The plain solvers (one evaluation per step) whose worst draws are kept: a draw either gets badly wrong.
+PICKERS = (("dpmpp_2m", karras_sigmas), ("unipc", exponential_sigmas))
+
+
+def hardest_draws(D: Callable, pool: torch.Tensor, nfe: int, k: int, *, sigma_min: float, sigma_max: float,
+                  reference_steps: int, chunk: int) -> torch.Tensor:
+    """Indices of the ``k`` rows of ``pool`` (noise at ``sigma_max``) with the largest error of any of
+    :data:`PICKERS` at ``nfe`` evaluations to Heun on ``reference_steps`` Karras steps (``chunk`` rows at once)."""
+    reference = karras_sigmas(reference_steps, sigma_min, sigma_max)
+    errors = []
+    for x in pool.split(chunk):
+        ref = SOLVERS["heun"].fn(D, x, reference)
+        worst = torch.zeros(x.shape[0], dtype=torch.float64)
+        for name, schedule in PICKERS:
+            steps = SOLVERS[name].steps_for_nfe(nfe)
+            out = SOLVERS[name].fn(D, x, schedule(steps, sigma_min, sigma_max))
+            worst = torch.maximum(worst, per_sample_rms(out, ref).cpu().nan_to_num(torch.inf))
+        errors.append(worst)
+    return torch.cat(errors).topk(k).indices.sort().values
+
+
+def stratify(D: Callable, x: torch.Tensor, pool: torch.Tensor, nfe: int, k: int,
+             **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch ``[hardest k of pool, x]`` and its weights: 1 / |pool| for each hard draw and
+    (|pool| - k) / (|x| |pool|) for each of the random draws ``x``, which stand for the rest of the pool."""
+    n, m = pool.shape[0], x.shape[0]
+    hard = pool[hardest_draws(D, pool, nfe, k, **kw)]
+    weights = torch.cat([torch.full((k,), 1.0 / n, dtype=torch.float64),
+                         torch.full((m,), (n - k) / (m * n), dtype=torch.float64)])
+    return torch.cat([hard, x]), weights

@@ -1,0 +1,92 @@
+"""tune(boundary=...): the hardest draws of a pool join the tuning batch, weighted by the share of the
+pool each draw stands for (elucidate.sampling.boundary, objectives.weighted_loss, `elucidate tune --boundary`)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from elucidate import GaussianMixture
+from elucidate.cli import main
+from elucidate.sampling import SOLVERS, exponential_sigmas, karras_sigmas, tune
+from elucidate.sampling.boundary import POOL_SEED_OFFSET, hardest_draws, stratify
+from elucidate.sampling.objectives import LOSSES, per_sample_rms, weighted_loss
+from elucidate.sampling.tuned import TunedSchedule
+from elucidate.sampling.tuning import NOISE_SEED_OFFSET, tuning_noise
+
+f64 = torch.float64
+# two close narrow modes and a far one: a few draws sit near the boundary between the close two
+GMM = GaussianMixture(torch.tensor([[0.3, 0.0], [-0.3, 0.0], [0.0, 2.0]]), torch.tensor([0.05, 0.05, 0.1]),
+                      [0.4, 0.4, 0.2])
+KW = dict(sigma_min=0.002, sigma_max=80.0, reference_steps=200)
+
+
+def test_weighted_loss_is_the_loss_of_the_population_the_batch_stands_for():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 3, generator=g, dtype=f64), torch.randn(6, 3, generator=g, dtype=f64)
+    for name, loss in LOSSES.items():  # equal weights: the loss itself
+        assert weighted_loss(name, torch.full((6,), 1 / 6, dtype=f64))(a, b) == pytest.approx(loss(a, b), rel=1e-12)
+    # weight 2/6 on row 0 and 1/6 on rows 2-5 is the loss of the batch with row 0 twice and row 1 left out
+    w = torch.tensor([2, 0, 1, 1, 1, 1], dtype=f64) / 6
+    rows = [0, 0, 2, 3, 4, 5]
+    for name, loss in LOSSES.items():
+        assert weighted_loss(name, w)(a, b) == pytest.approx(loss(a[rows], b[rows]), rel=1e-12)
+    with pytest.raises(ValueError, match="loss"):
+        weighted_loss("l1", w)
+
+
+def test_hardest_draws_are_those_plain_solvers_get_most_wrong():
+    pool = tuning_noise((256, 2), 5, 80.0)
+    idx = hardest_draws(GMM.denoise, pool, 6, 8, chunk=100, **KW)
+    assert idx.tolist() == sorted(set(idx.tolist())) and len(idx) == 8
+    ref = SOLVERS["heun"](GMM.denoise, pool, karras_sigmas(200))
+    outs = [SOLVERS["dpmpp_2m"](GMM.denoise, pool, karras_sigmas(6)),
+            SOLVERS["unipc"](GMM.denoise, pool, exponential_sigmas(6))]
+    worst = torch.maximum(*(per_sample_rms(out, ref) for out in outs))
+    assert set(idx.tolist()) == set(worst.topk(8).indices.tolist())
+    # the rare draws that either solver sends to another mode than the reference's are all among them
+    flipped = torch.stack([GMM.classify(out) != GMM.classify(ref) for out in outs]).any(0)
+    assert 0 < flipped.sum() <= 8 and flipped[idx].sum() == flipped.sum()
+
+
+def test_stratified_batch_over_the_rest_of_the_pool_gives_the_pool_loss():
+    pool = tuning_noise((64, 2), 7, 80.0)
+    idx = hardest_draws(GMM.denoise, pool, 4, 6, chunk=64, **KW)
+    rest = pool[[i for i in range(64) if i not in set(idx.tolist())]]
+    batch, w = stratify(GMM.denoise, rest, pool, 4, 6, chunk=64, **KW)
+    assert batch.shape == (64, 2) and w.sum().item() == pytest.approx(1.0)
+    assert torch.equal(batch[:6], pool[idx]) and torch.equal(batch[6:], rest)
+    out = SOLVERS["dpmpp_2m"](GMM.denoise, batch, karras_sigmas(4))
+    ref = SOLVERS["heun"](GMM.denoise, batch, karras_sigmas(200))
+    for name, loss in LOSSES.items():  # every pool draw counted once: the weighted loss is the pool's loss
+        assert weighted_loss(name, w)(out, ref) == pytest.approx(loss(out, ref), rel=1e-12)
+
+
+def test_tune_with_boundary_draws_reports_the_pool_estimate_within_budget():
+    t = tune(GMM.denoise, (32, 2), 4, seed=2, boundary=6, pool=128, samplers=["dpmpp_2m", "unipc"],
+             reference_steps=200, max_evals=20, finalists=1)
+    assert (t.boundary, t.pool, t.num_samples, t.nfe) == (6, 128, 32, 4)
+    assert TunedSchedule.from_dict(t.to_dict()).boundary == 6
+    assert SOLVERS[t.sampler].nfe(t.steps) <= 4
+    # the reported tuning error is the weighted RMSE over [6 hardest of the pool, 32 tuning draws]
+    pool = tuning_noise((128, 2), 2 + POOL_SEED_OFFSET, 80.0)
+    batch, w = stratify(GMM.denoise, tuning_noise((32, 2), 2, 80.0), pool, 4, 6, chunk=32, **KW)
+    ref = SOLVERS["heun"](GMM.denoise, batch, karras_sigmas(200))
+    assert t.tuning_error == pytest.approx(weighted_loss("rmse", w)(t(GMM.denoise, batch), ref), rel=1e-9)
+    assert POOL_SEED_OFFSET > 1 and NOISE_SEED_OFFSET + POOL_SEED_OFFSET != NOISE_SEED_OFFSET + 1
+    with pytest.raises(ValueError, match="one denoiser"):
+        tune([GMM.denoise, GMM.denoise], (8, 2), 4, boundary=2)
+    with pytest.raises(ValueError, match="smaller than pool"):
+        tune(GMM.denoise, (8, 2), 4, boundary=16, pool=16)
+    with pytest.raises(ValueError, match="boundary"):
+        tune(GMM.denoise, (8, 2), 4, boundary=-1)
+
+
+def test_cli_tune_boundary(tmp_path, capsys):
+    assert main(["tune", "--sandbox", "--nfe", "4", "--num", "16", "--boundary", "4", "--pool", "64",
+                 "--reference-steps", "48", "--max-evals", "10", "--finalists", "1", "--samplers", "dpmpp_2m",
+                 "--out", str(tmp_path)]) == 0
+    t = TunedSchedule.load(tmp_path / "nfe4.json")
+    assert (t.boundary, t.pool, t.num_samples) == (4, 64, 16)
+    assert "the 4 hardest of 64" in capsys.readouterr().out
+    assert main(["tune", "--sandbox", "--nfe", "4", "--boundary", "-1", "--out", str(tmp_path)]) == 2
+    assert "--boundary must be >= 0" in capsys.readouterr().err
