@@ -3,7 +3,8 @@
 Part ``gmm``: tune at NFE 9, 17 and 35 (``--tune-on``: by default one schedule per NFE for a family of six
 other exact mixtures at once; ``siblings``: each evaluated mixture's own schedules, tuned on the same recipe
 fitted to other samples or another seed; ``self``: each evaluated mixture itself, on its own tuning draws; or one
-named mixture), then solve the probability-flow ODE of six mixtures (two fitted to the real digits, one to patches
+named mixture; ``--boundary K`` adds the K hardest draws of a pool, see ``tune(boundary=...)``), then solve the
+probability-flow ODE of six mixtures (two fitted to the real digits, one to patches
 of scikit-learn's sample photos, three random ones; none of them tuned on unless ``self`` or named) from
 ``--eval-draws`` new noise draws and report the RMSE to the converged solution (Heun, 1000 Karras steps) of the
 tuned (sampler, sigmas, options) and of the best of k-diffusion 0.1.1's euler / heun / dpm_2 / lms / dpmpp_2m x

@@ -11,12 +11,23 @@ from .objectives import per_sample_rms
 from .registry import SOLVERS
 from .schedules import exponential_sigmas, karras_sigmas
 
-__all__ = ["POOL_SEED_OFFSET", "PICKERS", "hardest_draws", "stratify"]
+__all__ = ["POOL_SEED_OFFSET", "PICKERS", "check_boundary", "hardest_draws", "stratify"]
 
 #: The pool of tuning seed s is ``tuning_noise(..., s + POOL_SEED_OFFSET)``: no tuning or held-out draw of it.
 POOL_SEED_OFFSET = 0x10_0000
 #: The plain solvers (one evaluation per step) whose worst draws are kept: a draw either gets badly wrong.
 PICKERS = (("dpmpp_2m", karras_sigmas), ("unipc", exponential_sigmas))
+
+
+def check_boundary(boundary: int, pool: int, models: int) -> int:
+    """``pool``, or ValueError naming what is wrong with ``boundary`` draws of a ``pool`` for ``models`` denoisers."""
+    if isinstance(boundary, bool) or not isinstance(boundary, int) or boundary < 0:
+        raise ValueError(f"boundary must be an integer >= 0, got {boundary!r}")
+    if boundary and models > 1:
+        raise ValueError("boundary draws need one denoiser, not a list")
+    if boundary and not boundary < pool:
+        raise ValueError(f"boundary ({boundary}) must be smaller than pool ({pool})")
+    return pool
 
 
 def hardest_draws(D: Callable, pool: torch.Tensor, nfe: int, k: int, *, sigma_min: float, sigma_max: float,

@@ -13,9 +13,8 @@ does not win; the finalist with the lowest tuning loss does, unless its held-out
 :data:`HELDOUT_SLACK` times another finalist's (then it fitted its own draws). The search replays the
 registered solver itself, so the tuned ``(sampler, sigmas, options)`` costs at most ``nfe`` evaluations
 by construction.
-``D`` may be several denoisers: one schedule for all, each judged relatively. With ``boundary``, the
-draws a plain solver gets most wrong out of a large pool join the tuning batch, each draw weighted by the
-share of the pool it stands for (:mod:`.boundary`), so that rare draws ending in another mode are seen.
+``D`` may be several denoisers: one schedule for all, each judged relatively. ``boundary`` adds the hardest
+draws of a larger pool, weighted by the share of the pool each stands for (:mod:`.boundary`).
 """
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .boundary import POOL_SEED_OFFSET, stratify
+from .boundary import POOL_SEED_OFFSET, check_boundary, stratify
 from .objectives import LOSSES, Models, geometric_mean_loss, rmse, weighted_loss
 from .registry import SOLVERS, check_options, get_solver, sweep_solvers
 from .schedules import exponential_sigmas, karras_sigmas, vp_range_sigmas
@@ -282,14 +281,9 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
     The reference is Heun with ``reference_steps`` Karras steps (default ``max(128, 8 nfe)``: its error
     must stay well below the tuned one's, or the search fits the reference's own error).
 
-    ``boundary`` > 0 (one denoiser only) adds to the tuning batch the ``boundary`` draws of a further
-    ``pool`` draws (default ``16 * shape[0]``, solved by the reference in batches of ``shape[0]``) that
-    DPM-Solver++(2M) on Karras or UniPC on exponential levels at this NFE solve worst, and to the held-out
-    batch those of its own pool. Every draw then counts by the share of the pool it stands for (a hard one
-    1/pool, a random one the rest over ``shape[0]``), so the loss and the reported errors estimate those
-    over the whole pool, with the rare draws near a boundary between modes always in it. At NFE 35 on
-    an exact mixture, an error that flips one draw in a thousand to another mode dominates the RMSE and
-    is otherwise seen in a 1,024-draw batch about once.
+    ``boundary`` > 0 (one denoiser) adds to each batch the ``boundary`` draws of ``pool`` more (default
+    ``16 * shape[0]``) that plain solvers at this NFE solve worst, weighted so that loss and errors estimate
+    the pool's: the rare draws that end in another mode, which dominate the RMSE, are always seen.
     """
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
@@ -301,13 +295,7 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
     if not models or not all(callable(m) for m in models):
         raise ValueError("D must be a denoiser D(x, sigma) or a non-empty list of them")
     per = int(shape[0])
-    if isinstance(boundary, bool) or not isinstance(boundary, int) or boundary < 0:
-        raise ValueError(f"boundary must be an integer >= 0, got {boundary!r}")
-    pool = 16 * per if pool is None else pool
-    if boundary and len(models) > 1:
-        raise ValueError("boundary draws need one denoiser, not a list")
-    if boundary and not boundary < pool:
-        raise ValueError(f"boundary ({boundary}) must be smaller than pool ({pool})")
+    pool = check_boundary(boundary, 16 * per if pool is None else pool, len(models))
     if len(models) > 1:
         D, shape = Models(models, per), (per * len(models), *shape[1:])
     objective = geometric_mean_loss(LOSSES[loss], len(models))
@@ -317,22 +305,19 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
     memo = _Memo(D)
     say = print if progress else (lambda *a, **k: None)
     x = tuning_noise(shape, seed, sigma_max, dtype=dtype, device=device)
-    x_held = tuning_noise(shape, heldout_seed, sigma_max, dtype=dtype, device=device)
-    report = rmse
+    x_held, report = tuning_noise(shape, heldout_seed, sigma_max, dtype=dtype, device=device), rmse
     if boundary:
-        say(f"tune: the {boundary} of {pool} + {pool} more draws that plain solvers at NFE {nfe} solve worst")
-        kw = dict(sigma_min=sigma_min, sigma_max=sigma_max, reference_steps=reference_steps, chunk=per)
-        x, weights = stratify(D, x, tuning_noise((pool, *shape[1:]), seed + POOL_SEED_OFFSET, sigma_max,
-                                                    dtype=dtype, device=device), nfe, boundary, **kw)
-        x_held = stratify(D, x_held, tuning_noise((pool, *shape[1:]), heldout_seed + POOL_SEED_OFFSET,
-                                                     sigma_max, dtype=dtype, device=device), nfe, boundary, **kw)[0]
+        say(f"tune: adding the {boundary} of {pool} + {pool} more draws that plain solvers solve worst")
+        (x, weights), (x_held, _) = (stratify(D, draws, tuning_noise(
+            (pool, *shape[1:]), s + POOL_SEED_OFFSET, sigma_max, dtype=dtype, device=device), nfe, boundary,
+            sigma_min=sigma_min, sigma_max=sigma_max, reference_steps=reference_steps, chunk=per)
+            for draws, s in ((x, seed), (x_held, heldout_seed)))
         objective, report = weighted_loss(loss, weights), weighted_loss("rmse", weights)
         shape = (x.shape[0], *shape[1:])
     say(f"tune: reference solutions (heun, {reference_steps} steps) for {shape[0]} + {shape[0]} noise draws")
     ref, ref_sigmas, states, denoised = _reference(D, x, sigma_min, sigma_max, reference_steps, True)
     ref_held = _reference(D, x_held, sigma_min, sigma_max, reference_steps, False)[0]
-    reference_evals = 2 * SOLVERS["heun"].nfe(reference_steps) * shape[0]
-    pool_evals = 2 * pool * (SOLVERS["heun"].nfe(reference_steps) + 2 * nfe) if boundary else 0
+    reference_evals = 2 * SOLVERS["heun"].nfe(reference_steps) * (shape[0] + (pool if boundary else 0))
     lo, hi = math.log(sigma_min), math.log(sigma_max)
 
     scored = []
@@ -399,7 +384,7 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
         sigma_min=sigma_min, sigma_max=sigma_max,
         tuning_error=best["error"], heldout_error=best["heldout"], baselines=baselines, finalists=finals,
         reference={"solver": "heun", "schedule": "karras", "steps": reference_steps}, loss=loss,
-        evaluations=memo.calls * int(shape[0]) + reference_evals + pool_evals,
+        evaluations=memo.calls * int(shape[0]) + reference_evals + (4 * nfe * pool if boundary else 0),
         seconds=round(time.perf_counter() - t0, 2))
 
 
