@@ -380,7 +380,7 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
               for r in results]
     return TunedSchedule(
         sampler=best["sampler"], sigmas=best["sigmas"].tolist(), options=best["options"], nfe=nfe, seed=seed,
-        heldout_seed=heldout_seed, num_samples=per, boundary=boundary, pool=pool if boundary else 0,
+        heldout_seed=heldout_seed, num_samples=per * len(models), boundary=boundary, pool=pool if boundary else 0,
         sigma_min=sigma_min, sigma_max=sigma_max,
         tuning_error=best["error"], heldout_error=best["heldout"], baselines=baselines, finalists=finals,
         reference={"solver": "heun", "schedule": "karras", "steps": reference_steps}, loss=loss,
