@@ -15,7 +15,7 @@ __all__ = ["POOL_SEED_OFFSET", "PICKERS", "check_boundary", "hardest_draws", "st
 
 #: The pool of tuning seed s is ``tuning_noise(..., s + POOL_SEED_OFFSET)``: no tuning or held-out draw of it.
 POOL_SEED_OFFSET = 0x10_0000
-#: The plain solvers (one evaluation per step) whose worst draws are kept: a draw either gets badly wrong.
+#: The plain solvers (one evaluation per step) that pick the hard draws: a draw's error is the larger of the two.
 PICKERS = (("dpmpp_2m", karras_sigmas), ("unipc", exponential_sigmas))
 
 
