@@ -48,6 +48,7 @@ import torch
 
 from elucidate import GaussianMixture
 from elucidate.sampling import SOLVERS, TunedSchedule, karras_sigmas, tune
+from elucidate.sampling.boundary import POOL_FACTOR
 from elucidate.sampling.objectives import per_sample_rms, rmse
 from elucidate.sandbox import class_mixture, digits_mixture
 
@@ -265,7 +266,7 @@ def _tune_gmm(args) -> tuple[dict, str, float]:
         what = f"'{args.tune_on}'"
     draws = args.family_draws if args.tune_on == "family" else args.samples
     seconds = time.perf_counter() - t0
-    hard = f", each + the {args.boundary} hardest of {args.pool or 16 * draws}" if args.boundary else ""
+    hard = f", each + the {args.boundary} hardest of {args.pool or POOL_FACTOR * draws}" if args.boundary else ""
     return tuned, (f"tuned on {what}; loss {args.loss}, {draws} + {draws} draws{hard}, reference Heun 1000 steps, "
                    f"{seconds:.0f} s for NFE {', '.join(map(str, NFES))}"), seconds
 

@@ -108,6 +108,7 @@ def _targets(args) -> list[_Target]:
 def cmd_tune(args) -> int:
     import torch
 
+    from ..sampling.boundary import POOL_FACTOR
     from ..sampling.tuning import tune
 
     nfes = int_list(args.nfe, "--nfe")
@@ -124,7 +125,7 @@ def cmd_tune(args) -> int:
     device = torch.device(args.device) if args.device else None
     for nfe in nfes:
         models = f" for each of {len(targets)} runs" if len(targets) > 1 else ""
-        hard = f" (+ the {args.boundary} hardest of {args.pool or 16 * num} each)" if args.boundary else ""
+        hard = f" (+ the {args.boundary} hardest of {args.pool or POOL_FACTOR * num} each)" if args.boundary else ""
         print(f"elucidate tune: NFE {nfe}, {num} + {num} noise draws{hard}{models}, sigma {lo:g}..{hi:g}")
         try:
             tuned = tune(D, (num, *shape), nfe, seed=args.seed, sigma_min=lo, sigma_max=hi, samplers=samplers,

@@ -11,16 +11,21 @@ from .objectives import per_sample_rms
 from .registry import SOLVERS
 from .schedules import exponential_sigmas, karras_sigmas
 
-__all__ = ["POOL_SEED_OFFSET", "PICKERS", "check_boundary", "hardest_draws", "stratify"]
+__all__ = ["POOL_FACTOR", "POOL_SEED_OFFSET", "PICKERS", "check_boundary", "pool_evaluations", "hardest_draws",
+           "stratify"]
 
+#: The default pool holds this many draws per random tuning draw.
+POOL_FACTOR = 16
 #: The pool of tuning seed s is ``tuning_noise(..., s + POOL_SEED_OFFSET)``: no tuning or held-out draw of it.
 POOL_SEED_OFFSET = 0x10_0000
 #: The plain solvers (one evaluation per step) that pick the hard draws: a draw's error is the larger of the two.
 PICKERS = (("dpmpp_2m", karras_sigmas), ("unipc", exponential_sigmas))
 
 
-def check_boundary(boundary: int, pool: int, models: int) -> int:
-    """``pool``, or ValueError naming what is wrong with ``boundary`` draws of a ``pool`` for ``models`` denoisers."""
+def check_boundary(boundary: int, pool: int | None, per: int, models: int) -> int:
+    """The pool size (default :data:`POOL_FACTOR` x ``per`` random draws), or ValueError naming what is wrong
+    with ``boundary`` draws of ``pool`` for ``models`` denoisers."""
+    pool = POOL_FACTOR * per if pool is None else pool
     if isinstance(boundary, bool) or not isinstance(boundary, int) or boundary < 0:
         raise ValueError(f"boundary must be an integer >= 0, got {boundary!r}")
     if boundary and models > 1:
@@ -28,6 +33,12 @@ def check_boundary(boundary: int, pool: int, models: int) -> int:
     if boundary and not boundary < pool:
         raise ValueError(f"boundary ({boundary}) must be smaller than pool ({pool})")
     return pool
+
+
+def pool_evaluations(nfe: int, pool: int, reference_steps: int) -> int:
+    """Evaluations of D that picking from a tuning and a held-out pool of ``pool`` draws each costs."""
+    pickers = sum(SOLVERS[name].nfe(SOLVERS[name].steps_for_nfe(nfe)) for name, _ in PICKERS)
+    return 2 * pool * (SOLVERS["heun"].nfe(reference_steps) + pickers)
 
 
 def hardest_draws(D: Callable, pool: torch.Tensor, nfe: int, k: int, *, sigma_min: float, sigma_max: float,

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .boundary import POOL_SEED_OFFSET, check_boundary, stratify
+from .boundary import POOL_SEED_OFFSET, check_boundary, pool_evaluations, stratify
 from .objectives import LOSSES, Models, geometric_mean_loss, rmse, weighted_loss
 from .registry import SOLVERS, check_options, get_solver, sweep_solvers
 from .schedules import exponential_sigmas, karras_sigmas, vp_range_sigmas
@@ -295,7 +295,7 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
     if not models or not all(callable(m) for m in models):
         raise ValueError("D must be a denoiser D(x, sigma) or a non-empty list of them")
     per = int(shape[0])
-    pool = check_boundary(boundary, 16 * per if pool is None else pool, len(models))
+    pool = check_boundary(boundary, pool, per, len(models))
     if len(models) > 1:
         D, shape = Models(models, per), (per * len(models), *shape[1:])
     objective = geometric_mean_loss(LOSSES[loss], len(models))
@@ -317,7 +317,8 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
     say(f"tune: reference solutions (heun, {reference_steps} steps) for {shape[0]} + {shape[0]} noise draws")
     ref, ref_sigmas, states, denoised = _reference(D, x, sigma_min, sigma_max, reference_steps, True)
     ref_held = _reference(D, x_held, sigma_min, sigma_max, reference_steps, False)[0]
-    reference_evals = 2 * SOLVERS["heun"].nfe(reference_steps) * (shape[0] + (pool if boundary else 0))
+    reference_evals = (2 * SOLVERS["heun"].nfe(reference_steps) * shape[0]
+                       + (pool_evaluations(nfe, pool, reference_steps) if boundary else 0))
     lo, hi = math.log(sigma_min), math.log(sigma_max)
 
     scored = []
@@ -384,8 +385,7 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
         sigma_min=sigma_min, sigma_max=sigma_max,
         tuning_error=best["error"], heldout_error=best["heldout"], baselines=baselines, finalists=finals,
         reference={"solver": "heun", "schedule": "karras", "steps": reference_steps}, loss=loss,
-        evaluations=memo.calls * int(shape[0]) + reference_evals + (4 * nfe * pool if boundary else 0),
-        seconds=round(time.perf_counter() - t0, 2))
+        evaluations=memo.calls * int(shape[0]) + reference_evals, seconds=round(time.perf_counter() - t0, 2))
 
 
 def choose_finalist(results: list[dict], slack: float = HELDOUT_SLACK) -> dict:
