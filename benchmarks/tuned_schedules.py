@@ -255,8 +255,6 @@ def _tune_gmm(args) -> tuple[dict, str, float]:
         tuned = {name: _tune_nfes(make().denoise, args.samples, args) for name, make in EVALUATION.items()}
         what = "each evaluated mixture itself (its own tuning draws, not the evaluation draws)"
     elif args.tune_on == "family":
-        if args.boundary:
-            sys.exit("--boundary tunes one model at a time: use it with --tune-on self, siblings or one mixture")
         one = _tune_nfes([make().denoise for make in FAMILY.values()], args.family_draws, args)
         tuned = dict.fromkeys(EVALUATION, one)
         what = f"the family {', '.join(FAMILY)} ({args.family_draws} draws each)"

@@ -358,15 +358,17 @@ def test_cli_tune_run_then_sample_with_nfe(tmp_path, capsys):
     assert main(["sweep", str(run), "--samplers", "euler", "--nfe", "6", "--num", "16", "--tuned"]) == 2
     assert f"elucidate tune {run} --nfe 6" in capsys.readouterr().err
 
-    # one schedule for two runs: written to each, each with its own checkpoint and the runs it serves
+    # one schedule for two runs (each adding the 2 hardest of its own pool of 8): written to each, each with
+    # its own checkpoint and the runs it serves
     import shutil
 
     twin = tmp_path / "twin"
     shutil.copytree(run, twin)
     assert main(["tune", str(run), str(twin), "--nfe", "3", "--num", "4", "--reference-steps", "16",
-                 "--max-evals", "6", "--finalists", "1", "--samplers", "euler"]) == 0
+                 "--max-evals", "6", "--finalists", "1", "--samplers", "euler", "--boundary", "2",
+                 "--pool", "8"]) == 0
     a, b = load_tuned(run, 3), load_tuned(twin, 3)
-    assert a.sigmas == b.sigmas and a.num_samples == 8
+    assert a.sigmas == b.sigmas and a.num_samples == 8 and (a.boundary, a.pool) == (2, 8)
     assert a.model["run"] == str(run) and b.model["run"] == str(twin)
     assert a.model["tuned_with"] == b.model["tuned_with"] == [str(run), str(twin)]
     assert (twin / "schedules" / "tuned.png").is_file()

@@ -8,8 +8,8 @@ import torch
 from elucidate import GaussianMixture
 from elucidate.cli import main
 from elucidate.sampling import SOLVERS, exponential_sigmas, karras_sigmas, tune
-from elucidate.sampling.boundary import POOL_SEED_OFFSET, hardest_draws, stratify
-from elucidate.sampling.objectives import LOSSES, per_sample_rms, weighted_loss
+from elucidate.sampling.boundary import POOL_SEED_OFFSET, hardest_draws, stratify, stratify_models
+from elucidate.sampling.objectives import LOSSES, Models, geometric_mean_loss, per_sample_rms, weighted_loss
 from elucidate.sampling.tuned import TunedSchedule
 from elucidate.sampling.tuning import NOISE_SEED_OFFSET, tuning_noise
 
@@ -73,12 +73,33 @@ def test_tune_with_boundary_draws_reports_the_pool_estimate_within_budget():
     ref = SOLVERS["heun"](GMM.denoise, batch, karras_sigmas(200))
     assert t.tuning_error == pytest.approx(weighted_loss("rmse", w)(t(GMM.denoise, batch), ref), rel=1e-9)
     assert POOL_SEED_OFFSET > 1 and NOISE_SEED_OFFSET + POOL_SEED_OFFSET != NOISE_SEED_OFFSET + 1
-    with pytest.raises(ValueError, match="one denoiser"):
-        tune([GMM.denoise, GMM.denoise], (8, 2), 4, boundary=2)
     with pytest.raises(ValueError, match="smaller than pool"):
         tune(GMM.denoise, (8, 2), 4, boundary=16, pool=16)
     with pytest.raises(ValueError, match="boundary"):
         tune(GMM.denoise, (8, 2), 4, boundary=-1)
+
+
+def test_tune_a_list_with_boundary_draws_stratifies_each_model_on_its_own_pool():
+    other = GaussianMixture(torch.tensor([[1.0, 1.0], [1.0, 0.6]]), torch.tensor([0.04, 0.04]), [0.5, 0.5])
+    models = [GMM.denoise, other.denoise]
+    t = tune(models, (16, 2), 4, seed=3, boundary=4, pool=64, samplers=["dpmpp_2m"], reference_steps=200,
+             max_evals=10, finalists=1, loss="l4")
+    assert (t.boundary, t.pool, t.num_samples) == (4, 64, 32)
+    x, pool = tuning_noise((32, 2), 3, 80.0), tuning_noise((128, 2), 3 + POOL_SEED_OFFSET, 80.0)
+    batch, weights = stratify_models(models, x, pool, 4, 4, **KW)
+    for i, D in enumerate(models):  # model i: its 4 hardest of pool rows 64i.., then its 16 random draws
+        own, w = stratify(D, x[16 * i:16 * (i + 1)], pool[64 * i:64 * (i + 1)], 4, 4, chunk=16, **KW)
+        assert torch.equal(batch[20 * i:20 * (i + 1)], own) and torch.equal(weights[i], w)
+    D = Models(models, 20)
+    out, ref = t(D, batch), SOLVERS["heun"](D, batch, karras_sigmas(200))
+    # the report weighs every model's pool equally; the loss is the geometric mean of the models' own
+    assert t.tuning_error == pytest.approx(weighted_loss("rmse", torch.cat(weights) / 2)(out, ref), rel=1e-9)
+    per_model = [weighted_loss("l4", w)(out[20 * i:20 * (i + 1)], ref[20 * i:20 * (i + 1)])
+                 for i, w in enumerate(weights)]
+    geometric = geometric_mean_loss([weighted_loss("l4", w) for w in weights], 2)(out, ref)
+    assert geometric == pytest.approx((per_model[0] * per_model[1]) ** 0.5, rel=1e-12)
+    with pytest.raises(ValueError, match="one loss per group"):
+        geometric_mean_loss([weighted_loss("l4", w) for w in weights], 3)
 
 
 def test_cli_tune_boundary(tmp_path, capsys):

@@ -36,7 +36,7 @@ def register(sub) -> dict:
     p.add_argument("--boundary", type=int, default=0,
                    help="also tune on the N draws of a larger pool that plain solvers at the budget solve worst, "
                         "each draw weighted by its share of the pool: rare draws that end in another mode are then "
-                        "seen (costs a reference solution of the pool; one unconditional run)")
+                        "seen (costs a reference solution of the pool; unconditional runs, each its own pool)")
     p.add_argument("--pool", type=int, default=None, help="draws the --boundary ones are picked from "
                                                           "(default 16 x --num)")
     p.add_argument("--out", type=Path, default=None, help="folder for nfeN.json and tuned.png "

@@ -3,7 +3,7 @@ solvers at the budget get most wrong (those near a boundary between modes, which
 another mode) are always tuned on, and every draw counts by the share of the pool it stands for."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -12,7 +12,7 @@ from .registry import SOLVERS
 from .schedules import exponential_sigmas, karras_sigmas
 
 __all__ = ["POOL_FACTOR", "POOL_SEED_OFFSET", "PICKERS", "check_boundary", "pool_evaluations", "hardest_draws",
-           "stratify"]
+           "stratify", "stratify_models"]
 
 #: The default pool holds this many draws per random tuning draw.
 POOL_FACTOR = 16
@@ -22,21 +22,19 @@ POOL_SEED_OFFSET = 0x10_0000
 PICKERS = (("dpmpp_2m", karras_sigmas), ("unipc", exponential_sigmas))
 
 
-def check_boundary(boundary: int, pool: int | None, per: int, models: int) -> int:
+def check_boundary(boundary: int, pool: int | None, per: int) -> int:
     """The pool size (default :data:`POOL_FACTOR` x ``per`` random draws), or ValueError naming what is wrong
-    with ``boundary`` draws of ``pool`` for ``models`` denoisers."""
+    with ``boundary`` draws of ``pool``."""
     pool = POOL_FACTOR * per if pool is None else pool
     if isinstance(boundary, bool) or not isinstance(boundary, int) or boundary < 0:
         raise ValueError(f"boundary must be an integer >= 0, got {boundary!r}")
-    if boundary and models > 1:
-        raise ValueError("boundary draws need one denoiser, not a list")
     if boundary and not boundary < pool:
         raise ValueError(f"boundary ({boundary}) must be smaller than pool ({pool})")
     return pool
 
 
 def pool_evaluations(nfe: int, pool: int, reference_steps: int) -> int:
-    """Evaluations of D that picking from a tuning and a held-out pool of ``pool`` draws each costs."""
+    """Evaluations of D that picking from a tuning and a held-out pool of ``pool`` draws each costs (per model)."""
     pickers = sum(SOLVERS[name].nfe(SOLVERS[name].steps_for_nfe(nfe)) for name, _ in PICKERS)
     return 2 * pool * (SOLVERS["heun"].nfe(reference_steps) + pickers)
 
@@ -67,3 +65,13 @@ def stratify(D: Callable, x: torch.Tensor, pool: torch.Tensor, nfe: int, k: int,
     weights = torch.cat([torch.full((k,), 1.0 / n, dtype=torch.float64),
                          torch.full((m,), (n - k) / (m * n), dtype=torch.float64)])
     return torch.cat([hard, x]), weights
+
+
+def stratify_models(models: Sequence[Callable], x: torch.Tensor, pool: torch.Tensor, nfe: int, k: int,
+                    **kw) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`stratify` per model, each on its own equal block of ``x`` and of ``pool``: the batch
+    ``[hard 1, x 1, hard 2, x 2, ...]`` (equal blocks again, one per model) and each block's weights."""
+    per, n = x.shape[0] // len(models), pool.shape[0] // len(models)
+    blocks = [stratify(D, xi, pi, nfe, k, chunk=per, **kw)
+              for D, xi, pi in zip(models, x.split(per), pool.split(n))]
+    return torch.cat([batch for batch, _ in blocks]), [w for _, w in blocks]

@@ -71,15 +71,18 @@ class Models:
         return torch.cat([D(x[b], sigma[b]) for D, b in zip(self.models, blocks)])
 
 
-def geometric_mean_loss(loss: Callable, groups: int) -> Callable:
-    """The geometric mean of ``loss`` over ``groups`` equal blocks of the batch: every model counts by
-    its relative error, however large its errors are next to the others'."""
+def geometric_mean_loss(loss: Callable | Sequence[Callable], groups: int) -> Callable:
+    """The geometric mean of ``loss`` (or of ``loss[i]`` on block i) over ``groups`` equal blocks of the
+    batch: every model counts by its relative error, however large its errors are next to the others'."""
+    losses = list(loss) if isinstance(loss, (list, tuple)) else [loss] * groups
+    if len(losses) != groups:
+        raise ValueError(f"need one loss per group ({groups}), got {len(losses)}")
     if groups == 1:
-        return loss
+        return losses[0]
 
     def geometric(a: torch.Tensor, b: torch.Tensor) -> float:
         per = a.shape[0] // groups
-        values = [loss(a[i * per:(i + 1) * per], b[i * per:(i + 1) * per]) for i in range(groups)]
+        values = [f(a[i * per:(i + 1) * per], b[i * per:(i + 1) * per]) for i, f in enumerate(losses)]
         if math.inf in values:  # a model whose samples did not come out finite fails the schedule
             return math.inf
         if 0.0 in values:  # one model solved exactly: the product, and so the mean, is 0

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .boundary import POOL_SEED_OFFSET, check_boundary, pool_evaluations, stratify
+from .boundary import POOL_SEED_OFFSET, check_boundary, pool_evaluations, stratify_models
 from .objectives import LOSSES, Models, geometric_mean_loss, rmse, weighted_loss
 from .registry import SOLVERS, check_options, get_solver, sweep_solvers
 from .schedules import exponential_sigmas, karras_sigmas, vp_range_sigmas
@@ -281,9 +281,9 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
     The reference is Heun with ``reference_steps`` Karras steps (default ``max(128, 8 nfe)``: its error
     must stay well below the tuned one's, or the search fits the reference's own error).
 
-    ``boundary`` > 0 (one denoiser) adds to each batch the ``boundary`` draws of ``pool`` more (default
-    ``16 * shape[0]``) that plain solvers at this NFE solve worst, weighted so that loss and errors estimate
-    the pool's: the rare draws that end in another mode, which dominate the RMSE, are always seen.
+    ``boundary`` > 0 adds to each batch the ``boundary`` draws of ``pool`` more (default ``16 * shape[0]``;
+    each denoiser of a list its own) that plain solvers at this NFE solve worst, weighted so that loss and
+    errors estimate the pool's: the rare draws that end in another mode, which dominate the RMSE, are seen.
     """
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
@@ -295,30 +295,29 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
     if not models or not all(callable(m) for m in models):
         raise ValueError("D must be a denoiser D(x, sigma) or a non-empty list of them")
     per = int(shape[0])
-    pool = check_boundary(boundary, pool, per, len(models))
-    if len(models) > 1:
-        D, shape = Models(models, per), (per * len(models), *shape[1:])
-    objective = geometric_mean_loss(LOSSES[loss], len(models))
+    pool, n = check_boundary(boundary, pool, per), len(models)
+    shape, objective, report = (per * n, *shape[1:]), geometric_mean_loss(LOSSES[loss], n), rmse
     t0 = time.perf_counter()
     heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
     reference_steps = reference_steps or max(128, 8 * nfe)
-    memo = _Memo(D)
     say = print if progress else (lambda *a, **k: None)
     x = tuning_noise(shape, seed, sigma_max, dtype=dtype, device=device)
-    x_held, report = tuning_noise(shape, heldout_seed, sigma_max, dtype=dtype, device=device), rmse
-    if boundary:
+    x_held = tuning_noise(shape, heldout_seed, sigma_max, dtype=dtype, device=device)
+    if boundary:  # each model's block becomes [its hardest of its own pool, its random draws]
         say(f"tune: adding the {boundary} of {pool} + {pool} more draws that plain solvers solve worst")
-        (x, weights), (x_held, _) = (stratify(D, draws, tuning_noise(
-            (pool, *shape[1:]), s + POOL_SEED_OFFSET, sigma_max, dtype=dtype, device=device), nfe, boundary,
-            sigma_min=sigma_min, sigma_max=sigma_max, reference_steps=reference_steps, chunk=per)
+        (x, weights), (x_held, _) = (stratify_models(models, draws, tuning_noise(
+            (pool * n, *shape[1:]), s + POOL_SEED_OFFSET, sigma_max, dtype=dtype, device=device), nfe, boundary,
+            sigma_min=sigma_min, sigma_max=sigma_max, reference_steps=reference_steps)
             for draws, s in ((x, seed), (x_held, heldout_seed)))
-        objective, report = weighted_loss(loss, weights), weighted_loss("rmse", weights)
-        shape = (x.shape[0], *shape[1:])
+        objective = geometric_mean_loss([weighted_loss(loss, w) for w in weights], n)
+        report, shape = weighted_loss("rmse", torch.cat(weights) / n), (x.shape[0], *shape[1:])
+    D = Models(models, shape[0] // n) if n > 1 else models[0]
+    memo = _Memo(D)
     say(f"tune: reference solutions (heun, {reference_steps} steps) for {shape[0]} + {shape[0]} noise draws")
     ref, ref_sigmas, states, denoised = _reference(D, x, sigma_min, sigma_max, reference_steps, True)
     ref_held = _reference(D, x_held, sigma_min, sigma_max, reference_steps, False)[0]
     reference_evals = (2 * SOLVERS["heun"].nfe(reference_steps) * shape[0]
-                       + (pool_evaluations(nfe, pool, reference_steps) if boundary else 0))
+                       + (n * pool_evaluations(nfe, pool, reference_steps) if boundary else 0))
     lo, hi = math.log(sigma_min), math.log(sigma_max)
 
     scored = []
@@ -381,7 +380,7 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
               for r in results]
     return TunedSchedule(
         sampler=best["sampler"], sigmas=best["sigmas"].tolist(), options=best["options"], nfe=nfe, seed=seed,
-        heldout_seed=heldout_seed, num_samples=per * len(models), boundary=boundary, pool=pool if boundary else 0,
+        heldout_seed=heldout_seed, num_samples=per * n, boundary=boundary, pool=pool if boundary else 0,
         sigma_min=sigma_min, sigma_max=sigma_max,
         tuning_error=best["error"], heldout_error=best["heldout"], baselines=baselines, finalists=finals,
         reference={"solver": "heun", "schedule": "karras", "steps": reference_steps}, loss=loss,
