@@ -525,8 +525,8 @@ def main() -> None:
     parser.add_argument("--boundary", type=int, default=0,
                         help="tune() with the N draws of a larger pool that plain solvers solve worst (each "
                              "family member from its own pool)")
-    parser.add_argument("--pool", type=int, default=None, help="pool of the --boundary draws (default 16 x --samples, "
-                                                               "or 16 x --family-draws for the family)")
+    parser.add_argument("--pool", type=int, default=None, help=f"pool of the --boundary draws (default {POOL_FACTOR} "
+                                                               "x --samples, or x --family-draws for the family)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     parser.add_argument("--schedules", type=Path, nargs="+", default=None,
                         help="JSON that --part gmm --out wrote: the gmm part re-evaluates their schedules side by side "

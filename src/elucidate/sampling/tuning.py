@@ -281,7 +281,7 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
     The reference is Heun with ``reference_steps`` Karras steps (default ``max(128, 8 nfe)``: its error
     must stay well below the tuned one's, or the search fits the reference's own error).
 
-    ``boundary`` > 0 adds to each batch the ``boundary`` draws of ``pool`` more (default ``16 * shape[0]``;
+    ``boundary`` > 0 adds to each batch the ``boundary`` draws of ``pool`` more (default ``POOL_FACTOR * shape[0]``;
     each denoiser of a list its own) that plain solvers at this NFE solve worst, weighted so that loss and
     errors estimate the pool's: the rare draws that end in another mode, which dominate the RMSE, are seen.
     """
