@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from elucidate.precision import native_bf16
+
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {"digits": ("configs/digits-edm.yaml", "fd_digits"), "mnist": ("configs/mnist-edm.yaml", "fd_mnist"),
          "faces": ("configs/faces-edm.yaml", None)}
@@ -111,7 +113,8 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=2000)
     args = parser.parse_args()
     runs = dict(item.split("=", 1) for item in args.runs.split(",") if item)
-    print(f"torch threads {torch.get_num_threads()}; medians of {args.rounds} interleaved rounds")
+    print(f"torch threads {torch.get_num_threads()}; medians of {args.rounds} interleaved rounds; bf16 hardware: "
+          f"{'yes' if native_bf16('cpu') else 'no (bf16 is emulated; precision auto would use fp32)'}")
     print(f"{'case':<8}{'train fp32':>11}{'train bf16':>11}{'ratio':>7}{'sample fp32':>13}{'sample bf16':>13}"
           f"{'ratio':>7}   (training steps/s, sampling images/s, Heun 18 steps)")
     for case in args.cases.split(","):

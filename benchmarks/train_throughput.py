@@ -18,6 +18,7 @@ import torch
 from elucidate.config import parse_config
 from elucidate.data import build_dataset
 from elucidate.nets import build_network
+from elucidate.precision import native_bf16
 from elucidate.training import Trainer
 
 
@@ -99,7 +100,8 @@ def main() -> None:
     print(f"elucidate loop / bare loop: {med['elucidate fp32'] / med['bare fp32']:.3f}  (target >= 0.95; the loop also "
           f"does EMA, grad-norm, NaN guard, deterministic batches)")
     print(f"fused Adam gain:          {med['bare fp32'] / med['bare, default Adam']:.2f}x (elucidate uses it)")
-    print(f"bf16 autocast gain:       {med['bare bf16'] / med['bare fp32']:.2f}x")
+    print(f"bf16 autocast gain:       {med['bare bf16'] / med['bare fp32']:.2f}x"
+          f"{'' if native_bf16('cpu') else '  (no bf16 hardware here: emulated)'}")
     print(f"channels_last gain:       {med['bare channels_last'] / med['bare fp32']:.2f}x")
     if args.big:
         big_gains(args)

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from elucidate import precision
 from elucidate.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def test_train_writes_a_complete_run_directory(trained):
 
 
 @pytest.mark.slow
-def test_sample_outputs(trained, tmp_path):
+def test_sample_outputs(trained, tmp_path, monkeypatch):
     assert main(["sample", str(trained), "--seeds", "0-8", "--out", str(tmp_path / "grid.png")]) == 0
     assert Image.open(tmp_path / "grid.png").size[0] > 8 * 3
     assert main(["sample", str(trained), "--seeds", "3,5", "--out", str(tmp_path / "each") + "/"]) == 0
@@ -68,6 +69,11 @@ def test_sample_outputs(trained, tmp_path):
     assert main(["sample", str(trained), "--seeds", "2-3", "--out", str(tmp_path / "t.npz"), "--batch", "1"]) == 0
     with np.load(tmp_path / "t.npz") as data:
         assert np.array_equal(data["samples"], batched[2:4])  # image i depends on its seed only
+    monkeypatch.setattr(precision, "_cpu_features", dict)  # no bf16 hardware: --precision auto samples in fp32
+    assert main(["sample", str(trained), "--seeds", "0-5", "--out", str(tmp_path / "a.npz"),
+                 "--precision", "auto"]) == 0
+    with np.load(tmp_path / "a.npz") as data:
+        assert np.array_equal(data["samples"], batched)
     image = np.asarray(Image.open(tmp_path / "each" / "000003.png"))
     assert np.array_equal(image, batched[3][..., 0])
     for sampler in ("euler", "dpmpp_2m", "dpmpp_3m_sde", "euler_ancestral", "lms"):

@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .formulations import FORMULATIONS, Formulation, Shifted
 from .latent_config import LatentConfig, check_latent
 from .params import check_value, describe, did_you_mean, param, unknown_key, validate_fields
+from .precision import PRECISIONS
 
 __all__ = ["Config", "TrainingConfig", "SamplingConfig", "ConfigWarning", "load_config", "parse_config",
            "apply_overrides", "dump_config", "diffusion_keys", "SCHEDULE_KEYS"]
@@ -72,7 +73,8 @@ class TrainingConfig:
                                      minimum=0, exclusive=True)
     grad_clip: float | None = param(None, "max global gradient norm; null = off (as NVlabs/edm; see docs/training.md)",
                                     minimum=0, exclusive=True)
-    precision: str = param("fp32", "fp32, or bf16 autocast", choices=("fp32", "bf16"))
+    precision: str = param("fp32", "fp32, bf16 autocast, or auto (bf16 where the device has bf16 hardware, "
+                                     "else fp32; emulated bf16 is many times slower)", choices=PRECISIONS)
     seed: int = param(0, "all randomness of the run derives from it", minimum=0)
     checkpoint_every: int = param(500, "steps between checkpoints", minimum=1)
     sample_every: int = param(500, "steps between sample grids; 0 = only at the end", minimum=0)

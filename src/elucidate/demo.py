@@ -19,7 +19,7 @@ DEMO_CONFIG = {
     "diffusion": {"type": "EDM", "sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "p_mean": -1.2,
                   "p_std": 1.2},
     "training": {"steps": 3000, "batch_size": 64, "lr": 2e-3, "lr_rampup": 20_000, "ema_halflife": 20_000,
-                 "precision": "bf16", "checkpoint_every": 1000, "sample_every": 1000, "log_every": 50, "seed": 0},
+                 "precision": "auto", "checkpoint_every": 1000, "sample_every": 1000, "log_every": 50, "seed": 0},
     "sampling": {"steps": 18, "sampler": "heun", "s_churn": 0.0, "s_min": 0.05, "s_max": 50.0, "s_noise": 1.003},
 }
 

@@ -10,6 +10,7 @@ from .config import SamplingConfig
 from .denoiser import Guided
 from .errors import UserError
 from .formulations import Formulation
+from .precision import resolve_precision
 from .sampling import get_schedule, iddpm_sigmas, karras_sigmas, sample, vp_range_sigmas
 
 __all__ = ["schedule_for", "generate", "parse_seeds", "autocast_for", "check_finite", "NonFiniteSamples"]
@@ -65,8 +66,9 @@ def schedule_for(cfg: SamplingConfig, formulation: Formulation, *, device=None) 
 
 
 def autocast_for(precision: str, device: torch.device):
-    """bf16 autocast context for ``precision == 'bf16'``, else a no-op."""
-    if precision == "bf16":
+    """bf16 autocast context if ``precision`` resolves to bf16 on ``device`` (:func:`.precision.resolve_precision`:
+    ``auto`` is bf16 only where the hardware has it), else a no-op."""
+    if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

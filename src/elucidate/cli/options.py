@@ -46,7 +46,8 @@ def add_sampling_options(p: argparse.ArgumentParser, *, tuned: bool = True) -> N
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw training weights")
     p.add_argument("--batch", type=int, default=64, help="images per sampling batch (does not change results)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
+                   help="fp32, bf16 autocast, or auto: bf16 where the device has bf16 hardware")
 
 
 #: Flags that set a SamplingConfig field of the same name.

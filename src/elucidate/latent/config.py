@@ -16,6 +16,7 @@ import yaml
 from ..config import _check_data, _check_number, _typed_section, _validate, apply_overrides, read_config_file
 from ..errors import ConfigError
 from ..params import param, unknown_key
+from ..precision import PRECISIONS
 
 __all__ = ["VAEConfig", "VAEModelConfig", "VAELossConfig", "VAETrainingConfig", "parse_vae_config",
            "load_vae_config", "dump_vae_config", "apply_vae_overrides", "VAE_SECTIONS", "RESUMABLE_KEYS"]
@@ -99,7 +100,8 @@ class VAETrainingConfig:
                                   exclusive=True)
     betas: tuple = param(None, "Adam's (beta1, beta2) for both optimizers", default_factory=lambda: (0.5, 0.9))
     seed: int = param(0, "all randomness of the run derives from it", minimum=0)
-    precision: str = param("fp32", "fp32, or bf16 autocast", choices=("fp32", "bf16"))
+    precision: str = param("fp32", "fp32, bf16 autocast, or auto (bf16 where the device has bf16 hardware, "
+                                     "else fp32; emulated bf16 is many times slower)", choices=PRECISIONS)
     holdout: float = param(0.1, "held-out split for evaluation: a fraction in (0, 1) or a count of images",
                            minimum=0, exclusive=True)
     checkpoint_every: int = param(500, "steps between checkpoints", minimum=1)

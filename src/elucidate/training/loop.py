@@ -36,6 +36,7 @@ from ..fileio import atomic_write_text, remove_stale_temp_files
 from ..generate import autocast_for, generate
 from ..losses import denoising_loss
 from ..model import DataInfo, build_network_for
+from ..precision import resolve_precision
 from ..rundir import append_metrics, check_same_run, truncate_metrics
 from ..runlock import RunLock, RunLocked
 from ..runtime.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
@@ -79,6 +80,10 @@ class Trainer:
             raise UserError(f"training.batch_size = {self.t.batch_size} must be divisible by processes x "
                             f"grad_accumulation = {self.dist.world_size} x {self.t.grad_accumulation}")
         self.local_batch = self.t.batch_size // self.dist.world_size
+        self.precision = resolve_precision(self.t.precision, self.device)  # auto: bf16 only on bf16 hardware
+        if self.t.precision == "auto" and self.dist.is_main:
+            self.log(f"precision auto: {self.precision} on {self.device}"
+                     + ("" if self.precision == "bf16" else " (no bf16 hardware)"))
 
         from ..data import build_dataset
         self.dataset, self.latent = build_dataset(config.data), None  # latent: the record of a latent run
@@ -115,7 +120,8 @@ class Trainer:
         return {"step": self.step, "images": self.step * self.t.batch_size, "skipped_steps": self.skipped,
                 "seconds": self.seconds, "config": self.config.to_dict(), "data": self.info.to_dict(),
                 "normalizer": normalizer.to_config() if normalizer is not None else None,
-                "world_size": self.dist.world_size, "torch": torch.__version__, "bad_streak": self.bad_streak,
+                "world_size": self.dist.world_size, "precision": self.precision, "torch": torch.__version__,
+                "bad_streak": self.bad_streak,
                 "latent": self.latent}
 
     def _lock_run(self) -> RunLock:
@@ -237,7 +243,7 @@ class Trainer:
             last = m == self.t.grad_accumulation - 1
             sync = self.model.no_sync() if (self.dist.world_size > 1 and not last) else contextlib.nullcontext()
             with sync:
-                with autocast_for(self.t.precision, self.device):
+                with autocast_for(self.precision, self.device):
                     loss = denoising_loss(self.model, images[part], sigma=sigma[part], noise=noise[part],
                                           formulation=self.formulation, **cond)
                 (loss.sum() / self.local_batch).backward()
@@ -287,7 +293,7 @@ class Trainer:
             labels = torch.arange(n) % self.net_label_dim
         denoiser = Denoiser(self.ema.module, self.formulation).eval()
         x = generate(denoiser, self.formulation, (self.info.channels, *self.info.resolution), range(n),
-                     self.config.sampling, device=self.device, class_labels=labels, precision=self.t.precision)
+                     self.config.sampling, device=self.device, class_labels=labels, precision=self.precision)
         if self.latent is not None:  # decoded with the VAE the dataset already holds
             x = self.dataset.decode(x)
         path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
