@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from elucidate import GaussianMixture
-from elucidate.sampling import SOLVERS, TunedSchedule, karras_sigmas, tune
+from elucidate.sampling import SOLVERS, ReferenceCache, TunedSchedule, karras_sigmas, tune
 from elucidate.sampling.boundary import POOL_FACTOR
 from elucidate.sampling.objectives import per_sample_rms, rmse
 from elucidate.sandbox import class_mixture, digits_mixture
@@ -206,8 +206,9 @@ TUNING = {
 
 
 def _tune_nfes(D, per: int, args) -> dict:
+    references = ReferenceCache()  # the --boundary pools are solved once for the three budgets
     return {n: tune(D, (per, 64), n, seed=args.seed, reference_steps=1000, loss=args.loss, boundary=args.boundary,
-                    pool=args.pool) for n in NFES}
+                    pool=args.pool, references=references) for n in NFES}
 
 
 def _top_share(per_sample: torch.Tensor, k: int = 4) -> float:

@@ -239,7 +239,7 @@ def test_held_out_noise_drops_a_search_result_that_does_not_generalize(tuned_gmm
     def bad(problem, u, lo, hi, max_evals):  # claims a perfect fit with every level crammed below sigma_max
         return [("start", u, problem(u)), ("levels", [hi - 0.01 * (k + 1) for k in range(len(u))], 0.0)]
 
-    monkeypatch.setattr(tuning, "_search", bad)
+    monkeypatch.setattr(tuning, "search_levels", bad)
     t = tune(gmm.denoise, (32, gmm.dim), 6, samplers=["dpmpp_2m"], reference_steps=128, finalists=1)
     (final,) = t.finalists
     assert final["stage"] == "start" and t.sigmas == final["sigmas"]

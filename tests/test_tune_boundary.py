@@ -8,7 +8,14 @@ import torch
 from elucidate import GaussianMixture
 from elucidate.cli import main
 from elucidate.sampling import SOLVERS, exponential_sigmas, karras_sigmas, tune
-from elucidate.sampling.boundary import POOL_SEED_OFFSET, hardest_draws, stratify, stratify_models
+from elucidate.sampling.boundary import (
+    POOL_SEED_OFFSET,
+    ReferenceCache,
+    hardest_draws,
+    picker_evaluations,
+    stratify,
+    stratify_models,
+)
 from elucidate.sampling.objectives import LOSSES, Models, geometric_mean_loss, per_sample_rms, weighted_loss
 from elucidate.sampling.tuned import TunedSchedule
 from elucidate.sampling.tuning import NOISE_SEED_OFFSET, tuning_noise
@@ -77,6 +84,44 @@ def test_tune_with_boundary_draws_reports_the_pool_estimate_within_budget():
         tune(GMM.denoise, (8, 2), 4, boundary=16, pool=16)
     with pytest.raises(ValueError, match="boundary"):
         tune(GMM.denoise, (8, 2), 4, boundary=-1)
+
+
+def test_a_reference_cache_solves_each_pool_once_for_several_budgets():
+    options = dict(seed=2, boundary=6, pool=128, samplers=["dpmpp_2m"], reference_steps=200, max_evals=10,
+                   finalists=1)
+    references = ReferenceCache()
+    first = tune(GMM.denoise, (32, 2), 4, references=references, **options)
+    assert references.rows_solved == 2 * 128  # the tuning and the held-out pool
+    cached = tune(GMM.denoise, (32, 2), 5, references=references, **options)
+    assert references.rows_solved == 2 * 128  # the same pools at NFE 5: nothing solved again
+    fresh = tune(GMM.denoise, (32, 2), 5, **options)
+    assert (cached.sampler, cached.sigmas, cached.options) == (fresh.sampler, fresh.sigmas, fresh.options)
+    assert (cached.tuning_error, cached.heldout_error) == (fresh.tuning_error, fresh.heldout_error)
+    # evaluations count what was spent: the cached call skipped 2 x 128 Heun references, not the pickers
+    assert fresh.evaluations - cached.evaluations == 2 * 128 * SOLVERS["heun"].nfe(200)
+    heun = SOLVERS["heun"].nfe(200)
+    assert first.evaluations >= 2 * 128 * (heun + picker_evaluations(4)) + 2 * 38 * heun
+    # another denoiser, pool or reference is solved anew (the key holds the denoiser and the exact bits)
+    other = GaussianMixture(GMM.means, GMM.stds * 1.5, [0.4, 0.4, 0.2])
+    pool = tuning_noise((64, 2), 7, 80.0)
+    sigmas = karras_sigmas(50)
+    a = references.solve(other.denoise, pool, sigmas, 32)
+    assert references.rows_solved == 2 * 128 + 64
+    assert references.solve(other.denoise, pool, sigmas, 32) is a and references.rows_solved == 2 * 128 + 64
+    assert torch.equal(a, torch.cat([SOLVERS["heun"](other.denoise, part, sigmas) for part in pool.split(32)]))
+    references.solve(other.denoise, pool, karras_sigmas(60), 32)
+    references.solve(other.denoise, pool + 1e-9, sigmas, 32)
+    assert references.rows_solved == 2 * 128 + 3 * 64
+
+    class Unhashable:  # defines __eq__ without __hash__: never stored, solved each time
+        def __eq__(self, other):
+            return self is other
+
+        def __call__(self, x, sigma):
+            return other.denoise(x, sigma)
+    D = Unhashable()
+    references.solve(D, pool, sigmas, 32)
+    assert torch.equal(references.solve(D, pool, sigmas, 32), a) and references.rows_solved == 2 * 128 + 5 * 64
 
 
 def test_tune_a_list_with_boundary_draws_stratifies_each_model_on_its_own_pool():

@@ -26,11 +26,11 @@ def _cpu_features() -> dict:
 
 
 def native_bf16(device: str | torch.device) -> bool:
-    """Whether ``device`` has bf16 arithmetic in hardware: a CUDA GPU that supports it, or a CPU with
-    AVX512-BF16 or AMX-BF16 (elsewhere bf16 autocast is emulated)."""
+    """Whether ``device`` has bf16 arithmetic in hardware: a CUDA GPU that supports it natively (Ampere or
+    later), or a CPU with AVX512-BF16 or AMX-BF16 (elsewhere bf16 autocast is emulated)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
     if device.type == "cpu":
         features = _cpu_features()
         return bool(features.get("avx512_bf16") or features.get("amx_bf16"))

@@ -26,7 +26,8 @@ def register(sub) -> dict:
     p.add_argument("--samplers", default=None,
                    help="comma-separated ODE solvers to choose from (default: the deterministic sweep solvers)")
     p.add_argument("--reference-steps", dest="reference_steps", type=int, default=None,
-                   help="Heun steps of the reference solution (default max(128, 8 x NFE))")
+                   help="Heun steps of the reference solution (default max(128, 8 x NFE); with --boundary, the "
+                        "pools of budgets with equal reference steps are solved once)")
     p.add_argument("--max-evals", dest="max_evals", type=int, default=150,
                    help="solver runs of the search per finalist solver")
     p.add_argument("--finalists", type=int, default=3, help="solvers whose schedules are searched")
@@ -108,7 +109,7 @@ def _targets(args) -> list[_Target]:
 def cmd_tune(args) -> int:
     import torch
 
-    from ..sampling.boundary import POOL_FACTOR
+    from ..sampling.boundary import POOL_FACTOR, ReferenceCache
     from ..sampling.tuning import tune
 
     nfes = int_list(args.nfe, "--nfe")
@@ -123,6 +124,7 @@ def cmd_tune(args) -> int:
         raise UserError(f"--boundary must be >= 0 and --pool >= 2, got {args.boundary} and {args.pool}")
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()] if args.samplers else None
     device = torch.device(args.device) if args.device else None
+    references = ReferenceCache()  # the --boundary pools are solved once for all the budgets
     for nfe in nfes:
         models = f" for each of {len(targets)} runs" if len(targets) > 1 else ""
         hard = f" (+ the {args.boundary} hardest of {args.pool or POOL_FACTOR * num} each)" if args.boundary else ""
@@ -131,6 +133,7 @@ def cmd_tune(args) -> int:
             tuned = tune(D, (num, *shape), nfe, seed=args.seed, sigma_min=lo, sigma_max=hi, samplers=samplers,
                          progress=True, reference_steps=args.reference_steps, finalists=args.finalists,
                          max_evals=args.max_evals, boundary=args.boundary, pool=args.pool, device=device,
+                         references=references,
                          **({"loss": args.loss} if args.loss else {}))
         except ValueError as e:  # unknown / stochastic solver names, a budget no solver fits
             raise UserError(str(e)) from None

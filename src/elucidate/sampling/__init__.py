@@ -9,6 +9,7 @@ from . import multistep as _multistep  # noqa: F401  (registers the built-in mul
 from . import solvers as _solvers  # noqa: F401  (registers the built-in single-step solvers)
 from .ablation import ablation
 from .api import SeededNoise, get_sampler, sample
+from .boundary import ReferenceCache
 from .multistep import lms_coefficients
 from .registry import (
     CONFIG_OPTIONS,
@@ -45,7 +46,7 @@ __all__ = [
     "nfe", "ode_solvers", "register_solver", "steps_for_nfe", "stochastic_solvers", "sweep_solvers", "SCHEDULES",
     "exponential_sigmas", "get_schedule", "iddpm_sigmas", "karras_sigmas", "linear_sigmas", "ve_sigmas",
     "vp_betas_for_range", "vp_range_sigmas", "vp_sigmas", "ancestral_step", "check_sigmas", "lms_coefficients",
-    "num_steps", "tune", "TunedSchedule", "load_tuned", "tuned_config", *SOLVERS,
+    "num_steps", "tune", "ReferenceCache", "TunedSchedule", "load_tuned", "tuned_config", *SOLVERS,
 ]
 
 

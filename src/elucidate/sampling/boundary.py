@@ -3,6 +3,7 @@ solvers at the budget get most wrong (those near a boundary between modes, which
 another mode) are always tuned on, and every draw counts by the share of the pool it stands for."""
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -11,8 +12,8 @@ from .objectives import per_sample_rms
 from .registry import SOLVERS
 from .schedules import exponential_sigmas, karras_sigmas
 
-__all__ = ["POOL_FACTOR", "POOL_SEED_OFFSET", "PICKERS", "check_boundary", "pool_evaluations", "hardest_draws",
-           "stratify", "stratify_models"]
+__all__ = ["POOL_FACTOR", "POOL_SEED_OFFSET", "PICKERS", "ReferenceCache", "check_boundary", "pool_evaluations",
+           "picker_evaluations", "hardest_draws", "stratify", "stratify_models"]
 
 #: The default pool holds this many draws per random tuning draw.
 POOL_FACTOR = 16
@@ -33,20 +34,56 @@ def check_boundary(boundary: int, pool: int | None, per: int) -> int:
     return pool
 
 
+def picker_evaluations(nfe: int) -> int:
+    """Evaluations of D that :data:`PICKERS` at ``nfe`` cost per draw."""
+    return sum(SOLVERS[name].nfe(SOLVERS[name].steps_for_nfe(nfe)) for name, _ in PICKERS)
+
+
 def pool_evaluations(nfe: int, pool: int, reference_steps: int) -> int:
-    """Evaluations of D that picking from a tuning and a held-out pool of ``pool`` draws each costs (per model)."""
-    pickers = sum(SOLVERS[name].nfe(SOLVERS[name].steps_for_nfe(nfe)) for name, _ in PICKERS)
-    return 2 * pool * (SOLVERS["heun"].nfe(reference_steps) + pickers)
+    """Evaluations of D that picking from a tuning and a held-out pool of ``pool`` draws each costs (per model),
+    with no reference solution cached."""
+    return 2 * pool * (SOLVERS["heun"].nfe(reference_steps) + picker_evaluations(nfe))
+
+
+def _digest(t: torch.Tensor) -> bytes:
+    return hashlib.blake2b(t.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+
+
+class ReferenceCache:
+    """Heun reference solutions of pool draws, kept for later :func:`~elucidate.sampling.tune` calls on the
+    same denoiser: the pool and its reference do not depend on the NFE, so tuning several budgets with one
+    cache (and the same ``reference_steps``) solves each pool once. Keyed by the denoiser object itself (held,
+    so a key is never reused) and the exact bits of the draws and levels; an unhashable denoiser is not cached.
+    ``rows_solved`` counts the draws actually solved."""
+
+    def __init__(self) -> None:
+        self._store: dict = {}
+        self.rows_solved = 0
+
+    def solve(self, D: Callable, x: torch.Tensor, sigmas: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Heun on ``sigmas`` from every row of ``x`` (``chunk`` rows at once), or the stored answer."""
+        key = (D, tuple(x.shape), x.dtype, str(x.device), _digest(x), _digest(sigmas), chunk)
+        try:
+            hit = self._store.get(key)
+        except TypeError:  # an unhashable denoiser: solved every time
+            hit, key = None, None
+        if hit is None:
+            hit = torch.cat([SOLVERS["heun"].fn(D, part, sigmas) for part in x.split(chunk)])
+            self.rows_solved += x.shape[0]
+            if key is not None:
+                self._store[key] = hit
+        return hit
 
 
 def hardest_draws(D: Callable, pool: torch.Tensor, nfe: int, k: int, *, sigma_min: float, sigma_max: float,
-                  reference_steps: int, chunk: int) -> torch.Tensor:
+                  reference_steps: int, chunk: int, references: ReferenceCache | None = None) -> torch.Tensor:
     """Indices of the ``k`` rows of ``pool`` (noise at ``sigma_max``) with the largest error of any of
-    :data:`PICKERS` at ``nfe`` evaluations to Heun on ``reference_steps`` Karras steps (``chunk`` rows at once)."""
-    reference = karras_sigmas(reference_steps, sigma_min, sigma_max)
+    :data:`PICKERS` at ``nfe`` evaluations to Heun on ``reference_steps`` Karras steps (``chunk`` rows at once;
+    the reference from ``references`` if it holds it)."""
+    references = ReferenceCache() if references is None else references
+    solved = references.solve(D, pool, karras_sigmas(reference_steps, sigma_min, sigma_max), chunk)
     errors = []
-    for x in pool.split(chunk):
-        ref = SOLVERS["heun"].fn(D, x, reference)
+    for x, ref in zip(pool.split(chunk), solved.split(chunk)):
         worst = torch.zeros(x.shape[0], dtype=torch.float64)
         for name, schedule in PICKERS:
             steps = SOLVERS[name].steps_for_nfe(nfe)

@@ -26,10 +26,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .boundary import POOL_SEED_OFFSET, check_boundary, pool_evaluations, stratify_models
+from .boundary import POOL_SEED_OFFSET, ReferenceCache, check_boundary, picker_evaluations, stratify_models
 from .objectives import LOSSES, Models, geometric_mean_loss, rmse, weighted_loss
 from .registry import SOLVERS, check_options, get_solver, sweep_solvers
 from .schedules import exponential_sigmas, karras_sigmas, vp_range_sigmas
+from .search import search_levels
 from .tuned import TunedSchedule
 
 __all__ = ["tune", "candidate_solvers", "choose_finalist", "OPTION_VARIANTS", "NOISE_SEED_OFFSET", "HELDOUT_SLACK",
@@ -160,74 +161,6 @@ class _Problem:
         return self.error(_to_sigmas(u, self.sigma_max))
 
 
-def _resample(u: list[float], hi: float, m: int) -> list[float]:
-    """A decreasing curve given by its values at step fractions 0 (``hi``), 1/n, ..., 1 (``u``), read
-    piecewise-linearly at 1/m, ..., 1: the ``m`` knots of a schedule, or the levels of ``m`` steps."""
-    full, n = [hi, *u], len(u)
-    if m == n:
-        return list(u)
-    out = []
-    for j in range(1, m + 1):
-        pos = j / m * n
-        k = min(int(pos), n - 1)
-        out.append(full[k] + (pos - k) * (full[k + 1] - full[k]))
-    return out
-
-
-def _pattern_search(f: Callable[[list[float]], float], v: list[float], lo: float, hi: float, *,
-                    max_evals: int, tol: float = 0.02, step0: float = 0.25) -> tuple[list[float], float, int]:
-    """Minimize ``f`` over decreasing ``v`` in (lo, hi) by moving one coordinate at a time (last first,
-    so the replayed prefix stays the same), with a step per coordinate that grows on success and halves
-    on failure; stops when every step is below ``tol`` (in log-sigma) or after ``max_evals``."""
-    v, best, evals = list(v), f(v), 1
-    step = [step0] * len(v)
-    direction = [1.0] * len(v)
-    while evals < max_evals and max(step, default=0) >= tol:
-        for k in reversed(range(len(v))):
-            if step[k] < tol:
-                continue
-            upper = hi if k == 0 else v[k - 1]
-            lower = lo if k == len(v) - 1 else v[k + 1]
-            margin = 0.02 * (upper - lower)
-            moved = False
-            for sign in (direction[k], -direction[k]):
-                value = min(max(v[k] + sign * step[k], lower + margin), upper - margin)
-                if abs(value - v[k]) < 1e-9:
-                    continue
-                trial = v[:k] + [value] + v[k + 1:]
-                err = f(trial)
-                evals += 1
-                if err < best:
-                    v, best, moved, direction[k] = trial, err, True, sign
-                    step[k] = min(step[k] * 1.5, 1.0)
-                    break
-            if not moved:
-                step[k] *= 0.5
-            if evals >= max_evals:
-                break
-    return v, best, evals
-
-
-def _search(problem, u: list[float], lo: float, hi: float, max_evals: int, coarse: int = 6):
-    """Coarse-to-fine: first ``coarse`` knots of a piecewise-linear warp (all steps move together, so
-    the search cannot trap two neighbouring levels), then every level on its own. Returns every stage
-    as ``(name, u, loss)``: the start, the warp's best and the levels' best."""
-    n = len(u)
-    stages = [("start", list(u), problem(u))]
-    best_u, best = stages[0][1:]
-    if n > coarse + 2:
-        v, err, used = _pattern_search(lambda v: problem(_resample(v, hi, n)), _resample(u, hi, coarse), lo, hi,
-                                       max_evals=max_evals // 2)
-        if err < best:
-            best_u, best = _resample(v, hi, n), err
-            stages.append(("warp", best_u, best))
-        max_evals -= used
-    v, err, _ = _pattern_search(problem, best_u, lo, hi, max_evals=max_evals)
-    if err < best:
-        stages.append(("levels", v, err))
-    return stages
-
-
 def _initial_schedules(steps: int, sigma_min: float, sigma_max: float, dp: torch.Tensor | None,
                        rhos: Sequence[float]) -> dict:
     inits = {f"karras_rho{rho:g}": karras_sigmas(steps, sigma_min, sigma_max, rho) for rho in rhos}
@@ -256,7 +189,7 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
          sigma_max: float = 80.0, samplers: Sequence[str] | None = None, progress: bool = False,
          heldout_seed: int | None = None, reference_steps: int | None = None, finalists: int = 3,
          max_evals: int = 150, loss: str = "l4", boundary: int = 0, pool: int | None = None,
-         dtype: torch.dtype = torch.float64, device=None) -> TunedSchedule:
+         references: ReferenceCache | None = None, dtype: torch.dtype = torch.float64, device=None) -> TunedSchedule:
     """The solver, options and noise levels (``sigma_max`` down to 0) that solve ``D``'s probability-flow
     ODE from ``shape[0]`` draws of noise (``seed``) closest to a converged solution in ``nfe`` evaluations.
 
@@ -284,6 +217,8 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
     ``boundary`` > 0 adds to each batch the ``boundary`` draws of ``pool`` more (default ``POOL_FACTOR * shape[0]``;
     each denoiser of a list its own) that plain solvers at this NFE solve worst, weighted so that loss and
     errors estimate the pool's: the rare draws that end in another mode, which dominate the RMSE, are seen.
+    The pools' references do not depend on ``nfe``: one :class:`ReferenceCache` as ``references`` for the calls
+    at several budgets (same ``reference_steps``) solves each pool once.
     """
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
@@ -303,21 +238,25 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
     say = print if progress else (lambda *a, **k: None)
     x = tuning_noise(shape, seed, sigma_max, dtype=dtype, device=device)
     x_held = tuning_noise(shape, heldout_seed, sigma_max, dtype=dtype, device=device)
+    references = ReferenceCache() if references is None else references
+    solved = references.rows_solved
     if boundary:  # each model's block becomes [its hardest of its own pool, its random draws]
         say(f"tune: adding the {boundary} of {pool} + {pool} more draws that plain solvers solve worst")
         (x, weights), (x_held, _) = (stratify_models(models, draws, tuning_noise(
             (pool * n, *shape[1:]), s + POOL_SEED_OFFSET, sigma_max, dtype=dtype, device=device), nfe, boundary,
-            sigma_min=sigma_min, sigma_max=sigma_max, reference_steps=reference_steps)
+            sigma_min=sigma_min, sigma_max=sigma_max, reference_steps=reference_steps, references=references)
             for draws, s in ((x, seed), (x_held, heldout_seed)))
         objective = geometric_mean_loss([weighted_loss(loss, w) for w in weights], n)
         report, shape = weighted_loss("rmse", torch.cat(weights) / n), (x.shape[0], *shape[1:])
+        if references.rows_solved == solved:
+            say("tune: the pools' reference solutions came from the cache (references)")
     D = Models(models, shape[0] // n) if n > 1 else models[0]
     memo = _Memo(D)
     say(f"tune: reference solutions (heun, {reference_steps} steps) for {shape[0]} + {shape[0]} noise draws")
     ref, ref_sigmas, states, denoised = _reference(D, x, sigma_min, sigma_max, reference_steps, True)
     ref_held = _reference(D, x_held, sigma_min, sigma_max, reference_steps, False)[0]
-    reference_evals = (2 * SOLVERS["heun"].nfe(reference_steps) * shape[0]
-                       + (n * pool_evaluations(nfe, pool, reference_steps) if boundary else 0))
+    reference_evals = (SOLVERS["heun"].nfe(reference_steps) * (2 * shape[0] + references.rows_solved - solved)
+                       + (2 * n * pool * picker_evaluations(nfe) if boundary else 0))  # a cached pool: no evaluations
     lo, hi = math.log(sigma_min), math.log(sigma_max)
 
     scored = []
@@ -349,7 +288,7 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
                 cand["inits"][name] = (s, problem.error(s))
         cand["start"] = min(cand["inits"], key=lambda k: cand["inits"][k][1])
         sigmas0 = cand["inits"][cand["start"]][0]
-        stages = (_search(problem, _from_sigmas(sigmas0), lo, hi, max_evals) if cand["steps"] > 1
+        stages = (search_levels(problem, _from_sigmas(sigmas0), lo, hi, max_evals) if cand["steps"] > 1
                   else [("start", [], cand["inits"][cand["start"]][1])])
         # the held-out draw picks the stage: a search that fitted this noise at the expense of others loses
         held_problem = _Problem(memo, x_held, ref_held, cand["sampler"], cand["options"], sigma_max, objective,
