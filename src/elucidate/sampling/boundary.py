@@ -12,8 +12,8 @@ from .objectives import per_sample_rms
 from .registry import SOLVERS
 from .schedules import exponential_sigmas, karras_sigmas
 
-__all__ = ["POOL_FACTOR", "POOL_SEED_OFFSET", "PICKERS", "ReferenceCache", "check_boundary", "pool_evaluations",
-           "picker_evaluations", "hardest_draws", "stratify", "stratify_models"]
+__all__ = ["POOL_FACTOR", "POOL_SEED_OFFSET", "PICKERS", "ReferenceCache", "check_boundary", "picker_evaluations",
+           "hardest_draws", "stratify", "stratify_models"]
 
 #: The default pool holds this many draws per random tuning draw.
 POOL_FACTOR = 16
@@ -39,12 +39,6 @@ def picker_evaluations(nfe: int) -> int:
     return sum(SOLVERS[name].nfe(SOLVERS[name].steps_for_nfe(nfe)) for name, _ in PICKERS)
 
 
-def pool_evaluations(nfe: int, pool: int, reference_steps: int) -> int:
-    """Evaluations of D that picking from a tuning and a held-out pool of ``pool`` draws each costs (per model),
-    with no reference solution cached."""
-    return 2 * pool * (SOLVERS["heun"].nfe(reference_steps) + picker_evaluations(nfe))
-
-
 def _digest(t: torch.Tensor) -> bytes:
     return hashlib.blake2b(t.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
 
@@ -53,7 +47,8 @@ class ReferenceCache:
     """Heun reference solutions of pool draws, kept for later :func:`~elucidate.sampling.tune` calls on the
     same denoiser: the pool and its reference do not depend on the NFE, so tuning several budgets with one
     cache (and the same ``reference_steps``) solves each pool once. Keyed by the denoiser object itself (held,
-    so a key is never reused) and the exact bits of the draws and levels; an unhashable denoiser is not cached.
+    so a key is never reused; a model whose weights change in between needs a new cache) and the exact bits of
+    the draws and levels; an unhashable denoiser is not cached.
     ``rows_solved`` counts the draws actually solved."""
 
     def __init__(self) -> None:
