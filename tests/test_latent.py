@@ -324,6 +324,7 @@ def test_run_directory_layout_metrics_and_load_vae(tmp_path):
     assert evals[-1]["fd_features"] == "fd_digits" and evals[-1]["count"] == 20
     tensors, meta = load_checkpoint(summary["checkpoint"])
     assert meta["kind"] == "vae" and meta["latent_shape"] == [4, 4, 4] and meta["eval"]["psnr"] == summary["psnr"]
+    assert meta["precision"] == "fp32"  # the resolved precision (the tiny config's default)
     assert "net.loss.logvar" in tensors and any(k.startswith("optimizer.state.") for k in tensors)
     vae = load_vae(run)
     assert isinstance(vae, AutoencoderKL) and not vae.training

@@ -82,3 +82,14 @@ def test_a_run_with_auto_trains_in_and_records_the_resolved_precision(tmp_path, 
     _, meta = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))
     assert meta["precision"] == expected
     assert meta["config"]["training"]["precision"] == "auto"  # the config keeps what the user wrote
+
+
+@pytest.mark.parametrize("features, expected", [({}, "fp32"), ({"amx_bf16": True}, "bf16")])
+def test_a_vae_run_with_auto_records_the_resolved_precision(tmp_path, cpu_features, features, expected):
+    from elucidate.latent import train_vae
+    from test_latent import tiny_config as tiny_vae
+
+    cpu_features(**features)
+    summary = train_vae(tiny_vae(steps=2, checkpoint_every=2, precision="auto"), tmp_path / "vae", progress=False)
+    _, meta = load_checkpoint(summary["checkpoint"])
+    assert meta["precision"] == expected

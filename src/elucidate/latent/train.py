@@ -29,6 +29,7 @@ from ..checkpoint import (
 from ..errors import UserError
 from ..fileio import atomic_write_text
 from ..generate import autocast_for
+from ..precision import resolve_precision
 from ..rundir import append_metrics, check_same_run, truncate_metrics
 from ..runfiles import DataInfo
 from ..runlock import RunLock
@@ -83,6 +84,7 @@ class VAETrainer:
             raise UserError(f"training.batch_size = {self.t.batch_size} must be divisible by the number of "
                             f"processes ({self.dist.world_size})")
         self.local_batch = self.t.batch_size // self.dist.world_size
+        self.precision = resolve_precision(self.t.precision, self.device)  # auto: bf16 only on bf16 hardware
 
         from ..data import build_dataset
         self.dataset = build_dataset(config.data)
@@ -122,7 +124,8 @@ class VAETrainer:
                 "data": DataInfo(self.channels, self.resolution, self.dataset.num_classes).to_dict(),
                 "latent_shape": list(self.vae.latent_shape), "eval": self.last_eval,
                 "normalizer": normalizer.to_config() if normalizer is not None else None,
-                "world_size": self.dist.world_size, "torch": torch.__version__}
+                "world_size": self.dist.world_size, "precision": self.precision,
+                "torch": torch.__version__}
 
     def _prepare_run_dir(self) -> None:
         ckpt = latest_checkpoint(self.run_dir / "checkpoints")
@@ -182,16 +185,16 @@ class VAETrainer:
         x, noise = self._batch(step)
         torch.manual_seed(derive_seed(self.t.seed, "dropout", step, self.dist.rank))
         self.state.train()
-        with autocast_for(self.t.precision, self.device):
+        with autocast_for(self.precision, self.device):
             x_rec, moments = self.ae_model(x, noise)
         posterior = DiagonalGaussianDistribution(moments.float(), deterministic=not self.vae.double_z)
-        with autocast_for(self.t.precision, self.device):
+        with autocast_for(self.precision, self.device):
             loss, logs = self.loss.generator_loss(x, x_rec, posterior, step, self.vae.last_layer,
                                                   reduce_grad=self._reduce)
         loss.backward()
         applied = self._apply(self.opt_ae, self.ae_params)
         if self.loss.adversarial(step):  # discriminator on this step's (pre-update) reconstructions
-            with autocast_for(self.t.precision, self.device):
+            with autocast_for(self.precision, self.device):
                 d_loss, d_logs = self.loss.discriminator_loss(x, x_rec, step, self.disc_model)
             d_loss.backward()
             applied = self._apply(self.opt_disc, self.disc_params) and applied

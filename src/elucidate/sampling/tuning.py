@@ -6,7 +6,7 @@ exponential schedule and a GITS-like dynamic program over the reference trajecto
 between its levels with the least summed one-step error); the best few (finalists) also try Karras
 rho in {3, 5, 10} and VP, then move the interior log-sigmas from their best start to minimize the error
 of the final samples to the reference (:data:`LOSSES`; default ``l4``, which weighs the samples that
-come out worst most): coarse-to-fine, a pattern search over the knots of a piecewise-linear warp of
+come out worst most): coarse-to-fine (:mod:`.search`), a pattern search over the knots of a piecewise-linear warp of
 the step index, then over every level. A second (held-out) draw of noise picks among each finalist's
 start, warp and per-level results, so a search that fitted its own noise at the expense of other draws
 does not win; the finalist with the lowest tuning loss does, unless its held-out loss is over
