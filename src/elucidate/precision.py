@@ -7,6 +7,7 @@ fp32 elsewhere; an explicit ``bf16`` is kept (its numerics may be what the user 
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -18,6 +19,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 _warned: set[str] = set()
 
 
+@functools.cache  # the hardware does not change: probed once, not on every autocast_for
 def _cpu_features() -> dict:
     try:  # private, so guarded: without it (another build or architecture) bf16 counts as not native
         return dict(torch._C._cpu._get_cpu_capability())

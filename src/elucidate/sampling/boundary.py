@@ -13,7 +13,7 @@ from .registry import SOLVERS
 from .schedules import exponential_sigmas, karras_sigmas
 
 __all__ = ["POOL_FACTOR", "POOL_SEED_OFFSET", "PICKERS", "ReferenceCache", "check_boundary", "picker_evaluations",
-           "hardest_draws", "stratify", "stratify_models"]
+           "tensor_digest", "hardest_draws", "stratify", "stratify_models"]
 
 #: The default pool holds this many draws per random tuning draw.
 POOL_FACTOR = 16
@@ -39,7 +39,8 @@ def picker_evaluations(nfe: int) -> int:
     return sum(SOLVERS[name].nfe(SOLVERS[name].steps_for_nfe(nfe)) for name, _ in PICKERS)
 
 
-def _digest(t: torch.Tensor) -> bytes:
+def tensor_digest(t: torch.Tensor) -> bytes:
+    """16 bytes that change with any bit of ``t`` (its values, in row-major order)."""
     return hashlib.blake2b(t.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
 
 
@@ -57,7 +58,7 @@ class ReferenceCache:
 
     def solve(self, D: Callable, x: torch.Tensor, sigmas: torch.Tensor, chunk: int) -> torch.Tensor:
         """Heun on ``sigmas`` from every row of ``x`` (``chunk`` rows at once), or the stored answer."""
-        key = (D, tuple(x.shape), x.dtype, str(x.device), _digest(x), _digest(sigmas), chunk)
+        key = (D, tuple(x.shape), x.dtype, str(x.device), tensor_digest(x), tensor_digest(sigmas), chunk)
         try:
             hit = self._store.get(key)
         except TypeError:  # an unhashable denoiser: solved every time

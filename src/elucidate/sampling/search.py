@@ -25,7 +25,7 @@ def resample(u: list[float], hi: float, m: int) -> list[float]:
 
 
 def pattern_search(f: Callable[[list[float]], float], v: list[float], lo: float, hi: float, *,
-                    max_evals: int, tol: float = 0.02, step0: float = 0.25) -> tuple[list[float], float, int]:
+                   max_evals: int, tol: float = 0.02, step0: float = 0.25) -> tuple[list[float], float, int]:
     """Minimize ``f`` over decreasing ``v`` in (lo, hi) by moving one coordinate at a time (last first,
     so the replayed prefix stays the same), with a step per coordinate that grows on success and halves
     on failure; stops when every step is below ``tol`` (in log-sigma) or after ``max_evals``."""
@@ -67,7 +67,7 @@ def search_levels(problem, u: list[float], lo: float, hi: float, max_evals: int,
     best_u, best = stages[0][1:]
     if n > coarse + 2:
         v, err, used = pattern_search(lambda v: problem(resample(v, hi, n)), resample(u, hi, coarse), lo, hi,
-                                       max_evals=max_evals // 2)
+                                      max_evals=max_evals // 2)
         if err < best:
             best_u, best = resample(v, hi, n), err
             stages.append(("warp", best_u, best))

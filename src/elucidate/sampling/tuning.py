@@ -18,7 +18,6 @@ draws of a larger pool, weighted by the share of the pool each stands for (:mod:
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections import OrderedDict
@@ -26,7 +25,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .boundary import POOL_SEED_OFFSET, ReferenceCache, check_boundary, picker_evaluations, stratify_models
+from .boundary import (
+    POOL_SEED_OFFSET,
+    ReferenceCache,
+    check_boundary,
+    picker_evaluations,
+    stratify_models,
+    tensor_digest,
+)
 from .objectives import LOSSES, Models, geometric_mean_loss, rmse, weighted_loss
 from .registry import SOLVERS, check_options, get_solver, sweep_solvers
 from .schedules import exponential_sigmas, karras_sigmas, vp_range_sigmas
@@ -86,8 +92,7 @@ class _Memo:
         self.D, self.size, self.cache, self.calls = D, size, OrderedDict(), 0
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        key = (float(sigma.reshape(-1)[0]), hashlib.blake2b(x.detach().cpu().numpy().tobytes(),
-                                                            digest_size=16).digest())
+        key = (float(sigma.reshape(-1)[0]), tensor_digest(x))
         hit = self.cache.get(key)
         if hit is not None:
             self.cache.move_to_end(key)

@@ -121,8 +121,7 @@ class Trainer:
                 "seconds": self.seconds, "config": self.config.to_dict(), "data": self.info.to_dict(),
                 "normalizer": normalizer.to_config() if normalizer is not None else None,
                 "world_size": self.dist.world_size, "precision": self.precision, "torch": torch.__version__,
-                "bad_streak": self.bad_streak,
-                "latent": self.latent}
+                "bad_streak": self.bad_streak, "latent": self.latent}
 
     def _lock_run(self) -> RunLock:
         """Take the run directory's lock (rank 0 only; every rank fails if rank 0 cannot)."""
