@@ -9,8 +9,8 @@ of the final samples to the reference (:data:`LOSSES`; default ``l4``, which wei
 come out worst most): coarse-to-fine (:mod:`.search`), a pattern search over the knots of a piecewise-linear warp of
 the step index, then over every level. A second (held-out) draw of noise picks among each finalist's
 start, warp and per-level results, so a search that fitted its own noise at the expense of other draws
-does not win; the finalist with the lowest tuning loss does, unless its held-out loss is over
-:data:`HELDOUT_SLACK` times another finalist's (then it fitted its own draws). The search replays the
+does not win: among the finalists whose held-out loss is within :data:`HELDOUT_SLACK` times the best one's,
+the lowest geometric mean of tuning and held-out loss wins (:func:`choose_finalist`). The search replays the
 registered solver itself, so the tuned ``(sampler, sigmas, options)`` costs at most ``nfe`` evaluations
 by construction.
 ``D`` may be several denoisers: one schedule for all, each judged relatively. ``boundary`` adds the hardest
@@ -56,9 +56,9 @@ NOISE_SEED_OFFSET = 0x7E5E_0000
 #: candidate is screened on :data:`SCREEN` (rho 7, exponential, DP: also its baselines), finalists on all.
 INIT_RHOS = (3.0, 5.0, 7.0, 10.0)
 SCREEN = (7.0,)
-#: A finalist wins by its tuning loss only if its held-out loss is within this factor of the best finalist's:
-#: on the demo model at NFE 17, iPNDM order 3 fitted its draws best (RMSE 0.0026) but had 3.8x the held-out
-#: error of plain iPNDM (0.025 vs 0.0064), while at NFE 9 the finalists were within 1.1x of each other.
+#: A finalist can win only if its held-out loss is within this factor of the best finalist's: on the demo
+#: model at NFE 17, iPNDM order 3 fitted its draws best (RMSE 0.0026) but had 3.8x the held-out error of
+#: plain iPNDM (0.025 vs 0.0064), while at NFE 9 the finalists were within 1.1x of each other.
 HELDOUT_SLACK = 1.5
 
 
@@ -208,9 +208,9 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
     [sigma_min, sigma_max]. The result reports (as RMSE, whatever the loss) the tuning error, the error
     on held-out noise (``heldout_seed``, default ``seed + 1``), the finalists and the Karras rho = 7 and
     exponential baselines of every candidate at the same NFE on both draws. The held-out draw also
-    chooses, per finalist, between its start and the two search stages, and rules out finalists whose
-    held-out loss is over :data:`HELDOUT_SLACK` times the best one's (so its error is slightly
-    optimistic; measure on new noise to be sure).
+    chooses, per finalist, between its start and the two search stages, rules out finalists whose
+    held-out loss is over :data:`HELDOUT_SLACK` times the best one's and decides near-ties on the tuning
+    draws (:func:`choose_finalist`), so its error is slightly optimistic; measure on new noise to be sure.
 
     ``D`` may also be a list of denoisers of the same sample shape (several models, or the exact denoisers
     of several distributions): each gets its own ``shape[0]`` draws and the search minimizes the geometric
@@ -320,7 +320,8 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
                               "nfe": SOLVERS[cand["sampler"]].nfe(cand["steps"]), "tuning_error": err,
                               "heldout_error": held})
     finals = [{"sampler": r["sampler"], "options": r["options"], "start": r["start"], "tuning_error": r["error"],
-               "heldout_error": r["heldout"], "stage": r["stage"], "sigmas": r["sigmas"].tolist()}
+               "heldout_error": r["heldout"], "tuning_loss": r["loss"], "heldout_loss": r["heldout_loss"],
+               "stage": r["stage"], "sigmas": r["sigmas"].tolist()}
               for r in results]
     return TunedSchedule(
         sampler=best["sampler"], sigmas=best["sigmas"].tolist(), options=best["options"], nfe=nfe, seed=seed,
@@ -332,11 +333,13 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
 
 
 def choose_finalist(results: list[dict], slack: float = HELDOUT_SLACK) -> dict:
-    """The finalist with the lowest tuning ``loss`` among those whose ``heldout_loss`` is within ``slack``
-    times the lowest held-out loss: a small held-out difference is noise (64 draws), a large one is a
-    schedule fitted to its own draws."""
+    """The finalist with the lowest geometric mean of its tuning ``loss`` and its ``heldout_loss`` among those
+    whose held-out loss is within ``slack`` times the lowest: the tuning loss is optimistic (the search fitted
+    those draws) and the held-out one noisy, so near-ties on the tuning draws go to the held-out draws, and a
+    large held-out gap rules a schedule fitted to its own draws out."""
     floor = min(r["heldout_loss"] for r in results)
-    return min((r for r in results if r["heldout_loss"] <= slack * floor), key=lambda r: r["loss"])
+    return min((r for r in results if r["heldout_loss"] <= slack * floor),
+               key=lambda r: math.sqrt(r["loss"] * r["heldout_loss"]))
 
 
 def _label(sampler: str, options: dict) -> str:
