@@ -252,13 +252,13 @@ def test_held_out_noise_drops_a_search_result_that_does_not_generalize(tuned_gmm
 def test_a_finalist_that_fits_only_its_own_draws_does_not_win():
     from elucidate.sampling.tuning import HELDOUT_SLACK, choose_finalist
 
-    overfit = {"name": "overfit", "loss": 1.0, "heldout_loss": 4.0}  # best on its draws, 4x worse held out
-    steady = {"name": "steady", "loss": 2.0, "heldout_loss": 1.0}
+    overfit = {"name": "overfit", "tuning_loss": 1.0, "heldout_loss": 4.0}  # best on its draws, 4x worse held out
+    steady = {"name": "steady", "tuning_loss": 2.0, "heldout_loss": 1.0}
     assert HELDOUT_SLACK == 1.5
     assert choose_finalist([overfit, steady])["name"] == "steady"
     assert choose_finalist([overfit])["name"] == "overfit"
     # within the slack the geometric mean of both losses decides: sqrt(1.5 * 1.4) > sqrt(2 * 1)
-    close = {"name": "close", "loss": 1.5, "heldout_loss": 1.4}
+    close = {"name": "close", "tuning_loss": 1.5, "heldout_loss": 1.4}
     assert choose_finalist([overfit, steady, close])["name"] == "steady"
     assert choose_finalist([overfit, close])["name"] == "close"  # overfit is out: 4.0 > 1.5 x 1.4
     assert choose_finalist([overfit, steady], slack=5.0)["name"] == "steady"  # in, but sqrt(4) > sqrt(2)
@@ -269,12 +269,12 @@ def test_the_result_is_the_finalist_the_rule_chooses(tuned_gmm):
 
     _, t = tuned_gmm
     assert len(t.finalists) == 2
-    rows = [{**f, "loss": f["tuning_loss"]} for f in t.finalists]
-    assert all(r["loss"] > 0 and r["heldout_loss"] > 0 for r in rows)
+    rows = t.finalists  # the stored finalists are what the rule reads
+    assert all(r["tuning_loss"] > 0 and r["heldout_loss"] > 0 for r in rows)
     chosen = choose_finalist(rows)
     assert (t.sampler, t.options, t.sigmas) == (chosen["sampler"], chosen["options"], chosen["sigmas"])
     # the default loss is l4, so the stored losses are not the stored RMSEs
-    assert all(r["loss"] != r["tuning_error"] for r in rows)
+    assert all(r["tuning_loss"] != r["tuning_error"] for r in rows)
 
 
 def test_a_near_tie_on_the_tuning_draws_goes_to_the_held_out_draws():
@@ -282,12 +282,12 @@ def test_a_near_tie_on_the_tuning_draws_goes_to_the_held_out_draws():
 
     # random C at NFE 9 (self-tuned, boundary draws): UniPC order 3 bh1 fitted its draws 0.4 % better than plain
     # UniPC and was 23 % worse held out; on 8,192 new draws it flipped 31 draws against 6 (RMSE ratio 0.52 vs 0.34)
-    bh1 = {"name": "unipc(order=3, variant=bh1)", "loss": 2.489e-2, "heldout_loss": 3.045e-2}
-    plain = {"name": "unipc", "loss": 2.500e-2, "heldout_loss": 2.474e-2}
+    bh1 = {"name": "unipc(order=3, variant=bh1)", "tuning_loss": 2.489e-2, "heldout_loss": 3.045e-2}
+    plain = {"name": "unipc", "tuning_loss": 2.500e-2, "heldout_loss": 2.474e-2}
     assert choose_finalist([bh1, plain])["name"] == "unipc"
     # a clear win on the tuning draws survives a small held-out deficit (noise on 64 draws)
-    fitted = {"name": "ipndm(order=3)", "loss": 1.0, "heldout_loss": 1.05}
-    plain = {"name": "ipndm", "loss": 1.2, "heldout_loss": 1.0}
+    fitted = {"name": "ipndm(order=3)", "tuning_loss": 1.0, "heldout_loss": 1.05}
+    plain = {"name": "ipndm", "tuning_loss": 1.2, "heldout_loss": 1.0}
     assert choose_finalist([plain, fitted])["name"] == "ipndm(order=3)"
 
 

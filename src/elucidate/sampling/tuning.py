@@ -302,8 +302,8 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
         held_loss, stage, u, err = min(checked, key=lambda c: c[0])
         sigmas = _to_sigmas(u, sigma_max)
         held = held_problem.rmse(sigmas)
-        results.append({**cand, "sigmas": sigmas, "loss": err, "error": problem.rmse(sigmas), "heldout": held,
-                        "heldout_loss": held_loss, "stage": stage})
+        results.append({**cand, "sigmas": sigmas, "tuning_loss": err, "error": problem.rmse(sigmas),
+                        "heldout": held, "heldout_loss": held_loss, "stage": stage})
         say(f"  tuned {_label(cand['sampler'], cand['options']):<22} RMSE {results[-1]['error']:.3e} "
             f"(held-out {held:.3e}, stage {stage}) after {problem.evals} solver runs")
     best = choose_finalist(results)
@@ -320,7 +320,7 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
                               "nfe": SOLVERS[cand["sampler"]].nfe(cand["steps"]), "tuning_error": err,
                               "heldout_error": held})
     finals = [{"sampler": r["sampler"], "options": r["options"], "start": r["start"], "tuning_error": r["error"],
-               "heldout_error": r["heldout"], "tuning_loss": r["loss"], "heldout_loss": r["heldout_loss"],
+               "heldout_error": r["heldout"], "tuning_loss": r["tuning_loss"], "heldout_loss": r["heldout_loss"],
                "stage": r["stage"], "sigmas": r["sigmas"].tolist()}
               for r in results]
     return TunedSchedule(
@@ -333,13 +333,14 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
 
 
 def choose_finalist(results: list[dict], slack: float = HELDOUT_SLACK) -> dict:
-    """The finalist with the lowest geometric mean of its tuning ``loss`` and its ``heldout_loss`` among those
-    whose held-out loss is within ``slack`` times the lowest: the tuning loss is optimistic (the search fitted
-    those draws) and the held-out one noisy, so near-ties on the tuning draws go to the held-out draws, and a
-    large held-out gap rules a schedule fitted to its own draws out."""
+    """The finalist (``results`` as in a result's ``finalists``) with the lowest geometric mean of its
+    ``tuning_loss`` and ``heldout_loss`` among those whose held-out loss is within ``slack`` times the lowest:
+    the tuning loss is optimistic (the search fitted those draws) and the held-out one noisy, so near-ties on
+    the tuning draws go to the held-out draws, and a large held-out gap rules a schedule fitted to its own
+    draws out."""
     floor = min(r["heldout_loss"] for r in results)
     return min((r for r in results if r["heldout_loss"] <= slack * floor),
-               key=lambda r: math.sqrt(r["loss"] * r["heldout_loss"]))
+               key=lambda r: math.sqrt(r["tuning_loss"] * r["heldout_loss"]))
 
 
 def _label(sampler: str, options: dict) -> str:
