@@ -1,9 +1,10 @@
 """Tuned schedules (elucidate.sampling.tune) against k-diffusion's samplers x schedules, side by side in one run.
 
-Part ``gmm``: tune at NFE 9, 17 and 35 (``--tune-on``: by default one schedule per NFE for a family of six
-other exact mixtures at once; ``siblings``: each evaluated mixture's own schedules, tuned on the same recipe
-fitted to other samples or another seed; ``self``: each evaluated mixture itself, on its own tuning draws; or one
-named mixture; ``--boundary K`` adds the K hardest draws of a pool, see ``tune(boundary=...)``), then solve the
+Part ``gmm``: tune at NFE 9, 17 and 35 (``--nfes``; ``--tune-on``: by default one schedule per NFE for a family
+of six other exact mixtures at once; ``siblings``: each evaluated mixture's own schedules, tuned on the same recipe
+fitted to other samples or another seed; ``self``: each evaluated mixture itself, on its own tuning draws;
+``evaluated``: one schedule for all the evaluated mixtures at once, the most one schedule can do; or one named
+mixture; ``--boundary K`` adds the K hardest draws of a pool, see ``tune(boundary=...)``), then solve the
 probability-flow ODE of six mixtures (two fitted to the real digits, one to patches
 of scikit-learn's sample photos, three random ones; none of them tuned on unless ``self`` or named) from
 ``--eval-draws`` new noise draws and report the RMSE to the converged solution (Heun, 1000 Karras steps) of the
@@ -208,7 +209,7 @@ TUNING = {
 def _tune_nfes(D, per: int, args) -> dict:
     references = ReferenceCache()  # the --boundary pools are solved once for the three budgets
     return {n: tune(D, (per, 64), n, seed=args.seed, reference_steps=1000, loss=args.loss, boundary=args.boundary,
-                    pool=args.pool, references=references) for n in NFES}
+                    pool=args.pool, references=references) for n in args.nfes}
 
 
 def _top_share(per_sample: torch.Tensor, k: int = 4) -> float:
@@ -259,15 +260,20 @@ def _tune_gmm(args) -> tuple[dict, str, float]:
         one = _tune_nfes([make().denoise for make in FAMILY.values()], args.family_draws, args)
         tuned = dict.fromkeys(EVALUATION, one)
         what = f"the family {', '.join(FAMILY)} ({args.family_draws} draws each)"
+    elif args.tune_on == "evaluated":  # an upper bound, not the target's reading: one schedule fitted to them all
+        one = _tune_nfes([EVALUATION[name]().denoise for name in args.mixtures], args.family_draws, args)
+        tuned = dict.fromkeys(args.mixtures, one)
+        what = (f"the evaluated mixtures themselves, all at once ({args.family_draws} draws each; an upper bound "
+                "for one schedule)")
     else:
         one = _tune_nfes(TUNING[args.tune_on]().denoise, args.samples, args)
         tuned = dict.fromkeys(EVALUATION, one)
         what = f"'{args.tune_on}'"
-    draws = args.family_draws if args.tune_on == "family" else args.samples
+    draws = args.family_draws if args.tune_on in ("family", "evaluated") else args.samples
     seconds = time.perf_counter() - t0
     hard = f", each + the {args.boundary} hardest of {args.pool or POOL_FACTOR * draws}" if args.boundary else ""
     return tuned, (f"tuned on {what}; loss {args.loss}, {draws} + {draws} draws{hard}, reference Heun 1000 steps, "
-                   f"{seconds:.0f} s for NFE {', '.join(map(str, NFES))}"), seconds
+                   f"{seconds:.0f} s for NFE {', '.join(map(str, args.nfes))}"), seconds
 
 
 def _tuned_from(path: Path) -> dict:
@@ -348,7 +354,8 @@ def gmm_part(args) -> dict:
                              "best_top4": _top_share(best[2]), "tuned_flips": int(flipped.sum()),
                              "best_flips": int(best[3].sum()), "ratio_interval": interval})
                 r = rows[-1]
-                label = f" [{tune_on}]" if len(sets) > 1 else " (tuned on it)" if tune_on in (name, "self") else ""
+                label = (f" [{tune_on}]" if len(sets) > 1 else " (tuned on it)" if tune_on in (name, "self")
+                         else " (tuned on it, with the others)" if tune_on == "evaluated" else "")
                 print(f"| {name}{label} | {n} | {err:.2e} | {best[0]:.2e} ({best[1]}) | {r['ratio']:.2f} | "
                       f"{'met' if r['ratio'] <= 0.5 else 'NOT met'} | {r['median_ratio']:.2f} | {no_flip:.2f} | "
                       f"{r['tuned_top4']:.2f} / {r['best_top4']:.2f} | {r['tuned_flips']} / {r['best_flips']} | "
@@ -507,17 +514,18 @@ def side_by_side(run, configs: dict, fd: dict, path: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["gmm", "demo", "all", "origin"], default="all")
-    parser.add_argument("--tune-on", dest="tune_on", choices=["family", "siblings", "self", *TUNING],
+    parser.add_argument("--tune-on", dest="tune_on", choices=["family", "siblings", "self", "evaluated", *TUNING],
                         default="family", help="one mixture for all; 'family': one schedule for several mixtures at "
                         "once; 'siblings': each evaluated mixture's schedules tuned on a sibling mixture; 'self': "
-                        "on the evaluated mixture itself (other noise draws)")
+                        "on the evaluated mixture itself (other noise draws); 'evaluated': one schedule for all the "
+                        "evaluated mixtures at once (an upper bound for one schedule, tuned on them)")
     parser.add_argument("--samples", type=int, default=384,
                         help="tuning noise draws per mixture (--tune-on siblings, self or one mixture)")
     parser.add_argument("--eval-draws", dest="eval_draws", type=int, default=8192,
                         help="new noise draws per evaluated mixture (at 384 and 2048 the RMSE of some mixtures was "
                              "decided by <= 4 samples that land in another mode than the reference)")
     parser.add_argument("--family-draws", dest="family_draws", type=int, default=96,
-                        help="noise draws per mixture of the family (--tune-on family)")
+                        help="noise draws per mixture of the family (--tune-on family or evaluated)")
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="demo run (elucidate demo --out RUN)")
     parser.add_argument("--num", type=int, default=2000, help="samples per fd_digits measurement")
     parser.add_argument("--seed", type=int, default=0)
@@ -534,7 +542,7 @@ def main() -> None:
                              "instead of tuning (e.g. with more --eval-draws or another --seed); the origin part "
                              "attributes the first one's flips")
     parser.add_argument("--nfes", type=int, nargs="+", default=list(NFES), choices=NFES,
-                        help="gmm part: the NFE budgets evaluated (tuning always covers all three)")
+                        help="gmm part: the NFE budgets tuned and evaluated")
     parser.add_argument("--mixtures", nargs="+", default=list(EVALUATION), choices=list(EVALUATION),
                         metavar="NAME", help="gmm part: the evaluated mixtures (default: all six)")
     parser.add_argument("--figure", type=Path, default=None,
