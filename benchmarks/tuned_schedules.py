@@ -3,10 +3,10 @@
 Part ``gmm``: tune at NFE 9, 17 and 35 (``--nfes``; ``--tune-on``: by default one schedule per NFE for a family
 of six other exact mixtures at once; ``siblings``: each evaluated mixture's own schedules, tuned on the same recipe
 fitted to other samples or another seed; ``self``: each evaluated mixture itself, on its own tuning draws;
-``evaluated``: one schedule for all the evaluated mixtures at once, the most one schedule can do; or one named
+``evaluated``: one schedule for all the evaluated mixtures at once, an upper bound for one schedule; or one named
 mixture; ``--boundary K`` adds the K hardest draws of a pool, see ``tune(boundary=...)``), then solve the
 probability-flow ODE of six mixtures (two fitted to the real digits, one to patches
-of scikit-learn's sample photos, three random ones; none of them tuned on unless ``self`` or named) from
+of scikit-learn's sample photos, three random ones; none of them tuned on unless ``self``, ``evaluated`` or named) from
 ``--eval-draws`` new noise draws and report the RMSE to the converged solution (Heun, 1000 Karras steps) of the
 tuned (sampler, sigmas, options) and of the best of k-diffusion 0.1.1's euler / heun / dpm_2 / lms / dpmpp_2m x
 karras (rho 7) / exponential / polyexponential (rho 1 = exponential, so rho 2 and 0.5 are used) at the same NFE.
@@ -207,7 +207,7 @@ TUNING = {
 
 
 def _tune_nfes(D, per: int, args) -> dict:
-    references = ReferenceCache()  # the --boundary pools are solved once for the three budgets
+    references = ReferenceCache()  # the --boundary pools are solved once for all budgets
     return {n: tune(D, (per, 64), n, seed=args.seed, reference_steps=1000, loss=args.loss, boundary=args.boundary,
                     pool=args.pool, references=references) for n in args.nfes}
 
