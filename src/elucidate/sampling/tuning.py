@@ -209,8 +209,8 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
     on held-out noise (``heldout_seed``, default ``seed + 1``), the finalists and the Karras rho = 7 and
     exponential baselines of every candidate at the same NFE on both draws. The held-out draw also
     chooses, per finalist, between its start and the two search stages, rules out finalists whose
-    held-out loss is over :data:`HELDOUT_SLACK` times the best one's and decides near-ties on the tuning
-    draws (:func:`choose_finalist`), so its error is slightly optimistic; measure on new noise to be sure.
+    held-out loss is over :data:`HELDOUT_SLACK` times the best one's and settles near-ties of the tuning
+    loss (:func:`choose_finalist`), so its error is slightly optimistic; measure on new noise to be sure.
 
     ``D`` may also be a list of denoisers of the same sample shape (several models, or the exact denoisers
     of several distributions): each gets its own ``shape[0]`` draws and the search minimizes the geometric
