@@ -37,7 +37,7 @@ def pixel_fd(a: torch.Tensor, b: torch.Tensor) -> float:
 def sandbox(num: int = 5000, min_std: float = 0.02) -> list[dict]:
     from elucidate.formulations import IDDPM, VE, VP
     from elucidate.sampling import ablation
-    from elucidate.sandbox import digits_mixture
+    from elucidate.tuning.sandbox import digits_mixture
 
     gmm = digits_mixture(min_std=min_std)
     truth = gmm.sample(num, generator=torch.Generator().manual_seed(1))
@@ -68,12 +68,12 @@ def train(config: str, out: Path) -> None:
 
 
 def trained(runs: Path, num: int) -> list[dict]:
-    from elucidate.config import SamplingConfig
-    from elucidate.evaluation import evaluate, feature_extractor, load_reference
-    from elucidate.model import load_run
+    from elucidate.config.sampling import SamplingConfig
+    from elucidate.evaluation import evaluate, feature_extractor, load_dataset_stats
+    from elucidate.run.model import load_run
 
     extractor = feature_extractor("fd_digits")
-    ref = load_reference("digits", "fd_digits")
+    ref = load_dataset_stats("digits", "fd_digits")
     rows = []
     for name, config in (("VP", "digits-vp.yaml"), ("VE", "digits-ve.yaml"), ("iDDPM", "digits-iddpm.yaml"),
                          ("EDM", "digits-edm.yaml"), ("DDPM", "digits-ddpm.yaml")):

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from elucidate.precision import native_bf16
+from elucidate.runtime.precision import native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {"digits": ("configs/digits-edm.yaml", "fd_digits"), "mnist": ("configs/mnist-edm.yaml", "fd_mnist"),
@@ -58,10 +58,10 @@ def training_speed(config_path: Path, rounds: int, steps: int) -> dict[str, floa
 def sampling_speed(config_path: Path, rounds: int, batch: int) -> dict[str, float]:
     """Median images/s of Heun, 18 steps, on the config's (untrained) network in fp32 and bf16."""
     from elucidate.config import parse_config
+    from elucidate.config.network import DataInfo, build_network_for
     from elucidate.data import build_dataset
     from elucidate.denoiser import Denoiser
-    from elucidate.generate import generate
-    from elucidate.model import DataInfo, build_network_for
+    from elucidate.run.model import generate
 
     config = parse_config(yaml.safe_load(config_path.read_text()))
     info = DataInfo.from_dataset(build_dataset(config.data))
@@ -80,11 +80,10 @@ def sampling_speed(config_path: Path, rounds: int, batch: int) -> dict[str, floa
 
 def sampling_quality(run: Path, metric: str | None, num: int) -> dict:
     """fd of fp32- and bf16-sampled images (same seeds) and their largest pixel difference."""
-    from elucidate.evaluation import feature_extractor, load_reference
-    from elucidate.generate import generate
+    from elucidate.data.pixels import to_pixels
+    from elucidate.evaluation import feature_extractor, load_dataset_stats
     from elucidate.metrics import compute_stats, frechet_distance
-    from elucidate.model import load_run
-    from elucidate.pixels import to_pixels
+    from elucidate.run.model import generate, load_run
 
     loaded = load_run(run)
     out, result = {}, {}
@@ -96,7 +95,7 @@ def sampling_quality(run: Path, metric: str | None, num: int) -> dict:
     result["mean_pixel_diff"] = float((a - b).abs().mean())
     if metric is not None:
         extractor = feature_extractor(metric)
-        ref = load_reference(loaded.config.data["dataset"], metric)
+        ref = load_dataset_stats(loaded.config.data["dataset"], metric)
         for p, pixels in (("fp32", a), ("bf16", b)):
             stats = compute_stats(extractor, pixels)
             result[f"fd_{p}"] = float(frechet_distance(stats.mean, stats.cov, ref.mu, ref.sigma))

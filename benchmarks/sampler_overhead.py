@@ -16,7 +16,7 @@ import torch
 
 from elucidate import EDM, Denoiser
 from elucidate.nets import build_network
-from elucidate.sampling import SOLVERS, karras_sigmas
+from elucidate.sampling import SAMPLERS, karras_sigmas
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
           f"{args.resolution}x{args.resolution}, {args.steps} steps, torch threads {torch.get_num_threads()}")
     print(f"{'solver':<16}{'NFE':>5}{'total ms':>10}{'in D ms':>9}{'overhead':>10}")
     worst = 0.0
-    for name, solver in SOLVERS.items():
+    for name, solver in SAMPLERS.items():
         inside = [0.0]
 
         def timed(x, sigma, inside=inside):

@@ -18,7 +18,7 @@ import torch
 from elucidate.config import parse_config
 from elucidate.data import build_dataset
 from elucidate.nets import build_network
-from elucidate.precision import native_bf16
+from elucidate.runtime.precision import native_bf16
 from elucidate.training import Trainer
 
 

@@ -48,14 +48,14 @@ import numpy as np
 import torch
 
 from elucidate import GaussianMixture
-from elucidate.sampling import SOLVERS, ReferenceCache, TunedSchedule, karras_sigmas, tune
-from elucidate.sampling.boundary import POOL_FACTOR
-from elucidate.sampling.objectives import per_sample_rms, rmse
-from elucidate.sandbox import class_mixture, digits_mixture
+from elucidate.sampling import SAMPLERS, ReferenceCache, TunedSchedule, karras_sigmas, tune
+from elucidate.tuning.boundary import POOL_FACTOR
+from elucidate.tuning.objectives import per_sample_rms, rmse
+from elucidate.tuning.sandbox import class_mixture, digits_mixture
 
 NFES = (9, 17, 35)
-SAMPLERS = {"euler": ("sample_euler", 1), "heun": ("sample_heun", 2), "dpm_2": ("sample_dpm_2", 2),
-            "lms": ("sample_lms", 1), "dpmpp_2m": ("sample_dpmpp_2m", 1)}
+KDIFF_SAMPLERS = {"euler": ("sample_euler", 1), "heun": ("sample_heun", 2), "dpm_2": ("sample_dpm_2", 2),
+                  "lms": ("sample_lms", 1), "dpmpp_2m": ("sample_dpmpp_2m", 1)}
 
 
 def kdiffusion():
@@ -90,7 +90,7 @@ def evaluation_draws(m: GaussianMixture, args) -> tuple[torch.Tensor, torch.Tens
     the component each solution ends in."""
     x = torch.randn(args.eval_draws, m.dim, generator=torch.Generator().manual_seed(args.seed + 12345),
                     dtype=torch.float64) * 80.0
-    reference = SOLVERS["heun"](m.denoise, x, karras_sigmas(1000))
+    reference = SAMPLERS["heun"](m.denoise, x, karras_sigmas(1000))
     return x, reference, m.classify(reference)
 
 
@@ -334,7 +334,7 @@ def gmm_part(args) -> dict:
         x, reference, mode = evaluation_draws(m, args)
         for n in args.nfes:
             base = []
-            for sampler, (fn, per_step) in SAMPLERS.items():
+            for sampler, (fn, per_step) in KDIFF_SAMPLERS.items():
                 steps = n if per_step == 1 else (n + 1) // 2
                 for sched, make_sigmas in schedules.items():
                     out = getattr(K, fn)(m.denoise, x, make_sigmas(steps), disable=True)
@@ -396,7 +396,7 @@ def _covariance(m: GaussianMixture) -> torch.Tensor:
 
 def _converged_from(m: GaussianMixture, x: torch.Tensor, sigma: float) -> torch.Tensor:
     """The ODE solved from level ``sigma`` to 0 with 500 Karras steps of Heun (as converged as the reference)."""
-    return SOLVERS["heun"](m.denoise, x, karras_sigmas(500, 0.002, sigma))
+    return SAMPLERS["heun"](m.denoise, x, karras_sigmas(500, 0.002, sigma))
 
 
 def origin_part(args) -> dict:
@@ -412,7 +412,7 @@ def origin_part(args) -> dict:
             evaluated[name] = (m, x, reference, mode)
         flips = []
         for c in (40.0, 10.0):
-            step = SOLVERS["ddim"](m.denoise, x, torch.tensor([80.0, c], dtype=torch.float64))
+            step = SAMPLERS["ddim"](m.denoise, x, torch.tensor([80.0, c], dtype=torch.float64))
             flips.append(_flips(m, _converged_from(m, step, c), mode))
         top = torch.linalg.eigvalsh(_covariance(m)).flip(0)[:3].tolist()
         rows.append({"mixture": name, "variances": top, "ddim40": flips[0], "ddim10": flips[1]})
@@ -427,7 +427,7 @@ def origin_part(args) -> dict:
                     schedules[schedule](n))]
         if name in tuned:
             t = tuned[name][str(n)]
-            solvers.append((f"tuned: {t['sampler']} {t['options'] or ''}", SOLVERS[t["sampler"]].fn, t["options"],
+            solvers.append((f"tuned: {t['sampler']} {t['options'] or ''}", SAMPLERS[t["sampler"]].fn, t["options"],
                             torch.tensor(t["sigmas"], dtype=torch.float64)))
         for label, solve, options, sigmas in solvers:
             cells = []
@@ -446,10 +446,10 @@ def origin_part(args) -> dict:
 
 
 def demo_part(args) -> dict:
-    from elucidate.config import SamplingConfig
-    from elucidate.evaluation import evaluate, feature_extractor, load_reference
-    from elucidate.model import load_run
-    from elucidate.sampling.tuned import tuned_path
+    from elucidate.config.sampling import SamplingConfig
+    from elucidate.evaluation import evaluate, feature_extractor, load_dataset_stats
+    from elucidate.run.model import load_run
+    from elucidate.tuning.stored import tuned_path
 
     run = load_run(args.run)
     lo, hi = run.denoiser.formulation.schedule_range()
@@ -463,7 +463,7 @@ def demo_part(args) -> dict:
                           "formulation": run.denoiser.formulation.name, "shape": list(run.shape), "ema": True}
         print(f"wrote {tuned[n].save(tuned_path(args.run, n))} (as `elucidate tune {args.run} --nfe {n}` does)")
     extractor = feature_extractor("fd_digits")
-    ref = load_reference("digits", "fd_digits")
+    ref = load_dataset_stats("digits", "fd_digits")
     configs = {f"tuned NFE {n}": SamplingConfig(sampler=t.sampler, options=t.options, sigmas=t.sigmas)
                for n, t in tuned.items()}
     configs |= {"heun/karras NFE 9": SamplingConfig(sampler="heun", steps=5),
@@ -496,7 +496,7 @@ def demo_part(args) -> dict:
 
 def side_by_side(run, configs: dict, fd: dict, path: Path) -> Path:
     """Seeds 0-63 of the demo model: tuned NFE 9 next to Heun and DPM-Solver++(2M) at NFE 9 (Karras rho 7)."""
-    from elucidate.generate import generate
+    from elucidate.run.model import generate
     from elucidate.viz import image_grid, new_figure, save_figure
 
     shown = ["tuned NFE 9", "heun/karras NFE 9", "dpmpp_2m/karras NFE 9", "heun/karras NFE 35"]

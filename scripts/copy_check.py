@@ -15,9 +15,8 @@ import torch
 
 def main() -> None:
     from elucidate.data import build_dataset
-    from elucidate.generate import generate
     from elucidate.metrics import copy_check, nearest_neighbors
-    from elucidate.model import load_run
+    from elucidate.run.model import generate, load_run
     from elucidate.viz import save_image_grid
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

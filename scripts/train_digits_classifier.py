@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from elucidate.fileio import atomic_write_bytes, atomic_write_text
 from elucidate.metrics.digits_net import (
     BUNDLED_CLASSIFIERS,
     DIGITS_SCALE,
@@ -33,6 +32,7 @@ from elucidate.metrics.digits_net import (
     digits_split,
     mnist_split,
 )
+from elucidate.runtime.files import atomic_write_bytes, atomic_write_text
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "elucidate" / "assets"
 _COMMON = dict(split_seed=0, test_fraction=0.2, train_seed=0, batch_size=64, lr=3e-3, weight_decay=1e-4,

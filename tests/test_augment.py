@@ -8,10 +8,10 @@ import pytest
 import torch
 import yaml
 
-from elucidate.augment_config import AUGMENT_LABEL_DIM, LABEL_LAYOUT
 from elucidate.config import parse_config
+from elucidate.config.network import DataInfo, build_network_for
+from elucidate.config.training import AUGMENT_LABEL_DIM, LABEL_LAYOUT
 from elucidate.errors import ConfigError, UserError
-from elucidate.model import DataInfo, build_network_for
 from elucidate.training import Trainer, derived_generator, latest_checkpoint, load_checkpoint
 from elucidate.training.augment import AugmentPipe, augment_batch, augment_pipe
 
@@ -264,7 +264,7 @@ def _train_rotated_digits(run: Path, withhold: bool) -> torch.Tensor:
     with rotate90 at p = 0.75 (each of the 4 orientations 1/4 of the time); ``withhold``: the network gets
     all-zero labels in training too (the control: augmentation without labels, which leaks)."""
     from elucidate.denoiser import Denoiser
-    from elucidate.generate import generate
+    from elucidate.sampling import sample
 
     raw = {"data": {"dataset": "digits"},
            "network": {"arch": "unet", "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
@@ -280,7 +280,7 @@ def _train_rotated_digits(run: Path, withhold: bool) -> torch.Tensor:
     for step in range(raw["training"]["steps"]):
         trainer.train_step(step)
     denoiser = Denoiser(trainer.ema.module, trainer.formulation).eval()
-    samples = generate(denoiser, trainer.formulation, (1, 8, 8), range(200), trainer.config.sampling)
+    samples = sample(denoiser, (200, 1, 8, 8), **trainer.config.sampling.sample_kwargs(trainer.formulation))
     train = trainer.dataset.get_batch(torch.arange(len(trainer.dataset)))[0]
     return _orientations(samples, train)
 

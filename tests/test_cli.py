@@ -11,8 +11,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from elucidate import precision
 from elucidate.cli import main
+from elucidate.runtime import precision
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"data": {"dataset": "digits", "max_size": 300},
@@ -148,7 +148,7 @@ def test_class_conditional_training_and_sampling(tmp_path):
     cfg = tmp_path / "cond.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
-    from elucidate.model import load_run
+    from elucidate.run.model import load_run
     run = load_run(tmp_path / "run")
     assert run.denoiser.net.label_dim == 10 and run.info.num_classes == 10
     assert main(["sample", str(tmp_path / "run"), "--seeds", "0-3", "--class", "3",

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from elucidate.config import ConfigError, parse_config
+from elucidate.config.network import DataInfo, build_network_for
 from elucidate.data import DataError, build_dataset
 from elucidate.data.bundled import DIGIT_NAMES
 from elucidate.denoiser import Denoiser, Guided
 from elucidate.formulations import EDM
-from elucidate.model import DataInfo, build_network_for
 from elucidate.nets import build_network
 
 ARCHS = ["unet", "ddpmpp", "ncsnpp", "adm"]

@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from elucidate import EDM, IDDPM, VE, VP
+from elucidate.cli.demo import DEMO_CONFIG
 from elucidate.config import apply_overrides, dump_config, load_config, parse_config
-from elucidate.demo import DEMO_CONFIG
 from elucidate.errors import ConfigError
 
 ALL_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -24,7 +24,7 @@ def test_shipped_configs_parse(path):
 
 @pytest.mark.parametrize("path", VAE_CONFIGS, ids=lambda p: p.name)
 def test_shipped_vae_configs_parse_and_are_refused_by_train(path):
-    from elucidate.latent.config import load_vae_config
+    from elucidate.config.vae import load_vae_config
 
     assert load_vae_config(path).training.steps > 0
     with pytest.raises(ConfigError):
@@ -43,7 +43,7 @@ def test_seed_schema_and_per_type_defaults():
                          "s_noise": 1.003}}
     config = parse_config(seed)
     assert config.formulation() == EDM(sigma_data=1.0)
-    assert config.sampling.solver_kwargs() == {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}
+    assert config.sampling.sampler_kwargs() == {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}
     assert parse_config({"diffusion": {"type": "VP"}}).formulation() == VP()
     assert parse_config({"diffusion": {"type": "ve", "sigma_max": 50}}).formulation() == VE(sigma_max=50)
     assert isinstance(parse_config({"diffusion": {"type": "iDDPM", "M": 500}}).formulation(), IDDPM)

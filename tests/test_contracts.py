@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from elucidate import Denoiser
-from elucidate.config import SamplingConfig, parse_config
+from elucidate.config import parse_config
+from elucidate.config.sampling import SamplingConfig
 from elucidate.formulations import FORMULATIONS, Shifted, make_formulation
-from elucidate.sampling import SOLVERS, karras_sigmas, ode_solvers, stochastic_solvers
+from elucidate.sampling import SAMPLERS, karras_sigmas, ode_samplers, stochastic_samplers
 
 f64 = torch.float64
 
@@ -35,7 +36,7 @@ class CountingNoise:
 
 
 def run(name, D, x, sigmas, noise_base=7, **kwargs):
-    spec = SOLVERS[name]
+    spec = SAMPLERS[name]
     if spec.takes("noise_sampler"):
         kwargs.setdefault("noise_sampler", CountingNoise(x, noise_base))
     if "s_churn" in spec.options:
@@ -49,7 +50,7 @@ def start(gmm, n=16, seed=0, dtype=f64, sigma_max=80.0):
 
 # --- solvers -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("name", list(SAMPLERS))
 @pytest.mark.parametrize("dtype", [torch.float32, f64])
 def test_solver_preserves_dtype_device_and_shape(gmm, name, dtype):
     x = start(gmm, dtype=dtype)
@@ -58,16 +59,16 @@ def test_solver_preserves_dtype_device_and_shape(gmm, name, dtype):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("name", list(SAMPLERS))
 def test_solver_is_deterministic_given_its_noise(gmm, name):
     x = start(gmm)
     a, b = run(name, gmm.denoise, x, karras_sigmas(6)), run(name, gmm.denoise, x, karras_sigmas(6))
     assert torch.equal(a, b)
-    if SOLVERS[name].stochastic:
+    if SAMPLERS[name].stochastic:
         assert not torch.equal(a, run(name, gmm.denoise, x, karras_sigmas(6), noise_base=8))
 
 
-@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("name", list(SAMPLERS))
 @pytest.mark.parametrize("steps", [1, 2, 7])
 def test_nfe_and_callbacks_equal_the_declaration(gmm, name, steps):
     calls, infos = [], []
@@ -77,14 +78,14 @@ def test_nfe_and_callbacks_equal_the_declaration(gmm, name, steps):
         return gmm.denoise(x, sigma)
 
     run(name, counting, start(gmm), karras_sigmas(steps), callback=infos.append, s_churn=0.0) \
-        if "s_churn" in SOLVERS[name].options else run(name, counting, start(gmm), karras_sigmas(steps),
+        if "s_churn" in SAMPLERS[name].options else run(name, counting, start(gmm), karras_sigmas(steps),
                                                        callback=infos.append)
-    assert len(calls) == SOLVERS[name].nfe(steps) and len(infos) == steps
+    assert len(calls) == SAMPLERS[name].nfe(steps) and len(infos) == steps
     assert set(infos[0]) == {"x", "i", "sigma", "sigma_hat", "denoised"}
-    assert SOLVERS[name].steps_for_nfe(SOLVERS[name].nfe(steps)) == steps
+    assert SAMPLERS[name].steps_for_nfe(SAMPLERS[name].nfe(steps)) == steps
 
 
-@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("name", list(SAMPLERS))
 def test_zero_length_steps_cost_nothing_and_change_nothing(gmm, name):
     sigmas = karras_sigmas(6)
     repeated = torch.cat([sigmas[:1], sigmas[:3], sigmas[2:4], sigmas[3:]])  # levels 0, 2 and 3 twice
@@ -95,54 +96,54 @@ def test_zero_length_steps_cost_nothing_and_change_nothing(gmm, name):
         return gmm.denoise(x, sigma)
 
     x = start(gmm)
-    kwargs = {"s_churn": 0.0} if "s_churn" in SOLVERS[name].options else {}
+    kwargs = {"s_churn": 0.0} if "s_churn" in SAMPLERS[name].options else {}
     expected = run(name, gmm.denoise, x, sigmas, **kwargs)
     got = run(name, counting, x, repeated, **kwargs)
-    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12) and len(calls) == SOLVERS[name].nfe(6)
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12) and len(calls) == SAMPLERS[name].nfe(6)
 
 
 @pytest.fixture(scope="module")
 def converged(gmm_module):
     x = start(gmm_module, n=64, seed=5)
-    return x, SOLVERS["heun"](gmm_module.denoise, x, karras_sigmas(2000))
+    return x, SAMPLERS["heun"](gmm_module.denoise, x, karras_sigmas(2000))
 
 
-@pytest.mark.parametrize("name", ode_solvers())
+@pytest.mark.parametrize("name", ode_samplers())
 def test_ode_solvers_converge_at_their_order(gmm, name, converged):
     # global error vs a fine Heun reference; multistep solvers that start with lower-order steps show
     # their full order only asymptotically, so at least min(order, 2) is asserted.
     x, reference = converged
     steps = [32, 64, 128]
-    errors = [(SOLVERS[name](gmm.denoise, x, karras_sigmas(n)) - reference).pow(2).mean().sqrt().item()
+    errors = [(SAMPLERS[name](gmm.denoise, x, karras_sigmas(n)) - reference).pow(2).mean().sqrt().item()
               for n in steps]
     assert errors[0] > errors[1] > errors[2], errors
     slope = math.log(errors[1] / errors[2]) / math.log(2)
-    assert slope > min(SOLVERS[name].order, 2) - 0.3, (errors, slope)
+    assert slope > min(SAMPLERS[name].order, 2) - 0.3, (errors, slope)
 
 
-@pytest.mark.parametrize("name", stochastic_solvers())
+@pytest.mark.parametrize("name", stochastic_samplers())
 def test_stochastic_solvers_sample_the_mixture(gmm, name):
     n = 2000
     x = torch.randn(n, gmm.dim, generator=torch.Generator().manual_seed(3), dtype=f64) * 80.0
-    y = SOLVERS[name](gmm.denoise, x, karras_sigmas(40), generator=torch.Generator().manual_seed(4))
+    y = SAMPLERS[name](gmm.denoise, x, karras_sigmas(40), generator=torch.Generator().manual_seed(4))
     freq = torch.bincount(gmm.classify(y), minlength=3).double() / n
     assert torch.allclose(freq, gmm.weights, atol=0.04), freq
     # mean log-density of the samples vs of true draws: a first-order solver is biased at 40 steps
     # (ancestral Euler concentrates its samples: +0.53 nats here), higher orders much less (< 0.1)
     true = gmm.sample(n, generator=torch.Generator().manual_seed(5))
     gap = (gmm.log_prob(y, 0.0).mean() - gmm.log_prob(true, 0.0).mean()).abs()
-    assert gap < 0.6 / SOLVERS[name].order, gap
+    assert gap < 0.6 / SAMPLERS[name].order, gap
 
 
-@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("name", list(SAMPLERS))
 def test_solver_options_are_declared_documented_and_configurable(name):
-    spec = SOLVERS[name]
+    spec = SAMPLERS[name]
     assert spec.description and spec.order >= 1 and spec.evals_per_step >= 1
     assert all(spec.doc(option) for option in spec.options)
     cfg = SamplingConfig(sampler=name, options={k: v for k, v in spec.options.items()
                                                 if k not in ("s_churn", "s_tmin", "s_tmax", "s_noise", "eta")})
     cfg.validate()
-    assert set(cfg.solver_kwargs()) <= set(spec.options)
+    assert set(cfg.sampler_kwargs()) <= set(spec.options)
 
 
 # --- formulations --------------------------------------------------------------------------------

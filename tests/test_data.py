@@ -22,8 +22,8 @@ from elucidate.data import (
     ZipImageDataset,
     build_dataset,
 )
+from elucidate.data.pixels import to_uint8
 from elucidate.data.transforms import crop_box
-from elucidate.pixels import to_uint8
 
 
 def expect_error(func, *needles: str) -> str:

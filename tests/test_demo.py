@@ -1,7 +1,7 @@
 """The demo run itself: trains EDM on the real digits and its samples must be recognizable."""
 import pytest
 
-from elucidate.demo import run_demo
+from elucidate.cli.demo import run_demo
 
 
 @pytest.mark.slow

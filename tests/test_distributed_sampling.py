@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from elucidate.cli import main
-from elucidate.distributed_sampling import gather_batches, map_batches, shard_batches
+from elucidate.runtime.distributed import gather_batches, map_batches, shard_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"data": {"dataset": "digits", "max_size": 200},

@@ -12,18 +12,19 @@ import torch
 from elucidate import Denoiser, denoising_loss, sample
 from elucidate.cli import build_parser
 from elucidate.cli.options import sampling_from_args
-from elucidate.config import SamplingConfig, parse_config
+from elucidate.config import parse_config
+from elucidate.config.docs import config_docs
+from elucidate.config.sampling import SamplingConfig
 from elucidate.errors import ConfigError, UserError
 from elucidate.formulations import FORMULATIONS, Formulation, Preconditioning, as_tensor, make_formulation
 from elucidate.params import param
-from elucidate.reference import config_reference
-from elucidate.sampling import SOLVERS, karras_sigmas, register_solver, sweep_solvers
-from elucidate.sandbox import sandbox_sweep
+from elucidate.sampling import SAMPLERS, karras_sigmas, register_sampler, sweep_samplers
+from elucidate.tuning.sandbox import sandbox_sweep
 
 
 @pytest.fixture
 def toy_solver():
-    @register_solver(description="toy: Euler with a damped step", order=1, sweep=True,
+    @register_sampler(description="toy: Euler with a damped step", order=1, sweep=True,
                      option_docs={"gain": "fraction of the Euler step taken"})
     @torch.no_grad()
     def toy(D, x, sigmas, *, gain: float = 1.0, callback=None):
@@ -34,7 +35,7 @@ def toy_solver():
         return x
 
     yield toy
-    SOLVERS.pop("toy")
+    SAMPLERS.pop("toy")
 
 
 def test_a_sampler_declared_once_is_everywhere(toy_solver, gmm):
@@ -46,7 +47,7 @@ def test_a_sampler_declared_once_is_everywhere(toy_solver, gmm):
     assert torch.allclose(x, euler)  # gain 1 is Euler
     cfg = SamplingConfig(sampler="toy", options={"gain": 0.5})
     cfg.validate()
-    assert cfg.solver_kwargs() == {"gain": 0.5}
+    assert cfg.sampler_kwargs() == {"gain": 0.5}
     with pytest.raises(ConfigError, match="gain = 'big', expected a number"):
         SamplingConfig(sampler="toy", options={"gain": "big"}).validate()
     with pytest.raises(ConfigError, match="does not take option 'order'"):
@@ -55,14 +56,14 @@ def test_a_sampler_declared_once_is_everywhere(toy_solver, gmm):
     sample_parser = build_parser()._subparsers._group_actions[0].choices["sample"]
     assert "toy: Euler with a damped step" in " ".join(sample_parser.format_help().split())
     args = argparse.Namespace(sampler="toy", steps=None, solver_options=["gain=0.25"])
-    assert sampling_from_args(SamplingConfig(), args).solver_kwargs() == {"gain": 0.25}
+    assert sampling_from_args(SamplingConfig(), args).sampler_kwargs() == {"gain": 0.25}
     with pytest.raises(UserError, match="--eta was given but sampler 'toy' does not take it"):
         sampling_from_args(SamplingConfig(), argparse.Namespace(sampler="toy", eta=0.5))
     # sweeps (its declaration says sweep=True) and the sandbox
-    assert "toy" in sweep_solvers() and "toy" in sweep_solvers(deterministic=True)
-    rows = sandbox_sweep(solvers=["toy"], schedules=["karras"], nfes=[5], num_samples=4, reference_steps=20)
-    assert rows[0]["solver"] == "toy" and rows[0]["nfe"] == 5 and math.isfinite(rows[0]["rmse"])
-    assert "toy: Euler with a damped step" in config_reference() and "gain" in config_reference()
+    assert "toy" in sweep_samplers() and "toy" in sweep_samplers(deterministic=True)
+    rows = sandbox_sweep(samplers=["toy"], schedules=["karras"], nfes=[5], num_samples=4, reference_steps=20)
+    assert rows[0]["sampler"] == "toy" and rows[0]["nfe"] == 5 and math.isfinite(rows[0]["rmse"])
+    assert "toy: Euler with a damped step" in config_docs() and "gain" in config_docs()
 
 
 @pytest.fixture
@@ -102,7 +103,7 @@ def test_a_formulation_defined_once_is_everywhere(toy_formulation):
         parse_config({"diffusion": {"type": "toy", "width": -1}})
     with pytest.raises(ConfigError, match="did you mean 'width'"):
         parse_config({"diffusion": {"type": "toy", "widht": 1}})
-    assert "type: toy" in config_reference() and "schedule exponent" in config_reference()
+    assert "type: toy" in config_docs() and "schedule exponent" in config_docs()
     D = Denoiser(lambda x, c_noise: torch.zeros_like(x), config.formulation())
     loss = denoising_loss(D, torch.randn(4, 3), generator=torch.Generator().manual_seed(0))
     assert loss.shape == (4,) and torch.isfinite(loss).all()

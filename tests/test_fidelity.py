@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from elucidate import EDM, IDDPM, VE, VP, Denoiser, build_network, sample
-from elucidate.config import SamplingConfig, parse_config
-from elucidate.generate import generate, schedule_for
+from elucidate.config import parse_config
+from elucidate.config.sampling import SamplingConfig, schedule_for
 from elucidate.sampling import heun, karras_sigmas, num_steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def test_the_edm_sampler_runs_on_an_iddpm_network():
     net = build_network("unet", img_resolution=8, in_channels=1, model_channels=8, channel_mult=(1, 2), num_blocks=1)
     D = Denoiser(net, IDDPM()).eval()
     for steps in (18, 64):
-        x = generate(D, D.formulation, (1, 8, 8), range(2), SamplingConfig(schedule="karras", steps=steps))
+        x = sample(D, (2, 1, 8, 8), **SamplingConfig(schedule="karras", steps=steps).sample_kwargs(D.formulation))
         assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
 
 

@@ -3,15 +3,17 @@ and the seed config block training under every formulation type."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from elucidate import Denoiser, GaussianMixture, build_network, sample
-from elucidate.config import ConfigWarning, SamplingConfig, parse_config
+from elucidate.config import Config, ConfigWarning, DataInfo, parse_config
+from elucidate.config.sampling import SamplingConfig
 from elucidate.denoiser import Guided, with_null_condition
 from elucidate.formulations import EDM, FORMULATIONS
-from elucidate.generate import generate
+from elucidate.run import LoadedRun
 from elucidate.training import Trainer
 
 f64 = torch.float64
@@ -107,11 +109,12 @@ def test_condition_dropout_is_seeded_and_drops_the_asked_fraction(tmp_path):
     assert plain._batch(5)[1]["class_labels"].dtype == torch.int64  # no dropout: labels as they are
 
 
-def test_generate_applies_the_configs_guidance():
+def test_a_run_samples_with_its_configs_guidance():
     D = Denoiser(_labelled_net(), EDM())
     labels = torch.tensor([0, 1])
     cfg = SamplingConfig(steps=4, guidance=2.0)
-    guided = generate(D, D.formulation, (1, 8, 8), [3, 4], cfg, class_labels=labels)
+    run = LoadedRun(D, Config(sampling=cfg), DataInfo(1, (8, 8), 10), None, 0, Path("run"))
+    guided = run.sample([3, 4], class_labels=labels)
     by_hand = sample(Guided(D, 2.0), (2, 1, 8, 8), sampler="heun", steps=4, seeds=[3, 4],
                      sigmas=D.formulation.sampling_sigmas(4), cond={"class_labels": labels})
     assert torch.allclose(guided, by_hand)
@@ -167,9 +170,9 @@ def test_guided_digits_are_their_class(tmp_path):
     from pathlib import Path
 
     from elucidate.config import load_config
+    from elucidate.data.pixels import to_pixels
     from elucidate.metrics import load_digits_classifier
-    from elucidate.model import load_run
-    from elucidate.pixels import to_pixels
+    from elucidate.run.model import load_run
 
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "digits-cond.yaml",
                          ["training.steps=1000", "training.sample_every=0"])
@@ -177,8 +180,7 @@ def test_guided_digits_are_their_class(tmp_path):
     run = load_run(tmp_path / "cond")
     labels = torch.arange(10).repeat_interleave(20)
     cfg = dataclasses.replace(run.config.sampling, guidance=2.0)
-    x = generate(run.denoiser, run.denoiser.formulation, run.shape, range(200), cfg, class_labels=labels,
-                 batch_size=200)
+    x = run.sample(range(200), cfg, class_labels=labels, batch_size=200)
     with torch.no_grad():
         predicted = load_digits_classifier().predict_proba(to_pixels(x, run.normalizer)).argmax(1)
     assert (predicted == labels).float().mean() >= 0.9

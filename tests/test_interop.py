@@ -311,7 +311,7 @@ def test_train_export_and_load_back_with_diffusers(tmp_path, capsys):
     out = tmp_path / "exported"
     assert main(["export", str(run), "--diffusers", str(out)]) == 0
     pipe = diffusers.DDPMPipeline.from_pretrained(str(out))
-    from elucidate.checkpoint import latest_checkpoint, load_checkpoint
+    from elucidate.run.checkpoint import latest_checkpoint, load_checkpoint
 
     tensors, _ = load_checkpoint(latest_checkpoint(run / "checkpoints"))
     ema = {k[len("ema.unet."):]: v for k, v in tensors.items() if k.startswith("ema.unet.")}
@@ -322,7 +322,7 @@ def test_train_export_and_load_back_with_diffusers(tmp_path, capsys):
     images = pipe(batch_size=2, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0))
     assert images.images.shape == (2, 8, 8, 1)
     # the round trip is exact: elucidate's model of the exported folder is the run's model
-    from elucidate.model import load_run
+    from elucidate.run.model import load_run
 
     original, again = load_run(run).denoiser, from_diffusers(out)
     assert again.formulation == original.formulation

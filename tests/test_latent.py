@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from elucidate.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from elucidate.errors import ConfigError, UserError
 from elucidate.latent import (
     AutoencoderKL,
@@ -34,6 +33,7 @@ from elucidate.latent import (
     train_vae,
     vanilla_d_loss,
 )
+from elucidate.run.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,7 +202,7 @@ def test_logvar_gradient_is_the_closed_form():
 
 def test_logvar_is_trained_and_the_discriminator_only_after_disc_start(tmp_path):
     trainer = VAETrainer(load_vae_config(tiny_config()), tmp_path / "run", progress=False, log=lambda *a: None)
-    assert any(p is trainer.loss.logvar for g in trainer.opt_ae.param_groups for p in g["params"])
+    assert any(p is trainer.loss.logvar for g in trainer.optimizers[0].param_groups for p in g["params"])
     disc0 = [p.clone() for p in trainer.loss.discriminator.parameters()]
     logvar = [trainer.loss.logvar.item()]
     for step in range(5):
@@ -297,16 +297,16 @@ def test_config_defaults_overrides_and_the_shipped_config():
 def test_optimizer_pair_round_trip():
     a, b = torch.nn.Linear(2, 3), torch.nn.Linear(3, 1)
     pair = OptimizerPair(torch.optim.Adam(a.parameters(), lr=0.1), torch.optim.Adam(b.parameters(), lr=0.2))
-    for opt, net in ((pair.first, a), (pair.second, b)):
+    for opt, net in zip(pair.optimizers, (a, b)):
         net(torch.randn(4, net.in_features)).sum().backward()
         opt.step()
     state = pair.state_dict()
     assert sorted(state["state"]) == [0, 1, 2, 3] and state["param_groups"][1]["params"] == [2, 3]
     fresh = OptimizerPair(torch.optim.Adam(a.parameters(), lr=0.1), torch.optim.Adam(b.parameters(), lr=0.2))
     fresh.load_state_dict(state)
-    second, expected = fresh.second.state_dict()["state"][1], pair.second.state_dict()["state"][1]
+    second, expected = fresh.optimizers[1].state_dict()["state"][1], pair.optimizers[1].state_dict()["state"][1]
     assert torch.equal(second["exp_avg"], expected["exp_avg"])
-    assert fresh.second.param_groups[0]["lr"] == 0.2
+    assert fresh.optimizers[1].param_groups[0]["lr"] == 0.2
 
 
 # --- training runs ---------------------------------------------------------------------------------
@@ -435,7 +435,7 @@ def test_cli_train_vae_writes_a_run_and_errors_are_one_line(tmp_path, capsys):
     import yaml
 
     from elucidate.cli import main
-    from elucidate.runlock import RunLock
+    from elucidate.run.lock import RunLock
 
     cfg = tmp_path / "vae.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(steps=2, checkpoint_every=2)))

@@ -12,15 +12,17 @@ import torch
 import yaml
 from PIL import Image
 
-from elucidate.checkpoint import latest_checkpoint, load_checkpoint
 from elucidate.config import dump_config, parse_config
 from elucidate.data import build_dataset
 from elucidate.errors import ConfigError, UserError
 from elucidate.latent import load_vae, train_vae
-from elucidate.latent.diffusion import RUN_LATENT, RUN_VAE, LatentDataset, scale_for
-from elucidate.latent.encode import encode_dataset, encode_posteriors, read_encoded
-from elucidate.model import load_run
+from elucidate.latent.data import LatentDataset, scale_for
+from elucidate.latent.encode import encode_posteriors, read_encoded
+from elucidate.run import RunDir
+from elucidate.run.checkpoint import latest_checkpoint, load_checkpoint
+from elucidate.run.model import load_run
 from elucidate.training import Trainer, derived_generator
+from elucidate.training.latent import encode_dataset
 from elucidate.viz import TrajectoryRecorder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +118,7 @@ def test_latent_run_copies_the_vae_fixes_the_scale_and_resumes_bit_exactly(vae_r
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     config = latent_config(vae_run)
     train(config, full)
-    record = json.loads((full / RUN_LATENT).read_text())
+    record = json.loads(RunDir(full).latent.read_text())
     pixels = build_dataset({"dataset": "digits", "max_size": 120})
     mean, _ = encode_posteriors(load_vae(vae_run), pixels)
     assert record["scale_factor"] == pytest.approx(0.5 / float(mean.double().std()), rel=1e-6)
@@ -124,7 +126,7 @@ def test_latent_run_copies_the_vae_fixes_the_scale_and_resumes_bit_exactly(vae_r
     assert record["vae"]["source"] == str(latest_checkpoint(vae_run / "checkpoints").resolve())
     tensors, meta = load_checkpoint(latest_checkpoint(full / "checkpoints"))
     assert meta["latent"] == record and meta["data"]["channels"] == 4 and meta["data"]["resolution"] == [4, 4]
-    copy = load_vae(full / RUN_VAE)  # the run's own copy equals the VAE it was trained from
+    copy = load_vae(RunDir(full).vae)  # the run's own copy equals the VAE it was trained from
     for (name, a), (_, b) in zip(copy.state_dict().items(), load_vae(vae_run).state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -170,23 +172,21 @@ def test_sampling_a_latent_run_gives_decoded_images(vae_run, tmp_path):
     loaded = load_run(run)
     assert loaded.shape == (4, 4, 4) and loaded.decode is not None
     z = torch.randn(3, 4, 4, 4)
-    scale = json.loads((run / RUN_LATENT).read_text())["scale_factor"]
-    torch.testing.assert_close(loaded.images(z), load_vae(run / RUN_VAE).decode(z / scale))
+    scale = json.loads(RunDir(run).latent.read_text())["scale_factor"]
+    torch.testing.assert_close(loaded.images(z), load_vae(RunDir(run).vae).decode(z / scale))
     assert loaded.images(z).shape == (3, 1, 8, 8)
     from elucidate.viz import save_image_grid  # the training loop's grid shows 4 decoded 1x8x8 images
     assert Image.open(latest_sample(run)).size == Image.open(save_image_grid(torch.zeros(4, 1, 8, 8),
                                                                              tmp_path / "ref.png")).size
 
     recorder = TrajectoryRecorder(max_images=2, decode=loaded.decode)
-    from elucidate.generate import generate
-    final = generate(loaded.denoiser, loaded.denoiser.formulation, loaded.shape, range(2), loaded.config.sampling,
-                     callback=recorder)
+    final = loaded.sample(range(2), callback=recorder)
     recorder.finish(final)
     xs, denoised = recorder.stacked()
     assert xs.shape[1:] == denoised.shape[1:] == (2, 1, 8, 8)
     torch.testing.assert_close(denoised[-1], loaded.images(final))
 
-    (run / RUN_VAE).rename(run / "moved.safetensors")  # falls back to the VAE it came from
+    RunDir(run).vae.rename(run / "moved.safetensors")  # falls back to the VAE it came from
     assert load_run(run).images(z).shape == (3, 1, 8, 8)
 
 
@@ -229,7 +229,7 @@ def test_cli_chain_train_vae_encode_train_sample_eval(tmp_path):
 def test_encode_data_spec_reads_a_config_like_train(tmp_path):
     """`elucidate encode DATA`: a config's data section (read and validated as `train` reads configs), a
     dataset name, or one line naming what is wrong."""
-    from elucidate.latent.encode import resolve_data_spec
+    from elucidate.training.latent import resolve_data_spec
 
     good = tmp_path / "good.yaml"
     good.write_text("data:\n  dataset: digits\ntraining:\n  steps: 5\n")

@@ -9,9 +9,10 @@ import torch
 import elucidate.likelihood as lk
 from elucidate import EDM, Denoiser, GaussianMixture, build_network
 from elucidate.config import parse_config
+from elucidate.config.network import DataInfo, build_network_for
 from elucidate.errors import UserError
 from elucidate.likelihood import bits_per_dim, log_likelihood, run_likelihood
-from elucidate.model import DataInfo, LoadedRun, build_network_for, load_run
+from elucidate.run.model import LoadedRun, load_run
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from scipy.integrate import quad
 
 from elucidate.errors import UserError
-from elucidate.training.phema import (
+from elucidate.training.ema import (
     MAX_SIGMA_REL,
     PowerEMA,
     gamma_to_sigma_rel,

@@ -6,9 +6,9 @@ import torch
 
 from elucidate.cli import main
 from elucidate.config import parse_config
-from elucidate.model import load_run
+from elucidate.run.model import load_run
 from elucidate.training import Trainer
-from elucidate.training.phema import reconstruct
+from elucidate.training.ema import reconstruct
 from test_phema_run import tiny
 
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from elucidate.config import parse_config
 from elucidate.errors import ConfigError
 from elucidate.training import Trainer, latest_checkpoint, load_checkpoint
-from elucidate.training.phema import list_snapshots, read_snapshot_info, reconstruct
+from elucidate.training.ema import list_snapshots, read_snapshot_info, reconstruct
 
 
 def tiny(steps=8, **training) -> dict:
@@ -27,8 +27,8 @@ def train(raw: dict, run: Path) -> dict:
 
 
 def test_config_defaults_and_validation():
-    from elucidate import ema_config as config
-    from elucidate.training import phema
+    from elucidate.config import training as config
+    from elucidate.training import ema as phema
 
     assert config.MAX_SIGMA_REL == phema.MAX_SIGMA_REL
     assert parse_config(tiny(ema=None)).training.ema is None

@@ -5,10 +5,9 @@ import warnings
 import pytest
 import torch
 
-from elucidate import precision
 from elucidate.config import parse_config
-from elucidate.generate import autocast_for
-from elucidate.precision import native_bf16, resolve_precision
+from elucidate.runtime import precision
+from elucidate.runtime.precision import autocast_for, native_bf16, resolve_precision
 from elucidate.training import Trainer, latest_checkpoint, load_checkpoint
 from test_training import tiny_config
 

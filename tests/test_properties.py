@@ -7,9 +7,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from elucidate.cli.options import parse_seeds
 from elucidate.config import apply_overrides, parse_config
 from elucidate.errors import ConfigError
-from elucidate.generate import parse_seeds
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -75,7 +75,7 @@ def test_parse_seeds_rejects(text):
 
 
 def _demo_keys() -> list[tuple[str, str]]:
-    from elucidate.demo import DEMO_CONFIG
+    from elucidate.cli.demo import DEMO_CONFIG
 
     return [(section, key) for section, body in DEMO_CONFIG.items() if isinstance(body, dict) for key in body]
 
@@ -85,7 +85,7 @@ def _demo_keys() -> list[tuple[str, str]]:
 def test_one_bad_value_in_a_valid_config_is_a_config_error(where, value):
     import copy
 
-    from elucidate.demo import DEMO_CONFIG
+    from elucidate.cli.demo import DEMO_CONFIG
 
     raw = copy.deepcopy(DEMO_CONFIG)
     raw[where[0]][where[1]] = value

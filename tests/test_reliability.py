@@ -17,9 +17,11 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-import elucidate.checkpoint as ckpt_module
-import elucidate.fileio as fileio
-from elucidate.checkpoint import (
+import elucidate.run.checkpoint as ckpt_module
+import elucidate.runtime.files as fileio
+from elucidate.config import parse_config
+from elucidate.errors import ConfigError, UserError
+from elucidate.run.checkpoint import (
     CheckpointDamaged,
     CheckpointWarning,
     check_run_checkpoint,
@@ -28,12 +30,11 @@ from elucidate.checkpoint import (
     read_header,
     save_checkpoint,
 )
-from elucidate.config import parse_config
-from elucidate.errors import ConfigError, UserError
-from elucidate.fileio import WriteError, append_text
-from elucidate.model import load_run, resolve_checkpoint
-from elucidate.runlock import RunLock, RunLocked, run_lock
-from elucidate.training.loop import Trainer, TrainingStopped
+from elucidate.run.lock import RunLock, RunLocked, run_lock
+from elucidate.run.model import load_run, resolve_checkpoint
+from elucidate.runtime.files import WriteError, append_text
+from elucidate.training.diffusion import Trainer
+from elucidate.training.loop import TrainingStopped
 from elucidate.viz.training import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +97,7 @@ def test_run_lock_is_exclusive_names_its_holder_and_dies_with_it(tmp_path):
     assert not (run / ".lock").exists()  # a clean release leaves nothing behind
     RunLock(run).acquire().release()
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from elucidate.runlock import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from elucidate.run.lock import RunLock; "
                                f"lock = RunLock({str(run)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True, env=env())
     try:
@@ -389,7 +390,7 @@ def test_a_directory_made_read_only_mid_run(tmp_path, monkeypatch):
 def test_a_failed_append_leaves_no_partial_line_and_readers_skip_one(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 0.5}\n')
-    child = ("import resource, signal, sys; from elucidate.fileio import append_text, WriteError\n"
+    child = ("import resource, signal, sys; from elucidate.runtime.files import append_text, WriteError\n"
              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({path.stat().st_size + 10},) * 2)\n"
              f"try:\n    append_text({str(path)!r}, '{{\"step\": 2, \"loss\": ' + '1' * 100 + '}}\\n')\n"
@@ -447,7 +448,7 @@ def test_max_bad_steps_validation():
 
 # --- diverged models ---------------------------------------------------------------------------------
 def test_check_finite_counts_and_names_the_seeds():
-    from elucidate.generate import NonFiniteSamples, check_finite
+    from elucidate.run.outputs import NonFiniteSamples, check_finite
 
     x = torch.zeros(8, 1, 2, 2)
     check_finite(x, range(10, 18))
@@ -458,18 +459,16 @@ def test_check_finite_counts_and_names_the_seeds():
 
 @pytest.mark.parametrize("verb", ["sample", "eval"])
 def test_nonfinite_samples_exit_2_and_write_nothing(trained, tmp_path, capsys, monkeypatch, verb):
-    import elucidate.evaluation
-    import elucidate.generate
+    from elucidate.run.model import LoadedRun
 
-    real = elucidate.generate.generate
+    real = LoadedRun.sample
 
     def diverged(*args, **kwargs):  # the real sampler, then two images poisoned as a diverged model would
         x = real(*args, **kwargs)
         x[:2] = float("nan")
         return x
 
-    monkeypatch.setattr(elucidate.generate, "generate", diverged)
-    monkeypatch.setattr(elucidate.evaluation, "generate", diverged)
+    monkeypatch.setattr(LoadedRun, "sample", diverged)
     out = tmp_path / "s.npz"
     argv = (["sample", trained, "--seeds", "0-7", "--steps", "2", "--out", out] if verb == "sample" else
             ["eval", trained, "--num", "8", "--steps", "2", "--ref", "digits"])

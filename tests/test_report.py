@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from elucidate.report import render_report, write_report
+from elucidate.evaluation.report import render_report, write_report
 from elucidate.sampling import nfe
 from elucidate.viz import save_image_grid
 

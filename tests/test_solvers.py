@@ -8,7 +8,7 @@ import torch
 
 from elucidate import sample
 from elucidate.sampling import (
-    SOLVERS,
+    SAMPLERS,
     ablation,
     dpmpp_2m,
     dpmpp_2m_sde,
@@ -58,7 +58,7 @@ DETERMINISTIC = [
 def test_deterministic_solvers_equal_kdiffusion(kdiff, gmm, ours, theirs, kwargs, schedule):
     sigmas = karras_sigmas(12) if schedule == "karras" else exponential_sigmas(12, 0.01, 50.0)
     x = start(gmm, sigmas)
-    mine = SOLVERS[ours](gmm.denoise, x, sigmas, **kwargs)
+    mine = SAMPLERS[ours](gmm.denoise, x, sigmas, **kwargs)
     ref = getattr(kdiff, theirs)(gmm.denoise, x, sigmas, disable=True, **kwargs)
     assert mine.dtype == f64
     assert torch.allclose(mine, ref, rtol=0, atol=1e-9), (mine - ref).abs().max()
@@ -77,7 +77,7 @@ STOCHASTIC = [
 def test_stochastic_solvers_equal_kdiffusion_on_identical_noise(kdiff, gmm, ours, theirs, kwargs):
     sigmas = karras_sigmas(10)
     x = start(gmm, sigmas)
-    mine = SOLVERS[ours](gmm.denoise, x, sigmas, noise_sampler=SharedNoise(x), **kwargs)
+    mine = SAMPLERS[ours](gmm.denoise, x, sigmas, noise_sampler=SharedNoise(x), **kwargs)
     ref = getattr(kdiff, theirs)(gmm.denoise, x, sigmas, disable=True, noise_sampler=SharedNoise(x), **kwargs)
     assert torch.allclose(mine, ref, rtol=0, atol=1e-9), (mine - ref).abs().max()
 
@@ -89,7 +89,7 @@ def test_churn_equals_kdiffusion(kdiff, gmm, name):
     x = start(gmm, sigmas)
     kw = dict(s_churn=5.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.003)
     torch.manual_seed(7)
-    mine = SOLVERS[name](gmm.denoise, x, sigmas, noise_sampler=lambda a, b: torch.randn_like(x), **kw)
+    mine = SAMPLERS[name](gmm.denoise, x, sigmas, noise_sampler=lambda a, b: torch.randn_like(x), **kw)
     torch.manual_seed(7)
     ref = getattr(kdiff, f"sample_{name}")(gmm.denoise, x, sigmas, disable=True, **kw)
     assert torch.allclose(mine, ref, rtol=0, atol=1e-9)
@@ -188,10 +188,10 @@ def test_nfe_and_callback_counts(gmm):
 
     steps = []
     x = start(gmm, karras_sigmas(7))
-    for name in SOLVERS:
+    for name in SAMPLERS:
         calls.clear()
         steps.clear()
-        SOLVERS[name](counting, x, karras_sigmas(7), callback=steps.append)
+        SAMPLERS[name](counting, x, karras_sigmas(7), callback=steps.append)
         assert len(calls) == nfe(name, 7) and len(steps) == 7, name
         assert set(steps[0]) == {"x", "i", "sigma", "sigma_hat", "denoised"}
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from elucidate.checkpoint import save_checkpoint
 from elucidate.config import parse_config
+from elucidate.run.checkpoint import save_checkpoint
 from elucidate.training import EMA, Trainer, batch_indices, latest_checkpoint, list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,11 +84,11 @@ def test_checkpoint_roundtrip_and_atomic_failure(tmp_path, monkeypatch):
     tensors, meta = load_checkpoint(path)
     assert meta["step"] == 1 and torch.equal(tensors["net.0.weight"], net[0].weight)
     fresh = torch.optim.Adam(net.parameters(), lr=1e-2)
-    from elucidate.checkpoint import optimizer_from_flat
+    from elucidate.run.checkpoint import optimizer_from_flat
     fresh.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
 
-    import elucidate.checkpoint as ck
+    import elucidate.run.checkpoint as ck
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -165,12 +165,12 @@ def test_nan_guard_skips_the_step_and_keeps_the_ema_clean(tmp_path):
         trainer.step += 1
     params = [p.clone() for p in trainer.net.parameters()]
     ema = [p.clone() for p in trainer.ema.module.parameters()]
-    losses, _, applied = trainer.train_step(2)
+    (losses, _), applied = trainer.train_step(2)
     assert not applied and torch.isnan(losses).all()
     assert all(torch.equal(a, b) for a, b in zip(params, trainer.net.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(ema, trainer.ema.module.parameters()))
     trainer.step = 3
-    _, _, applied = trainer.train_step(3)
+    _, applied = trainer.train_step(3)
     assert applied and all(torch.isfinite(p).all() for p in trainer.ema.module.parameters())
     summary = trainer.train()
     assert summary["step"] == 4

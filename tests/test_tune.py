@@ -12,11 +12,12 @@ import yaml
 
 from elucidate import GaussianMixture
 from elucidate.cli import main
-from elucidate.config import SamplingConfig
+from elucidate.config.sampling import SamplingConfig
 from elucidate.errors import ConfigError, UserError
-from elucidate.sampling import SOLVERS, exponential_sigmas, ipndm, karras_sigmas, tune, unipc
-from elucidate.sampling.tuned import TunedSchedule, load_tuned, tuned_path
-from elucidate.sampling.tuning import LOSSES, rmse, tuning_noise
+from elucidate.run import RunDir
+from elucidate.sampling import SAMPLERS, exponential_sigmas, ipndm, karras_sigmas, tune, unipc
+from elucidate.tuning.stored import TunedSchedule, load_tuned
+from elucidate.tuning.tuner import LOSSES, rmse, tuning_noise
 
 f64 = torch.float64
 
@@ -144,7 +145,7 @@ def test_tune_returns_a_valid_schedule(tuned_gmm):
     assert isinstance(s, list) and all(isinstance(v, float) for v in s)
     assert s[0] == 80.0 and s[-1] == 0.0 and all(b < a for a, b in zip(s, s[1:]))
     assert s[-2] >= 0.002 * (1 - 1e-12)
-    assert t.sampler in SOLVERS and not SOLVERS[t.sampler].stochastic and t.nfe == 6
+    assert t.sampler in SAMPLERS and not SAMPLERS[t.sampler].stochastic and t.nfe == 6
     assert math.isfinite(t.tuning_error) and math.isfinite(t.heldout_error)
     assert t.baselines and all({"sampler", "schedule", "nfe", "tuning_error", "heldout_error"} <= set(b)
                                for b in t.baselines)
@@ -168,9 +169,9 @@ def test_tuned_schedule_replays_within_its_budget(tuned_gmm):
 def test_tuned_schedule_beats_karras_on_held_out_noise(tuned_gmm):
     gmm, t = tuned_gmm
     x = tuning_noise((256, gmm.dim), 1234, 80.0)  # neither the tuning nor the held-out draw
-    reference = SOLVERS["heun"](gmm.denoise, x, karras_sigmas(1000))
+    reference = SAMPLERS["heun"](gmm.denoise, x, karras_sigmas(1000))
     tuned_error = rmse(t(gmm.denoise, x), reference)
-    karras = {name: rmse(SOLVERS[name](gmm.denoise, x, karras_sigmas(SOLVERS[name].steps_for_nfe(6))), reference)
+    karras = {name: rmse(SAMPLERS[name](gmm.denoise, x, karras_sigmas(SAMPLERS[name].steps_for_nfe(6))), reference)
               for name in ("euler", "heun", "dpmpp_2m", "lms", t.sampler)}
     assert tuned_error < 0.7 * min(karras.values()), (tuned_error, karras)
 
@@ -186,7 +187,7 @@ def test_losses_weigh_outlying_samples_differently(gmm):
 
 
 def test_several_models_route_blocks_and_weigh_relative_errors():
-    from elucidate.sampling.objectives import Models, geometric_mean_loss
+    from elucidate.tuning.objectives import Models, geometric_mean_loss
 
     x, sigma = torch.arange(12, dtype=f64).reshape(6, 2), torch.ones(6, dtype=f64)
     both = Models([lambda x, s: x * 0 + 1, lambda x, s: x * 0 + 2], per=3)
@@ -221,19 +222,19 @@ def test_tune_on_several_mixtures_serves_each(tuned_gmm):
         errors = []
         for m in (gmm, narrow):
             x = tuning_noise((256, 4), 99, 80.0)
-            reference = SOLVERS["heun"](m.denoise, x, karras_sigmas(1000))
-            errors.append(rmse(SOLVERS[sampler](m.denoise, x, torch.tensor(sigmas, dtype=f64), **options), reference))
+            reference = SAMPLERS["heun"](m.denoise, x, karras_sigmas(1000))
+            errors.append(rmse(SAMPLERS[sampler](m.denoise, x, torch.tensor(sigmas, dtype=f64), **options), reference))
         return math.sqrt(errors[0] * errors[1]), errors
 
     tuned, per_model = relative(t.sigmas, t.sampler, t.options)
-    karras = [relative(karras_sigmas(SOLVERS[s].steps_for_nfe(5)).tolist(), s, {}) for s in ("dpmpp_2m", "unipc")]
+    karras = [relative(karras_sigmas(SAMPLERS[s].steps_for_nfe(5)).tolist(), s, {}) for s in ("dpmpp_2m", "unipc")]
     assert tuned < 0.5 * min(k[0] for k in karras), (tuned, karras)
     for i in range(2):  # better on each model than either solver on Karras rho = 7 (measured: 0.094, 0.18)
         assert per_model[i] < min(k[1][i] for k in karras), (per_model, karras)
 
 
 def test_held_out_noise_drops_a_search_result_that_does_not_generalize(tuned_gmm, monkeypatch):
-    import elucidate.sampling.tuning as tuning
+    import elucidate.tuning.tuner as tuning
 
     gmm, _ = tuned_gmm
     def bad(problem, u, lo, hi, max_evals):  # claims a perfect fit with every level crammed below sigma_max
@@ -250,7 +251,7 @@ def test_held_out_noise_drops_a_search_result_that_does_not_generalize(tuned_gmm
 
 
 def test_a_finalist_that_fits_only_its_own_draws_does_not_win():
-    from elucidate.sampling.tuning import HELDOUT_SLACK, choose_finalist
+    from elucidate.tuning.tuner import HELDOUT_SLACK, choose_finalist
 
     overfit = {"name": "overfit", "tuning_loss": 1.0, "heldout_loss": 4.0}  # best on its draws, 4x worse held out
     steady = {"name": "steady", "tuning_loss": 2.0, "heldout_loss": 1.0}
@@ -265,7 +266,7 @@ def test_a_finalist_that_fits_only_its_own_draws_does_not_win():
 
 
 def test_the_result_is_the_finalist_the_rule_chooses(tuned_gmm):
-    from elucidate.sampling.tuning import choose_finalist
+    from elucidate.tuning.tuner import choose_finalist
 
     _, t = tuned_gmm
     assert len(t.finalists) == 2
@@ -278,7 +279,7 @@ def test_the_result_is_the_finalist_the_rule_chooses(tuned_gmm):
 
 
 def test_a_near_tie_on_the_tuning_draws_goes_to_the_held_out_draws():
-    from elucidate.sampling.tuning import choose_finalist
+    from elucidate.tuning.tuner import choose_finalist
 
     # random C at NFE 9 (self-tuned, boundary draws): UniPC order 3 bh1 fitted its draws 0.4 % better than plain
     # UniPC and was 23 % worse held out; on 8,192 new draws it flipped 31 draws against 6 (RMSE ratio 0.52 vs 0.34)
@@ -317,7 +318,7 @@ def test_missing_or_mismatched_tuned_file_names_the_command(tuned_gmm, tmp_path)
     _, t = tuned_gmm
     with pytest.raises(UserError, match=r"elucidate tune .* --nfe 6"):
         load_tuned(tmp_path, 6)
-    t.save(tuned_path(tmp_path, 7))  # stored under the wrong budget
+    t.save(RunDir(tmp_path).tuned_schedule(7))  # stored under the wrong budget
     with pytest.raises(UserError, match="tuned for NFE 6, not 7"):
         load_tuned(tmp_path, 7)
 
@@ -354,8 +355,7 @@ TINY = {"data": {"dataset": "digits", "max_size": 200},
 def test_cli_tune_run_then_sample_with_nfe(tmp_path, capsys):
     import numpy as np
 
-    from elucidate.generate import generate
-    from elucidate.model import load_run
+    from elucidate.run.model import load_run
 
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(TINY))
@@ -369,8 +369,7 @@ def test_cli_tune_run_then_sample_with_nfe(tmp_path, capsys):
 
     assert main(["sample", str(run), "--nfe", "4", "--seeds", "0-3", "--out", str(tmp_path / "s.npz")]) == 0
     loaded = load_run(run)
-    expected = generate(loaded.denoiser, loaded.denoiser.formulation, loaded.shape, range(4),
-                        SamplingConfig(sampler=t.sampler, options=t.options, sigmas=t.sigmas))
+    expected = loaded.sample(range(4), SamplingConfig(sampler=t.sampler, options=t.options, sigmas=t.sigmas))
     with np.load(tmp_path / "s.npz") as data:
         values = loaded.normalizer.from_model(expected).permute(0, 2, 3, 1).numpy()
         assert np.allclose(data["values"], values, atol=1e-4)

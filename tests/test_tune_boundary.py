@@ -7,8 +7,8 @@ import torch
 
 from elucidate import GaussianMixture
 from elucidate.cli import main
-from elucidate.sampling import SOLVERS, exponential_sigmas, karras_sigmas, tune
-from elucidate.sampling.boundary import (
+from elucidate.sampling import SAMPLERS, exponential_sigmas, karras_sigmas, tune
+from elucidate.tuning.boundary import (
     POOL_SEED_OFFSET,
     ReferenceCache,
     hardest_draws,
@@ -16,9 +16,9 @@ from elucidate.sampling.boundary import (
     stratify,
     stratify_models,
 )
-from elucidate.sampling.objectives import LOSSES, Models, geometric_mean_loss, per_sample_rms, weighted_loss
-from elucidate.sampling.tuned import TunedSchedule
-from elucidate.sampling.tuning import NOISE_SEED_OFFSET, tuning_noise
+from elucidate.tuning.objectives import LOSSES, Models, geometric_mean_loss, per_sample_rms, weighted_loss
+from elucidate.tuning.stored import TunedSchedule
+from elucidate.tuning.tuner import NOISE_SEED_OFFSET, tuning_noise
 
 f64 = torch.float64
 # two close narrow modes and a far one: a few draws sit near the boundary between the close two
@@ -45,9 +45,9 @@ def test_hardest_draws_are_those_plain_solvers_get_most_wrong():
     pool = tuning_noise((256, 2), 5, 80.0)
     idx = hardest_draws(GMM.denoise, pool, 6, 8, chunk=100, **KW)
     assert idx.tolist() == sorted(set(idx.tolist())) and len(idx) == 8
-    ref = SOLVERS["heun"](GMM.denoise, pool, karras_sigmas(200))
-    outs = [SOLVERS["dpmpp_2m"](GMM.denoise, pool, karras_sigmas(6)),
-            SOLVERS["unipc"](GMM.denoise, pool, exponential_sigmas(6))]
+    ref = SAMPLERS["heun"](GMM.denoise, pool, karras_sigmas(200))
+    outs = [SAMPLERS["dpmpp_2m"](GMM.denoise, pool, karras_sigmas(6)),
+            SAMPLERS["unipc"](GMM.denoise, pool, exponential_sigmas(6))]
     worst = torch.maximum(*(per_sample_rms(out, ref) for out in outs))
     assert set(idx.tolist()) == set(worst.topk(8).indices.tolist())
     # the rare draws that either solver sends to another mode than the reference's are all among them
@@ -62,8 +62,8 @@ def test_stratified_batch_over_the_rest_of_the_pool_gives_the_pool_loss():
     batch, w = stratify(GMM.denoise, rest, pool, 4, 6, chunk=64, **KW)
     assert batch.shape == (64, 2) and w.sum().item() == pytest.approx(1.0)
     assert torch.equal(batch[:6], pool[idx]) and torch.equal(batch[6:], rest)
-    out = SOLVERS["dpmpp_2m"](GMM.denoise, batch, karras_sigmas(4))
-    ref = SOLVERS["heun"](GMM.denoise, batch, karras_sigmas(200))
+    out = SAMPLERS["dpmpp_2m"](GMM.denoise, batch, karras_sigmas(4))
+    ref = SAMPLERS["heun"](GMM.denoise, batch, karras_sigmas(200))
     for name, loss in LOSSES.items():  # every pool draw counted once: the weighted loss is the pool's loss
         assert weighted_loss(name, w)(out, ref) == pytest.approx(loss(out, ref), rel=1e-12)
 
@@ -73,11 +73,11 @@ def test_tune_with_boundary_draws_reports_the_pool_estimate_within_budget():
              reference_steps=200, max_evals=20, finalists=1)
     assert (t.boundary, t.pool, t.num_samples, t.nfe) == (6, 128, 32, 4)
     assert TunedSchedule.from_dict(t.to_dict()).boundary == 6
-    assert SOLVERS[t.sampler].nfe(t.steps) <= 4
+    assert SAMPLERS[t.sampler].nfe(t.steps) <= 4
     # the reported tuning error is the weighted RMSE over [6 hardest of the pool, 32 tuning draws]
     pool = tuning_noise((128, 2), 2 + POOL_SEED_OFFSET, 80.0)
     batch, w = stratify(GMM.denoise, tuning_noise((32, 2), 2, 80.0), pool, 4, 6, chunk=32, **KW)
-    ref = SOLVERS["heun"](GMM.denoise, batch, karras_sigmas(200))
+    ref = SAMPLERS["heun"](GMM.denoise, batch, karras_sigmas(200))
     assert t.tuning_error == pytest.approx(weighted_loss("rmse", w)(t(GMM.denoise, batch), ref), rel=1e-9)
     assert POOL_SEED_OFFSET > 1 and NOISE_SEED_OFFSET + POOL_SEED_OFFSET != NOISE_SEED_OFFSET + 1
     with pytest.raises(ValueError, match="smaller than pool"):
@@ -98,8 +98,8 @@ def test_a_reference_cache_solves_each_pool_once_for_several_budgets():
     assert (cached.sampler, cached.sigmas, cached.options) == (fresh.sampler, fresh.sigmas, fresh.options)
     assert (cached.tuning_error, cached.heldout_error) == (fresh.tuning_error, fresh.heldout_error)
     # evaluations count what was spent: the cached call skipped 2 x 128 Heun references, not the pickers
-    assert fresh.evaluations - cached.evaluations == 2 * 128 * SOLVERS["heun"].nfe(200)
-    heun = SOLVERS["heun"].nfe(200)
+    assert fresh.evaluations - cached.evaluations == 2 * 128 * SAMPLERS["heun"].nfe(200)
+    heun = SAMPLERS["heun"].nfe(200)
     assert first.evaluations >= 2 * 128 * (heun + picker_evaluations(4)) + 2 * 38 * heun
     # another denoiser, pool or reference is solved anew (the key holds the denoiser and the exact bits)
     other = GaussianMixture(GMM.means, GMM.stds * 1.5, [0.4, 0.4, 0.2])
@@ -108,7 +108,7 @@ def test_a_reference_cache_solves_each_pool_once_for_several_budgets():
     a = references.solve(other.denoise, pool, sigmas, 32)
     assert references.rows_solved == 2 * 128 + 64
     assert references.solve(other.denoise, pool, sigmas, 32) is a and references.rows_solved == 2 * 128 + 64
-    assert torch.equal(a, torch.cat([SOLVERS["heun"](other.denoise, part, sigmas) for part in pool.split(32)]))
+    assert torch.equal(a, torch.cat([SAMPLERS["heun"](other.denoise, part, sigmas) for part in pool.split(32)]))
     references.solve(other.denoise, pool, karras_sigmas(60), 32)
     references.solve(other.denoise, pool + 1e-9, sigmas, 32)
     assert references.rows_solved == 2 * 128 + 3 * 64
@@ -136,7 +136,7 @@ def test_tune_a_list_with_boundary_draws_stratifies_each_model_on_its_own_pool()
         own, w = stratify(D, x[16 * i:16 * (i + 1)], pool[64 * i:64 * (i + 1)], 4, 4, chunk=16, **KW)
         assert torch.equal(batch[20 * i:20 * (i + 1)], own) and torch.equal(weights[i], w)
     D = Models(models, 20)
-    out, ref = t(D, batch), SOLVERS["heun"](D, batch, karras_sigmas(200))
+    out, ref = t(D, batch), SAMPLERS["heun"](D, batch, karras_sigmas(200))
     # the report weighs every model's pool equally; the loss is the geometric mean of the models' own
     assert t.tuning_error == pytest.approx(weighted_loss("rmse", torch.cat(weights) / 2)(out, ref), rel=1e-9)
     per_model = [weighted_loss("l4", w)(out[20 * i:20 * (i + 1)], ref[20 * i:20 * (i + 1)])

@@ -1,20 +1,39 @@
-"""elucidate: diffusion models on the EDM design space (Karras et al. 2022)."""
+"""elucidate: diffusion models on the EDM design space (Karras et al. 2022).
+
+The public API: formulations, the denoiser, the loss, ``sample()``, networks, exact denoisers, the
+log-likelihood, ``from_diffusers`` and the lucidrains-style ``Unet`` / ``ElucidatedDiffusion``. The packages:
+formulations, sampling, nets, data, latent, metrics, viz (the core, which knows nothing of runs); config; run;
+training, evaluation, tuning, interop; cli. Each package's ``__init__`` says what it may import.
+
+May import: formulations, sampling, nets, analytic, denoiser, losses, likelihood, interop.
+"""
+import warnings
+
 from . import nets, sampling
 from .analytic import EmpiricalDenoiser, GaussianMixture
 from .denoiser import Denoiser
 from .formulations import DDPM, EDM, FORMULATIONS, IDDPM, VE, VP, Formulation, Preconditioning, make_formulation
-from .interop import from_diffusers
+from .interop import ElucidatedDiffusion, Unet, from_diffusers
 from .likelihood import log_likelihood
 from .losses import denoising_loss
-from .nets import NETWORKS, DhariwalUNet, SongUNet, UNet, build_network
+from .nets import NETWORKS, DhariwalUNet, SongUNet, build_network
 from .sampling import sample
-from .seed_api import ElucidatedDiffusion, Unet
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "nets", "NETWORKS", "DhariwalUNet", "SongUNet", "UNet", "build_network", "sampling", "EmpiricalDenoiser",
+    "nets", "NETWORKS", "DhariwalUNet", "SongUNet", "build_network", "sampling", "EmpiricalDenoiser",
     "GaussianMixture", "Denoiser", "DDPM", "EDM", "IDDPM", "VE", "VP", "FORMULATIONS", "Formulation", "Preconditioning",
     "make_formulation", "denoising_loss", "sample", "log_likelihood", "from_diffusers", "Unet", "ElucidatedDiffusion",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    """``elucidate.UNet`` (the network class, which differs from the lucidrains-style ``elucidate.Unet`` only in
+    case) still works, with a warning: it is ``elucidate.nets.UNet``."""
+    if name == "UNet":
+        warnings.warn("elucidate.UNet is elucidate.nets.UNet (elucidate.Unet is the lucidrains-style network)",
+                      DeprecationWarning, stacklevel=2)
+        return nets.UNet
+    raise AttributeError(f"module 'elucidate' has no attribute {name!r}")

@@ -2,6 +2,8 @@
 
 With these, a sampler's error can be measured without training anything: the probability-flow ODE
 of the exact denoiser transports N(0, sigma_max^2) to the (noised) data distribution exactly.
+
+May import: denoiser.
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The preconditioned denoiser D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM eq. 7)."""
+"""The preconditioned denoiser D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM eq. 7).
+
+May import: formulations, errors.
+"""
 from __future__ import annotations
 
 import torch

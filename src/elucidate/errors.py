@@ -1,4 +1,7 @@
-"""User-facing errors: the CLI prints these as one line (no traceback) and exits non-zero."""
+"""User-facing errors: the CLI prints these as one line (no traceback) and exits non-zero.
+
+May import: nothing.
+"""
 from __future__ import annotations
 
 __all__ = ["UserError", "ConfigError"]

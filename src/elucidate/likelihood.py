@@ -12,6 +12,8 @@ where f = (x - D) / sigma. We integrate in tau = log sigma, where both parts are
 
 and take p(.; sigma_max) = N(0, sigma_max^2 I). The trace is exact (autograd, one vector-Jacobian
 product per dimension) or Hutchinson's estimate E_v[v^T (dD/dx) v] with a fixed probe per sample.
+
+May import: data, runtime, errors.
 """
 from __future__ import annotations
 

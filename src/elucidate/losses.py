@@ -1,4 +1,7 @@
-"""The denoising score-matching loss lambda(sigma) ||D(y + sigma n; sigma) - y||^2 (EDM eq. 2 and 8)."""
+"""The denoising score-matching loss lambda(sigma) ||D(y + sigma n; sigma) - y||^2 (EDM eq. 2 and 8).
+
+May import: denoiser, formulations.
+"""
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,8 @@
 """Declared parameters: a dataclass field with a one-line description, its paper symbol and its valid
 range. Formulations and config sections declare their fields with :func:`param`; validation, config
-keys, ``elucidate train --help-config`` and the reference tables in the docs are all derived from it.
+keys, command-line flags, ``elucidate train --help-config`` and the tables in the docs are all derived from it.
+
+May import: errors.
 """
 from __future__ import annotations
 
@@ -14,16 +16,30 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["param", "ParamDoc", "describe", "check_value", "validate_fields"]
+__all__ = ["param", "override", "ParamDoc", "describe", "check_value", "validate_fields", "did_you_mean",
+           "unknown_key"]
 
 
 def param(default: Any, doc: str, *, symbol: str = "", minimum: float | None = None, maximum: float | None = None,
           exclusive: bool = False, choices: tuple | None = None, allow_inf: bool = False,
-          default_factory: Any = None) -> Any:
+          default_factory: Any = None, resumable: bool = False, flag: bool = False) -> Any:
     """A dataclass field carrying its description, paper symbol and valid range (``exclusive``: the
-    minimum itself is not allowed)."""
+    minimum itself is not allowed). ``resumable``: a training option that may change when a run is resumed
+    (it does not affect the weights); ``flag``: also a command-line flag (``--name-with-dashes``)."""
     meta = {"doc": doc, "symbol": symbol, "minimum": minimum, "maximum": maximum, "exclusive": exclusive,
-            "choices": choices, "allow_inf": allow_inf}
+            "choices": choices, "allow_inf": allow_inf, "resumable": resumable, "flag": flag}
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def override(cls: type, name: str, default: Any = dataclasses.MISSING, *, doc: str | None = None,
+             default_factory: Any = None) -> Any:
+    """The declaration of field ``name`` of the dataclass ``cls`` with another default (and description):
+    a subclass that shares an option but not its default, e.g. ``batch_size: int = override(LoopConfig,
+    "batch_size", 32)``."""
+    base = {f.name: f for f in dataclasses.fields(cls)}[name]
+    meta = dict(base.metadata, **({"doc": doc} if doc else {}))
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -44,6 +60,8 @@ class ParamDoc:
     exclusive: bool
     choices: tuple | None
     allow_inf: bool
+    resumable: bool = False
+    flag: bool = False
 
     def range_text(self) -> str:
         """The valid values in words, e.g. '> 0', 'in [0, 1]', 'one of heun, euler'."""
@@ -80,7 +98,8 @@ def describe(cls: type) -> list[ParamDoc]:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         m = f.metadata
         out.append(ParamDoc(f.name, kind, nullable, default, m["doc"], m["symbol"], m["minimum"], m["maximum"],
-                            m["exclusive"], m["choices"], m["allow_inf"]))
+                            m["exclusive"], m["choices"], m["allow_inf"], m.get("resumable", False),
+                            m.get("flag", False)))
     return out
 
 

@@ -1,9 +1,12 @@
-"""The ``elucidate`` command line: one module per command group, sharing :mod:`.options`.
+"""The ``elucidate`` command line: one module per command group, sharing :mod:`.options` (flags derived from the
+declarations); :mod:`.docs` writes the generated tables of the docs.
 
 User errors (bad config, missing files, bad data) print one line and exit with status 2; no
 traceback. Everything else is a bug and keeps its traceback. A command module exposes
 ``register(subparsers) -> {command: handler}``; adding a command group = one module + one entry in
 :data:`COMMAND_MODULES`.
+
+May import: anything.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import warnings
 __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 
 #: The command modules, in the order their commands appear in ``elucidate --help``.
-COMMAND_MODULES = ("train", "sample", "evaluate", "tune", "reports", "interop", "phema")
+COMMAND_MODULES = ("train", "demo", "sample", "evaluate", "tune", "reports", "interop", "phema")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -8,6 +8,23 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from ..evaluation import (
+    FEATURE_ALIASES,
+    METRICS,
+    evaluate,
+    feature_extractor,
+    feature_name,
+    load_dataset_stats,
+    sweep,
+)
+from ..likelihood import run_likelihood
+from ..metrics import save_stats
+from ..run import RunDir, load_run
+from ..runtime.distributed import init_sampling, shutdown_distributed, world
+from ..runtime.files import atomic_write_text
+from ..sampling import sweep_samplers
+from ..tuning import sandbox_sweep, tuned_config
+from ..viz import plot_quality_vs_nfe, save_figure
 from .interop import add_model_source, load_model
 from .options import add_sampling_options, int_list, print_table, sampling_from_args
 
@@ -16,8 +33,6 @@ __all__ = ["register"]
 
 def register(sub) -> dict:
     """Add the eval/ref/sweep subcommands; returns their handlers."""
-    from ..evaluation import FEATURE_ALIASES, METRICS
-
     metric_help = "; ".join(f"{m.name}: {m.description}" for m in METRICS.values())
     p = sub.add_parser("eval", help="sample a run and score it (" + ", ".join(METRICS) + ")")
     add_model_source(p, "run directory (latest checkpoint) or checkpoint file")
@@ -96,24 +111,19 @@ def _default_metric(args, run) -> None:
 
 
 def _reference(args, run, extractor_name: str, need_features: bool):
-    from ..evaluation import load_reference
-
     spec = args.ref
     if spec is None:
         data = run.config.data
         spec = data["dataset"] if data["dataset"] in ("digits", "faces", "mnist") else data.get("path")
         if spec is None:
             raise UserError("--ref is required (the run's data section has no path)")
-    return load_reference(spec, extractor_name, inception=args.inception, device=args.device,
+    return load_dataset_stats(spec, extractor_name, inception=args.inception, device=args.device,
                           need_features=need_features)
 
 
 def _distributed(handler):
     """Run ``handler(args)`` in torchrun's process group if there is one (seed batches sharded over ranks)."""
     def wrapped(args) -> int:
-        from ..distributed_sampling import init_sampling
-        from ..runtime.distributed import shutdown_distributed
-
         info = init_sampling(args.device)
         try:
             if info.world_size > 1:
@@ -129,9 +139,6 @@ def cmd_eval(args) -> int:
 
 
 def _eval(args, main: bool) -> int:
-    from ..evaluation import METRICS, evaluate, feature_extractor, feature_name
-    from ..fileio import atomic_write_text
-
     run = load_model(args)
     if args.diffusers is not None and args.ref is None:
         raise UserError("--ref is required with --diffusers (reference data or statistics to compare with)")
@@ -144,11 +151,10 @@ def _eval(args, main: bool) -> int:
                       batch_size=args.batch, device=args.device, progress=True)
     if not main:  # every rank has the same figure; rank 0 reports it
         return 0
-    parent = run.checkpoint.parent
-    run_dir = parent.parent if parent.name in ("checkpoints", "phema") else parent
     tag = f"tuned-nfe{args.tuned_nfe}-" if getattr(args, "tuned_nfe", None) else ""
     tag += f"ema{args.ema_std:.3f}-" if getattr(args, "ema_std", None) is not None else ""
-    out = run_dir / "eval" / f"{args.metric}-{tag}{cfg.sampler}-{cfg.steps}steps-{args.num}-step{run.step}.json"
+    name = f"{args.metric}-{tag}{cfg.sampler}-{cfg.steps}steps-{args.num}-step{run.step}.json"
+    out = RunDir.of(run.checkpoint).eval / name
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     columns = ["metric", "value", "min", "num", "repeats", "sampler", "steps", "nfe", "features", "step"]
     columns += [k for k in ("precision", "recall", "std") if k in result]
@@ -158,11 +164,8 @@ def _eval(args, main: bool) -> int:
 
 
 def cmd_ref(args) -> int:
-    from ..evaluation import METRICS, load_reference
-    from ..metrics import save_stats
-
     name = METRICS[args.metric].features
-    ref = load_reference(args.data, name, inception=args.inception, device=args.device)
+    ref = load_dataset_stats(args.data, name, inception=args.inception, device=args.device)
     extra = {"features": ref.features} if args.keep_features else {}
     save_stats(args.out, ref.mu, ref.sigma, **extra)
     print(f"wrote {args.out}: {name} statistics of {args.data} ({ref.mu.shape[0]}-d)")
@@ -170,9 +173,6 @@ def cmd_ref(args) -> int:
 
 
 def _write_sweep(rows: list[dict], out_dir: Path, stem: str, metric: str, title: str) -> list[Path]:
-    from ..fileio import atomic_write_text
-    from ..viz import plot_quality_vs_nfe, save_figure
-
     columns = list(rows[0])
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
@@ -187,12 +187,9 @@ def _write_sweep(rows: list[dict], out_dir: Path, stem: str, metric: str, title:
 
 def _tuned_rows(args, run, base, nfes: list[int], ref, extractor, progress: bool = True) -> list[dict]:
     """Sweep rows of the run's tuned schedules at the budgets that have one (sampler ``tuned``)."""
-    from ..evaluation import evaluate
-    from ..sampling.tuned import tuned_config, tuned_path
-
-    have = [n for n in nfes if tuned_path(args.run, n).is_file()]
+    have = [n for n in nfes if RunDir(args.run).tuned_schedule(n).is_file()]
     if not have:
-        raise UserError(f"--tuned: no tuned schedule for NFE {args.nfe} in {tuned_path(args.run, nfes[0]).parent}; "
+        raise UserError(f"--tuned: no tuned schedule for NFE {args.nfe} in {RunDir(args.run).schedules}; "
                         f"run `elucidate tune {args.run} --nfe {args.nfe}` first")
     rows = []
     for n in have:
@@ -218,15 +215,12 @@ def _sweep(args, main: bool) -> int:
     if args.tuned and (args.sandbox or args.run is None):
         raise UserError("--tuned needs a RUN (tuned schedules live in RUN/schedules; see `elucidate tune`)")
     if args.sandbox:
-        from ..sampling import sweep_solvers
-        from ..sandbox import sandbox_sweep
-
-        solvers = _names(args.samplers) if args.samplers else sweep_solvers(deterministic=True)
+        samplers = _names(args.samplers) if args.samplers else sweep_samplers(deterministic=True)
         try:
-            rows = sandbox_sweep(solvers=solvers, schedules=args.schedules.split(","), nfes=nfes, progress=True)
-        except ValueError as e:  # unknown solver / schedule names
+            rows = sandbox_sweep(samplers=samplers, schedules=args.schedules.split(","), nfes=nfes, progress=True)
+        except ValueError as e:  # unknown sampler / schedule names
             raise UserError(str(e)) from None
-        rows = [{"sampler": f"{r['solver']}/{r['schedule']}", "steps": r["steps"], "nfe": r["nfe"],
+        rows = [{"sampler": f"{r['sampler']}/{r['schedule']}", "steps": r["steps"], "nfe": r["nfe"],
                  "value": r["rmse"]} for r in rows]
         out_dir = args.out or Path("sweep")
         paths = _write_sweep(rows, out_dir, "sandbox-rmse", "RMSE to converged solution",
@@ -234,20 +228,16 @@ def _sweep(args, main: bool) -> int:
     else:
         if args.run is None:
             raise UserError("sweep needs a RUN directory (or --sandbox)")
-        from ..evaluation import METRICS, evaluate, feature_extractor, feature_name, sweep
-        from ..sampling import sweep_solvers
-
         if args.ema_stds is not None and (args.ema_std is not None or args.tuned):
             raise UserError("--ema-stds cannot be combined with --ema-std or --tuned")
         run = load_model(argparse.Namespace(run=args.run, ema=args.ema, ema_std=args.ema_std, device=args.device))
         base = sampling_from_args(run.config.sampling, args)
-        samplers = _names(args.samplers) if args.samplers else sweep_solvers()
+        samplers = _names(args.samplers) if args.samplers else sweep_samplers()
         _default_metric(args, run)
         name = feature_name(args.metric, args.features, run.config.data.get("dataset"))
         ref = _reference(args, run, name, need_features=METRICS[args.metric].needs_features)
         extractor = feature_extractor(name, args.inception, args.device)
         if args.ema_stds is not None:
-            from ..distributed_sampling import world
             from .phema import ema_sweep
 
             if world()[1] > 1:
@@ -265,7 +255,7 @@ def _sweep(args, main: bool) -> int:
             rows += _tuned_rows(args, run, base, nfes, ref, extractor, progress=main)
         if not main:  # every rank has the same rows; rank 0 writes them
             return 0
-        out_dir = args.out or (Path(args.run) / "sweep")
+        out_dir = args.out or RunDir(args.run).sweep
         paths = _write_sweep(rows, out_dir, f"{args.metric}-vs-nfe", args.metric,
                              f"{args.metric} vs NFE ({args.num} samples, step {run.step})")
     print("wrote " + ", ".join(str(p) for p in paths))
@@ -275,17 +265,12 @@ def _sweep(args, main: bool) -> int:
 
 
 def cmd_likelihood(args) -> int:
-    from ..fileio import atomic_write_text
-    from ..likelihood import run_likelihood
-    from ..model import load_run
-
     run = load_run(args.run, ema=args.ema, device=args.device)
     result = run_likelihood(run, args.num, batch_size=args.batch, trace=args.trace, seed=args.seed,
                             device=args.device, progress=True, steps=args.steps, method=args.method,
                             num_probes=args.probes)
     s = result["settings"]
-    run_dir = run.checkpoint.parent.parent if run.checkpoint.parent.name == "checkpoints" else run.checkpoint.parent
-    out = run_dir / "eval" / f"likelihood-{args.num}-{s['trace']}-step{run.step}.json"
+    out = RunDir.of(run.checkpoint).eval / f"likelihood-{args.num}-{s['trace']}-step{run.step}.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"{result['mean']:.4f} bits/dim (+- {result['sem']:.4f} s.e.m., {result['num']} images, {s['trace']} trace, "
           f"{s['method']} {s['steps']} steps, sigma {s['sigma_min']:g}..{s['sigma_max']:g})")

@@ -49,10 +49,10 @@ def load_model(args):
         from ..interop import load_diffusers
 
         return load_diffusers(args.diffusers, device=args.device)
-    from ..model import load_run
+    from ..run.model import load_run
 
     if getattr(args, "ema_std", None) is not None:
-        from ..phema_export import ema_checkpoint
+        from ..training.ema import ema_checkpoint
 
         return load_run(ema_checkpoint(args.run, args.ema_std), device=args.device)
     return load_run(args.run, ema=args.ema, device=args.device)

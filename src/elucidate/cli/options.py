@@ -4,70 +4,70 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+import yaml
+
+from ..config.sampling import SamplingConfig
 from ..errors import UserError
+from ..params import describe
+from ..run.model import resolve_checkpoint
+from ..runtime.precision import PRECISIONS
+from ..sampling import CONFIG_OPTIONS, SAMPLERS, SCHEDULES, get_sampler
+from ..tuning.stored import tuned_config
 
-__all__ = ["add_sampling_options", "sampling_from_args", "parse_seed_arg", "class_labels_for", "int_list",
-           "print_table", "solver_help"]
+__all__ = ["add_sampling_options", "sampling_from_args", "parse_seed_arg", "parse_seeds", "class_labels_for",
+           "int_list", "print_table", "sampler_help", "schedule_help", "SAMPLING_FLAGS"]
 
 
-def solver_help() -> str:
-    """The registered solvers with their one-line descriptions (for --sampler's help)."""
-    from ..sampling import SOLVERS
+def sampler_help() -> str:
+    """The registered samplers with their one-line descriptions (for --sampler's help)."""
+    return "; ".join(f"{name}: {spec.description}" for name, spec in SAMPLERS.items())
 
-    return "; ".join(f"{name}: {spec.description}" for name, spec in SOLVERS.items())
+
+def schedule_help() -> str:
+    """The named schedules with their one-line descriptions (for --schedule's help)."""
+    return "auto (the formulation's own discretization); " + "; ".join(
+        f"{name}: {spec.description}" for name, spec in SCHEDULES.items())
+
+
+#: The sampling keys that are command-line flags (declared ``flag=True``), in declaration order.
+SAMPLING_FLAGS = tuple(p.name for p in describe(SamplingConfig) if p.flag)
+_KINDS = {"int": int, "float": float, "str": str}
+_HELP = {"sampler": sampler_help, "schedule": schedule_help}
 
 
 def add_sampling_options(p: argparse.ArgumentParser, *, tuned: bool = True) -> None:
-    """The sampler flags of sample/eval/sweep (defaults: the run's ``sampling`` section); ``tuned``
-    adds ``--nfe N`` (the run's schedule tuned for N evaluations, see ``elucidate tune``)."""
-    from ..sampling import SCHEDULES
-
+    """The sampler flags of sample/eval/sweep, one per sampling key declared ``flag=True`` (defaults: the run's
+    ``sampling`` section), plus ``--option KEY=VALUE``; ``tuned`` adds ``--nfe N`` (the run's schedule tuned for N
+    evaluations, see ``elucidate tune``)."""
     g = p.add_argument_group("sampler (defaults: the run's sampling section)")
     if tuned:
         g.add_argument("--nfe", dest="tuned_nfe", type=int, metavar="N",
                        help="use the sampler and schedule tuned for N evaluations (RUN/schedules/nfeN.json, "
                             "made by `elucidate tune RUN --nfe N`)")
-    g.add_argument("--sampler", metavar="NAME", help=solver_help())
-    g.add_argument("--steps", type=int, help="number of steps N (Heun: NFE = 2N - 1)")
-    g.add_argument("--schedule", metavar="NAME",
-                   help="auto (the formulation's own discretization) or " + ", ".join(SCHEDULES))
-    g.add_argument("--s-churn", dest="s_churn", type=float, help="S_churn (EDM Algorithm 2)")
-    g.add_argument("--s-min", dest="s_min", type=float, help="S_tmin: churn only for sigma >= this")
-    g.add_argument("--s-max", dest="s_max", type=float, help="S_tmax: churn only for sigma <= this")
-    g.add_argument("--s-noise", dest="s_noise", type=float, help="S_noise")
-    g.add_argument("--eta", type=float, help="noise of ancestral / SDE samplers")
-    g.add_argument("--sigma-min", dest="sigma_min", type=float, help="lowest sigma of a named schedule")
-    g.add_argument("--sigma-max", dest="sigma_max", type=float, help="highest sigma of a named schedule")
-    g.add_argument("--rho", type=float, help="Karras schedule exponent")
-    g.add_argument("--guidance", type=float, help="classifier-free guidance weight w (1 = off, 0 = unconditional)")
+    for doc in describe(SamplingConfig):
+        if not doc.flag:
+            continue
+        text = _HELP[doc.name]() if doc.name in _HELP else doc.doc + (f" ({doc.symbol})" if doc.symbol else "")
+        g.add_argument("--" + doc.name.replace("_", "-"), dest=doc.name, type=_KINDS[doc.kind],
+                       metavar="NAME" if doc.kind == "str" else None, help=text.replace("%", "%%"))
     g.add_argument("--option", dest="solver_options", action="append", default=[], metavar="KEY=VALUE",
-                   help="another option of the chosen solver, e.g. --option order=3 (repeatable)")
+                   help="another option of the chosen sampler, e.g. --option order=3 (repeatable)")
     p.add_argument("--ema", dest="ema", action="store_true", default=True, help="use the EMA weights (default)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw training weights")
     p.add_argument("--batch", type=int, default=64, help="images per sampling batch (does not change results)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="fp32, bf16 autocast, or auto: bf16 where the device has bf16 hardware")
-
-
-#: Flags that set a SamplingConfig field of the same name.
-_SAMPLING_FLAGS = ("sampler", "steps", "schedule", "s_churn", "s_min", "s_max", "s_noise", "eta", "sigma_min",
-                   "sigma_max", "rho", "guidance")
 
 
 def sampling_from_args(base, args):
     """The run's SamplingConfig with the command-line overrides applied (validated). A flag given
-    explicitly that the chosen solver does not take is an error (a config default is not)."""
-    import yaml
-
-    from ..config import SamplingConfig
-    from ..sampling import CONFIG_OPTIONS, get_solver
-
-    changes = {k: getattr(args, k) for k in _SAMPLING_FLAGS if getattr(args, k, None) is not None}
+    explicitly that the chosen sampler does not take is an error (a config default is not)."""
+    changes = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k, None) is not None}
     if getattr(args, "tuned_nfe", None) is not None:
         base, changes = _tuned(base, args, changes)
-    same_solver = changes.get("sampler", base.sampler) == base.sampler
-    options = dict(base.options) if same_solver else {}  # the config's extra options belong to its solver
+    same_sampler = changes.get("sampler", base.sampler) == base.sampler
+    options = dict(base.options) if same_sampler else {}  # the config's extra options belong to its sampler
     for item in getattr(args, "solver_options", None) or []:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
@@ -75,9 +75,9 @@ def sampling_from_args(base, args):
         options[key.strip()] = yaml.safe_load(text)
     cfg = dataclasses.replace(base, options=options, **changes)
     SamplingConfig.validate(cfg)
-    spec = get_solver(cfg.sampler)
-    for key in ("s_churn", "s_min", "s_max", "s_noise", "eta"):
-        if key in changes and CONFIG_OPTIONS[key] not in spec.options:
+    spec = get_sampler(cfg.sampler)
+    for key, arg in CONFIG_OPTIONS.items():
+        if key in changes and arg not in spec.options:
             raise UserError(f"--{key.replace('_', '-')} was given but sampler {cfg.sampler!r} does not take it "
                             f"(it takes {sorted(spec.options) or 'no options'})")
     return cfg
@@ -85,9 +85,6 @@ def sampling_from_args(base, args):
 
 def _tuned(base, args, changes: dict):
     """``--nfe N``: the run's tuned sampler, options and sigmas (flags that would change them are errors)."""
-    from ..model import resolve_checkpoint
-    from ..sampling.tuned import tuned_config
-
     clash = [k for k in ("sampler", "steps", "schedule", "sigma_min", "sigma_max", "rho") if k in changes]
     clash += ["option"] if getattr(args, "solver_options", None) else []
     if clash:
@@ -100,8 +97,6 @@ def _tuned(base, args, changes: dict):
 
 def parse_seed_arg(text: str) -> list[int]:
     """--seeds as a list of ints (UserError naming the flag)."""
-    from ..generate import parse_seeds
-
     try:
         return parse_seeds(text)
     except ValueError as e:
@@ -113,7 +108,7 @@ def class_labels_for(run, seeds: list[int], class_label: int | None):
     (so an image's label, like its noise, depends on its seed only)."""
     import torch
 
-    label_dim = int(getattr(run.denoiser.net, "label_dim", 0) or 0)
+    label_dim = run.label_dim
     if class_label is not None:
         if not label_dim:
             raise UserError("--class was given but the model is not class-conditional")
@@ -149,3 +144,30 @@ def print_table(rows: list[dict], columns: list[str]) -> str:
     text = "\n".join(lines)
     print(text)
     return text
+
+
+#: the most seeds one range may name (a typo such as 0-10000000000 must not exhaust memory)
+MAX_SEEDS = 10_000_000
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-63' -> [0..63]; '1,5,9' and '0-9,20-29' also work."""
+    seeds: list[int] = []
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                lo_i, hi_i = int(lo), int(hi)
+                if hi_i < lo_i or hi_i - lo_i >= MAX_SEEDS:
+                    raise ValueError
+                seeds.extend(range(lo_i, hi_i + 1))
+            elif part:
+                seeds.append(int(part))
+    except ValueError:
+        raise ValueError(f"seeds {text!r}: expected e.g. 0-63 or 1,5,9 (at most {MAX_SEEDS:,} per range)") from None
+    if not seeds:
+        raise ValueError(f"seeds {text!r}: no seeds given")
+    if min(seeds) < 0 or max(seeds) >= 2**63:
+        raise ValueError(f"seeds {text!r}: seeds must be in 0..2**63-1")
+    return seeds

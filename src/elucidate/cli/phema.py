@@ -20,7 +20,7 @@ def register(sub) -> dict:
 
 
 def cmd_ema(args) -> int:
-    from ..phema_export import write_ema_checkpoint
+    from ..training.ema import write_ema_checkpoint
 
     path = write_ema_checkpoint(args.run, args.std, args.out)
     print(f"wrote {path} (EMA with relative std {args.std:g}; `elucidate sample {path} ...` or --ema-std "
@@ -30,7 +30,7 @@ def cmd_ema(args) -> int:
 
 def ema_stds(text: str) -> list[float]:
     """``--ema-stds 0.02,0.04`` as numbers (each checked)."""
-    from ..phema_export import check_std
+    from ..training.ema import check_std
 
     try:
         values = [float(s) for s in text.split(",") if s.strip()]
@@ -44,9 +44,9 @@ def ema_stds(text: str) -> list[float]:
 def ema_sweep(args, evaluate_run) -> list[Path]:
     """Quality at the configured sampler for each ``--ema-stds`` value: a table and a plot of the
     metric vs EMA length in RUN/sweep. ``evaluate_run(run) -> (result, cfg)`` scores one LoadedRun."""
-    from ..fileio import atomic_write_text
-    from ..model import load_run
-    from ..phema_export import ema_checkpoint
+    from ..run import RunDir, load_run
+    from ..runtime.files import atomic_write_text
+    from ..training.ema import ema_checkpoint
     from ..viz.common import new_figure, save_figure
     from .options import print_table
 
@@ -57,7 +57,7 @@ def ema_sweep(args, evaluate_run) -> list[Path]:
         rows.append({"ema_std": std, "sampler": cfg.sampler, "steps": cfg.steps, "nfe": result["nfe"],
                      "value": result["value"], "step": run.step})
         print(f"  EMA std {std:.3f}  {args.metric} {result['value']:.4g}")
-    out_dir = args.out or (Path(args.run) / "sweep")
+    out_dir = args.out or RunDir(args.run).sweep
     stem = f"{args.metric}-vs-ema-std"
     md_path, png_path = out_dir / f"{stem}.md", out_dir / f"{stem}.png"
     atomic_write_text(md_path, print_table(rows, list(rows[0])) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
+from ..run.rundir import RunDir
 
 __all__ = ["register"]
 
@@ -37,16 +38,15 @@ def cmd_plot(args) -> int:
                 written.append(viz.save_figure(viz.plot_flow(kind=kind), out / f"flow_{kind}.png"))
             written.append(viz.save_figure(viz.plot_flow_comparison(), out / "flow_comparison.png"))
     else:
-        run = Path(target)
-        if not run.is_dir():
+        run = RunDir(target)
+        if not run.path.is_dir():
             raise UserError(f"plot target {target!r}: expected a run directory, 'schedules' or 'flow'")
-        metrics = run / "metrics.jsonl"
-        if not metrics.is_file():
-            raise UserError(f"{run} has no metrics.jsonl (is it a run directory?)")
-        records = viz.read_metrics(metrics)
+        if not run.metrics.is_file():
+            raise UserError(f"{run} has no {run.metrics.name} (is it a run directory?)")
+        records = viz.read_metrics(run.metrics)
         if not records:
-            raise UserError(f"{metrics} has no training records yet")
-        out = args.out or run / "plots"
+            raise UserError(f"{run.metrics} has no training records yet")
+        out = args.out or run.plots
         written.append(viz.save_figure(viz.plot_loss(records), out / "loss.png"))
         written.append(viz.save_figure(viz.plot_loss_by_sigma(records), out / "loss_by_sigma.png"))
     print("wrote " + ", ".join(str(p) for p in written))
@@ -54,11 +54,13 @@ def cmd_plot(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from ..report import write_report
+    from ..evaluation.report import write_report
 
-    if not args.run.is_dir():
+    run = RunDir(args.run)
+    if not run.path.is_dir():
         raise UserError(f"{args.run} is not a run directory")
-    if not any((args.run / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints")):
-        raise UserError(f"{args.run} is not a run directory (no config.yaml, metrics.jsonl or checkpoints/)")
+    if not run.is_run():
+        raise UserError(f"{args.run} is not a run directory (no {run.config.name}, {run.metrics.name} or "
+                        f"{run.checkpoints.name}/)")
     print(f"wrote {write_report(args.run, args.out)}")
     return 0

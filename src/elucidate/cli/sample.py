@@ -28,10 +28,8 @@ def register(sub) -> dict:
 def cmd_sample(args) -> int:
     import torch
 
-    from ..distributed_sampling import init_sampling, map_batches, world
-    from ..generate import check_finite, generate
-    from ..output import output_kind, write_samples
-    from ..runtime.distributed import shutdown_distributed
+    from ..run.outputs import check_finite, output_kind, write_samples
+    from ..runtime.distributed import init_sampling, map_batches, shutdown_distributed, world
 
     seeds = parse_seed_arg(args.seeds)
     output_kind(args.out)  # a bad --out fails before any sampling, on every rank
@@ -43,15 +41,13 @@ def cmd_sample(args) -> int:
         cfg = sampling_from_args(run.config.sampling, args)
         labels = class_labels_for(run, seeds, args.class_label)
         if info.world_size == 1:
-            x = run.images(generate(run.denoiser, run.denoiser.formulation, run.shape, seeds, cfg,
-                                    batch_size=args.batch, device=args.device, class_labels=labels,
-                                    precision=args.precision, progress=True))
+            x = run.images(run.sample(seeds, cfg, class_labels=labels, batch_size=args.batch, device=args.device,
+                                      precision=args.precision, progress=True))
         else:  # each rank samples its batches (the same batches one process would), rank 0 writes them all
             def one(b: range):
-                return run.images(generate(run.denoiser, run.denoiser.formulation, run.shape, seeds[b.start:b.stop],
-                                           cfg, batch_size=args.batch, device=args.device,
-                                           class_labels=None if labels is None else labels[b.start:b.stop],
-                                           precision=args.precision, progress=info.is_main))
+                return run.images(run.sample(seeds[b.start:b.stop], cfg, batch_size=args.batch, device=args.device,
+                                             class_labels=None if labels is None else labels[b.start:b.stop],
+                                             precision=args.precision, progress=info.is_main))
             x = torch.cat(map_batches(one, len(seeds), args.batch)).float()
         if world()[0] != 0:
             return 0
@@ -68,12 +64,10 @@ def cmd_sample(args) -> int:
 
 def _trajectory(run, seeds, cfg, labels, args) -> Path:
     """The trajectory figure of ``seeds`` (x_i above D(x_i) per step), decoded for a latent run."""
-    from ..generate import generate
     from ..viz import TrajectoryRecorder, plot_trajectory, save_figure
 
     recorder = TrajectoryRecorder(max_images=len(seeds), decode=run.decode)
-    final = generate(run.denoiser, run.denoiser.formulation, run.shape, seeds, cfg, device=args.device,
-                     class_labels=None if labels is None else labels[:len(seeds)], precision=args.precision,
-                     callback=recorder)
+    final = run.sample(seeds, cfg, device=args.device, class_labels=None if labels is None else labels[:len(seeds)],
+                       precision=args.precision, callback=recorder)
     recorder.finish(final)
     return save_figure(plot_trajectory(recorder, num_columns=8, max_images=len(seeds)), args.trajectory)

@@ -1,4 +1,4 @@
-"""Commands that write a run: train, train-vae, demo; and encode (a dataset into a VAE's latents)."""
+"""Commands that write a run: train, train-vae; and encode (a dataset into a VAE's latents)."""
 from __future__ import annotations
 
 import argparse
@@ -14,14 +14,14 @@ class _HelpConfig(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from ..reference import config_reference
+        from ..config.docs import config_docs
 
-        print(config_reference())
+        print(config_docs())
         parser.exit()
 
 
 def register(sub) -> dict:
-    """Add the train/demo subcommands; returns their handlers."""
+    """Add the train/train-vae/encode subcommands; returns their handlers."""
     p = sub.add_parser("train", help="train (or resume) a model from a YAML config")
     p.add_argument("config", type=Path)
     p.add_argument("--out", type=Path, required=True, help="run directory (resumed if it has checkpoints)")
@@ -31,12 +31,6 @@ def register(sub) -> dict:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--help-config", action=_HelpConfig,
                    help="list every config key, formulation parameter and solver option, and exit")
-
-    p = sub.add_parser("demo", help="train a small EDM model on the bundled digits and write figures")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo preset)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
 
     p = sub.add_parser("train-vae", help="train (or resume) a KL autoencoder for latent diffusion")
     p.add_argument("config", type=Path)
@@ -53,7 +47,7 @@ def register(sub) -> dict:
     p.add_argument("--out", type=Path, required=True, help="latents.npz (posterior mean and std of every image)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--device", default=None)
-    return {"train": cmd_train, "demo": cmd_demo, "train-vae": cmd_train_vae, "encode": cmd_encode}
+    return {"train": cmd_train, "train-vae": cmd_train_vae, "encode": cmd_encode}
 
 
 def cmd_train(args) -> int:
@@ -72,7 +66,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_train_vae(args) -> int:
-    from ..latent import train_vae
+    from ..training import train_vae
 
     summary = train_vae(args.config, args.out, overrides=args.overrides, device=args.device, progress=args.progress)
     fd = f", fd {summary['fd']:.3g}" if summary.get("fd") is not None else ""
@@ -81,15 +75,8 @@ def cmd_train_vae(args) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
-def cmd_demo(args) -> int:
-    from ..demo import run_demo
-
-    run_demo(args.out, steps=args.steps, device=args.device, progress=args.progress)
-    return 0
-
-
 def cmd_encode(args) -> int:
-    from ..latent.encode import encode_dataset, resolve_data_spec
+    from ..training.latent import encode_dataset, resolve_data_spec
 
     if args.batch < 1:
         from ..errors import UserError

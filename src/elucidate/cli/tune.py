@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import UserError
+from ..run import RunDir, load_run
+from ..run.rundir import tuned_schedule_name
 from .options import int_list
 
 __all__ = ["register"]
@@ -65,32 +67,28 @@ def _target(args, run_arg) -> _Target:
     if args.sandbox:
         if run_arg is not None:
             raise UserError("give a RUN or --sandbox, not both")
-        from ..sandbox import digits_mixture
+        from ..tuning.sandbox import digits_mixture
 
         gmm = digits_mixture()
         info = {"sandbox": "digits Gaussian mixture (min std 0.02)", "shape": [gmm.dim]}
-        return _Target(gmm.denoise, (gmm.dim,), 0.002, 80.0, info, Path("schedules"))
+        return _Target(gmm.denoise, (gmm.dim,), 0.002, 80.0, info, RunDir(".").schedules)
     if run_arg is None:
         raise UserError("tune needs a RUN directory (or --sandbox)")
     import torch
 
-    from ..denoiser import Guided
-    from ..model import load_run
-    from ..sampling.tuned import run_directory
-
     run = load_run(run_arg, ema=args.ema, device=args.device)
     cfg, formulation = run.config.sampling, run.denoiser.formulation
     lo, hi = formulation.schedule_range(cfg.sigma_min, cfg.sigma_max)
-    D = run.denoiser if cfg.guidance == 1 else Guided(run.denoiser, cfg.guidance)
-    label_dim = int(getattr(run.denoiser.net, "label_dim", 0) or 0)
+    D = cfg.guided(run.denoiser)
+    label_dim = run.label_dim
     if label_dim and args.boundary:
         raise UserError(f"{run_arg}: --boundary needs an unconditional run (the hard draws would change class)")
     if label_dim:  # class-conditional: image i gets label i % classes, as sample/eval do with seeds
         num = args.num or 64
         D = functools.partial(D, class_labels=torch.arange(num, device=args.device) % label_dim)
-    info = {"run": str(run_directory(run_arg)), "checkpoint": run.checkpoint.name, "step": run.step,
+    info = {"run": str(RunDir.of(run_arg)), "checkpoint": run.checkpoint.name, "step": run.step,
             "formulation": formulation.name, "shape": list(run.shape), "ema": bool(args.ema)}
-    return _Target(D, tuple(run.shape), float(lo), float(hi), info, run_directory(run_arg) / "schedules")
+    return _Target(D, tuple(run.shape), float(lo), float(hi), info, RunDir.of(run_arg).schedules)
 
 
 def _targets(args) -> list[_Target]:
@@ -109,8 +107,8 @@ def _targets(args) -> list[_Target]:
 def cmd_tune(args) -> int:
     import torch
 
-    from ..sampling.boundary import POOL_FACTOR, ReferenceCache
-    from ..sampling.tuning import tune
+    from ..tuning.boundary import POOL_FACTOR, ReferenceCache
+    from ..tuning.tuner import tune
 
     nfes = int_list(args.nfe, "--nfe")
     targets = _targets(args)
@@ -141,7 +139,7 @@ def cmd_tune(args) -> int:
         served = {"tuned_with": [t.info["run"] for t in targets]} if len(targets) > 1 else {}
         for target, folder in zip(targets, outs):  # each run's copy names its own checkpoint
             tuned.model = {**target.info, **served}
-            paths.append(tuned.save(folder / f"nfe{nfe}.json"))
+            paths.append(tuned.save(folder / tuned_schedule_name(nfe)))
         best = min((b for b in tuned.baselines), key=lambda b: b["heldout_error"])
         print(f"  {tuned.sampler} {tuned.options or ''} with {tuned.steps} steps: RMSE to the reference "
               f"{tuned.tuning_error:.3g} (held-out {tuned.heldout_error:.3g}; best Karras/exponential baseline "
@@ -156,7 +154,7 @@ def cmd_tune(args) -> int:
 
 def _plot(out: Path) -> None:
     """tuned.png of every tuned schedule stored in ``out``."""
-    from ..sampling.tuned import TunedSchedule
+    from ..tuning.stored import TunedSchedule
     from ..viz import plot_tuned_schedules, save_figure
 
     stored = []

@@ -5,6 +5,8 @@ arrays (any channel count, uint8 or float), and the bundled real ``digits`` (and
 Every dataset yields ``(image [C, H, W] float32 in model units, label int64 scalar or -1)``, has a
 fast ``get_batch(indices)``, NVlabs-style x-flip indexing and a serializable ``normalizer``.
 Use :func:`build_dataset` with a config dict; all problems raise :class:`DataError` at construction.
+
+May import: errors.
 """
 from .arrays import ArrayDataset
 from .build import CONFIG_KEYS, DATA_KEYS, DATASETS, build_dataset, data_section_for

@@ -1,5 +1,8 @@
 """Diffusion formulations: EDM Table 1 (VP, VE, iDDPM, EDM) and discrete DDPM, each a small registered
-dataclass."""
+dataclass.
+
+May import: sampling, params, errors.
+"""
 from .base import FORMULATIONS, Formulation, Preconditioning, as_tensor, make_formulation
 from .ddpm import DDPM
 from .shift import Shifted, resolution_shift

@@ -1,5 +1,12 @@
-"""Adapters between elucidate and other diffusion libraries: diffusers models in, DDPM runs out."""
+"""Adapters between elucidate and other diffusion code: diffusers models in (``from_diffusers``), DDPM runs out to
+diffusers pipelines, and the lucidrains-style ``Unet`` / ``ElucidatedDiffusion`` API (NVlabs/edm weights load
+through :mod:`elucidate.nets.edm_port`).
+
+May import: run, config, formulations, sampling, nets, denoiser, losses, runtime, errors.
+"""
 from .diffusers import ddpm_from_scheduler, from_diffusers, load_diffusers, scheduler_config
 from .diffusers_export import export_diffusers
+from .lucidrains import ElucidatedDiffusion, Unet
 
-__all__ = ["from_diffusers", "ddpm_from_scheduler", "scheduler_config", "load_diffusers", "export_diffusers"]
+__all__ = ["from_diffusers", "ddpm_from_scheduler", "scheduler_config", "load_diffusers", "export_diffusers", "Unet",
+           "ElucidatedDiffusion"]

@@ -201,8 +201,10 @@ def load_diffusers(path: str | os.PathLike, *, device=None, steps: int = 50):
     """A local diffusers pixel-space pipeline/UNet folder as a :class:`~elucidate.model.LoadedRun` (for
     ``elucidate sample/eval --diffusers``): sampling defaults DDIM with ``steps`` steps on the scheduler's
     timesteps, images in [-1, 1], no checkpoint step."""
-    from ..config import Config, SamplingConfig
-    from ..model import DataInfo, LoadedRun
+    from ..config import Config
+    from ..config.network import DataInfo
+    from ..config.sampling import SamplingConfig
+    from ..run.model import LoadedRun
 
     path = Path(path)
     index = path / "model_index.json"

@@ -50,10 +50,10 @@ def _replace_dir(tmp: Path, out: Path, force: bool) -> None:
 def export_diffusers(run: str | Path, out: str | Path, *, ema: bool = True, force: bool = False) -> Path:
     """Write ``out`` as a diffusers DDPMPipeline folder from a run directory or checkpoint; returns ``out``.
     ``diffusers.DDPMPipeline.from_pretrained(out)`` loads it (and samples it, for unconditional models)."""
-    from ..checkpoint import load_checkpoint
     from ..config import parse_config
-    from ..model import load_run, resolve_checkpoint
     from ..nets.diffusers_unet import import_diffusers
+    from ..run.checkpoint import load_checkpoint
+    from ..run.model import load_run, resolve_checkpoint
 
     run, out = Path(run), Path(out)
     ckpt = resolve_checkpoint(run)

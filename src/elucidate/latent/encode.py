@@ -1,5 +1,5 @@
-"""Pre-encoding a dataset with a trained VAE: the posterior mean and std of every image, once
-(``elucidate encode DATA --vae RUN --out latents.npz``), so latent training never runs the encoder."""
+"""Encoding a dataset with an autoencoder: the posterior mean and std of every image, and the file that holds
+them (``elucidate encode DATA --vae RUN --out latents.npz``), so latent training never runs the encoder."""
 from __future__ import annotations
 
 import json
@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, UserError
-from ..fileio import atomic_path
+from ..runtime.files import atomic_path
 from .autoencoder import AutoencoderKL
 
-__all__ = ["encode_posteriors", "write_encoded", "read_encoded", "encode_dataset", "resolve_data_spec", "check_pixels"]
+__all__ = ["encode_posteriors", "write_encoded", "read_encoded", "check_pixels", "ENCODED_FORMAT"]
 
 #: ``meta["format"]`` of an encoded-latents file.
 ENCODED_FORMAT = "elucidate-latents-1"
@@ -74,29 +74,6 @@ def read_encoded(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
     return torch.from_numpy(mean), torch.from_numpy(std), meta
 
 
-def encode_dataset(data: dict, vae_source: str | Path, out: str | Path, *, batch_size: int = 256, device=None,
-                   progress: bool = True) -> dict:
-    """Encode the dataset ``data`` (a config ``data`` section; its resolution defaults to the VAE's)
-    with the VAE of ``vae_source``; writes ``out`` and returns its metadata."""
-    from ..data import build_dataset
-    from .build import load_vae, load_vae_checkpoint
-
-    if Path(out).suffix.lower() != ".npz":  # before any work
-        raise UserError(f"--out {out}: expected a .npz file")
-    _, vae_meta, ckpt = load_vae_checkpoint(vae_source)
-    vae = load_vae(ckpt, device=device)
-    data = dict(data)
-    data.setdefault("resolution", list(vae.img_resolution) if vae.img_resolution[0] != vae.img_resolution[1]
-                    else vae.img_resolution[0])
-    dataset = build_dataset(data)
-    check_pixels(vae, ckpt, dataset)
-    mean, std = encode_posteriors(vae, dataset, batch_size=batch_size, device=device, progress=progress)
-    meta = {"vae": str(Path(ckpt).resolve()), "vae_step": int(vae_meta.get("step", 0)),
-            "vae_crc32": int(vae_meta["crc32"]), "data": data, "posterior_mean_std": float(mean.double().std())}
-    write_encoded(out, mean, std, meta)
-    return dict(meta, count=int(mean.shape[0]), latent_shape=list(mean.shape[1:]))
-
-
 def check_pixels(vae: AutoencoderKL, where: Path, pixels) -> None:
     """A ConfigError unless the dataset's images have the channels and resolution the VAE takes."""
     want = (int(vae.in_channels), tuple(vae.img_resolution))
@@ -104,22 +81,3 @@ def check_pixels(vae: AutoencoderKL, where: Path, pixels) -> None:
     if want != got:
         raise ConfigError(f"the data are {got[0]}x{got[1][0]}x{got[1][1]} but the VAE ({where}) takes "
                           f"{want[0]}x{want[1][0]}x{want[1][1]}; set data.resolution (and channels) to match")
-
-
-def resolve_data_spec(spec: str) -> dict:
-    """A ``data`` section from a command-line DATA: a dataset name, a path, or a config YAML's data section."""
-    path = Path(spec)
-    if path.suffix.lower() in (".yaml", ".yml"):
-        from ..config import _check_data, read_config_file
-
-        raw = read_config_file(path, "DATA needs a config with a data section (e.g. configs/digits-edm.yaml)")
-        if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
-            raise ConfigError(f"{spec} has no data section")
-        return _check_data(raw["data"])
-    from ..data import data_section_for
-
-    section = data_section_for(spec)
-    if section is not None:
-        return section
-    raise UserError(f"DATA {spec!r}: expected digits, mnist, an image folder, a .zip, an .npz/.npy array or a "
-                    f"config .yaml")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..pixels import to_pixels
+from ..data.pixels import to_pixels
 from .autoencoder import AutoencoderKL
 
 __all__ = ["reconstruct", "psnr", "evaluate_reconstructions", "save_reconstruction_grid"]

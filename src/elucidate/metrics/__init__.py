@@ -12,6 +12,8 @@ Library level; feature networks never download anything:
   :func:`compute_stats` and :func:`classifier_score`.
 
 See ``docs/metrics.md``.
+
+May import: data, runtime, errors.
 """
 from .digits_net import (
     DigitsClassifier,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from ..fileio import atomic_path
+from ..runtime.files import atomic_path
 
 __all__ = ["FeatureStats", "MissingFileError", "frechet_distance", "load_stats", "save_stats"]
 

@@ -19,6 +19,8 @@ condition concatenated to x) and ``context_dim`` (a token context for cross-atte
 
 ``ddpmpp``, ``ncsnpp`` and ``adm`` use NVlabs/edm's tensor layouts and constructor argument names;
 :func:`elucidate.nets.edm_port.load_edm_network` loads weights exported from edm (docs/edm.md).
+
+May import: errors.
 """
 from __future__ import annotations
 

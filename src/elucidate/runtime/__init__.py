@@ -1,3 +1,5 @@
-"""What every loop that trains or samples shares: random draws derived from (seed, step), the
-torch.distributed set-up, and the optimizer. Leaf modules: they import nothing else of elucidate,
-so both the diffusion loop and the VAE loop use them without depending on each other."""
+"""What every part shares at run time: counter-based random draws from (seed, step), torch.distributed
+(set-up, reductions, sharded sampling), the arithmetic precision, and atomic file writes.
+
+May import: errors.
+"""

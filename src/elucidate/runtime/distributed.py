@@ -1,13 +1,23 @@
-"""torch.distributed set-up for torchrun: nccl on GPUs, gloo on CPU; a no-op for one process."""
+"""torch.distributed under torchrun (nccl on GPUs, gloo on CPU; a no-op for one process): joining the
+process group, reductions, and sampling / evaluation with seed batches sharded over ranks.
+
+Sharding is by *batch*: the seeds are cut into batches of ``batch_size`` exactly as one process cuts
+them, and batch ``i`` goes to rank ``i % world_size`` (strided over batches). Every batch is therefore
+computed with the same inputs and the same batch composition as in one process, so the gathered images
+and features are bitwise the ones one process computes (on the same kind of device); a metric computed
+from them on every rank equals the one-process figure exactly.
+"""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_sum", "barrier"]
+__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_sum", "barrier", "init_sampling",
+           "world", "shard_batches", "gather_batches", "map_batches"]
 
 
 @dataclass(frozen=True)
@@ -65,3 +75,76 @@ def barrier() -> None:
     """Wait for all processes (no-op for one process)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+# ------------------------------------------------------------------------------------ sampling under torchrun
+def world() -> tuple[int, int]:
+    """(rank, world_size) of the joined process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_sampling(device: str | None = None) -> DistInfo:
+    """Join torchrun's process group (gloo on CPU, nccl on GPU) when WORLD_SIZE > 1; a no-op otherwise.
+
+    With several processes and no ``device`` given, each rank uses its own GPU (``cuda:LOCAL_RANK``) if
+    there is one, else the CPU.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return DistInfo(0, 1, 0, torch.device(device) if device else torch.device("cpu"))
+    return init_distributed(device)
+
+
+def shard_batches(num: int, batch_size: int, rank: int, world_size: int) -> list[range]:
+    """The index ranges of the batches of ``num`` items that ``rank`` computes (batch i -> rank i % world)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    starts = range(0, num, batch_size)
+    return [range(s, min(s + batch_size, num)) for i, s in enumerate(starts) if i % world_size == rank]
+
+
+def gather_batches(local: Sequence[torch.Tensor], num: int, batch_size: int) -> list[torch.Tensor]:
+    """All batches of all ranks, in batch order, on every rank (``local``: this rank's batches in order).
+
+    Identity for one process. Values travel as float64 (exact for float32/float16 inputs) and come
+    back in float64; every batch must have the same trailing shape.
+    """
+    rank, world_size = world()
+    if world_size == 1:
+        return list(local)
+    mine = shard_batches(num, batch_size, rank, world_size)
+    if len(local) != len(mine):
+        raise ValueError(f"rank {rank} has {len(local)} batches, expected {len(mine)}")
+    # trailing shape: ranks without a batch learn it from the others (max over ranks, up to 6 dims)
+    tail = torch.zeros(7, dtype=torch.int64)
+    if local:
+        shape = local[0].shape[1:]
+        tail[0] = len(shape)
+        tail[1:1 + len(shape)] = torch.tensor(shape, dtype=torch.int64)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tail = tail.to(device)
+    dist.all_reduce(tail, op=dist.ReduceOp.MAX)
+    shape = tuple(int(v) for v in tail[1:1 + int(tail[0])].tolist())
+    per_rank = [shard_batches(num, batch_size, r, world_size) for r in range(world_size)]
+    longest = max(sum(len(b) for b in batches) for batches in per_rank)
+    buf = torch.zeros((longest, *shape), dtype=torch.float64, device=device)
+    if local:
+        flat = torch.cat([t.to(device=device, dtype=torch.float64) for t in local])
+        buf[:len(flat)] = flat
+    received = [torch.empty_like(buf) for _ in range(world_size)]
+    dist.all_gather(received, buf)
+    ordered: list[torch.Tensor | None] = [None] * len(range(0, num, batch_size))
+    for r, batches in enumerate(per_rank):
+        offset = 0
+        for b in batches:
+            ordered[b.start // batch_size] = received[r][offset:offset + len(b)].cpu()
+            offset += len(b)
+    return ordered  # type: ignore[return-value]
+
+
+def map_batches(fn: Callable[[range], torch.Tensor], num: int, batch_size: int) -> list[torch.Tensor]:
+    """``[fn(batch) for batch in batches]`` with the batches sharded over ranks and gathered back in order
+    (float64 tensors on every rank when distributed; ``fn``'s own outputs in one process)."""
+    rank, world_size = world()
+    local = [fn(b) for b in shard_batches(num, batch_size, rank, world_size)]
+    return gather_batches(local, num, batch_size)

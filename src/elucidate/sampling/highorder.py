@@ -9,7 +9,7 @@ import math
 import torch
 
 from .multistep import adams_bashforth_step  # (imported first: the solver table keeps declaration order)
-from .registry import register_solver
+from .registry import register_sampler
 from .solvers import Callback, DenoiserFn, _denoise, _report, check_sigmas
 
 __all__ = ["ipndm", "unipc", "IPNDM_COEFFICIENTS", "unipc_coefficients"]
@@ -29,7 +29,7 @@ def _steps(t: list[float]) -> list[int]:
     return [i for i in range(len(t) - 1) if t[i + 1] < t[i]]
 
 
-@register_solver(description="iPNDM (DEIS): Adams-Bashforth in sigma with the fixed equal-step weights up to order 4 "
+@register_sampler(description="iPNDM (DEIS): Adams-Bashforth in sigma with the fixed equal-step weights up to order 4 "
                              "(2nd order on unequal steps)", order=2, sweep=True)
 @torch.no_grad()
 def ipndm(D: DenoiserFn, x: torch.Tensor, sigmas, *, order: int = 4, callback: Callback = None) -> torch.Tensor:
@@ -90,7 +90,7 @@ def _unipc_update(x, t_from, t_to, m0, past, order, variant, m_new=None):
     return x_next - B_h * res
 
 
-@register_solver(description="UniPC (bh2 / bh1): multistep data-prediction predictor with a corrector that reuses "
+@register_sampler(description="UniPC (bh2 / bh1): multistep data-prediction predictor with a corrector that reuses "
                              "the next evaluation", order=3, sweep=True,
                  option_choices={"variant": ("bh1", "bh2")},
                  option_docs={"order": "order p of the UniP predictor (UniC raises the accuracy to p + 1); "

@@ -10,13 +10,13 @@ import math
 import numpy as np
 import torch
 
-from .registry import register_solver
+from .registry import register_sampler
 from .solvers import Callback, DenoiserFn, NoiseSampler, _denoise, _noise_fn, _report, check_sigmas
 
 __all__ = ["dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_3m", "lms", "lms_coefficients", "adams_bashforth_step"]
 
 
-@register_solver(description="DPM-Solver++(2M): multistep 2nd order in lambda = -log(sigma)", order=2, sweep=True)
+@register_sampler(description="DPM-Solver++(2M): multistep 2nd order in lambda = -log(sigma)", order=2, sweep=True)
 @torch.no_grad()
 def dpmpp_2m(D: DenoiserFn, x: torch.Tensor, sigmas, *, callback: Callback = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), multistep 2nd order in lambda = -log(sigma)."""
@@ -41,7 +41,7 @@ def dpmpp_2m(D: DenoiserFn, x: torch.Tensor, sigmas, *, callback: Callback = Non
     return x
 
 
-@register_solver(description="DPM-Solver++(2M) SDE (eta, s_noise, solver_type midpoint|heun)", order=2,
+@register_sampler(description="DPM-Solver++(2M) SDE (eta, s_noise, solver_type midpoint|heun)", order=2,
                  stochastic=True, option_choices={"solver_type": ("midpoint", "heun")})
 @torch.no_grad()
 def dpmpp_2m_sde(D: DenoiserFn, x: torch.Tensor, sigmas, *, eta: float = 1.0, s_noise: float = 1.0,
@@ -78,7 +78,7 @@ def dpmpp_2m_sde(D: DenoiserFn, x: torch.Tensor, sigmas, *, eta: float = 1.0, s_
     return x
 
 
-@register_solver(description="DPM-Solver++(3M) SDE (eta = 0: the 3rd-order multistep ODE solver)", order=3,
+@register_sampler(description="DPM-Solver++(3M) SDE (eta = 0: the 3rd-order multistep ODE solver)", order=3,
                  stochastic=True)
 @torch.no_grad()
 def dpmpp_3m_sde(D: DenoiserFn, x: torch.Tensor, sigmas, *, eta: float = 1.0, s_noise: float = 1.0,
@@ -118,7 +118,7 @@ def dpmpp_3m_sde(D: DenoiserFn, x: torch.Tensor, sigmas, *, eta: float = 1.0, s_
     return x
 
 
-@register_solver(description="DPM-Solver++(3M): the deterministic 3rd-order multistep ODE solver", order=3,
+@register_sampler(description="DPM-Solver++(3M): the deterministic 3rd-order multistep ODE solver", order=3,
                  sweep=True)
 def dpmpp_3m(D: DenoiserFn, x: torch.Tensor, sigmas, *, callback: Callback = None) -> torch.Tensor:
     """DPM-Solver++(3M) ODE solver: :func:`dpmpp_3m_sde` with eta = 0."""
@@ -160,7 +160,7 @@ def adams_bashforth_step(x: torch.Tensor, slopes: list[tuple[float, torch.Tensor
     return x
 
 
-@register_solver(description="linear multistep (Adams-Bashforth in sigma) of the given order", order=4, sweep=True)
+@register_sampler(description="linear multistep (Adams-Bashforth in sigma) of the given order", order=4, sweep=True)
 @torch.no_grad()
 def lms(D: DenoiserFn, x: torch.Tensor, sigmas, *, order: int = 4, callback: Callback = None) -> torch.Tensor:
     """Linear multistep (Adams-Bashforth in sigma) of the given order, ramping up from order 1."""

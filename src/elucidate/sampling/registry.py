@@ -1,13 +1,14 @@
-"""The one place a solver is declared: ``@register_solver(...)`` on its function.
+"""The one place a sampler is declared: ``@register_sampler(...)`` on its function (an ODE/SDE solver
+``fn(D, x, sigmas, *, options..., callback=None) -> x``).
 
 Everything else is derived from the declaration: ``nfe``/``steps_for_nfe`` (from the evaluations per
-step), the stochastic set, the options a solver takes (its keyword-only parameters, minus the plumbing
+step), the stochastic set, the options a sampler takes (its keyword-only parameters, minus the plumbing
 that ``sample()`` provides), config validation of those options, CLI choices and help, sweep and
-sandbox defaults, and the solver table in the docs.
+sandbox defaults, and the sampler table in the docs.
 
 Naming: the churn bounds are ``s_min``/``s_max`` in configs and on the command line (the framework
-config page's names) and ``s_tmin``/``s_tmax`` as solver arguments (k-diffusion's); :data:`CONFIG_OPTIONS`
-is the one table that maps the config names to the solver arguments.
+config page's names) and ``s_tmin``/``s_tmax`` as sampler arguments (k-diffusion's); :data:`CONFIG_OPTIONS`
+is the one table that maps the config names to the sampler arguments.
 """
 from __future__ import annotations
 
@@ -18,17 +19,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["SolverSpec", "SOLVERS", "register_solver", "get_solver", "nfe", "steps_for_nfe", "PLUMBING",
-           "OPTION_DOCS", "CONFIG_OPTIONS", "stochastic_solvers", "ode_solvers", "sweep_solvers",
+__all__ = ["SamplerSpec", "SAMPLERS", "register_sampler", "get_sampler", "nfe", "steps_for_nfe", "PLUMBING",
+           "OPTION_DOCS", "CONFIG_OPTIONS", "stochastic_samplers", "ode_samplers", "sweep_samplers",
            "check_options"]
 
-#: Arguments every solver may take that ``sample()`` (not the user) supplies.
+#: Arguments every sampler may take that ``sample()`` (not the user) supplies.
 PLUMBING = ("generator", "noise_sampler", "callback", "round_sigma")
 
-#: Config / CLI name -> solver argument name (the seed config's churn names vs k-diffusion's).
+#: Config / CLI name -> sampler argument name (the seed config's churn names vs k-diffusion's).
 CONFIG_OPTIONS = {"s_churn": "s_churn", "s_min": "s_tmin", "s_max": "s_tmax", "s_noise": "s_noise", "eta": "eta"}
 
-#: One-line descriptions of solver options shared by several solvers (a declaration may add its own).
+#: One-line descriptions of options shared by several samplers (a declaration may add its own).
 OPTION_DOCS = {
     "s_churn": "S_churn: total stochasticity of EDM Algorithm 2 (gamma_i = min(S_churn/N, sqrt(2) - 1))",
     "s_tmin": "S_tmin: churn only where sigma >= S_tmin (config/CLI: s_min)",
@@ -41,8 +42,8 @@ OPTION_DOCS = {
 
 
 @dataclass(frozen=True)
-class SolverSpec:
-    """A registered solver: its function and what the rest of elucidate needs to know about it."""
+class SamplerSpec:
+    """A registered sampler: its function and what the rest of elucidate needs to know about it."""
 
     name: str
     fn: Callable[..., torch.Tensor]
@@ -60,7 +61,7 @@ class SolverSpec:
 
     @property
     def parameters(self) -> dict[str, inspect.Parameter]:
-        """The keyword-only parameters of the solver function (options and plumbing)."""
+        """The keyword-only parameters of the sampler function (options and plumbing)."""
         return {n: p for n, p in inspect.signature(self.fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
 
     @property
@@ -69,7 +70,7 @@ class SolverSpec:
         return {n: p.default for n, p in self.parameters.items() if n not in PLUMBING}
 
     def takes(self, name: str) -> bool:
-        """Whether the solver function accepts the keyword argument ``name``."""
+        """Whether the sampler function accepts the keyword argument ``name``."""
         return name in self.parameters
 
     def doc(self, option: str) -> str:
@@ -92,69 +93,70 @@ def _check_count(what: str, value: int) -> None:
         raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
 
 
-#: name -> SolverSpec, in declaration order. Filled by :func:`register_solver`.
-SOLVERS: dict[str, SolverSpec] = {}
+#: name -> SamplerSpec, in declaration order. Filled by :func:`register_sampler`.
+SAMPLERS: dict[str, SamplerSpec] = {}
 
 
-def register_solver(*, description: str, order: int, evals_per_step: int = 1, final_step_evals: int = 1,
+def register_sampler(*, description: str, order: int, evals_per_step: int = 1, final_step_evals: int = 1,
                     stochastic: bool = False, sweep: bool = False, name: str | None = None,
                     option_docs: dict[str, str] | None = None, option_choices: dict[str, tuple] | None = None):
-    """Declare a solver ``fn(D, x, sigmas, *, options..., callback=None) -> x``; returns ``fn`` unchanged."""
+    """Declare a sampler ``fn(D, x, sigmas, *, options..., callback=None) -> x``; returns ``fn`` unchanged."""
 
     def decorate(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        spec = SolverSpec(name or fn.__name__, fn, description, order, evals_per_step, final_step_evals,
+        spec = SamplerSpec(name or fn.__name__, fn, description, order, evals_per_step, final_step_evals,
                           stochastic, sweep, dict(option_docs or {}), dict(option_choices or {}))
         positional = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.KEYWORD_ONLY]
         if [p.name for p in positional] != ["D", "x", "sigmas"]:
-            raise TypeError(f"solver {spec.name}: signature must be (D, x, sigmas, *, options...)")
+            raise TypeError(f"sampler {spec.name}: signature must be (D, x, sigmas, *, options...)")
         if "callback" not in spec.parameters:
-            raise TypeError(f"solver {spec.name}: must take a keyword-only 'callback'")
+            raise TypeError(f"sampler {spec.name}: must take a keyword-only 'callback'")
         undocumented = [o for o in spec.options if not spec.doc(o)]
         if undocumented:
-            raise TypeError(f"solver {spec.name}: options {undocumented} need a one-line description "
+            raise TypeError(f"sampler {spec.name}: options {undocumented} need a one-line description "
                             f"(option_docs= or OPTION_DOCS)")
-        SOLVERS[spec.name] = spec
+        SAMPLERS[spec.name] = spec
         return fn
 
     return decorate
 
 
-def get_solver(name: str) -> SolverSpec:
-    """A registered solver by name (ValueError listing the choices if unknown)."""
+def get_sampler(name: str) -> SamplerSpec:
+    """A registered sampler by name (ValueError listing the choices if unknown); the spec is callable like
+    its function: ``get_sampler("heun")(D, x, sigmas)``."""
     try:
-        return SOLVERS[name]
+        return SAMPLERS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(SOLVERS)}") from None
+        raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}") from None
 
 
 def nfe(sampler: str, num_steps: int) -> int:
-    """Denoiser evaluations the named solver spends on ``num_steps`` steps ending in sigma = 0."""
-    return get_solver(sampler).nfe(num_steps)
+    """Denoiser evaluations the named sampler spends on ``num_steps`` steps ending in sigma = 0."""
+    return get_sampler(sampler).nfe(num_steps)
 
 
 def steps_for_nfe(sampler: str, budget: int) -> int:
-    """The most steps of the named solver whose NFE does not exceed ``budget``."""
-    return get_solver(sampler).steps_for_nfe(budget)
+    """The most steps of the named sampler whose NFE does not exceed ``budget``."""
+    return get_sampler(sampler).steps_for_nfe(budget)
 
 
-def stochastic_solvers() -> list[str]:
-    """Solvers that draw fresh noise with their default options."""
-    return [n for n, s in SOLVERS.items() if s.stochastic]
+def stochastic_samplers() -> list[str]:
+    """Samplers that draw fresh noise with their default options."""
+    return [n for n, s in SAMPLERS.items() if s.stochastic]
 
 
-def ode_solvers() -> list[str]:
-    """Deterministic solvers (an ODE solution is defined for these)."""
-    return [n for n, s in SOLVERS.items() if not s.stochastic]
+def ode_samplers() -> list[str]:
+    """Deterministic samplers (an ODE solution is defined for these)."""
+    return [n for n, s in SAMPLERS.items() if not s.stochastic]
 
 
-def sweep_solvers(*, deterministic: bool = False) -> list[str]:
-    """The default solvers of a sampler sweep (only the deterministic ones if asked)."""
-    return [n for n, s in SOLVERS.items() if s.sweep and not (deterministic and s.stochastic)]
+def sweep_samplers(*, deterministic: bool = False) -> list[str]:
+    """The default samplers of a sweep (only the deterministic ones if asked)."""
+    return [n for n, s in SAMPLERS.items() if s.sweep and not (deterministic and s.stochastic)]
 
 
 def check_options(sampler: str, options: dict[str, Any]) -> None:
-    """ValueError naming the first option the solver does not take or whose value has the wrong kind."""
-    spec = get_solver(sampler)
+    """ValueError naming the first option the sampler does not take or whose value has the wrong kind."""
+    spec = get_sampler(sampler)
     for key, value in options.items():
         if key not in spec.options:
             raise ValueError(f"sampler {sampler!r} does not take option {key!r}; "

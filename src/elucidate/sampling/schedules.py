@@ -1,10 +1,17 @@
 """Noise-level discretizations: ``num_steps + 1`` decreasing sigmas that end in 0.
 
-Step sizes are computed in float64 (as NVlabs/edm does) and cast to ``dtype`` at the end.
+Step sizes are computed in float64 (as NVlabs/edm does) and cast to ``dtype`` at the end. A *named*
+schedule is declared once with ``@register_schedule``: its function takes ``(num_steps, sigma_min, sigma_max)``
+and keyword options with defaults (e.g. ``rho``), so every caller (``sample(schedule=...)``, the
+``sampling.schedule`` config key, ``--schedule``, the sandbox sweep, tuning) calls it the same way.
 """
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -19,8 +26,56 @@ __all__ = [
     "iddpm_u",
     "linear_sigmas",
     "SCHEDULES",
+    "ScheduleSpec",
+    "register_schedule",
     "get_schedule",
+    "parse_schedule",
 ]
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """A named schedule: ``spec(num_steps, sigma_min, sigma_max, **options)`` -> float64 sigmas ending in 0."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    description: str
+    option_docs: dict[str, str] = field(default_factory=dict)
+
+    def __call__(self, num_steps: int, sigma_min: float, sigma_max: float, **options) -> torch.Tensor:
+        unknown = sorted(set(options) - set(self.options) - {"device", "dtype"})
+        if unknown:
+            raise ValueError(f"schedule {self.name!r} does not take {unknown}; "
+                             f"it takes {sorted(self.options) or 'no options'}")
+        return self.fn(num_steps, sigma_min, sigma_max, **options)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Its options (the parameters after the range, besides device and dtype) and their defaults."""
+        params = list(inspect.signature(self.fn).parameters.values())[3:]
+        return {p.name: p.default for p in params if p.name not in ("device", "dtype")}
+
+
+#: name -> ScheduleSpec, in declaration order. Filled by :func:`register_schedule`.
+SCHEDULES: dict[str, ScheduleSpec] = {}
+
+
+def register_schedule(*, description: str, name: str | None = None, option_docs: dict[str, str] | None = None):
+    """Declare ``fn(num_steps, sigma_min, sigma_max, *options, device=None, dtype=torch.float64)`` as a named
+    schedule (every option with a default); returns ``fn`` unchanged."""
+
+    def decorate(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        spec = ScheduleSpec(name or fn.__name__.removesuffix("_sigmas"), fn, description, dict(option_docs or {}))
+        params = list(inspect.signature(fn).parameters.values())
+        if [p.name for p in params[:3]] != ["num_steps", "sigma_min", "sigma_max"]:
+            raise TypeError(f"schedule {spec.name}: signature must start (num_steps, sigma_min, sigma_max)")
+        if any(p.default is p.empty for p in params[3:]):
+            raise TypeError(f"schedule {spec.name}: every option needs a default")
+        SCHEDULES[spec.name] = spec
+        return fn
+
+    return decorate
+
 
 
 def check_steps(num_steps: int) -> None:
@@ -55,6 +110,8 @@ def _finish(sigmas: torch.Tensor, device, dtype) -> torch.Tensor:
     return sigmas.to(device=device, dtype=dtype)
 
 
+@register_schedule(description="EDM eq. 5: uniform in sigma^(1/rho) (rho = 7: more steps near sigma_min)",
+                   option_docs={"rho": "exponent (1 = linear in sigma, infinity = exponential)"})
 def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
                   rho: float = 7.0, *, device=None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """EDM time steps (eq. 5): (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
@@ -66,6 +123,7 @@ def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 8
     return _finish((hi + ramp * (lo - hi)) ** rho, device, dtype)
 
 
+@register_schedule(description="uniform in log(sigma) (the rho -> infinity limit of eq. 5)")
 def exponential_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, *,
                        device=None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Sigmas evenly spaced in log(sigma) (the rho -> infinity limit of eq. 5)."""
@@ -76,6 +134,7 @@ def exponential_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: floa
                    device, dtype)
 
 
+@register_schedule(description="uniform in sigma (the naive choice)")
 def linear_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, *,
                   device=None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Sigmas evenly spaced in sigma (the naive choice the EDM explainer warns about)."""
@@ -105,6 +164,8 @@ def vp_betas_for_range(sigma_min: float, sigma_max: float, epsilon_s: float = 1e
     return beta_d, L1 - 0.5 * beta_d
 
 
+@register_schedule(name="vp", description="VP (Table 1): t uniform in [epsilon_s, 1], sigma(t) fitted to the range",
+                   option_docs={"epsilon_s": "last sampling time"})
 def vp_range_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, epsilon_s: float = 1e-3, *,
                     device=None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The VP discretization (t uniform in [epsilon_s, 1]) of a VP sigma(t) fitted to [sigma_min, sigma_max]."""
@@ -113,6 +174,7 @@ def vp_range_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float =
     return vp_sigmas(num_steps, beta_d, beta_min, epsilon_s, device=device, dtype=dtype)
 
 
+@register_schedule(description="VE (Table 1): geometric in sigma, default range 0.02..100")
 def ve_sigmas(num_steps: int, sigma_min: float = 0.02, sigma_max: float = 100.0, *,
               device=None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """VE discretization (Table 1): sigma(t_i) = sqrt(t_i), t_i = sigma_max^2 (sigma_min^2/sigma_max^2)^(i/(N-1))."""
@@ -137,6 +199,9 @@ def iddpm_u(C_1: float = 0.001, C_2: float = 0.008, M: int = 1000) -> torch.Tens
     return torch.tensor(u[:M], dtype=torch.float64)
 
 
+@register_schedule(description="iDDPM (Table 1): a subsequence of the cosine schedule's M noise levels in the range",
+                   option_docs={"C_1": "clip of the noise-level recursion", "C_2": "cosine offset",
+                                "M": "number of noise levels"})
 def iddpm_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 81.0, C_1: float = 0.001,
                  C_2: float = 0.008, M: int = 1000, *, device=None,
                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -152,19 +217,26 @@ def iddpm_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 81
     return _finish(u[index], device, dtype)
 
 
-SCHEDULES = {
-    "karras": karras_sigmas,
-    "exponential": exponential_sigmas,
-    "linear": linear_sigmas,
-    "vp": vp_sigmas,
-    "ve": ve_sigmas,
-    "iddpm": iddpm_sigmas,
-}
-
-
-def get_schedule(name: str):
-    """Look up a discretization by name (ValueError listing the choices if unknown)."""
+def get_schedule(name: str) -> ScheduleSpec:
+    """A named schedule (ValueError listing the choices): ``get_schedule("karras")(10, 0.002, 80, rho=7)``."""
     try:
         return SCHEDULES[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown schedule {name!r}; expected one of {sorted(SCHEDULES)}") from None
+
+
+def parse_schedule(text: str) -> tuple[ScheduleSpec, dict[str, Any]]:
+    """``"karras"`` or ``"karras:rho=3"`` (options after a colon, comma-separated) -> (spec, options)."""
+    name, _, rest = str(text).partition(":")
+    spec, options = get_schedule(name.strip()), {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in spec.options:
+            raise ValueError(f"schedule {text!r}: expected {name}:key=value with key one of {sorted(spec.options)}")
+        kind = type(spec.options[key]) if isinstance(spec.options[key], (int, float)) else float
+        try:
+            options[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"schedule {text!r}: {key} = {value!r} is not a number") from None
+    return spec, options

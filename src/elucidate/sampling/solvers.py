@@ -7,7 +7,7 @@ it costs no evaluation and leaves x unchanged (except for churn, which raises th
 coefficients are computed in float64 from the schedule and applied in x's dtype, so float64 in gives
 float64 out. ``callback(info)`` receives ``{x, i, sigma, sigma_hat, denoised}`` once per step.
 Stochastic solvers draw noise from ``noise_sampler(sigma, sigma_next)`` if given, else from
-``generator``. Each solver is declared once with ``@register_solver`` (see :mod:`.registry`).
+``generator``. Each solver is declared once with ``@register_sampler`` (see :mod:`.registry`).
 This module holds the single-step solvers and the shared plumbing; :mod:`.multistep` the multistep ones.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from .registry import register_solver
+from .registry import register_sampler
 
 __all__ = ["euler", "heun", "euler_ancestral", "ddim", "ddpm", "ancestral_step", "check_sigmas", "num_steps"]
 
@@ -96,7 +96,7 @@ def _euler_or_heun(D, x, sigmas, second_order: bool, s_churn, s_tmin, s_tmax, s_
     return x
 
 
-@register_solver(description="Euler steps of EDM Algorithm 2 (first order; accepts churn)", order=1, sweep=True)
+@register_sampler(description="Euler steps of EDM Algorithm 2 (first order; accepts churn)", order=1, sweep=True)
 @torch.no_grad()
 def euler(D: DenoiserFn, x: torch.Tensor, sigmas, *, s_churn: float = 0.0, s_tmin: float = 0.0,
           s_tmax: float = float("inf"), s_noise: float = 1.0, generator: torch.Generator | None = None,
@@ -107,7 +107,7 @@ def euler(D: DenoiserFn, x: torch.Tensor, sigmas, *, s_churn: float = 0.0, s_tmi
                           noise_sampler, callback, round_sigma)
 
 
-@register_solver(description="EDM Algorithm 2: Heun's 2nd-order method with optional stochastic churn", order=2,
+@register_sampler(description="EDM Algorithm 2: Heun's 2nd-order method with optional stochastic churn", order=2,
                  evals_per_step=2, sweep=True)
 @torch.no_grad()
 def heun(D: DenoiserFn, x: torch.Tensor, sigmas, *, s_churn: float = 0.0, s_tmin: float = 0.0,
@@ -128,7 +128,7 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
     return math.sqrt(sigma_to ** 2 - sigma_up ** 2), sigma_up
 
 
-@register_solver(description="ancestral sampling with Euler steps (eta = 1 DDPM-like, 0 = Euler)", order=1,
+@register_sampler(description="ancestral sampling with Euler steps (eta = 1 DDPM-like, 0 = Euler)", order=1,
                  stochastic=True)
 @torch.no_grad()
 def euler_ancestral(D: DenoiserFn, x: torch.Tensor, sigmas, *, eta: float = 1.0, s_noise: float = 1.0,
@@ -155,7 +155,7 @@ def _ancestral(D, x, sigmas, step: Callable[[float, float], tuple[float, float]]
     return x
 
 
-@register_solver(description="DDIM (Song et al. 2021): eta = 0 deterministic (Euler in sigma), eta = 1 DDPM-like",
+@register_sampler(description="DDIM (Song et al. 2021): eta = 0 deterministic (Euler in sigma), eta = 1 DDPM-like",
                  order=1)
 @torch.no_grad()
 def ddim(D: DenoiserFn, x: torch.Tensor, sigmas, *, eta: float = 0.0, generator: torch.Generator | None = None,
@@ -174,7 +174,7 @@ def _ddpm_large(sigma: float, sigma_next: float) -> tuple[float, float]:
     return sigma_down, math.sqrt((sigma ** 2 - sigma_next ** 2) * (1 + sigma_next ** 2) / (1 + sigma ** 2))
 
 
-@register_solver(description="DDPM ancestral sampling (Ho et al. 2020): posterior mean + fixed small/large noise",
+@register_sampler(description="DDPM ancestral sampling (Ho et al. 2020): posterior mean + fixed small/large noise",
                  order=1, stochastic=True, option_choices={"variance": ("small", "large")},
                  option_docs={"variance": "small: the posterior variance beta_tilde (= DDIM eta 1); "
                                           "large: beta (DDPM's other fixed choice)"})

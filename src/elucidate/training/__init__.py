@@ -1,8 +1,16 @@
-"""Training: the loop (EMA, checkpoints, exact resume, DDP), and its building blocks."""
-from ..checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from ..runtime.rng import batch_indices, derive_seed, derived_generator
-from .ema import EMA
-from .loop import SIGMA_EDGES, Trainer
+"""Training: the one loop every trainer runs (run directory, resume, checkpoints, logging, DDP, precision) and
+the trainers on it (diffusion, the autoencoder), EMA (half-life and post-hoc), augmentation, optimizers.
 
-__all__ = ["Trainer", "EMA", "SIGMA_EDGES", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "list_checkpoints", "batch_indices", "derive_seed", "derived_generator"]
+May import: config, run, latent, formulations, sampling, nets, data, metrics, viz, denoiser, losses, runtime,
+params, errors.
+"""
+from ..run.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from ..runtime.rng import batch_indices, derive_seed, derived_generator
+from .diffusion import SIGMA_EDGES, Trainer
+from .ema import EMA, PowerEMA
+from .loop import TrainingLoop, TrainingStopped
+from .vae import VAETrainer, train_vae
+
+__all__ = ["Trainer", "TrainingLoop", "TrainingStopped", "VAETrainer", "train_vae", "EMA", "PowerEMA", "SIGMA_EDGES",
+           "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "batch_indices",
+           "derive_seed", "derived_generator"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..augment_config import AUGMENT_LABEL_DIM, LABEL_LAYOUT, AugmentSettings
+from ..config.training import AUGMENT_LABEL_DIM, LABEL_LAYOUT, AugmentSettings
 from ..errors import UserError
 from ..runtime.rng import derived_generator
 

@@ -1,12 +1,12 @@
-"""The training loss of a logging interval: its mean, its mean per sigma bin (EDM Fig. 5a) and the
-throughput, summed over processes."""
+"""What a logging interval reports, summed over processes: the diffusion loss, its mean per sigma bin (EDM
+Fig. 5a) and the throughput (:class:`IntervalStats`), or the means of named per-step values (:class:`MeanStats`)."""
 from __future__ import annotations
 
 import time
 
 import torch
 
-__all__ = ["SIGMA_EDGES", "IntervalStats"]
+__all__ = ["SIGMA_EDGES", "IntervalStats", "MeanStats"]
 
 #: Loss-by-sigma bins (log-spaced, two per decade from 1e-3 to 1e3; values outside go to the end bins).
 SIGMA_EDGES = [10 ** (e / 2) for e in range(-6, 7)]
@@ -15,14 +15,17 @@ SIGMA_EDGES = [10 ** (e / 2) for e in range(-6, 7)]
 class IntervalStats:
     """Accumulates per-sample losses and their sigmas (non-finite ones left out) between log lines."""
 
-    def __init__(self):
+    def __init__(self, images_per_step: int):
         self.edges = torch.tensor(SIGMA_EDGES, dtype=torch.float32)
         self.K = len(SIGMA_EDGES) - 1
         self.acc = torch.zeros(2 + 2 * self.K, dtype=torch.float64)  # sum, count, per-bin sums, per-bin counts
+        self.images_per_step = images_per_step
         self.start, self.images = time.perf_counter(), 0
 
-    def add(self, losses: torch.Tensor, sigma: torch.Tensor, images: int) -> None:
-        self.images += images
+    def add(self, step: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """One step's (per-sample losses, their sigmas)."""
+        losses, sigma = step
+        self.images += self.images_per_step
         finite = torch.isfinite(losses)
         if finite.any():
             K, l64, s = self.K, losses[finite].double().cpu(), sigma.detach()[finite].float().cpu()
@@ -42,6 +45,29 @@ class IntervalStats:
                   "sigma_edges": SIGMA_EDGES,
                   "loss_by_sigma": [float(acc[2 + i] / counts[i]) if counts[i] > 0 else None for i in range(K)],
                   "count_by_sigma": [int(c) for c in counts]}
+        self.acc.zero_()
+        self.start, self.images = time.perf_counter(), 0
+        return record
+
+
+class MeanStats:
+    """Accumulates named per-step scalars (``{key: 0-d tensor}``) and reports their means between log lines."""
+
+    def __init__(self, keys: tuple[str, ...], images_per_step: int):
+        self.keys, self.images_per_step = keys, images_per_step
+        self.acc = torch.zeros(len(keys) + 1, dtype=torch.float64)  # per-key sums, step count
+        self.start, self.images = time.perf_counter(), 0
+
+    def add(self, logs: dict[str, torch.Tensor]) -> None:
+        self.images += self.images_per_step
+        self.acc[:-1] += torch.stack([logs[k].detach().double().cpu() for k in self.keys])
+        self.acc[-1] += 1
+
+    def take(self, reduce=None) -> dict:
+        """The interval's mean of every key and ``images_per_sec`` (after ``reduce``); then starts anew."""
+        acc = self.acc if reduce is None else reduce(self.acc)
+        record = {k: float(acc[i] / acc[-1]) if acc[-1] > 0 else None for i, k in enumerate(self.keys)}
+        record["images_per_sec"] = self.images / max(time.perf_counter() - self.start, 1e-9)
         self.acc.zero_()
         self.start, self.images = time.perf_counter(), 0
         return record

@@ -14,12 +14,12 @@ SCALARS = ("loss", "lr", "images_per_sec", "skipped_steps")
 
 
 class TensorBoardLog:
-    """Writes to ``run_dir/tensorboard`` when ``enabled``; a no-op otherwise. The writer is opened on
+    """Writes to ``folder`` (a run's ``RUN/tensorboard``) when ``enabled``; a no-op otherwise. The writer is opened on
     first use; on resume with ``purge_step`` = the first step redone, so the resumed run replaces what
     followed its checkpoint (as metrics.jsonl does)."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.folder, self.enabled, self.writer = Path(run_dir) / "tensorboard", enabled, None
+    def __init__(self, folder: Path, enabled: bool):
+        self.folder, self.enabled, self.writer = Path(folder), enabled, None
 
     def _open(self, step: int):
         if self.writer is None:

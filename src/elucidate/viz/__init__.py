@@ -4,6 +4,8 @@ Every ``plot_*`` function returns a ``matplotlib.figure.Figure`` built on the Ag
 pyplot (no global figure state, headless-safe); write it with :func:`save_figure` (atomic, closes
 the figure) or turn it into PNG bytes with :func:`figure_to_png`. Sample grids are plain uint8
 arrays (:func:`image_grid`) or PNGs (:func:`save_image_grid`). See ``docs/plots.md``.
+
+May import: analytic, formulations, sampling, data, runtime, errors.
 """
 from .common import atomic_write_bytes, figure_to_png, new_figure, save_figure
 from .flow import default_mixture, flow_paths, plot_flow, plot_flow_comparison

@@ -20,7 +20,7 @@ from matplotlib.axis import Axis
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..fileio import atomic_write_bytes
+from ..runtime.files import atomic_write_bytes
 
 __all__ = ["new_figure", "save_figure", "figure_to_png", "atomic_write_bytes", "styled", "STYLE",
            "PALETTE", "DEFAULT_DPI", "plain_log_labels"]

@@ -19,7 +19,7 @@ import matplotlib
 import numpy as np
 from PIL import Image
 
-from ..pixels import to_uint8
+from ..data.pixels import to_uint8
 from .common import atomic_write_bytes
 
 __all__ = ["to_uint8", "image_grid", "save_image_grid", "auto_scale"]

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..sampling.registry import SOLVERS
+from ..sampling.registry import SAMPLERS
 from ..sampling.registry import nfe as solver_nfe
 from .common import PALETTE, new_figure, plain_log_labels, styled
 
@@ -38,7 +38,7 @@ def quality_series(table: Iterable[Mapping]) -> dict[str, tuple[np.ndarray, np.n
         cost = _number(row.get("nfe"))
         steps = _number(row.get("steps"))
         if cost is None and steps is not None and steps >= 1:
-            cost = float(solver_nfe(sampler, int(steps))) if sampler in SOLVERS else steps
+            cost = float(solver_nfe(sampler, int(steps))) if sampler in SAMPLERS else steps
         if value is None or cost is None or cost <= 0:
             continue
         points.setdefault(sampler, {})[cost] = value

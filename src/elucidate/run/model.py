@@ -1,0 +1,197 @@
+"""Models back from run directories: the newest usable checkpoint of a run, a diffusion run ready to sample
+(:func:`load_run`), a train-vae run's autoencoder (:func:`load_vae`) and a latent run's decoder.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import Config, SamplingConfig, parse_config
+from ..config.network import DataInfo, build_network_for
+from ..config.vae import VAEConfig, parse_vae_config
+from ..data import Normalizer
+from ..denoiser import Denoiser
+from ..errors import ConfigError, UserError
+from ..latent.autoencoder import AutoencoderKL
+from ..latent.data import LatentDecoder
+from ..sampling import sample
+from .checkpoint import (
+    CheckpointDamaged,
+    CheckpointWarning,
+    check_fits,
+    check_run_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    newest_usable,
+)
+from .rundir import RunDir
+
+__all__ = ["first_usable", "resolve_checkpoint", "LoadedRun", "load_run", "CHECKPOINT_KIND", "build_autoencoder",
+           "load_vae_checkpoint", "load_vae", "load_latent_decoder"]
+
+
+def _candidates(path: Path) -> tuple[list[Path], bool]:
+    """(checkpoints to try, newest first; whether ``path`` is a run directory)."""
+    if path.is_dir():
+        found = RunDir(path).list_checkpoints() or list_checkpoints(path)
+        if not found:
+            raise UserError(f"{path} has no checkpoints (expected {RunDir(path).checkpoints}/ckpt-*.safetensors)")
+        return found[::-1], True
+    if not path.exists():
+        raise UserError(f"{path} does not exist (expected a run directory or a checkpoint file)")
+    return [path], False
+
+
+def first_usable(path: Path, attempt: Callable[[Path], tuple]) -> tuple:
+    """``attempt(ckpt)`` (a tuple ending in the metadata) on the newest checkpoint of ``path`` that
+    is not damaged. In a run directory a damaged one is skipped with a :class:`CheckpointWarning`
+    (and left in place: readers never move files); a damaged file named explicitly is an error."""
+    candidates, is_run = _candidates(path)
+    damaged: list[CheckpointDamaged] = []
+
+    def on_damaged(error: CheckpointDamaged) -> None:
+        if not is_run:
+            raise error
+        damaged.append(error)
+
+    found = newest_usable(candidates, attempt, on_damaged)
+    if found is None:
+        raise UserError(f"{path} has no usable checkpoint: {damaged[0] if damaged else 'they all vanished'}"
+                        + (f" (and {len(damaged) - 1} older ones are damaged too)" if len(damaged) > 1 else ""))
+    ckpt, result = found
+    if damaged:  # warn_explicit without a source line: the warning prints as one line
+        warnings.warn_explicit(f"{'; '.join(str(e) for e in damaged)}; using {ckpt.name} (step "
+                               f"{result[-1]['step']}), the newest usable checkpoint", CheckpointWarning,
+                               "elucidate", 0)
+    return result
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint file from a run directory (its newest undamaged one, see ``load_run``) or a
+    checkpoint path (checked to be a readable checkpoint)."""
+    return first_usable(Path(path), lambda c: (c, check_run_checkpoint(c)[1]))[0]
+
+
+@dataclass
+class LoadedRun:
+    """A trained model ready to sample: denoiser (in eval mode), config, data info (of what the model
+    generates: latents for a latent run), normalizer (of the images) and ``decode`` (latents -> images
+    for a latent run, else None)."""
+
+    denoiser: Denoiser
+    config: Config
+    info: DataInfo
+    normalizer: object | None
+    step: int
+    checkpoint: Path
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The shape the sampler generates (latents for a latent run)."""
+        return (self.info.channels, *self.info.resolution)
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        """Generated samples as images in model range: decoded for a latent run, else ``x`` itself."""
+        return x if self.decode is None else self.decode(x)
+
+    @property
+    def label_dim(self) -> int:
+        """Classes of a class-conditional model (0 = unconditional)."""
+        return int(getattr(self.denoiser.net, "label_dim", 0) or 0)
+
+    def sample(self, seeds: Sequence[int], cfg: SamplingConfig | None = None, *, class_labels=None,
+               batch_size: int = 64, device=None, precision: str = "fp32", progress: bool = False,
+               callback=None) -> torch.Tensor:
+        """:func:`elucidate.sampling.sample` with the run's sampling settings (or ``cfg``): float32 samples on
+        the CPU in model range (latents for a latent run: see :meth:`images`); sample i depends on seeds[i]."""
+        cfg = self.config.sampling if cfg is None else cfg
+        seeds = list(seeds)
+        cond = None if class_labels is None else {"class_labels": torch.as_tensor(class_labels).to(device or "cpu")}
+        x = sample(cfg.guided(self.denoiser), (len(seeds), *self.shape), seeds=seeds, cond=cond, batch_size=batch_size,
+                   device=device, precision=precision, progress=progress, callback=callback,
+                   **cfg.sample_kwargs(self.denoiser.formulation))
+        return x.float().cpu()
+
+
+def load_run(path: Path, *, ema: bool = True, device: torch.device | str | None = None) -> LoadedRun:
+    """Load a run directory or checkpoint for sampling (EMA weights by default).
+
+    In a run directory whose newest checkpoint is damaged (truncated, unreadable, bad metadata,
+    data not matching its checksum) the newest usable one is loaded with a
+    :class:`~elucidate.run.checkpoint.CheckpointWarning` naming both; the files are left as they are.
+    A checkpoint whose tensors do not fit the configured network is a one-line ``UserError``."""
+    def attempt(ckpt: Path):
+        layout, _ = check_run_checkpoint(ckpt)
+        tensors, meta = load_checkpoint(ckpt)
+        return ckpt, layout, tensors, meta
+
+    ckpt, layout, tensors, meta = first_usable(Path(path), attempt)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    config = parse_config(meta["config"])
+    info = DataInfo.from_dict(meta["data"])
+    net = build_network_for(config, info)
+    prefix = "ema." if ema and any(k.startswith("ema.") for k in tensors) else "net."
+    check_fits(ckpt, layout, meta, {prefix: net})
+    net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    normalizer = Normalizer.from_config(meta["normalizer"]) if meta.get("normalizer") is not None else None
+    denoiser = Denoiser(net, config.formulation()).to(device).eval().requires_grad_(False)
+    decode = load_latent_decoder(ckpt, meta["latent"], device) if meta.get("latent") is not None else None
+    return LoadedRun(denoiser, config, info, normalizer, int(meta["step"]), ckpt, decode)
+
+
+# -------------------------------------------------------------------------------- autoencoder runs
+#: ``meta["kind"]`` of an autoencoder checkpoint (diffusion checkpoints have none).
+CHECKPOINT_KIND = "vae"
+
+
+def build_autoencoder(config: VAEConfig, channels: int, resolution: tuple[int, int]) -> AutoencoderKL:
+    """The config's AutoencoderKL for data with ``channels`` and ``(H, W)`` resolution."""
+    H, W = resolution
+    try:
+        return AutoencoderKL(img_resolution=(H, W), in_channels=channels, **config.model.kwargs())
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def load_vae_checkpoint(run_or_checkpoint: str | Path) -> tuple[dict, dict, Path]:
+    """(tensors, metadata, checkpoint path) of an autoencoder run directory's latest checkpoint or a
+    checkpoint file; a diffusion checkpoint is refused."""
+    ckpt = resolve_checkpoint(Path(run_or_checkpoint))
+    tensors, meta = load_checkpoint(ckpt)
+    if meta.get("kind") != CHECKPOINT_KIND:
+        raise UserError(f"{ckpt} is not an autoencoder checkpoint (written by `elucidate train`, not train-vae)")
+    return tensors, meta, ckpt
+
+
+def load_vae(run_or_checkpoint: str | Path, device: torch.device | str | None = None) -> AutoencoderKL:
+    """The trained AutoencoderKL of a VAE run directory (latest checkpoint) or checkpoint file, in
+    eval mode without gradients, on ``device`` (default CPU)."""
+    tensors, meta, ckpt = load_vae_checkpoint(run_or_checkpoint)
+    config = parse_vae_config(meta["config"])
+    data = meta["data"]
+    vae = build_autoencoder(config, int(data["channels"]), tuple(int(v) for v in data["resolution"]))
+    state = {k[len("net.vae."):]: v for k, v in tensors.items() if k.startswith("net.vae.")}
+    missing, unexpected = vae.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint {ckpt} does not match its model config "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    vae.eval().requires_grad_(False)
+    return vae.to(device) if device is not None else vae
+
+
+def load_latent_decoder(path: Path, record: dict, device=None) -> LatentDecoder:
+    """The decoder of a latent run from the ``vae.safetensors`` of its run directory (``path`` is the run
+    or one of its checkpoints) or, failing that, from the VAE the run was trained from."""
+    own = RunDir.of(path).vae
+    if own.is_file():
+        return LatentDecoder(load_vae(own, device=device), record["scale_factor"])
+    source = record["vae"]["source"]
+    if Path(source).is_file():
+        return LatentDecoder(load_vae(source, device=device), record["scale_factor"])
+    raise UserError(f"{path} is a latent-diffusion model but its autoencoder is missing (expected "
+                    f"{own}, or {source})")

@@ -1,0 +1,179 @@
+"""The diffusion trainer: any formulation, any network, pixels or a VAE's latents, one process or many
+(torchrun + DDP), on the one training loop (:mod:`.loop`).
+
+A step draws its global batch from (seed, step): data indices, augmentations, training sigmas, noise and
+condition dropout; each process takes its slice, and dropout uses a generator reseeded from (seed, step, rank).
+The half-life EMA follows every applied step; the post-hoc power EMA (``training.ema``) every step.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import Config, dump_config, parse_config
+from ..config.network import DataInfo, build_network_for
+from ..data import build_dataset
+from ..denoiser import Denoiser, with_null_condition
+from ..losses import denoising_loss
+from ..runtime.distributed import barrier
+from ..runtime.precision import autocast_for
+from ..runtime.rng import batch_indices, derive_seed, derived_generator
+from ..sampling import sample
+from ..viz import save_image_grid
+from .augment import augment_batch, augment_pipe
+from .ema import EMA, RunPowerEMA
+from .latent import latent_training_data
+from .loop import TrainingLoop, TrainingStopped
+from .optim import make_optimizer
+from .stats import SIGMA_EDGES, IntervalStats
+
+__all__ = ["Trainer", "TrainingStopped", "SIGMA_EDGES"]
+
+
+class Trainer(TrainingLoop):
+    """Train the diffusion ``config`` into ``run_dir`` (resuming from its latest checkpoint if there is one)."""
+
+    free_sections = ("sampling",)  # sampling settings may change between resumes
+
+    def __init__(self, config: Config, run_dir: str | Path, *, device: str | None = None, progress: bool = True,
+                 log=print):
+        self.micro_batches = config.training.grad_accumulation
+        super().__init__(config, run_dir, device=device, progress=progress, log=log)
+
+    def build(self, init) -> None:
+        config, t = self.config, self.t
+        self.dataset, self.latent = build_dataset(config.data), None  # latent: the record of a latent run
+        if config.latent is not None:  # diffusion on a VAE's latents (training.latent)
+            self.dataset, self.latent = latent_training_data(
+                config, self.dataset, self.run_dir, sigma_data=getattr(config.formulation(), "sigma_data", None),
+                is_main=self.dist.is_main, barrier=barrier, device=self.device, log=self.log)
+        self.info = DataInfo.from_dataset(self.dataset)
+        init()
+        self.net = build_network_for(config, self.info).to(self.device)
+        if t.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.formulation = config.formulation()
+        self.denoiser = Denoiser(self.net, self.formulation)
+        self.model = self.denoiser
+        self.augment = augment_pipe(t.augment, self.info.resolution)  # None = off
+        if self.dist.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.denoiser, device_ids=ids)
+        self.optimizers, self.base_lrs = [make_optimizer(self.net, t)], [t.lr]
+        self.ema = EMA(self.net, t.ema_halflife, t.ema_rampup)
+        self.modules = {"net": self.net, "ema": self.ema.module}
+        self.phema = RunPowerEMA(self.net, t.ema, self.run_dir, self.dist.is_main)  # inert if training.ema is null
+        self.params = list(self.net.parameters())
+
+    def config_text(self) -> str:
+        return dump_config(self.config)
+
+    def parse_stored_config(self, raw: dict) -> Config:
+        return parse_config(raw)
+
+    def data_info(self) -> dict:
+        return self.info.to_dict()
+
+    def meta(self) -> dict:
+        return {**super().meta(), "latent": self.latent}
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return self.phema.checkpoint_tensors()
+
+    def resume(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.phema.resume(tensors, self.step)
+
+    def after_step(self, step: int, last: bool) -> None:
+        self.phema.after_step(self.net, step, last)
+
+    def make_stats(self) -> IntervalStats:
+        return IntervalStats(self.t.batch_size)
+
+    # ------------------------------------------------------------------------------------------ a step
+    def _batch(self, step: int):
+        """This process's slice of the global batch at ``step``: (images, conditions, sigma, noise), images
+        augmented by ``training.augment`` (:mod:`.augment`). With ``cond_drop_prob`` each sample loses all
+        its conditions with that probability (classifier-free guidance), drawn from (seed, step) too."""
+        B, C, (H, W) = self.t.batch_size, self.info.channels, self.info.resolution
+        indices = batch_indices(self.t.seed, step, B, len(self.dataset))
+        g = derived_generator(self.t.seed, "noise", step)
+        sigma = self.formulation.training_sigma(B, generator=g, dtype=torch.float32)
+        noise = torch.randn((B, C, H, W), generator=g)
+        part = slice(self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch)
+        images, labels = self.dataset.get_batch(indices[part])
+        if self.latent is not None:  # a fresh posterior sample of each latent, drawn from (seed, step)
+            images = self.dataset.draw_batch(indices, derived_generator(self.t.seed, "latent", step))[part]
+        to = dict(device=self.device, non_blocking=True)
+        images, augment = augment_batch(self.augment, int(getattr(self.net, "augment_dim", 0) or 0),
+                                        images.to(**to), self.t.seed, step, B, part)
+        if self.t.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        cond = {"class_labels": labels} if self.net_label_dim > 0 else {}
+        wanted = {"concat": self.net_sizes[0], "context": self.net_sizes[1]}  # what the network takes
+        cond.update({k: v for k, v in self.dataset.get_conditions(indices[part]).items() if wanted.get(k)})
+        if cond and self.t.cond_drop_prob > 0:
+            keep = torch.rand(B, generator=derived_generator(self.t.seed, "cond_drop", step))[part]
+            keep = keep >= self.t.cond_drop_prob
+            for key, value in cond.items():
+                value, null = with_null_condition(self.net, key, value)
+                cond[key] = torch.where(keep.reshape((-1,) + (1,) * (value.ndim - 1)), value, null)
+        cond = {key: value.to(**to) for key, value in {**cond, **augment}.items()}
+        return images, cond, sigma[part].to(**to), noise[part].to(**to)
+
+    @property
+    def net_label_dim(self) -> int:
+        return int(getattr(self.net, "label_dim", 0) or 0)
+
+    @property
+    def net_sizes(self) -> tuple[int, int]:
+        """(cond_channels, context_dim) of the network: which data conditions it takes."""
+        return int(getattr(self.net, "cond_channels", 0) or 0), int(getattr(self.net, "context_dim", 0) or 0)
+
+    def optimizer_step(self, step: int) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
+        """One optimizer step: ((per-sample losses, their sigmas), whether the step was applied)."""
+        images, conds, sigma, noise = self._batch(step)
+        torch.manual_seed(derive_seed(self.t.seed, "dropout", step, self.dist.rank))
+        if not self.net.training:
+            self.net.train()
+        micro = self.local_batch // self.t.grad_accumulation
+        losses = []
+        for m in range(self.t.grad_accumulation):
+            part = slice(m * micro, (m + 1) * micro)
+            cond = {key: value[part] for key, value in conds.items()}
+            last = m == self.t.grad_accumulation - 1
+            sync = self.model.no_sync() if (self.dist.world_size > 1 and not last) else contextlib.nullcontext()
+            with sync:
+                with autocast_for(self.precision, self.device):
+                    loss = denoising_loss(self.model, images[part], sigma=sigma[part], noise=noise[part],
+                                          formulation=self.formulation, **cond)
+                (loss.sum() / self.local_batch).backward()
+            losses.append(loss.detach())
+        params = [p for p in self.params if p.grad is not None]
+        if self.t.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.t.grad_clip, foreach=True)
+        else:  # the norm is still needed for the NaN/Inf guard
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
+        applied = bool(torch.isfinite(norm))
+        if applied:  # NaN/Inf guard: skip the update and keep the EMA clean
+            self.optimizer.step()
+            self.ema.update(self.net, (step + 1) * self.t.batch_size, self.t.batch_size)
+        self.optimizer.zero_grad(set_to_none=True)
+        return (torch.cat(losses), sigma), applied
+
+    def picture(self) -> Path:
+        """``samples/step-XXXXXXXX.png``: a grid sampled from the EMA network with the run's sampling settings
+        (class i % classes for a class-conditional network; decoded for a latent run)."""
+        n, cfg = self.t.num_sample_images, self.config.sampling
+        cond = {"class_labels": (torch.arange(n) % self.net_label_dim).to(self.device)} if self.net_label_dim else None
+        denoiser = cfg.guided(Denoiser(self.ema.module, self.formulation).eval())
+        x = sample(denoiser, (n, self.info.channels, *self.info.resolution), seeds=range(n), cond=cond,
+                   batch_size=64, device=self.device, precision=self.precision,
+                   **cfg.sample_kwargs(self.formulation)).float().cpu()
+        if self.latent is not None:  # decoded with the VAE the dataset already holds
+            x = self.dataset.decode(x)
+        return save_image_grid(x, self.run.sample_grid(self.step))
+
+
