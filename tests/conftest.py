@@ -1,15 +1,28 @@
-"""Shared fixtures: small exact-denoiser problems and the k-diffusion reference samplers."""
+"""Shared fixtures: one thread per test worker, the tiny configs every test trains, one trained run per session,
+running the CLI (in-process, as a subprocess, under torchrun), exact-denoiser problems and k-diffusion.
+
+Tests mirror the packages (tests/sampling/, tests/training/, ...); `make test` leaves out the learning-quality
+tests marked ``slow``, `make test-all` runs them too.
+"""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
+import shutil
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from elucidate import GaussianMixture
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two workers (pytest -n 2) on the 2-core machine: one thread each, for torch here and
@@ -20,16 +33,16 @@ else:
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-#: The longest end-to-end tests (seconds at one thread: 570, 120, 330, 245), in the order they start. `make test`
-#: runs two workers that are handed two tests each, then one at a time (``-n 2 --maxschedchunk 1``): the
-#: first worker starts with the demo run and the rotations, the second with the seed snippet and guided digits.
-LONGEST = ("test_demo_digits_are_recognizable", "test_rotations_do_not_leak", "test_seed_snippet_runs_verbatim",
-           "test_guided_digits_are_their_class")
+#: The longest tests, started first (with two workers the long runs overlap the many short tests instead of
+#: starting last or queueing on one worker); then the other slow ones, then the rest (stable otherwise).
+LONGEST = ("test_demo_digits_are_recognizable", "test_lucidrains_snippet_runs_verbatim",
+           "test_guided_digits_are_their_class", "test_rotations_do_not_leak",
+           "test_two_processes_train_the_same_weights_as_one", "test_two_processes_sample_and_evaluate_as_one",
+           "test_cli_chain_train_vae_encode_train_sample_eval",
+           "test_kills_at_random_moments_then_resume_is_bit_identical", "test_sigkill_then_resume_equals_uninterrupted_run")
 
 
 def pytest_collection_modifyitems(config, items):
-    """The longest tests first, then the other slow ones, then the rest (stable otherwise): with two workers
-    the end-to-end runs overlap the many short tests instead of starting last or queueing on one worker."""
     def rank(item):
         if item.originalname in LONGEST:
             return LONGEST.index(item.originalname)
@@ -41,13 +54,158 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def one_thread():
     """Torch on one thread for the test (restored after): like a torchrun rank or a subprocess with
-    OMP_NUM_THREADS=1, and fast for tiny networks. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    OMP_NUM_THREADS=1, and fast for tiny networks. A module uses it with ``pytestmark = pytest.mark.usefixtures(
+    "one_thread")``."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
+# ------------------------------------------------------------------------------------------------ tiny configs
+def merge(base: dict, **sections) -> dict:
+    """``base`` (a raw config) with each keyword's section updated by its mapping (``None`` removes it)."""
+    out = copy.deepcopy(base)
+    for name, values in sections.items():
+        if values is None:
+            out.pop(name, None)
+        elif isinstance(values, dict) and isinstance(out.get(name), dict):
+            out[name] = {**out[name], **copy.deepcopy(values)}
+        else:
+            out[name] = copy.deepcopy(values)
+    return out
+
+
+#: A tiny diffusion run: 64 real digits, a one-level 8-channel U-Net, a few steps (about a second).
+TINY = {"data": {"dataset": "digits", "max_size": 64},
+        "network": {"arch": "unet", "model_channels": 8, "channel_mult": [1], "num_blocks": 1, "attn_resolutions": []},
+        "diffusion": {"type": "EDM"},
+        "training": {"steps": 4, "batch_size": 8, "lr": 1e-3, "lr_rampup": 16, "ema_halflife": 100,
+                     "checkpoint_every": 2, "sample_every": 0, "log_every": 2, "seed": 1, "num_sample_images": 4,
+                     "keep_checkpoints": 0},
+        "sampling": {"steps": 2}}
+#: A tiny autoencoder run: 8x8 digits, a 2-level autoencoder (4x4x4 latents), every loss term on from step 3.
+TINY_VAE = {"data": {"dataset": "digits", "max_size": 120},
+            "model": {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1},
+            "loss": {"perceptual": "digits", "perceptual_weight": 0.1, "disc_start": 3, "disc_layers": 1,
+                     "disc_channels": 8},
+            "training": {"steps": 8, "batch_size": 8, "lr": 1e-3, "log_every": 2, "checkpoint_every": 4,
+                         "sample_every": 0, "eval_every": 0, "holdout": 20, "keep_checkpoints": 0,
+                         "num_sample_images": 8, "seed": 5}}
+
+
+def _tiny_config(**sections) -> dict:
+    return merge(TINY, **sections)
+
+
+def _tiny_vae_config(**sections) -> dict:
+    return merge(TINY_VAE, **sections)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """``tiny_config(**sections)``: the raw config of a tiny diffusion run (:data:`TINY`), each keyword updating
+    that section, e.g. ``tiny_config(training={"steps": 6}, network={"model_channels": 16})``."""
+    return _tiny_config
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_config():
+    """``tiny_vae_config(**sections)``: the raw config of a tiny autoencoder run (:data:`TINY_VAE`)."""
+    return _tiny_vae_config
+
+
+@pytest.fixture(scope="session")
+def write_config():
+    """``write_config(raw, path)``: the raw config as YAML at ``path``; returns the path."""
+    def write(raw: dict, path: Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(raw))
+        return path
+    return write
+
+
+# ------------------------------------------------------------------------------------------------ one trained run
+#: The run every test that only needs "a trained run" shares: 200 digits, a 2-level 16-channel U-Net, 6 steps with
+#: checkpoints and sample grids at 3 and 6, power EMA snapshots every 3 steps.
+TRAINED = merge(TINY, data={"max_size": 200}, network={"model_channels": 16, "channel_mult": [1, 2]},
+                training={"steps": 6, "batch_size": 16, "lr_rampup": 64, "ema_halflife": 200, "checkpoint_every": 3,
+                          "sample_every": 3, "log_every": 1, "seed": 5,
+                          "ema": {"type": "power", "stds": [0.05, 0.10], "snapshot_every": 3}},
+                sampling={"steps": 4})
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """:data:`TRAINED`, trained once per test session (per xdist worker) with ``elucidate train``. Read-only:
+    a test that writes into a run (tune, eval, ema) uses ``trained_copy``."""
+    from elucidate.cli import main
+
+    root = tmp_path_factory.mktemp("trained")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TRAINED))
+    assert main(["train", str(cfg), "--out", str(root / "run"), "--no-progress"]) == 0
+    return root / "run"
+
+
+@pytest.fixture
+def trained_copy(trained_run, tmp_path) -> Path:
+    """A copy of the session's trained run that the test may write into."""
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))
+
+
+# ------------------------------------------------------------------------------------------------ running the CLI
+def subprocess_env(**extra) -> dict:
+    """The environment of a subprocess the tests start: one thread, unbuffered, this source tree first, no
+    inherited torchrun variables."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])), **extra)
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def env() -> dict:
+    """:func:`subprocess_env`."""
+    return subprocess_env()
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """``run_cli(*args, cwd=ROOT)``: ``python -m elucidate ARGS`` as a subprocess (its CompletedProcess)."""
+    def run(*args, cwd=ROOT, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "elucidate", *map(str, args)], capture_output=True, text=True,
+                              env=subprocess_env(), cwd=cwd, **kwargs)
+    return run
+
+
+@pytest.fixture
+def cli_main(capsys):
+    """``cli_main(argv)``: ``elucidate ARGV`` in this process; (exit code, the lines it wrote to stderr)."""
+    from elucidate.cli import main
+
+    def run(argv) -> tuple[int, list[str]]:
+        capsys.readouterr()
+        code = main([str(a) for a in argv])
+        return code, capsys.readouterr().err.strip().splitlines()
+    return run
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """``torchrun(*args, nproc=2)``: ``torchrun --standalone --nproc_per_node=N ARGS`` (gloo on CPU) as a
+    subprocess; ``args`` start with ``-m module`` or a script path."""
+    def run(*args, nproc: int = 2, cwd=ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   *map(str, args)]
+        return subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), cwd=cwd,
+                              timeout=timeout)
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ references
 @pytest.fixture(scope="session")
 def kdiff():
     """k-diffusion 0.1.1's ``sampling`` module, loaded without the package ``__init__``

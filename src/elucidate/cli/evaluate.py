@@ -20,7 +20,7 @@ from ..evaluation import (
 from ..likelihood import run_likelihood
 from ..metrics import save_stats
 from ..run import RunDir, load_run
-from ..runtime.distributed import init_sampling, shutdown_distributed, world
+from ..runtime.distributed import process_group, world
 from ..runtime.files import atomic_write_text
 from ..sampling import sweep_samplers
 from ..tuning import sandbox_sweep, tuned_config
@@ -124,13 +124,10 @@ def _reference(args, run, extractor_name: str, need_features: bool):
 def _distributed(handler):
     """Run ``handler(args)`` in torchrun's process group if there is one (seed batches sharded over ranks)."""
     def wrapped(args) -> int:
-        info = init_sampling(args.device)
-        try:
+        with process_group(args.device, sampling=True) as info:
             if info.world_size > 1:
                 args.device = str(info.device)
             return handler(args, info.is_main)
-        finally:
-            shutdown_distributed()
     return wrapped
 
 

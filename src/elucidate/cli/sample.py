@@ -29,12 +29,11 @@ def cmd_sample(args) -> int:
     import torch
 
     from ..run.outputs import check_finite, output_kind, write_samples
-    from ..runtime.distributed import init_sampling, map_batches, shutdown_distributed, world
+    from ..runtime.distributed import map_batches, process_group, world
 
     seeds = parse_seed_arg(args.seeds)
     output_kind(args.out)  # a bad --out fails before any sampling, on every rank
-    info = init_sampling(args.device)
-    try:
+    with process_group(args.device, sampling=True) as info:
         if info.world_size > 1:
             args.device = str(info.device)
         run = load_model(args)
@@ -58,8 +57,6 @@ def cmd_sample(args) -> int:
         if args.trajectory is not None:
             print(f"wrote {_trajectory(run, seeds[:4], cfg, labels, args)}")
         return 0
-    finally:
-        shutdown_distributed()
 
 
 def _trajectory(run, seeds, cfg, labels, args) -> Path:

@@ -52,14 +52,12 @@ def register(sub) -> dict:
 
 def cmd_train(args) -> int:
     from ..config import load_config
-    from ..runtime.distributed import shutdown_distributed
+    from ..runtime.distributed import process_group
     from ..training import Trainer
 
     config = load_config(args.config, args.overrides)
-    try:
+    with process_group(args.device):
         summary = Trainer(config, args.out, device=args.device, progress=args.progress).train()
-    finally:
-        shutdown_distributed()
     print(f"trained to step {summary['step']} ({summary['skipped_steps']} skipped); "
           f"checkpoint: {summary['checkpoint']}" + (f"; samples: {summary['samples']}" if summary["samples"] else ""))
     return 130 if summary.get("interrupted") else 0

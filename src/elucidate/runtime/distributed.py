@@ -9,15 +9,16 @@ from them on every rank equals the one-process figure exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_sum", "barrier", "init_sampling",
-           "world", "shard_batches", "gather_batches", "map_batches"]
+__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "process_group", "all_reduce_sum", "barrier",
+           "init_sampling", "world", "shard_batches", "gather_batches", "map_batches"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,18 @@ def shutdown_distributed() -> None:
     """Leave the process group if one was joined."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str | None = None, *, sampling: bool = False) -> Iterator[DistInfo]:
+    """The process group for a ``with`` block (``init_sampling`` if ``sampling``, else ``init_distributed``): left
+    at the end only if the block joined it, so commands run one after another in one torchrun launch share one."""
+    joined = dist.is_available() and dist.is_initialized()
+    try:
+        yield init_sampling(device) if sampling else init_distributed(device)
+    finally:
+        if not joined:
+            shutdown_distributed()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -26,7 +25,7 @@ from ..latent.perceptual import load_feature_network
 from ..latent.vae_loss import VAELoss
 from ..metrics.features import feature_extractor
 from ..run.model import CHECKPOINT_KIND, build_autoencoder
-from ..runtime.distributed import all_reduce_sum, shutdown_distributed
+from ..runtime.distributed import all_reduce_sum, process_group
 from ..runtime.precision import autocast_for
 from ..runtime.rng import batch_indices, derive_seed, derived_generator
 from .loop import TrainingLoop
@@ -250,9 +249,5 @@ def train_vae(config_path_or_dict: str | Path | dict | VAEConfig, out_dir: str |
         config = load_vae_config(config_path_or_dict.to_dict(), overrides)
     else:
         config = load_vae_config(config_path_or_dict, overrides)
-    joined = dist.is_available() and dist.is_initialized()
-    try:
+    with process_group(device):
         return VAETrainer(config, out_dir, device=device, progress=progress).train()
-    finally:
-        if not joined:
-            shutdown_distributed()

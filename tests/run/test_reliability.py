@@ -37,7 +37,7 @@ from elucidate.training.diffusion import Trainer
 from elucidate.training.loop import TrainingStopped
 from elucidate.viz.training import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from elucidate.cli import main
 from elucidate.runtime import precision
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = {"data": {"dataset": "digits", "max_size": 300},
         "network": {"arch": "unet", "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
                     "attn_resolutions": []},

@@ -25,7 +25,7 @@ from elucidate.training import Trainer, derived_generator
 from elucidate.training.latent import encode_dataset
 from elucidate.viz import TrajectoryRecorder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +32,7 @@ from elucidate.latent import (
 )
 from elucidate.run.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -393,42 +390,6 @@ def test_round_trip_on_photo_patches_and_digits(tmp_path):
     digits = train_vae({**common, "data": {"dataset": "digits"}}, tmp_path / "digits", progress=False)
     assert photos["psnr"] > PHOTO_PSNR and photos["fd"] is None  # no feature network for photos by default
     assert digits["psnr"] > DIGITS_PSNR and digits["fd"] < DIGITS_FD
-
-
-@pytest.mark.slow
-def test_two_gloo_processes_equal_one(tmp_path):
-    raw = tiny_config(steps=6, checkpoint_every=6, log_every=3)
-    script = tmp_path / "train.py"
-    script.write_text("import sys, json\nfrom elucidate.latent import train_vae\n"
-                      "train_vae(json.loads(sys.argv[1]), sys.argv[2], progress=False)\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
-    env.pop("WORLD_SIZE", None)
-    one, two = tmp_path / "one", tmp_path / "two"
-    r = subprocess.run([sys.executable, str(script), json.dumps(raw), str(one)], capture_output=True, text=True,
-                       env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), json.dumps(raw), str(two)], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a, b = all_tensors(one), all_tensors(two)
-    assert load_checkpoint(latest_checkpoint(two / "checkpoints"))[1]["world_size"] == 2
-    assert a.keys() == b.keys()
-    # Adam's step m / sqrt(v) is ~ sign(g) when a gradient is float-rounding noise, e.g. the attention key
-    # bias (softmax ignores it: its exact gradient is 0), so the order of DDP's gradient sums can move such
-    # an element by up to lr per step. Everything else must agree to float precision.
-    lr, steps = raw["training"]["lr"], raw["training"]["steps"]
-    total = mismatched = 0
-    for key in (k for k in a if k.startswith("net.")):
-        close = torch.isclose(a[key], b[key], rtol=1e-4, atol=1e-5)
-        total, mismatched = total + close.numel(), mismatched + int((~close).sum())
-        assert (a[key] - b[key]).abs().max() <= 2 * lr * steps, key
-    assert mismatched <= 1e-3 * total, f"{mismatched} of {total} parameter elements differ"
-    la = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
-    lb = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
-    for ra, rb in zip(la, lb):
-        for key in ("loss", "d_loss", "d_weight", "logvar", "psnr"):
-            if key in ra:
-                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), key
 
 
 def test_cli_train_vae_writes_a_run_and_errors_are_one_line(tmp_path, capsys):

@@ -4,12 +4,12 @@ import warnings
 
 import pytest
 import torch
+from test_training import tiny_config
 
 from elucidate.config import parse_config
 from elucidate.runtime import precision
 from elucidate.runtime.precision import autocast_for, native_bf16, resolve_precision
 from elucidate.training import Trainer, latest_checkpoint, load_checkpoint
-from test_training import tiny_config
 
 
 @pytest.fixture
@@ -89,8 +89,9 @@ def test_a_run_with_auto_trains_in_and_records_the_resolved_precision(tmp_path, 
 
 @pytest.mark.parametrize("features, expected", [({}, "fp32"), ({"amx_bf16": True}, "bf16")])
 def test_a_vae_run_with_auto_records_the_resolved_precision(tmp_path, cpu_features, features, expected):
-    from elucidate.latent import train_vae
     from test_latent import tiny_config as tiny_vae
+
+    from elucidate.latent import train_vae
 
     cpu_features(**features)
     summary = train_vae(tiny_vae(steps=2, checkpoint_every=2, precision="auto"), tmp_path / "vae", progress=False)

@@ -15,7 +15,7 @@ from elucidate.config import parse_config
 from elucidate.run.checkpoint import save_checkpoint
 from elucidate.training import EMA, Trainer, batch_indices, latest_checkpoint, list_checkpoints, load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_config(**training) -> dict:
@@ -127,27 +127,6 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     lines = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in lines if "loss" in r]
     assert steps == sorted(steps) and steps[-1] == 150 and any(r.get("event") == "resume" for r in lines)
-
-
-@pytest.mark.slow
-def test_two_gloo_processes_equal_one(tmp_path):
-    raw = tiny_config(steps=6, checkpoint_every=6, log_every=3)
-    cfg = write_config(tmp_path, raw)
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert cli("train", cfg, "--out", one, "--no-progress").returncode == 0
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "elucidate", "train", str(cfg), "--out", str(two), "--no-progress"],
-                       capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a, b = final_tensors(one), final_tensors(two)
-    _, meta = load_checkpoint(latest_checkpoint(two / "checkpoints"))
-    assert meta["world_size"] == 2
-    for key in a:
-        if key.startswith(("net.", "ema.")):
-            assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), key
-    la = [json.loads(x)["loss"] for x in (one / "metrics.jsonl").read_text().splitlines()]
-    lb = [json.loads(x)["loss"] for x in (two / "metrics.jsonl").read_text().splitlines()]
-    assert la == pytest.approx(lb, rel=1e-4)
 
 
 def test_nan_guard_skips_the_step_and_keeps_the_ema_clean(tmp_path):

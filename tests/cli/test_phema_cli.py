@@ -3,13 +3,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_phema_run import tiny
 
 from elucidate.cli import main
 from elucidate.config import parse_config
 from elucidate.run.model import load_run
 from elucidate.training import Trainer
 from elucidate.training.ema import reconstruct
-from test_phema_run import tiny
 
 
 @pytest.fixture(scope="module")

@@ -174,7 +174,7 @@ def test_guided_digits_are_their_class(tmp_path):
     from elucidate.metrics import load_digits_classifier
     from elucidate.run.model import load_run
 
-    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "digits-cond.yaml",
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "digits-cond.yaml",
                          ["training.steps=1000", "training.sample_every=0"])
     Trainer(config, tmp_path / "cond", progress=False, log=lambda *a: None).train()
     run = load_run(tmp_path / "cond")

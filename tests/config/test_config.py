@@ -9,7 +9,7 @@ from elucidate.cli.demo import DEMO_CONFIG
 from elucidate.config import apply_overrides, dump_config, load_config, parse_config
 from elucidate.errors import ConfigError
 
-ALL_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ALL_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 VAE_CONFIGS = [p for p in ALL_CONFIGS if "vae" in p.stem]  # train-vae's own schema (tests/test_latent.py)
 CONFIGS = [p for p in ALL_CONFIGS if p not in VAE_CONFIGS]
 
@@ -32,7 +32,7 @@ def test_shipped_vae_configs_parse_and_are_refused_by_train(path):
 
 
 def test_demo_config_is_configs_digits_edm():
-    shipped = load_config(Path(__file__).resolve().parents[1] / "configs" / "digits-edm.yaml")
+    shipped = load_config(Path(__file__).resolve().parents[2] / "configs" / "digits-edm.yaml")
     assert parse_config(DEMO_CONFIG).to_dict() == shipped.to_dict()
 
 

@@ -1,6 +1,6 @@
 """Porting NVlabs/edm networks: our SongUNet / DhariwalUNet, given edm's tensors, compute edm's function.
 
-The fixtures in tests/data/edm/ were produced with edm's own ``training/networks.py`` (with its
+The fixtures in tests/fixtures/edm/ were produced with edm's own ``training/networks.py`` (with its
 ``torch_utils`` and ``dnnlib``) at commit 008a4e5316c8e3bfe61a62f874bddba254295afb, torch 2.13 CPU,
 float32; no edm code is in this repository. For each case, edm's network was built (after
 ``torch.manual_seed(0)``) with the constructor arguments stored in the file's ``edm_kwargs`` metadata:
@@ -41,7 +41,7 @@ from elucidate.errors import UserError
 from elucidate.nets import build_network
 from elucidate.nets.edm_port import EDM_ARCHS, convert_edm_state_dict, edm_network_kwargs, load_edm_network
 
-DATA = Path(__file__).parent / "data" / "edm"
+DATA = Path(__file__).resolve().parents[1] / "fixtures" / "edm"
 CASES = {"ddpmpp": "ddpmpp", "ncsnpp": "ncsnpp", "songunet_skip": "ddpmpp", "adm": "adm"}  # fixture -> arch
 
 
