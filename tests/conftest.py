@@ -39,7 +39,8 @@ LONGEST = ("test_demo_digits_are_recognizable", "test_lucidrains_snippet_runs_ve
            "test_guided_digits_are_their_class", "test_rotations_do_not_leak",
            "test_two_processes_train_the_same_weights_as_one", "test_two_processes_sample_and_evaluate_as_one",
            "test_cli_chain_train_vae_encode_train_sample_eval",
-           "test_kills_at_random_moments_then_resume_is_bit_identical", "test_sigkill_then_resume_equals_uninterrupted_run")
+           "test_kills_at_random_moments_then_resume_is_bit_identical",
+           "test_sigkill_then_resume_equals_uninterrupted_run")
 
 
 def pytest_collection_modifyitems(config, items):
