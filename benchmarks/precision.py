@@ -61,7 +61,7 @@ def sampling_speed(config_path: Path, rounds: int, batch: int) -> dict[str, floa
     from elucidate.config.network import DataInfo, build_network_for
     from elucidate.data import build_dataset
     from elucidate.denoiser import Denoiser
-    from elucidate.run.model import generate
+    from elucidate.sampling import sample
 
     config = parse_config(yaml.safe_load(config_path.read_text()))
     info = DataInfo.from_dataset(build_dataset(config.data))
@@ -69,11 +69,12 @@ def sampling_speed(config_path: Path, rounds: int, batch: int) -> dict[str, floa
     D = Denoiser(net, config.formulation()).requires_grad_(False)
     shape = (info.channels, *info.resolution)
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    generate(D, D.formulation, shape, range(4), config.sampling)
+    kwargs = config.sampling.sample_kwargs(D.formulation)
+    sample(D, (4, *shape), **kwargs)
     for _ in range(rounds):
         for p in times:
             t0 = time.perf_counter()
-            generate(D, D.formulation, shape, range(batch), config.sampling, batch_size=batch, precision=p)
+            sample(D, (batch, *shape), precision=p, **kwargs)
             times[p].append(batch / (time.perf_counter() - t0))
     return {p: statistics.median(v) for p, v in times.items()}
 
@@ -83,13 +84,12 @@ def sampling_quality(run: Path, metric: str | None, num: int) -> dict:
     from elucidate.data.pixels import to_pixels
     from elucidate.evaluation import feature_extractor, load_dataset_stats
     from elucidate.metrics import compute_stats, frechet_distance
-    from elucidate.run.model import generate, load_run
+    from elucidate.run import load_run
 
     loaded = load_run(run)
     out, result = {}, {}
     for p in ("fp32", "bf16"):
-        out[p] = loaded.images(generate(loaded.denoiser, loaded.denoiser.formulation, loaded.shape, range(num),
-                                        loaded.config.sampling, batch_size=250, precision=p))
+        out[p] = loaded.images(loaded.sample(range(num), batch_size=250, precision=p))
     a, b = (to_pixels(out[p], loaded.normalizer) for p in ("fp32", "bf16"))
     result["max_pixel_diff"] = float((a - b).abs().max())
     result["mean_pixel_diff"] = float((a - b).abs().mean())

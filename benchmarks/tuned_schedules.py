@@ -448,8 +448,7 @@ def origin_part(args) -> dict:
 def demo_part(args) -> dict:
     from elucidate.config.sampling import SamplingConfig
     from elucidate.evaluation import evaluate, feature_extractor, load_dataset_stats
-    from elucidate.run.model import load_run
-    from elucidate.tuning.stored import tuned_path
+    from elucidate.run import RunDir, load_run
 
     run = load_run(args.run)
     lo, hi = run.denoiser.formulation.schedule_range()
@@ -461,7 +460,8 @@ def demo_part(args) -> dict:
         seconds[n] = (time.perf_counter() - t0, time.process_time() - c0)
         tuned[n].model = {"run": str(args.run), "checkpoint": run.checkpoint.name, "step": run.step,
                           "formulation": run.denoiser.formulation.name, "shape": list(run.shape), "ema": True}
-        print(f"wrote {tuned[n].save(tuned_path(args.run, n))} (as `elucidate tune {args.run} --nfe {n}` does)")
+        path = tuned[n].save(RunDir(args.run).tuned_schedule(n))
+        print(f"wrote {path} (as `elucidate tune {args.run} --nfe {n}` does)")
     extractor = feature_extractor("fd_digits")
     ref = load_dataset_stats("digits", "fd_digits")
     configs = {f"tuned NFE {n}": SamplingConfig(sampler=t.sampler, options=t.options, sigmas=t.sigmas)
@@ -496,13 +496,12 @@ def demo_part(args) -> dict:
 
 def side_by_side(run, configs: dict, fd: dict, path: Path) -> Path:
     """Seeds 0-63 of the demo model: tuned NFE 9 next to Heun and DPM-Solver++(2M) at NFE 9 (Karras rho 7)."""
-    from elucidate.run.model import generate
     from elucidate.viz import image_grid, new_figure, save_figure
 
     shown = ["tuned NFE 9", "heun/karras NFE 9", "dpmpp_2m/karras NFE 9", "heun/karras NFE 35"]
     fig = new_figure(3.2 * len(shown), 3.7)
     for k, name in enumerate(shown):
-        x = generate(run.denoiser, run.denoiser.formulation, run.shape, range(64), configs[name])
+        x = run.sample(range(64), configs[name])
         ax = fig.add_subplot(1, len(shown), k + 1)
         ax.imshow(image_grid(run.images(x), nrow=8, scale=4)[..., 0], cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"{name}\nfd_digits {fd[name]:.2f}", fontsize=10)

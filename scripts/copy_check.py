@@ -16,7 +16,7 @@ import torch
 def main() -> None:
     from elucidate.data import build_dataset
     from elucidate.metrics import copy_check, nearest_neighbors
-    from elucidate.run.model import generate, load_run
+    from elucidate.run import load_run
     from elucidate.viz import save_image_grid
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,8 +30,7 @@ def main() -> None:
     data = dict(run.config.data, xflip=False)  # the training images themselves, no mirrored copies
     dataset = build_dataset(data)
     training, _ = dataset.get_batch(torch.arange(len(dataset)))
-    samples = run.images(generate(run.denoiser, run.denoiser.formulation, run.shape, range(args.num),
-                                  run.config.sampling, batch_size=250))
+    samples = run.images(run.sample(range(args.num), batch_size=250))
     samples = samples.clamp(float(training.min()), float(training.max()))  # as written to an image
     report = copy_check(samples, training)
     print(json.dumps(dict(report, run=str(args.run), step=run.step), indent=2))

@@ -41,8 +41,9 @@ def register(sub) -> dict:
     p.add_argument("--num", "--num-samples", dest="num", type=int, default=10000,
                    help="samples per repeat (seeds 0..num-1, then num..2num-1 ...); under torchrun spell it "
                         "--num-samples (torchrun takes --num for its own --numa-binding)")
-    p.add_argument("--ref", default=None, help="reference: stats .npz (mu, sigma), 'digits', a folder, zip or "
-                                               "array (default: the run's training data)")
+    p.add_argument("--ref", default=None, help="the real data: dataset statistics .npz (mu, sigma; written by "
+                                               "`elucidate ref`), 'digits', a folder, zip or array (default: the "
+                                               "run's training data)")
     p.add_argument("--repeats", type=int, default=1, help="repeat over disjoint seed ranges; report mean and min "
                                                           "(the EDM paper uses 3)")
     p.add_argument("--features", default=None, choices=list(FEATURE_ALIASES),
@@ -50,7 +51,7 @@ def register(sub) -> dict:
     p.add_argument("--inception", default=None, help="local path to pt_inception-2015-12-05-6726825d.pth")
     add_sampling_options(p)
 
-    p = sub.add_parser("ref", help="compute reference feature statistics of a dataset")
+    p = sub.add_parser("ref", help="compute a dataset's feature statistics (what eval/sweep --ref take)")
     p.add_argument("data", help="'digits', an image folder, a .zip or an .npz/.npy array")
     p.add_argument("--metric", default="fd_digits", choices=[m.name for m in METRICS.values() if m.features],
                    help="which feature network's statistics")
@@ -71,7 +72,7 @@ def register(sub) -> dict:
                    help="default: fd_mnist for an mnist run, else fd_digits; " + metric_help)
     p.add_argument("--num", "--num-samples", dest="num", type=int, default=2000,
                    help="samples per point (--num-samples under torchrun)")
-    p.add_argument("--ref", default=None)
+    p.add_argument("--ref", default=None, help="the real data, as for eval (default: the run's training data)")
     p.add_argument("--features", default=None, choices=list(FEATURE_ALIASES))
     p.add_argument("--inception", default=None)
     p.add_argument("--schedules", default="karras,exponential,vp", help="sandbox discretizations")
@@ -110,7 +111,7 @@ def _default_metric(args, run) -> None:
         args.metric = "fd_mnist" if run.config.data.get("dataset") == "mnist" else "fd_digits"
 
 
-def _reference(args, run, extractor_name: str, need_features: bool):
+def _dataset_stats(args, run, extractor_name: str, need_features: bool):
     spec = args.ref
     if spec is None:
         data = run.config.data
@@ -138,11 +139,11 @@ def cmd_eval(args) -> int:
 def _eval(args, main: bool) -> int:
     run = load_model(args)
     if args.diffusers is not None and args.ref is None:
-        raise UserError("--ref is required with --diffusers (reference data or statistics to compare with)")
+        raise UserError("--ref is required with --diffusers (the real data, or its statistics, to compare with)")
     cfg = sampling_from_args(run.config.sampling, args)
     _default_metric(args, run)
     name = feature_name(args.metric, args.features, run.config.data.get("dataset"))
-    ref = _reference(args, run, name, need_features=METRICS[args.metric].needs_features)
+    ref = _dataset_stats(args, run, name, need_features=METRICS[args.metric].needs_features)
     extractor = feature_extractor(name, args.inception, args.device)
     result = evaluate(run, args.metric, num=args.num, ref=ref, extractor=extractor, cfg=cfg, repeats=args.repeats,
                       batch_size=args.batch, device=args.device, progress=True)
@@ -232,7 +233,7 @@ def _sweep(args, main: bool) -> int:
         samplers = _names(args.samplers) if args.samplers else sweep_samplers()
         _default_metric(args, run)
         name = feature_name(args.metric, args.features, run.config.data.get("dataset"))
-        ref = _reference(args, run, name, need_features=METRICS[args.metric].needs_features)
+        ref = _dataset_stats(args, run, name, need_features=METRICS[args.metric].needs_features)
         extractor = feature_extractor(name, args.inception, args.device)
         if args.ema_stds is not None:
             from .phema import ema_sweep

@@ -6,7 +6,7 @@ import dataclasses
 
 import yaml
 
-from ..config.sampling import SamplingConfig
+from ..config import SECTION_TYPES
 from ..errors import UserError
 from ..params import describe
 from ..run.model import resolve_checkpoint
@@ -15,7 +15,7 @@ from ..sampling import CONFIG_OPTIONS, SAMPLERS, SCHEDULES, get_sampler
 from ..tuning.stored import tuned_config
 
 __all__ = ["add_sampling_options", "sampling_from_args", "parse_seed_arg", "parse_seeds", "class_labels_for",
-           "int_list", "print_table", "sampler_help", "schedule_help", "SAMPLING_FLAGS"]
+           "int_list", "print_table", "sampler_help", "schedule_help", "sampling_flags"]
 
 
 def sampler_help() -> str:
@@ -29,8 +29,11 @@ def schedule_help() -> str:
         f"{name}: {spec.description}" for name, spec in SCHEDULES.items())
 
 
-#: The sampling keys that are command-line flags (declared ``flag=True``), in declaration order.
-SAMPLING_FLAGS = tuple(p.name for p in describe(SamplingConfig) if p.flag)
+def sampling_flags() -> list:
+    """The sampling keys that are command-line flags (declared ``flag=True``), in declaration order."""
+    return [p for p in describe(SECTION_TYPES["sampling"]) if p.flag]
+
+
 _KINDS = {"int": int, "float": float, "str": str}
 _HELP = {"sampler": sampler_help, "schedule": schedule_help}
 
@@ -44,9 +47,7 @@ def add_sampling_options(p: argparse.ArgumentParser, *, tuned: bool = True) -> N
         g.add_argument("--nfe", dest="tuned_nfe", type=int, metavar="N",
                        help="use the sampler and schedule tuned for N evaluations (RUN/schedules/nfeN.json, "
                             "made by `elucidate tune RUN --nfe N`)")
-    for doc in describe(SamplingConfig):
-        if not doc.flag:
-            continue
+    for doc in sampling_flags():
         text = _HELP[doc.name]() if doc.name in _HELP else doc.doc + (f" ({doc.symbol})" if doc.symbol else "")
         g.add_argument("--" + doc.name.replace("_", "-"), dest=doc.name, type=_KINDS[doc.kind],
                        metavar="NAME" if doc.kind == "str" else None, help=text.replace("%", "%%"))
@@ -63,7 +64,7 @@ def add_sampling_options(p: argparse.ArgumentParser, *, tuned: bool = True) -> N
 def sampling_from_args(base, args):
     """The run's SamplingConfig with the command-line overrides applied (validated). A flag given
     explicitly that the chosen sampler does not take is an error (a config default is not)."""
-    changes = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k, None) is not None}
+    changes = {p.name: getattr(args, p.name) for p in sampling_flags() if getattr(args, p.name, None) is not None}
     if getattr(args, "tuned_nfe", None) is not None:
         base, changes = _tuned(base, args, changes)
     same_sampler = changes.get("sampler", base.sampler) == base.sampler
@@ -74,7 +75,7 @@ def sampling_from_args(base, args):
             raise UserError(f"--option {item!r}: expected KEY=VALUE, e.g. --option order=3")
         options[key.strip()] = yaml.safe_load(text)
     cfg = dataclasses.replace(base, options=options, **changes)
-    SamplingConfig.validate(cfg)
+    cfg.validate()
     spec = get_sampler(cfg.sampler)
     for key, arg in CONFIG_OPTIONS.items():
         if key in changes and arg not in spec.options:

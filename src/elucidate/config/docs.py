@@ -15,11 +15,11 @@ from ..formulations import FORMULATIONS
 from ..nets import PRESETS
 from ..params import ParamDoc, describe
 from ..sampling import CONFIG_OPTIONS, SAMPLERS, SCHEDULES
+from . import SECTION_TYPES
 from .diffusion import SCHEDULE_KEYS
 from .latent import LatentConfig
-from .sampling import SamplingConfig
-from .training import AUGMENT_LABEL_DIM, AugmentSettings, LoopConfig, TrainingConfig
-from .vae import VAELossConfig, VAEModelConfig, VAETrainingConfig
+from .training import AUGMENT_LABEL_DIM, AugmentSettings, LoopConfig
+from .vae import VAE_SECTION_TYPES
 
 __all__ = ["config_docs", "sampler_table", "schedule_table", "section_table"]
 
@@ -138,19 +138,20 @@ def config_docs(markdown: bool = False) -> str:
         out += section_table(cls, markdown)
 
     out += _heading("training", markdown)
+    training = SECTION_TYPES["training"]
     shared = [p.name for p in describe(LoopConfig)]
     out.append(f"The keys every training loop reads (`train` and `train-vae`: {', '.join(shared)}), then the "
-               f"diffusion trainer's. Keys marked resumable may change when a run is resumed: "
-               f"{', '.join(sorted(p.name for p in describe(TrainingConfig) if p.resumable))}.")
+               f"diffusion trainer's. Keys that may change when a run is resumed: "
+               f"{', '.join(sorted(p.name for p in describe(training) if p.resumable))}.")
     out.append("")
-    out += section_table(TrainingConfig, markdown)
+    out += section_table(training, markdown)
     out += _heading("training.augment", markdown, 3)
     out += [f"Non-leaky augmentation (docs/training.md): each transform is applied to an image with "
             f"probability min(1, p x its multiplier); keys not given take these defaults; the network "
             f"gets augment_dim = {AUGMENT_LABEL_DIM}.", ""]
     out += _table(["key", "default", "meaning"],
                   [[r[0], r[2], r[3]] for r in _param_rows(describe(AugmentSettings))], markdown)
-    for section, cls in (("sampling", SamplingConfig), ("latent", LatentConfig)):
+    for section, cls in (("sampling", SECTION_TYPES["sampling"]), ("latent", LatentConfig)):
         out += _heading(section, markdown)
         out += section_table(cls, markdown)
 
@@ -168,7 +169,7 @@ def config_docs(markdown: bool = False) -> str:
     out += _heading("train-vae (the autoencoder's config)", markdown)
     out.append("Sections `data` (as above), `model`, `loss`, `training` (the loop's keys as above, with the "
                "defaults below).")
-    for section, cls in (("model", VAEModelConfig), ("loss", VAELossConfig), ("training", VAETrainingConfig)):
+    for section, cls in VAE_SECTION_TYPES.items():
         out += _heading(f"train-vae: {section}", markdown, 3)
         out += section_table(cls, markdown)
     return "\n".join(out).rstrip() + "\n"

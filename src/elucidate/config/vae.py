@@ -19,7 +19,7 @@ from .schema import apply_overrides, check_data, check_number, read_config_file,
 from .training import LoopConfig
 
 __all__ = ["VAEConfig", "VAEModelConfig", "VAELossConfig", "VAETrainingConfig", "parse_vae_config",
-           "load_vae_config", "dump_vae_config", "apply_vae_overrides", "VAE_SECTIONS"]
+           "load_vae_config", "dump_vae_config", "apply_vae_overrides", "VAE_SECTIONS", "VAE_SECTION_TYPES"]
 
 VAE_SECTIONS = ("data", "model", "loss", "training")
 
@@ -140,6 +140,10 @@ class VAEConfig:
         return out
 
 
+#: The typed sections' classes; parse_vae_config builds each from its declarations.
+VAE_SECTION_TYPES = {"model": VAEModelConfig, "loss": VAELossConfig, "training": VAETrainingConfig}
+
+
 def parse_vae_config(raw: dict | None) -> VAEConfig:
     """Validate a config mapping (e.g. from YAML) into a ``VAEConfig``; missing sections take defaults."""
     raw = {} if raw is None else raw
@@ -148,12 +152,8 @@ def parse_vae_config(raw: dict | None) -> VAEConfig:
     for key in raw:
         if key not in VAE_SECTIONS:
             raise unknown_key("config", key, VAE_SECTIONS)
-    return VAEConfig(
-        data=check_data(raw.get("data") or VAEConfig().data),
-        model=typed_section(VAEModelConfig, "model", raw.get("model")),
-        loss=typed_section(VAELossConfig, "loss", raw.get("loss")),
-        training=typed_section(VAETrainingConfig, "training", raw.get("training")),
-    )
+    return VAEConfig(data=check_data(raw.get("data") or VAEConfig().data),
+                     **{name: typed_section(cls, name, raw.get(name)) for name, cls in VAE_SECTION_TYPES.items()})
 
 
 def apply_vae_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
