@@ -22,23 +22,16 @@ class _HelpConfig(argparse.Action):
 
 def register(sub) -> dict:
     """Add the train/train-vae/encode subcommands; returns their handlers."""
-    p = sub.add_parser("train", help="train (or resume) a model from a YAML config")
-    p.add_argument("config", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="run directory (resumed if it has checkpoints)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set training.steps=200 (repeatable)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--help-config", action=_HelpConfig,
-                   help="list every config key, formulation parameter and solver option, and exit")
-
-    p = sub.add_parser("train-vae", help="train (or resume) a KL autoencoder for latent diffusion")
-    p.add_argument("config", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="run directory (resumed if it has checkpoints)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set training.steps=200 (repeatable)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    for verb, what in (("train", "a model"), ("train-vae", "a KL autoencoder for latent diffusion")):
+        p = sub.add_parser(verb, help=f"train (or resume) {what} from a YAML config")
+        p.add_argument("config", type=Path)
+        p.add_argument("--out", type=Path, required=True, help="run directory (resumed if it has checkpoints)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set training.steps=200 (repeatable)")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+        p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+        p.add_argument("--help-config", action=_HelpConfig,
+                       help="list every config key, formulation parameter, sampler and schedule, and exit")
 
     p = sub.add_parser("encode", help="pre-encode a dataset with a trained VAE (for latent.encoded)")
     p.add_argument("data", help="digits, mnist, an image folder, a .zip, an .npz/.npy array, or a config YAML "

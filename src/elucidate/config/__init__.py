@@ -17,12 +17,20 @@ import yaml
 
 from ..errors import ConfigError
 from ..formulations import Formulation
-from ..params import unknown_key
 from .diffusion import SCHEDULE_KEYS, diffusion_keys, parse_diffusion, resolved
 from .latent import LatentConfig, check_latent
 from .network import DataInfo, build_network_for
 from .sampling import SamplingConfig, schedule_for
-from .schema import SECTIONS, ConfigWarning, apply_overrides, check_data, check_network, read_config_file, typed_section
+from .schema import (
+    SECTIONS,
+    ConfigWarning,
+    apply_overrides,
+    check_data,
+    check_network,
+    check_sections,
+    read_config_file,
+    typed_section,
+)
 from .training import LoopConfig, TrainingConfig
 from .vae import VAEConfig, dump_vae_config, load_vae_config, parse_vae_config
 
@@ -60,12 +68,7 @@ class Config:
 
 def parse_config(raw: dict | None) -> Config:
     """Validate a config mapping (e.g. from YAML) into a ``Config``; missing sections take defaults."""
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
-    for key in raw:
-        if key not in SECTIONS:
-            raise unknown_key("config", key, SECTIONS)
+    raw = check_sections(raw, SECTIONS)
     defaults = Config()
     diffusion = raw.get("diffusion") or defaults.diffusion
     if not isinstance(diffusion, dict):

@@ -20,8 +20,8 @@ from ..errors import ConfigError
 from ..nets import NETWORKS
 from ..params import did_you_mean, unknown_key, validate_fields
 
-__all__ = ["SECTIONS", "ConfigWarning", "check_number", "validate_section", "typed_section", "apply_overrides",
-           "read_config_file", "check_data", "check_network"]
+__all__ = ["SECTIONS", "ConfigWarning", "check_sections", "check_number", "validate_section", "typed_section",
+           "apply_overrides", "read_config_file", "check_data", "check_network"]
 
 
 #: The sections of a run's config (the autoencoder's have their own: config.vae.VAE_SECTIONS).
@@ -30,6 +30,17 @@ SECTIONS = ("data", "network", "diffusion", "training", "sampling", "latent")
 
 class ConfigWarning(UserWarning):
     """A config key that is accepted but has no effect (the CLI prints it as one line)."""
+
+
+def check_sections(raw, sections) -> dict:
+    """A raw config (None = empty) as a mapping whose top-level keys are all in ``sections``."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    for key in raw:
+        if key not in sections:
+            raise unknown_key("config", key, sections)
+    return raw
 
 
 def check_number(where: str, value: Any, *, integer: bool = False, minimum: float | None = None,

@@ -14,8 +14,16 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from ..params import override, param, unknown_key
-from .schema import apply_overrides, check_data, check_number, read_config_file, typed_section, validate_section
+from ..params import override, param
+from .schema import (
+    apply_overrides,
+    check_data,
+    check_number,
+    check_sections,
+    read_config_file,
+    typed_section,
+    validate_section,
+)
 from .training import LoopConfig
 
 __all__ = ["VAEConfig", "VAEModelConfig", "VAELossConfig", "VAETrainingConfig", "parse_vae_config",
@@ -146,12 +154,7 @@ VAE_SECTION_TYPES = {"model": VAEModelConfig, "loss": VAELossConfig, "training":
 
 def parse_vae_config(raw: dict | None) -> VAEConfig:
     """Validate a config mapping (e.g. from YAML) into a ``VAEConfig``; missing sections take defaults."""
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
-    for key in raw:
-        if key not in VAE_SECTIONS:
-            raise unknown_key("config", key, VAE_SECTIONS)
+    raw = check_sections(raw, VAE_SECTIONS)
     return VAEConfig(data=check_data(raw.get("data") or VAEConfig().data),
                      **{name: typed_section(cls, name, raw.get(name)) for name, cls in VAE_SECTION_TYPES.items()})
 

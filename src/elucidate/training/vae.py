@@ -50,18 +50,6 @@ def holdout_split(num_images: int, holdout: float | int) -> tuple[torch.Tensor, 
     return perm[count:].sort().values, perm[:count].sort().values
 
 
-class _Autoencoder(nn.Module):
-    """What the first optimizer trains (the DDP unit): the autoencoder and the loss's log-variance."""
-
-    def __init__(self, vae: nn.Module, logvar: nn.Parameter):
-        super().__init__()
-        self.vae, self.logvar = vae, logvar
-
-    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        posterior = self.vae.encode(x)
-        return self.vae.decode(posterior.sample(noise=noise)), posterior.parameters
-
-
 def build_vae_loss(config: VAEConfig, channels: int, *, device: torch.device | str | None = None) -> VAELoss:
     """The config's VAELoss (discriminator, log-variance and, if asked for, the perceptual network)."""
     c = config.loss
