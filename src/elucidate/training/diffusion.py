@@ -38,10 +38,9 @@ class Trainer(TrainingLoop):
 
     free_sections = ("sampling",)  # sampling settings may change between resumes
 
-    def __init__(self, config: Config, run_dir: str | Path, *, device: str | None = None, progress: bool = True,
-                 log=print):
-        self.micro_batches = config.training.grad_accumulation
-        super().__init__(config, run_dir, device=device, progress=progress, log=log)
+    @property
+    def micro_batches(self) -> int:
+        return self.t.grad_accumulation
 
     def build(self, init) -> None:
         config, t = self.config, self.t
@@ -175,5 +174,3 @@ class Trainer(TrainingLoop):
         if self.latent is not None:  # decoded with the VAE the dataset already holds
             x = self.dataset.decode(x)
         return save_image_grid(x, self.run.sample_grid(self.step))
-
-

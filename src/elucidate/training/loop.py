@@ -120,6 +120,14 @@ class TrainingLoop:
         """``meta["data"]``: what a reader needs to know about the data."""
         raise NotImplementedError
 
+    def config_text(self) -> str:
+        """The resolved config as the run directory's config.yaml holds it."""
+        raise NotImplementedError
+
+    def parse_stored_config(self, raw: dict):
+        """A checkpoint's stored config parsed as this trainer's config (for the resume check)."""
+        raise NotImplementedError
+
     def meta(self) -> dict:
         """The checkpoint metadata (JSON): counters, config, data and the trainer's additions."""
         normalizer = getattr(self.dataset, "normalizer", None)
@@ -196,14 +204,6 @@ class TrainingLoop:
             self._append_metrics({"event": "resume", "step": self.step, "checkpoint": ckpt.name, "damaged": damaged})
         self.log(f"resuming {self.run_dir} from {ckpt.name} (step {self.step})")
         barrier()
-
-    def config_text(self) -> str:
-        """The resolved config as the run directory's config.yaml holds it."""
-        raise NotImplementedError
-
-    def parse_stored_config(self, raw: dict):
-        """A checkpoint's stored config parsed as this trainer's config (for the resume check)."""
-        raise NotImplementedError
 
     def _newest_usable_checkpoint(self) -> tuple[Path | None, dict, dict, list[str]]:
         """(newest undamaged checkpoint, its tensors and metadata, names of damaged ones moved aside).
