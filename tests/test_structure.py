@@ -176,3 +176,17 @@ def test_the_layering_test_sees_a_violation(tmp_path):
     problems = _violations({**modules, "elucidate.sampling.solvers": sneaky})
     assert len(problems) == 1
     assert problems[0].startswith("elucidate.sampling.solvers imports elucidate.run (in a function)")
+
+
+def test_import_elucidate_loads_the_core_only(env):
+    """``import elucidate`` (the public API) loads no run, training, tuning, evaluation or CLI code; the tuning
+    entry points of ``elucidate.sampling`` load it on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, elucidate\n"
+            "loaded = {m.split('.')[1] for m in sys.modules if m.startswith('elucidate.')}\n"
+            "assert not loaded & {'config', 'run', 'training', 'tuning', 'evaluation', 'cli'}, sorted(loaded)\n"
+            "assert elucidate.sampling.tune.__module__ == 'elucidate.tuning.tuner'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
