@@ -1,6 +1,6 @@
 """The latent-diffusion autoencoder: posterior maths, the loss (adaptive weight, GAN losses, disc_start,
-learned log-variance), perceptual networks, config validation, training runs (layout, exact resume,
-DDP), load_vae, and real-image round trips."""
+learned log-variance), perceptual networks, config validation, training runs (layout, exact resume),
+load_vae, and real-image round trips."""
 from __future__ import annotations
 
 import json
@@ -13,50 +13,31 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from elucidate.config.vae import load_vae_config
 from elucidate.errors import ConfigError, UserError
 from elucidate.latent import (
     AutoencoderKL,
     DiagonalGaussianDistribution,
-    OptimizerPair,
     PerceptualLoss,
     VAELoss,
-    VAETrainer,
     adaptive_weight,
     generator_loss,
     hinge_d_loss,
     load_feature_network,
-    load_vae,
-    load_vae_config,
-    train_vae,
     vanilla_d_loss,
 )
-from elucidate.run.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from elucidate.run import RunDir, load_vae
+from elucidate.run.checkpoint import load_checkpoint, save_checkpoint
+from elucidate.training import VAETrainer, train_vae
+from elucidate.training.optim import OptimizerGroup
 
 ROOT = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_config(**training) -> dict:
-    """8x8 digits, a 2-level autoencoder (4x4x4 latents), every loss term on from step 3."""
-    t = {"steps": 8, "batch_size": 8, "lr": 1e-3, "log_every": 2, "checkpoint_every": 4, "sample_every": 0,
-         "eval_every": 0, "holdout": 20, "keep_checkpoints": 0, "num_sample_images": 8, "seed": 5}
-    t.update(training)
-    return {"data": {"dataset": "digits", "max_size": 120},
-            "model": {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1},
-            "loss": {"perceptual": "digits", "perceptual_weight": 0.1, "disc_start": 3, "disc_layers": 1,
-                     "disc_channels": 8},
-            "training": t}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def all_tensors(run: Path) -> dict:
-    return load_checkpoint(latest_checkpoint(run / "checkpoints"))[0]
+    return load_checkpoint(RunDir(run).latest_checkpoint())[0]
 
 
 # --- posterior -------------------------------------------------------------------------------------
@@ -197,8 +178,8 @@ def test_logvar_gradient_is_the_closed_form():
     assert loss_fn.logvar.grad.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_logvar_is_trained_and_the_discriminator_only_after_disc_start(tmp_path):
-    trainer = VAETrainer(load_vae_config(tiny_config()), tmp_path / "run", progress=False, log=lambda *a: None)
+def test_logvar_is_trained_and_the_discriminator_only_after_disc_start(tiny_vae_config, tmp_path):
+    trainer = VAETrainer(load_vae_config(tiny_vae_config()), tmp_path / "run", progress=False, log=lambda *a: None)
     assert any(p is trainer.loss.logvar for g in trainer.optimizers[0].param_groups for p in g["params"])
     disc0 = [p.clone() for p in trainer.loss.discriminator.parameters()]
     logvar = [trainer.loss.logvar.item()]
@@ -271,12 +252,9 @@ def test_feature_networks_from_safetensors(tmp_path):
     ({"training": {"fd_features": "clip"}}, r"training.fd_features = 'clip'"),
     ({"sampling": {}}, r"unknown key config.sampling"),
 ])
-def test_config_errors_name_the_key(change, message):
-    raw = tiny_config()
-    for section, values in change.items():
-        raw.setdefault(section, {}).update(values)
+def test_config_errors_name_the_key(tiny_vae_config, change, message):
     with pytest.raises(ConfigError, match=message):
-        load_vae_config(raw)
+        load_vae_config(tiny_vae_config(**change))
 
 
 def test_config_defaults_overrides_and_the_shipped_config():
@@ -291,15 +269,16 @@ def test_config_defaults_overrides_and_the_shipped_config():
     assert shipped.data["resolution"] == 32 and len(shipped.model.ch_mult) == 3 and shipped.model.embed_dim == 4
 
 
-def test_optimizer_pair_round_trip():
+def test_optimizer_group_round_trip():
+    """train-vae's two optimizers (autoencoder, discriminator) in one checkpoint slot."""
     a, b = torch.nn.Linear(2, 3), torch.nn.Linear(3, 1)
-    pair = OptimizerPair(torch.optim.Adam(a.parameters(), lr=0.1), torch.optim.Adam(b.parameters(), lr=0.2))
+    pair = OptimizerGroup(torch.optim.Adam(a.parameters(), lr=0.1), torch.optim.Adam(b.parameters(), lr=0.2))
     for opt, net in zip(pair.optimizers, (a, b)):
         net(torch.randn(4, net.in_features)).sum().backward()
         opt.step()
     state = pair.state_dict()
     assert sorted(state["state"]) == [0, 1, 2, 3] and state["param_groups"][1]["params"] == [2, 3]
-    fresh = OptimizerPair(torch.optim.Adam(a.parameters(), lr=0.1), torch.optim.Adam(b.parameters(), lr=0.2))
+    fresh = OptimizerGroup(torch.optim.Adam(a.parameters(), lr=0.1), torch.optim.Adam(b.parameters(), lr=0.2))
     fresh.load_state_dict(state)
     second, expected = fresh.optimizers[1].state_dict()["state"][1], pair.optimizers[1].state_dict()["state"][1]
     assert torch.equal(second["exp_avg"], expected["exp_avg"])
@@ -308,13 +287,14 @@ def test_optimizer_pair_round_trip():
 
 # --- training runs ---------------------------------------------------------------------------------
 
-def test_run_directory_layout_metrics_and_load_vae(tmp_path):
-    run = tmp_path / "run"
-    summary = train_vae(tiny_config(steps=4, eval_every=2, sample_every=2), run, progress=False)
+def test_run_directory_layout_metrics_and_load_vae(tiny_vae_config, tmp_path):
+    run = RunDir(tmp_path / "run")
+    summary = train_vae(tiny_vae_config(training={"steps": 4, "eval_every": 2, "sample_every": 2}), run.path,
+                        progress=False)
     assert summary["step"] == 4 and summary["psnr"] > 0 and summary["fd"] is not None
-    assert (run / "config.yaml").is_file() and summary["checkpoint"] == latest_checkpoint(run / "checkpoints")
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert run.config.is_file() and summary["checkpoint"] == run.latest_checkpoint() == run.checkpoint(4)
+    assert sorted(run.samples.iterdir()) == [run.sample_grid(2), run.sample_grid(4)]
+    records = [json.loads(line) for line in run.metrics.read_text().splitlines()]
     train_lines, evals = [r for r in records if "loss" in r], [r for r in records if r.get("event") == "eval"]
     assert [r["step"] for r in train_lines] == [2, 4] and [r["step"] for r in evals] == [2, 4]
     assert {"rec_loss", "kl_loss", "logvar", "d_weight", "d_loss", "lr", "disc_lr"} <= set(train_lines[0])
@@ -323,7 +303,7 @@ def test_run_directory_layout_metrics_and_load_vae(tmp_path):
     assert meta["kind"] == "vae" and meta["latent_shape"] == [4, 4, 4] and meta["eval"]["psnr"] == summary["psnr"]
     assert meta["precision"] == "fp32"  # the resolved precision (the tiny config's default)
     assert "net.loss.logvar" in tensors and any(k.startswith("optimizer.state.") for k in tensors)
-    vae = load_vae(run)
+    vae = load_vae(run.path)
     assert isinstance(vae, AutoencoderKL) and not vae.training
     assert all(torch.equal(v, tensors["net.vae." + k]) for k, v in vae.state_dict().items())
     x = torch.rand(2, 1, 8, 8) * 2 - 1
@@ -336,27 +316,27 @@ def test_run_directory_layout_metrics_and_load_vae(tmp_path):
         load_vae(diffusion)
 
 
-def test_a_deterministic_autoencoder_trains_without_kl(tmp_path):
-    raw = tiny_config(steps=2, checkpoint_every=2)
-    raw["model"]["double_z"] = False
-    train_vae(raw, tmp_path / "run", progress=False)
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+def test_a_deterministic_autoencoder_trains_without_kl(tiny_vae_config, tmp_path):
+    run = RunDir(tmp_path / "run")
+    train_vae(tiny_vae_config(model={"double_z": False}, training={"steps": 2, "checkpoint_every": 2}), run.path,
+              progress=False)
+    lines = [json.loads(x) for x in run.metrics.read_text().splitlines()]
     assert [r["kl_loss"] for r in lines if "kl_loss" in r] == [0.0]
-    assert load_vae(tmp_path / "run").encode(torch.zeros(1, 1, 8, 8)).deterministic
+    assert load_vae(run.path).encode(torch.zeros(1, 1, 8, 8)).deterministic
 
 
-def test_resume_is_bit_exact(tmp_path):
+def test_resume_is_bit_exact(tiny_vae_config, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    train_vae(tiny_config(), full, progress=False)
-    train_vae(tiny_config(), resumed, overrides=["training.steps=4"], progress=False)  # stop at step 4 ...
-    summary = train_vae(tiny_config(), resumed, progress=False)                        # ... and resume to 8
+    train_vae(tiny_vae_config(), full, progress=False)
+    train_vae(tiny_vae_config(), resumed, overrides=["training.steps=4"], progress=False)  # stop at step 4 ...
+    summary = train_vae(tiny_vae_config(), resumed, progress=False)                        # ... and resume to 8
     assert summary["step"] == 8
     a, b = all_tensors(full), all_tensors(resumed)
     assert a.keys() == b.keys() and any(k.startswith("optimizer.state.") for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
     with pytest.raises(UserError, match="loss.kl_weight"):
-        train_vae(tiny_config(), resumed, overrides=["loss.kl_weight=0.1", "training.steps=9"], progress=False)
+        train_vae(tiny_vae_config(), resumed, overrides=["loss.kl_weight=0.1", "training.steps=9"], progress=False)
 
 
 def _photo_patches(path: Path, n: int = 512, size: int = 16) -> Path:
@@ -392,20 +372,17 @@ def test_round_trip_on_photo_patches_and_digits(tmp_path):
     assert digits["psnr"] > DIGITS_PSNR and digits["fd"] < DIGITS_FD
 
 
-def test_cli_train_vae_writes_a_run_and_errors_are_one_line(tmp_path, capsys):
-    import yaml
-
+def test_cli_train_vae_writes_a_run_and_errors_are_one_line(tiny_vae_config, write_config, cli_main, tmp_path,
+                                                           capsys):
     from elucidate.cli import main
     from elucidate.run.lock import RunLock
 
-    cfg = tmp_path / "vae.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(steps=2, checkpoint_every=2)))
-    run = tmp_path / "run"
+    cfg = write_config(tiny_vae_config(training={"steps": 2, "checkpoint_every": 2}), tmp_path / "vae.yaml")
+    run = RunDir(tmp_path / "run")
     assert main(["train-vae", str(cfg), "--out", str(run), "--no-progress"]) == 0
-    assert "trained to step 2" in capsys.readouterr().out and latest_checkpoint(run / "checkpoints") is not None
-    with RunLock(run, "test"):  # a second writer is refused at once
-        assert main(["train-vae", str(cfg), "--out", str(run), "--no-progress", "--set", "training.steps=4"]) == 2
-    assert "in use" in capsys.readouterr().err
-    assert main(["train-vae", str(cfg), "--out", str(tmp_path / "x"), "--set", "model.bogus=1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "bogus" in err[0]
+    assert "trained to step 2" in capsys.readouterr().out and run.latest_checkpoint() == run.checkpoint(2)
+    with RunLock(run.path, "test"):  # a second writer is refused at once
+        code, err = cli_main(["train-vae", cfg, "--out", run, "--no-progress", "--set", "training.steps=4"])
+    assert code == 2 and len(err) == 1 and "in use" in err[0], err
+    code, err = cli_main(["train-vae", cfg, "--out", tmp_path / "x", "--set", "model.bogus=1"])
+    assert code == 2 and len(err) == 1 and "bogus" in err[0], err

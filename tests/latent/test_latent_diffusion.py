@@ -2,8 +2,6 @@
 per (seed, step)), the auto scale factor, the run's copy of the VAE, exact resume, pre-encoded
 latents, and decoding in sample / eval / trajectory."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,46 +13,38 @@ from PIL import Image
 from elucidate.config import dump_config, parse_config
 from elucidate.data import build_dataset
 from elucidate.errors import ConfigError, UserError
-from elucidate.latent import load_vae, train_vae
 from elucidate.latent.data import LatentDataset, scale_for
 from elucidate.latent.encode import encode_posteriors, read_encoded
-from elucidate.run import RunDir
-from elucidate.run.checkpoint import latest_checkpoint, load_checkpoint
+from elucidate.run import RunDir, load_vae
+from elucidate.run.checkpoint import load_checkpoint
 from elucidate.run.model import load_run
-from elucidate.training import Trainer, derived_generator
+from elucidate.training import Trainer, derived_generator, train_vae
 from elucidate.training.latent import encode_dataset
 from elucidate.viz import TrajectoryRecorder
-
-ROOT = Path(__file__).resolve().parents[2]
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def vae_config(seed: int = 5) -> dict:
-    """8x8 digits -> 4x4x4 latents, no GAN (a few steps are enough to get distinct latents)."""
-    return {"data": {"dataset": "digits", "max_size": 120},
-            "model": {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1},
-            "loss": {"disc_weight": 0.0},
-            "training": {"steps": 6, "batch_size": 8, "lr": 1e-3, "log_every": 2, "checkpoint_every": 6,
-                         "sample_every": 0, "eval_every": 0, "holdout": 20, "keep_checkpoints": 0, "seed": seed}}
+def vae_config(tiny_vae_config, seed: int = 5) -> dict:
+    """The tiny autoencoder (``tiny_vae_config``: 8x8 digits -> 4x4x4 latents) for 6 steps, without GAN and
+    perceptual terms (a few steps are enough to get distinct latents)."""
+    raw = tiny_vae_config(training={"steps": 6, "checkpoint_every": 6, "seed": seed})
+    raw["loss"] = {"disc_weight": 0.0}
+    return raw
 
 
-def latent_config(vae: Path, **latent) -> dict:
-    return {"data": {"dataset": "digits", "max_size": 120},
-            "latent": {"vae": str(vae), **latent},
-            "network": {"arch": "unet", "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
-                        "attn_resolutions": []},
-            "diffusion": {"type": "EDM"},
-            "training": {"steps": 4, "batch_size": 8, "lr": 1e-3, "lr_rampup": 16, "checkpoint_every": 2,
-                         "sample_every": 0, "log_every": 1, "seed": 3, "num_sample_images": 4, "keep_checkpoints": 0},
-            "sampling": {"steps": 3}}
+def latent_config(tiny_config, vae: Path, **latent) -> dict:
+    """The tiny run (``tiny_config``) in the latent space of the autoencoder ``vae``: 120 digits, a 2-level
+    16-channel U-Net, 4 steps with a checkpoint every 2."""
+    return tiny_config(data={"max_size": 120}, latent={"vae": str(vae), **latent},
+                       network={"model_channels": 16, "channel_mult": [1, 2]},
+                       training={"log_every": 1, "seed": 3}, sampling={"steps": 3})
 
 
 @pytest.fixture(scope="module")
-def vae_run(tmp_path_factory) -> Path:
+def vae_run(tiny_vae_config, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("latent") / "vae"
-    train_vae(vae_config(), run, progress=False)
+    train_vae(vae_config(tiny_vae_config), run, progress=False)
     return run
 
 
@@ -114,17 +104,17 @@ def test_scale_factor_gives_the_formulation_sigma_data():
 
 
 # --- runs ------------------------------------------------------------------------------------------
-def test_latent_run_copies_the_vae_fixes_the_scale_and_resumes_bit_exactly(vae_run, tmp_path):
+def test_latent_run_copies_the_vae_fixes_the_scale_and_resumes_bit_exactly(tiny_config, vae_run, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    config = latent_config(vae_run)
+    config = latent_config(tiny_config, vae_run)
     train(config, full)
     record = json.loads(RunDir(full).latent.read_text())
     pixels = build_dataset({"dataset": "digits", "max_size": 120})
     mean, _ = encode_posteriors(load_vae(vae_run), pixels)
     assert record["scale_factor"] == pytest.approx(0.5 / float(mean.double().std()), rel=1e-6)
     assert record["latent_shape"] == [4, 4, 4] and record["pixel_shape"] == [1, 8, 8]
-    assert record["vae"]["source"] == str(latest_checkpoint(vae_run / "checkpoints").resolve())
-    tensors, meta = load_checkpoint(latest_checkpoint(full / "checkpoints"))
+    assert record["vae"]["source"] == str(RunDir(vae_run).latest_checkpoint().resolve())
+    tensors, meta = load_checkpoint(RunDir(full).latest_checkpoint())
     assert meta["latent"] == record and meta["data"]["channels"] == 4 and meta["data"]["resolution"] == [4, 4]
     copy = load_vae(RunDir(full).vae)  # the run's own copy equals the VAE it was trained from
     for (name, a), (_, b) in zip(copy.state_dict().items(), load_vae(vae_run).state_dict().items()):
@@ -132,43 +122,43 @@ def test_latent_run_copies_the_vae_fixes_the_scale_and_resumes_bit_exactly(vae_r
 
     train(config, resumed, steps=2)
     train(config, resumed)  # resumes from step 2 with the stored scale, the copied VAE and the same draws
-    again = load_checkpoint(latest_checkpoint(resumed / "checkpoints"))[0]
+    again = load_checkpoint(RunDir(resumed).latest_checkpoint())[0]
     for key in tensors:
         assert torch.equal(tensors[key], again[key]), key
     with pytest.raises(UserError, match="latent.sample_posterior = True .* but the config says False"):
-        train(latent_config(vae_run, sample_posterior=False), resumed, steps=6)
+        train(latent_config(tiny_config, vae_run, sample_posterior=False), resumed, steps=6)
 
 
-def test_pre_encoded_latents_train_exactly_as_encoding_at_start(vae_run, tmp_path):
+def test_pre_encoded_latents_train_exactly_as_encoding_at_start(tiny_config, tiny_vae_config, vae_run, tmp_path):
     encoded = tmp_path / "latents.npz"
     meta = encode_dataset({"dataset": "digits", "max_size": 120}, vae_run, encoded, progress=False)
     assert meta["count"] == 120 and meta["latent_shape"] == [4, 4, 4]
     mean, std, file_meta = read_encoded(encoded)
     assert file_meta["vae_crc32"] == meta["vae_crc32"] and mean.shape == std.shape == (120, 4, 4, 4)
-    train(latent_config(vae_run), tmp_path / "a")
-    train(latent_config(vae_run, encoded=str(encoded)), tmp_path / "b")
-    a = load_checkpoint(latest_checkpoint(tmp_path / "a" / "checkpoints"))[0]
-    b = load_checkpoint(latest_checkpoint(tmp_path / "b" / "checkpoints"))[0]
+    train(latent_config(tiny_config, vae_run), tmp_path / "a")
+    train(latent_config(tiny_config, vae_run, encoded=str(encoded)), tmp_path / "b")
+    a = load_checkpoint(RunDir(tmp_path / "a").latest_checkpoint())[0]
+    b = load_checkpoint(RunDir(tmp_path / "b").latest_checkpoint())[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     other = tmp_path / "vae2"
-    train_vae(vae_config(seed=6), other, progress=False)
+    train_vae(vae_config(tiny_vae_config, seed=6), other, progress=False)
     with pytest.raises(ConfigError, match="was encoded with another autoencoder"):
-        train(latent_config(other, encoded=str(encoded)), tmp_path / "c")
+        train(latent_config(tiny_config, other, encoded=str(encoded)), tmp_path / "c")
     with pytest.raises(ConfigError, match="the data are 1x32x32 but the VAE .* takes 1x8x8"):
-        bad = latent_config(vae_run)
+        bad = latent_config(tiny_config, vae_run)
         bad["data"]["resolution"] = 32
         train(bad, tmp_path / "d")
     with pytest.raises(ConfigError, match="latent.vae = .*is not an autoencoder checkpoint"):
-        train(latent_config(tmp_path / "a"), tmp_path / "e")  # a diffusion run is not a VAE
+        train(latent_config(tiny_config, tmp_path / "a"), tmp_path / "e")  # a diffusion run is not a VAE
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="is not an encoded-latents file"):
         read_encoded(tmp_path / "junk.npz")
 
 
-def test_sampling_a_latent_run_gives_decoded_images(vae_run, tmp_path):
+def test_sampling_a_latent_run_gives_decoded_images(tiny_config, vae_run, tmp_path):
     run = tmp_path / "run"
-    train(latent_config(vae_run), run)
+    train(latent_config(tiny_config, vae_run), run)
     loaded = load_run(run)
     assert loaded.shape == (4, 4, 4) and loaded.decode is not None
     z = torch.randn(3, 4, 4, 4)
@@ -176,8 +166,8 @@ def test_sampling_a_latent_run_gives_decoded_images(vae_run, tmp_path):
     torch.testing.assert_close(loaded.images(z), load_vae(RunDir(run).vae).decode(z / scale))
     assert loaded.images(z).shape == (3, 1, 8, 8)
     from elucidate.viz import save_image_grid  # the training loop's grid shows 4 decoded 1x8x8 images
-    assert Image.open(latest_sample(run)).size == Image.open(save_image_grid(torch.zeros(4, 1, 8, 8),
-                                                                             tmp_path / "ref.png")).size
+    grid = RunDir(run).sample_grid(4)  # the last one, at the end of training
+    assert Image.open(grid).size == Image.open(save_image_grid(torch.zeros(4, 1, 8, 8), tmp_path / "ref.png")).size
 
     recorder = TrajectoryRecorder(max_images=2, decode=loaded.decode)
     final = loaded.sample(range(2), callback=recorder)
@@ -190,40 +180,36 @@ def test_sampling_a_latent_run_gives_decoded_images(vae_run, tmp_path):
     assert load_run(run).images(z).shape == (3, 1, 8, 8)
 
 
-def latest_sample(run: Path) -> Path:
-    return sorted((run / "samples").glob("*.png"))[-1]
+def test_cli_chain_train_vae_encode_train_sample_eval(tiny_config, tiny_vae_config, write_config, cli_main, capsys,
+                                                     monkeypatch, tmp_path):
+    """The documented commands on tiny settings (in this process, in the test's folder): train-vae, encode, train
+    with latent.vae, sample a decoded grid, an npz, a trajectory, and eval on decoded images."""
+    from elucidate.cli import main
 
+    def cli(*args) -> str:
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        assert code == 0, err[-2000:]
+        return out
 
-@pytest.mark.slow
-def test_cli_chain_train_vae_encode_train_sample_eval(tmp_path):
-    """The documented commands on tiny settings: train-vae, encode, train with latent.vae, sample a
-    decoded grid, an npz, a trajectory, and eval on decoded images."""
-    env = {"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-
-    def cli(*args) -> subprocess.CompletedProcess:
-        result = subprocess.run([sys.executable, "-m", "elucidate", *map(str, args)], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-2000:]
-        return result
-
-    (tmp_path / "vae.yaml").write_text(yaml.safe_dump(vae_config()))
+    monkeypatch.chdir(tmp_path)
+    write_config(vae_config(tiny_vae_config), tmp_path / "vae.yaml")
     cli("train-vae", "vae.yaml", "--out", "vae", "--no-progress")
-    out = cli("encode", "digits", "--vae", "vae", "--out", "latents.npz").stdout
+    out = cli("encode", "digits", "--vae", "vae", "--out", "latents.npz")
     assert "wrote latents.npz: 1797 posteriors of shape [4, 4, 4]" in out  # the whole dataset at the VAE's size
-    config = latent_config(Path("vae"))
+    config = latent_config(tiny_config, Path("vae"))
     config["data"].pop("max_size")
-    (tmp_path / "latent.yaml").write_text(yaml.safe_dump(config))
+    write_config(config, tmp_path / "latent.yaml")
     cli("train", "latent.yaml", "--out", "L", "--set", "latent.encoded=latents.npz", "--no-progress")
     cli("sample", "L", "--seeds", "0-7", "--out", "s.npz", "--steps", "4", "--trajectory", "traj.png")
     with np.load(tmp_path / "s.npz") as data:
         assert data["samples"].shape == (8, 8, 8, 1) and data["samples"].dtype == np.uint8
     assert Image.open(tmp_path / "traj.png").size[0] > 100
     cli("eval", "L", "--num", "50", "--steps", "3")
-    record = json.loads(next((tmp_path / "L" / "eval").glob("fd_digits-*.json")).read_text())
+    record = json.loads(next(RunDir(tmp_path / "L").eval.glob("fd_digits-*.json")).read_text())
     assert record["num"] == 50 and record["value"] > 0
-    bad = subprocess.run([sys.executable, "-m", "elucidate", "encode", "digits", "--vae", "L", "--out", "x.npz"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert bad.returncode == 2 and "is not an autoencoder checkpoint" in bad.stderr and "Traceback" not in bad.stderr
+    code, err = cli_main(["encode", "digits", "--vae", "L", "--out", "x.npz"])
+    assert code == 2 and len(err) == 1 and "is not an autoencoder checkpoint" in err[0], err
 
 
 def test_encode_data_spec_reads_a_config_like_train(tmp_path):

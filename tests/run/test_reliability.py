@@ -4,7 +4,6 @@ import errno
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import save_file
 
 import elucidate.run.checkpoint as ckpt_module
 import elucidate.runtime.files as fileio
-from elucidate.config import parse_config
+from elucidate.config import load_config, parse_config
 from elucidate.errors import ConfigError, UserError
 from elucidate.run.checkpoint import (
     CheckpointDamaged,
@@ -32,33 +30,29 @@ from elucidate.run.checkpoint import (
 )
 from elucidate.run.lock import RunLock, RunLocked, run_lock
 from elucidate.run.model import load_run, resolve_checkpoint
+from elucidate.run.rundir import RunDir
 from elucidate.runtime.files import WriteError, append_text
 from elucidate.training.diffusion import Trainer
 from elucidate.training.loop import TrainingStopped
 from elucidate.viz.training import read_metrics
 
-ROOT = Path(__file__).resolve().parents[2]
-SRC = ROOT / "src"
+
+def run_config(tiny_config, **training) -> dict:
+    """The tiny run (``tiny_config``) on 200 digits with a 2-level 16-channel U-Net (checkpoints of ~2 MB), 6 steps
+    of 16 images, a checkpoint every 3 steps, a metrics line every step; ``training`` updates the training section."""
+    return tiny_config(data={"max_size": 200}, network={"model_channels": 16, "channel_mult": [1, 2]},
+                       training={"steps": 6, "batch_size": 16, "lr_rampup": 64, "ema_halflife": 200,
+                                 "checkpoint_every": 3, "log_every": 1, "seed": 5, **training},
+                       sampling={"steps": 4})
 
 
-def tiny_config(**training) -> dict:
-    base = {"steps": 6, "batch_size": 16, "lr": 1e-3, "lr_rampup": 64, "ema_halflife": 200, "checkpoint_every": 3,
-            "sample_every": 0, "log_every": 1, "seed": 5, "num_sample_images": 4, "keep_checkpoints": 0}
-    base.update(training)
-    return {"data": {"dataset": "digits", "max_size": 200},
-            "network": {"arch": "unet", "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
-                        "attn_resolutions": []},
-            "diffusion": {"type": "EDM"}, "training": base, "sampling": {"steps": 4}}
+def trainer(raw: dict, run: Path) -> Trainer:
+    return Trainer(parse_config(raw), run, progress=False, log=lambda *a: None)
 
 
-def trainer(run: Path, **training) -> Trainer:
-    return Trainer(parse_config(tiny_config(**training)), run, progress=False, log=lambda *a: None)
-
-
-def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(SRC))
-    e.pop("WORLD_SIZE", None)
-    return e
+def resume(run: Path, log=lambda *a: None) -> Trainer:
+    """A trainer of ``run`` with the config the run was trained with (its config.yaml)."""
+    return Trainer(load_config(RunDir(run).config), run, progress=False, log=log)
 
 
 def train_command(cfg: Path, run: Path) -> list[str]:
@@ -79,27 +73,25 @@ def temp_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) if folder.is_dir() else []
 
 
-def cli_main(argv, capsys) -> tuple[int, list[str]]:
-    from elucidate.cli import main
-
-    code = main([str(a) for a in argv])
-    return code, capsys.readouterr().err.strip().splitlines()
+def metrics_lines(run: Path) -> list[dict]:
+    """Every line of the run's metrics file, in file order (events included)."""
+    return [json.loads(line) for line in RunDir(run).metrics.read_text().splitlines()]
 
 
 # --- one writer per run ----------------------------------------------------------------------------
-def test_run_lock_is_exclusive_names_its_holder_and_dies_with_it(tmp_path):
+def test_run_lock_is_exclusive_names_its_holder_and_dies_with_it(env, tmp_path):
     run = tmp_path / "run"
     with run_lock(run, what="vae training") as lock:
-        assert json.loads((run / ".lock").read_text())["pid"] == os.getpid()
+        assert json.loads(RunDir(run).lock.read_text())["pid"] == os.getpid()
         with pytest.raises(RunLocked, match=f"in use by vae training \\(pid {os.getpid()} on "):
             RunLock(run).acquire()
         assert lock.held
-    assert not (run / ".lock").exists()  # a clean release leaves nothing behind
+    assert not RunDir(run).lock.exists()  # a clean release leaves nothing behind
     RunLock(run).acquire().release()
 
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from elucidate.run.lock import RunLock; "
                                f"lock = RunLock({str(run)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True, env=env())
+                              stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunLocked, match=f"pid {holder.pid} "):
@@ -107,62 +99,60 @@ def test_run_lock_is_exclusive_names_its_holder_and_dies_with_it(tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    assert (run / ".lock").exists()  # SIGKILL leaves the file, but not the lock
+    assert RunDir(run).lock.exists()  # SIGKILL leaves the file, but not the lock
     with run_lock(run):
         pass
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted 50-step CLI run; while it is paused mid-run a second writer tries the same directory."""
-    tmp = tmp_path_factory.mktemp("reliability")
-    cfg = tmp / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(steps=50, checkpoint_every=2, keep_checkpoints=3, log_every=2)))
-    run = tmp / "reference"
-    first = subprocess.Popen(train_command(cfg, run), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+def test_a_second_writer_exits_at_once_naming_the_holder(tiny_config, write_config, cli_main, env, tmp_path):
+    """While `elucidate train` in another process (paused mid-run) holds the run, a second `elucidate train` of it
+    exits 2 with one line naming the holder, and the first run finishes unharmed."""
+    cfg = write_config(tiny_config(training={"steps": 50, "checkpoint_every": 2, "keep_checkpoints": 3}),
+                       tmp_path / "cfg.yaml")
+    run = RunDir(tmp_path / "run")
+    first = subprocess.Popen(train_command(cfg, run.path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not list_checkpoints(run / "checkpoints") and first.poll() is None:
+    while time.time() < deadline and not run.list_checkpoints() and first.poll() is None:
         time.sleep(0.01)
     first_running = first.poll() is None
-    if first_running:  # pause the first writer so it still holds the run however slow the second starts
+    if first_running:  # pause the first writer so it still holds the run while the second tries
         first.send_signal(signal.SIGSTOP)
     try:
         t0 = time.perf_counter()
-        second = subprocess.run(train_command(cfg, run), cwd=ROOT, env=env(), capture_output=True, text=True)
-        second_seconds = time.perf_counter() - t0
+        code, lines = cli_main(["train", cfg, "--out", run, "--no-progress"])
+        seconds = time.perf_counter() - t0
     finally:
         if first_running:
             first.send_signal(signal.SIGCONT)
-    out, err = first.communicate(timeout=300)
-    return {"cfg": cfg, "run": run, "first": (first.pid, first.returncode, out, err), "second": second,
-            "second_seconds": second_seconds, "first_running": first_running}
-
-
-@pytest.mark.slow
-def test_a_second_writer_exits_at_once_naming_the_holder(reference):
-    pid, code, _, err = reference["first"]
-    second = reference["second"]
-    assert reference["first_running"], "the first run ended before the second writer was refused"
-    assert second.returncode == 2
-    lines = second.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"is in use by training (pid {pid} on " in lines[0] and "elucidate train" in lines[0]
-    assert code == 0, err
-    assert list_checkpoints(reference["run"] / "checkpoints")[-1].name == "ckpt-00000050.safetensors"
-    print(f"second writer refused after {reference['second_seconds']:.2f} s (interpreter start included)")
+    _, err = first.communicate(timeout=300)
+    assert first_running, "the first run ended before the second writer was refused"
+    assert code == 2 and len(lines) == 1, lines
+    assert f"is in use by training (pid {first.pid} on " in lines[0] and "elucidate train" in lines[0]
+    assert first.returncode == 0, err
+    assert run.latest_checkpoint() == run.checkpoint(50)
+    print(f"second writer refused after {seconds:.2f} s")
 
 
 # --- kills at random moments -----------------------------------------------------------------------
-@pytest.mark.slow
-def test_kills_at_random_moments_then_resume_is_bit_identical(reference, tmp_path):
+@pytest.mark.usefixtures("one_thread")
+def test_kills_at_random_moments_then_resume_is_bit_identical(tiny_config, write_config, cli_main, env, tmp_path):
+    """`elucidate train` interrupted four times (SIGKILL while a checkpoint is written, SIGKILL at two random
+    moments, SIGTERM), then run to the end, ends with the weights of an uninterrupted run. The interrupted runs
+    are separate processes; the uninterrupted run and the last one run here, on one thread like them."""
+    cfg = write_config(run_config(tiny_config, steps=50, checkpoint_every=2, keep_checkpoints=3, log_every=2),
+                       tmp_path / "cfg.yaml")
+    reference = RunDir(tmp_path / "reference")
+    code, err = cli_main(["train", cfg, "--out", reference, "--no-progress"])
+    assert code == 0, err
     rng = random.Random(12)
     run = tmp_path / "killed"
-    folder = run / "checkpoints"
+    folder = RunDir(run).checkpoints
     kills = []
     for mode in ("during-write", "random", "random", "sigterm"):
         before = list_checkpoints(folder)[-1:]
-        proc = subprocess.Popen(train_command(reference["cfg"], run), cwd=ROOT, env=env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(train_command(cfg, run), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
         deadline = time.time() + 120
         if mode == "during-write":  # the moment a checkpoint temp file appears (after a first checkpoint)
             while time.time() < deadline and proc.poll() is None and not (list_checkpoints(folder) and any(
@@ -180,25 +170,16 @@ def test_kills_at_random_moments_then_resume_is_bit_identical(reference, tmp_pat
         if mode == "sigterm":  # finishes the step and checkpoints it
             assert proc.returncode == 130 and f"checkpoint: {newest}" in out
         assert newest.name != "ckpt-00000050.safetensors", kills
-    r = subprocess.run(train_command(reference["cfg"], run), cwd=ROOT, env=env(), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert_same_tensors(tensors_of(list_checkpoints(reference["run"] / "checkpoints")[-1]),
-                        tensors_of(list_checkpoints(folder)[-1]))
-    assert temp_files(folder) == [] and not (run / ".lock").exists()
-    records = read_metrics(run / "metrics.jsonl")
+    code, err = cli_main(["train", cfg, "--out", run, "--no-progress"])
+    assert code == 0, err
+    assert_same_tensors(tensors_of(reference.latest_checkpoint()), tensors_of(list_checkpoints(folder)[-1]))
+    assert temp_files(folder) == [] and not RunDir(run).lock.exists()
+    records = read_metrics(RunDir(run).metrics)
     assert [r["step"] for r in records] == list(range(2, 51, 2))
     print("interruptions (mode, newest checkpoint, temp files left):", kills)
 
 
 # --- damaged checkpoints ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A 6-step in-process run with checkpoints at steps 3 and 6."""
-    run = tmp_path_factory.mktemp("trained") / "run"
-    assert trainer(run).train()["step"] == 6
-    return run
-
-
 def _small_checkpoint(path: Path, **meta) -> Path:
     net = torch.nn.Linear(3, 2)
     return save_checkpoint(path, net=net, ema=net, optimizer=None, meta={"step": 7, "config": {}, "data": {}, **meta})
@@ -251,10 +232,10 @@ def test_metadata_problems_are_damage_but_a_newer_format_is_not(tmp_path):
     assert not isinstance(info.value, CheckpointDamaged)  # a newer version's file is never moved aside
 
 
-def test_truncated_newest_checkpoint_is_set_aside_and_resume_is_exact(trained, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(trained, run)
-    newest = run / "checkpoints" / "ckpt-00000006.safetensors"
+def test_truncated_newest_checkpoint_is_set_aside_and_resume_is_exact(trained_run, trained_copy):
+    """The session's run (checkpoints at steps 3 and 6) with its newest checkpoint cut in half."""
+    run = trained_copy
+    newest = RunDir(run).checkpoint(6)
     _truncate(newest)
     size = newest.stat().st_size
 
@@ -270,50 +251,48 @@ def test_truncated_newest_checkpoint_is_set_aside_and_resume_is_exact(trained, t
 
     # training moves it aside, resumes from step 3 and ends where the uninterrupted run did
     logs = []
-    t = Trainer(parse_config(tiny_config()), run, progress=False, log=logs.append)
+    t = resume(run, log=logs.append)
     assert t.step == 3 and any("ckpt-00000006.safetensors is damaged" in line and "moved it to" in line
                                for line in logs)
-    assert (run / "checkpoints" / "damaged" / "ckpt-00000006.safetensors").stat().st_size == size
+    assert (RunDir(run).damaged / "ckpt-00000006.safetensors").stat().st_size == size
     t.train()
-    assert_same_tensors(tensors_of(trained / "checkpoints" / "ckpt-00000006.safetensors"), tensors_of(newest))
-    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert_same_tensors(tensors_of(RunDir(trained_run).checkpoint(6)), tensors_of(newest))
     assert {"event": "resume", "step": 3, "checkpoint": "ckpt-00000003.safetensors",
-            "damaged": ["ckpt-00000006.safetensors"]} in events
+            "damaged": ["ckpt-00000006.safetensors"]} in metrics_lines(run)
 
 
-def test_only_damaged_checkpoints_refuse_to_start_over(trained, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(trained, run)
-    for path in list_checkpoints(run / "checkpoints"):
+def test_only_damaged_checkpoints_refuse_to_start_over(trained_copy):
+    run = trained_copy
+    for path in RunDir(run).list_checkpoints():
         _zero_tail(path)
     with pytest.raises(UserError, match="has no usable checkpoint: .*ckpt-00000006.*1 older ones are damaged"):
         load_run(run)
     for _ in range(2):  # the first attempt moves both aside, the second finds only damaged ones: both refuse
         with pytest.raises(UserError, match="has only damaged checkpoints"):
-            trainer(run)
-    assert len(list((run / "checkpoints" / "damaged").iterdir())) == 2
-    assert (run / "metrics.jsonl").exists()  # nothing was started over
+            resume(run)
+    assert len(list(RunDir(run).damaged.iterdir())) == 2
+    assert RunDir(run).metrics.exists()  # nothing was started over
 
 
-def test_a_checkpoint_that_does_not_fit_the_network_is_one_line(trained, tmp_path, capsys):
-    run = tmp_path / "run"
-    shutil.copytree(trained, run)
-    path = run / "checkpoints" / "ckpt-00000006.safetensors"
+def test_a_checkpoint_that_does_not_fit_the_network_is_one_line(trained_copy, cli_main, tmp_path):
+    run = trained_copy
+    path = RunDir(run).checkpoint(6)
     tensors, meta = load_checkpoint(path)
     key = next(k for k in tensors if k.startswith("ema.") and tensors[k].ndim == 4)
     tensors[key] = torch.zeros(3, *tensors[key].shape[1:])
     del meta["crc32"]
     save_file(tensors, str(path), metadata={"elucidate": json.dumps(meta)})
-    code, lines = cli_main(["sample", run, "--seeds", "0-1", "--out", tmp_path / "x.png"], capsys)
+    code, lines = cli_main(["sample", run, "--seeds", "0-1", "--out", tmp_path / "x.png"])
     assert code == 2 and len(lines) == 1
     assert f"does not fit the configured network: {key} is [3, " in lines[0]
     with pytest.raises(UserError, match=f"does not fit the configured network: {key}"):
-        trainer(run)
-    assert path.exists() and not (run / "checkpoints" / "damaged").exists()  # refused, not moved
+        resume(run)
+    assert path.exists() and not RunDir(run).damaged.exists()  # refused, not moved
 
 
 # --- write errors ----------------------------------------------------------------------------------
-def test_a_full_disk_during_a_checkpoint_write_is_one_line(tmp_path, monkeypatch, capsys):
+def test_a_full_disk_during_a_checkpoint_write_is_one_line(tiny_config, write_config, cli_main, tmp_path,
+                                                           monkeypatch):
     real = ckpt_module.save_file
 
     def full_disk(tensors, filename, metadata=None):
@@ -323,42 +302,38 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line(tmp_path, monkeypatch
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(ckpt_module, "save_file", full_disk)
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config()))
-    run = tmp_path / "run"
-    code, lines = cli_main(["train", cfg, "--out", run, "--no-progress"], capsys)
-    assert code == 2 and lines == [f"elucidate train: error: cannot write {run}/checkpoints/ckpt-00000006.safetensors: "
+    cfg = write_config(run_config(tiny_config), tmp_path / "cfg.yaml")
+    run = RunDir(tmp_path / "run")
+    code, lines = cli_main(["train", cfg, "--out", run, "--no-progress"])
+    assert code == 2 and lines == [f"elucidate train: error: cannot write {run.checkpoint(6)}: "
                                    f"[Errno 28] No space left on device"]
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["ckpt-00000003.safetensors"]
-    assert load_checkpoint(run / "checkpoints" / "ckpt-00000003.safetensors")[1]["step"] == 3
-    assert not (run / ".lock").exists()
+    assert list(run.checkpoints.iterdir()) == [run.checkpoint(3)]
+    assert load_checkpoint(run.checkpoint(3))[1]["step"] == 3
+    assert not run.lock.exists()
 
 
-@pytest.mark.slow
-def test_a_real_os_write_error_stops_training_with_one_line(tmp_path):
-    """The kernel refuses the write (RLIMIT_FSIZE: a checkpoint is ~2 MB, the limit 1 MB)."""
+def test_a_real_os_write_error_stops_training_with_one_line(tiny_config, write_config, env, tmp_path):
+    """The kernel refuses the write (RLIMIT_FSIZE: a checkpoint is ~180 KB, the limit 64 KB)."""
     import resource
 
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config()))
-    run = tmp_path / "run"
+    cfg = write_config(tiny_config(training={"steps": 6, "checkpoint_every": 3, "log_every": 1}), tmp_path / "cfg.yaml")
+    run = RunDir(tmp_path / "run")
 
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
 
-    r = subprocess.run(train_command(cfg, run), cwd=ROOT, env=env(), capture_output=True, text=True,
-                       preexec_fn=limit)
+    r = subprocess.run(train_command(cfg, run.path), env=env, capture_output=True, text=True, preexec_fn=limit)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        f"elucidate train: error: cannot write {run}/checkpoints/ckpt-00000003.safetensors: [Errno 27] File too large"]
-    assert list((run / "checkpoints").iterdir()) == []  # no partial file, no temp file
-    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+        f"elucidate train: error: cannot write {run.checkpoint(3)}: [Errno 27] File too large"]
+    assert list(run.checkpoints.iterdir()) == []  # no partial file, no temp file
+    assert [r["step"] for r in read_metrics(run.metrics)] == [1, 2, 3]
 
 
-def test_a_directory_made_read_only_mid_run(tmp_path, monkeypatch):
+def test_a_directory_made_read_only_mid_run(tiny_config, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    t = trainer(run, steps=8, checkpoint_every=2)
-    folder = run / "checkpoints"
+    t = trainer(run_config(tiny_config, steps=8, checkpoint_every=2), run)
+    folder = RunDir(run).checkpoints
     save = t.save
 
     def save_then_lock_folder():
@@ -387,7 +362,7 @@ def test_a_directory_made_read_only_mid_run(tmp_path, monkeypatch):
         pass
 
 
-def test_a_failed_append_leaves_no_partial_line_and_readers_skip_one(tmp_path):
+def test_a_failed_append_leaves_no_partial_line_and_readers_skip_one(env, tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 0.5}\n')
     child = ("import resource, signal, sys; from elucidate.runtime.files import append_text, WriteError\n"
@@ -395,7 +370,7 @@ def test_a_failed_append_leaves_no_partial_line_and_readers_skip_one(tmp_path):
              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({path.stat().st_size + 10},) * 2)\n"
              f"try:\n    append_text({str(path)!r}, '{{\"step\": 2, \"loss\": ' + '1' * 100 + '}}\\n')\n"
              "except WriteError as e:\n    print(e)\n")
-    r = subprocess.run([sys.executable, "-c", child], env=env(), capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True)
     assert r.stdout.strip() == f"cannot write {path}: [Errno 27] File too large", r.stderr
     assert path.read_text() == '{"step": 1, "loss": 0.5}\n'  # cut back: no partial line
 
@@ -410,9 +385,9 @@ def test_a_failed_append_leaves_no_partial_line_and_readers_skip_one(tmp_path):
 
 
 # --- diverged models -------------------------------------------------------------------------------
-def test_max_bad_steps_stops_training_keeping_the_last_good_state(tmp_path):
-    run = tmp_path / "run"
-    t = trainer(run, steps=20, checkpoint_every=4, max_bad_steps=3, keep_checkpoints=1)
+def test_max_bad_steps_stops_training_keeping_the_last_good_state(tiny_config, tmp_path):
+    run = RunDir(tmp_path / "run")
+    t = trainer(run_config(tiny_config, steps=20, checkpoint_every=4, max_bad_steps=3, keep_checkpoints=1), run.path)
     original = t.net.forward
 
     def poisoned(x, c_noise, **kw):  # steps 6, 7, 8 (0-based) diverge
@@ -424,29 +399,28 @@ def test_max_bad_steps_stops_training_keeping_the_last_good_state(tmp_path):
                                               r"gradient .*ckpt-00000006.safetensors holds the last good state "
                                               r"\(step 6\)"):
         t.train()
-    names = [p.name for p in list_checkpoints(run / "checkpoints")]
-    assert names == ["ckpt-00000006.safetensors"]  # written on stopping; none during the bad steps
-    tensors, meta = load_checkpoint(run / "checkpoints" / names[0])
+    assert run.list_checkpoints() == [run.checkpoint(6)]  # written on stopping; none during the bad steps
+    tensors, meta = load_checkpoint(run.checkpoint(6))
     assert meta["step"] == 6 and meta["skipped_steps"] == 0 and meta["bad_streak"] == 0
     for name, p in t.net.state_dict().items():  # skipped steps changed nothing
         assert torch.equal(tensors["net." + name], p), name
-    assert {"event": "stopped", "step": 9, "bad_steps": 3, "last_good_step": 6} in [
-        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"event": "stopped", "step": 9, "bad_steps": 3, "last_good_step": 6} in metrics_lines(run.path)
 
     # max_bad_steps may change on resume; training goes on from the last good state
-    resumed = trainer(run, steps=8, checkpoint_every=4, max_bad_steps=None, keep_checkpoints=1)
+    resumed = trainer(run_config(tiny_config, steps=8, checkpoint_every=4, max_bad_steps=None, keep_checkpoints=1),
+                      run.path)
     assert resumed.step == 6 and resumed.train()["step"] == 8
 
 
-def test_max_bad_steps_validation():
-    assert parse_config(tiny_config(max_bad_steps=None)).training.max_bad_steps is None
+def test_max_bad_steps_validation(tiny_config):
+    assert parse_config(tiny_config(training={"max_bad_steps": None})).training.max_bad_steps is None
     assert parse_config(tiny_config()).training.max_bad_steps == 100
     for bad in (0, -1, 2.5, "many", True):
         with pytest.raises(ConfigError, match="training.max_bad_steps"):
-            parse_config(tiny_config(max_bad_steps=bad))
+            parse_config(tiny_config(training={"max_bad_steps": bad}))
 
 
-# --- diverged models ---------------------------------------------------------------------------------
+# --- non-finite samples ------------------------------------------------------------------------------
 def test_check_finite_counts_and_names_the_seeds():
     from elucidate.run.outputs import NonFiniteSamples, check_finite
 
@@ -458,7 +432,7 @@ def test_check_finite_counts_and_names_the_seeds():
 
 
 @pytest.mark.parametrize("verb", ["sample", "eval"])
-def test_nonfinite_samples_exit_2_and_write_nothing(trained, tmp_path, capsys, monkeypatch, verb):
+def test_nonfinite_samples_exit_2_and_write_nothing(trained_copy, cli_main, tmp_path, monkeypatch, verb):
     from elucidate.run.model import LoadedRun
 
     real = LoadedRun.sample
@@ -470,9 +444,9 @@ def test_nonfinite_samples_exit_2_and_write_nothing(trained, tmp_path, capsys, m
 
     monkeypatch.setattr(LoadedRun, "sample", diverged)
     out = tmp_path / "s.npz"
-    argv = (["sample", trained, "--seeds", "0-7", "--steps", "2", "--out", out] if verb == "sample" else
-            ["eval", trained, "--num", "8", "--steps", "2", "--ref", "digits"])
-    code, err = cli_main(argv, capsys)
+    argv = (["sample", trained_copy, "--seeds", "0-7", "--steps", "2", "--out", out] if verb == "sample" else
+            ["eval", trained_copy, "--num", "8", "--steps", "2", "--ref", "digits"])
+    code, err = cli_main(argv)
     errors = [line for line in err if "error:" in line or "Traceback" in line]  # (the rest: progress bars)
     assert code == 2 and len(errors) == 1 and "2 of 8 samples contain NaN/Inf" in errors[0], err
-    assert not out.exists() and not (trained / "eval").exists()
+    assert not out.exists() and not RunDir(trained_copy).eval.exists()

@@ -1,5 +1,5 @@
 """Non-leaky augmentation (training.augment): the pipeline's transforms and labels, determinism per
-(seed, step), config validation, the network's augment_dim, bit-exact resume, DDP, and the leak test."""
+(seed, step), config validation, the network's augment_dim, bit-exact resume, and the leak test."""
 from pathlib import Path
 
 import pytest
@@ -9,10 +9,10 @@ from elucidate.config import parse_config
 from elucidate.config.network import DataInfo, build_network_for
 from elucidate.config.training import AUGMENT_LABEL_DIM, LABEL_LAYOUT
 from elucidate.errors import ConfigError, UserError
-from elucidate.training import Trainer, derived_generator, latest_checkpoint, load_checkpoint
+from elucidate.run import RunDir, load_checkpoint
+from elucidate.training import Trainer, derived_generator
 from elucidate.training.augment import AugmentPipe, augment_batch, augment_pipe
 
-ROOT = Path(__file__).resolve().parents[2]
 OFF = {"xflip": 0, "yflip": 0, "rotate90": 0, "translate": 0, "scale": 0, "rotate": 0, "aniso": 0}
 COLUMNS, _start = {}, 0  # transform -> its columns in the label vector
 for _name, _n in LABEL_LAYOUT:
@@ -28,15 +28,13 @@ def images(batch=16, channels=2, size=8, seed=0) -> torch.Tensor:
     return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def tiny(steps=6, augment=None, **training) -> dict:
-    base = {"steps": steps, "batch_size": 8, "lr": 1e-3, "lr_rampup": 16, "ema_halflife": 100, "checkpoint_every": 3,
-            "sample_every": 0, "log_every": 3, "seed": 1, "num_sample_images": 2, "keep_checkpoints": 0,
-            "augment": augment if augment is not None else {"p": 0.5, "yflip": 1, "rotate90": 1}}
-    base.update(training)
-    return {"data": {"dataset": "digits", "max_size": 64},
-            "network": {"arch": "unet", "model_channels": 8, "channel_mult": [1], "num_blocks": 1,
-                        "attn_resolutions": []},
-            "diffusion": {"type": "EDM"}, "training": base, "sampling": {"steps": 2}}
+#: The augmentation the tiny runs train with.
+AUGMENT = {"p": 0.5, "yflip": 1, "rotate90": 1}
+
+
+def augmented(tiny_config, steps=6, augment=AUGMENT, **training) -> dict:
+    """The tiny run (``tiny_config``) with ``augment``, ``steps`` steps and a checkpoint every 3 steps."""
+    return tiny_config(training={"steps": steps, "checkpoint_every": 3, "augment": augment, **training})
 
 
 def test_same_seed_and_step_draw_the_same_and_other_steps_differ():
@@ -138,41 +136,37 @@ def test_frequency_of_application_is_p_times_multiplier():
     assert torch.allclose(on, expected, atol=0.03), on  # 4000 draws: std <= 0.008
 
 
-def test_config_validation_and_defaults():
-    raw = tiny()
-    raw["training"]["augment"] = None
-    assert parse_config(raw).training.augment is None
-    aug = parse_config(tiny(augment={"rotate": 2})).training.augment
+def test_config_validation_and_defaults(tiny_config):
+    assert parse_config(augmented(tiny_config, augment=None)).training.augment is None
+    aug = parse_config(augmented(tiny_config, augment={"rotate": 2})).training.augment
     assert aug["p"] == 0.12 and aug["rotate"] == 2.0 and aug["xflip"] == 1.0 and aug["yflip"] == 0.0
     for bad, words in [({"rotat": 1}, "unknown key training.augment.rotat (did you mean 'rotate'?)"),
                        ({"p": 1.5}, "training.augment.p = 1.5"), ({"p": -0.1}, "training.augment.p"),
                        ({"xflip": -1}, "training.augment.xflip = -1"), ({"scale": "big"}, "training.augment.scale"),
                        ({"aniso": True}, "training.augment.aniso"), (0.12, "expected a mapping")]:
         with pytest.raises(ConfigError) as e:
-            parse_config(tiny(augment=bad))
+            parse_config(augmented(tiny_config, augment=bad))
         assert words in str(e.value)
 
 
-def test_network_augment_dim_follows_the_pipeline():
+def test_network_augment_dim_follows_the_pipeline(tiny_config):
     info = DataInfo(1, (8, 8))
-    assert build_network_for(parse_config(tiny()), info).augment_dim == AUGMENT_LABEL_DIM
-    raw = tiny()
+    assert build_network_for(parse_config(augmented(tiny_config)), info).augment_dim == AUGMENT_LABEL_DIM
+    raw = augmented(tiny_config)
     raw["network"]["augment_dim"] = AUGMENT_LABEL_DIM
     assert build_network_for(parse_config(raw), info).augment_dim == AUGMENT_LABEL_DIM
     raw["network"]["augment_dim"] = 4
     with pytest.raises(ConfigError, match="network.augment_dim = 4 does not match training.augment"):
         build_network_for(parse_config(raw), info)
-    raw = tiny()
-    raw["training"]["augment"] = None
-    assert build_network_for(parse_config(raw), info).augment_dim == 0
-    raw = tiny()
+    assert build_network_for(parse_config(augmented(tiny_config, augment=None)), info).augment_dim == 0
+    raw = augmented(tiny_config)
     raw["network"] = {"arch": "diffusers_unet2d"}
     with pytest.raises(ConfigError, match="augment_dim must be 0 .training.augment needs it"):
         build_network_for(parse_config(raw), info)
 
 
-def test_rotate90_needs_square_images():
-    settings = parse_config(tiny()).training.augment
+def test_rotate90_needs_square_images(tiny_config):
+    settings = parse_config(augmented(tiny_config)).training.augment
     assert augment_pipe(settings, (8, 8)) is not None and augment_pipe(None, (8, 16)) is None
     with pytest.raises(UserError, match="training.augment.rotate90 needs square images but the data are 8x16"):
         augment_pipe(settings, (8, 16))
@@ -199,24 +193,26 @@ def test_every_network_ignores_absent_augment_labels():
         assert torch.equal(none, zeros) and not torch.allclose(none, other), arch
 
 
-def test_training_feeds_the_labels_and_resume_is_bit_exact(tmp_path):
-    trainer = Trainer(parse_config(tiny()), tmp_path / "probe", progress=False, log=lambda *a: None)
-    x, cond, _, _ = trainer._batch(0)
+def test_training_feeds_the_labels_and_resume_is_bit_exact(tiny_config, tmp_path):
+    def trainer(run: Path, **settings) -> Trainer:
+        return Trainer(parse_config(augmented(tiny_config, **settings)), run, progress=False, log=lambda *a: None)
+
+    x, cond, _, _ = trainer(tmp_path / "probe")._batch(0)
     assert cond["augment_labels"].shape == (8, AUGMENT_LABEL_DIM) and x.shape == (8, 1, 8, 8)
     assert cond["augment_labels"].any() and not cond["augment_labels"].all()
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    Trainer(parse_config(tiny()), full, progress=False, log=lambda *a: None).train()
-    Trainer(parse_config(tiny(steps=3)), resumed, progress=False, log=lambda *a: None).train()
-    Trainer(parse_config(tiny()), resumed, progress=False, log=lambda *a: None).train()
-    a, _ = load_checkpoint(latest_checkpoint(full / "checkpoints"))
-    b, meta = load_checkpoint(latest_checkpoint(resumed / "checkpoints"))
+    trainer(full).train()
+    trainer(resumed, steps=3).train()
+    trainer(resumed).train()
+    a, _ = load_checkpoint(RunDir(full).latest_checkpoint())
+    b, meta = load_checkpoint(RunDir(resumed).latest_checkpoint())
     assert meta["step"] == 6 and a.keys() == b.keys() and "net.map_augment.weight" in a
     assert a["net.map_augment.weight"].abs().sum() > 0  # the embedding was trained
     for key in a:
         assert torch.equal(a[key], b[key]), key
     # a run cannot be resumed with another augmentation
     with pytest.raises(Exception, match="training.augment"):
-        Trainer(parse_config(tiny(steps=8, augment={"p": 0.1})), resumed, progress=False, log=lambda *a: None)
+        trainer(resumed, steps=8, augment={"p": 0.1})
 
 
 def _orientations(samples: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
