@@ -69,7 +69,7 @@ def test_a_sampler_declared_once_is_everywhere(toy_sampler, gmm):
     # the CLI: help, --sampler and --option
     sample_parser = build_parser()._subparsers._group_actions[0].choices["sample"]
     assert "toy: Euler with a damped step" in " ".join(sample_parser.format_help().split())
-    args = argparse.Namespace(sampler="toy", steps=None, solver_options=["gain=0.25"])
+    args = argparse.Namespace(sampler="toy", steps=None, sampler_options=["gain=0.25"])
     assert sampling_from_args(SamplingConfig(), args).sampler_kwargs() == {"gain": 0.25}
     with pytest.raises(UserError, match="--eta was given but sampler 'toy' does not take it"):
         sampling_from_args(SamplingConfig(), argparse.Namespace(sampler="toy", eta=0.5))

@@ -4,6 +4,7 @@ here fails ``test_every_verb_has_rows``."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,28 +12,24 @@ import yaml
 
 from elucidate.cli import build_parser, main
 
-TINY = {"data": {"dataset": "digits", "max_size": 64},
-        "network": {"arch": "unet", "model_channels": 8, "channel_mult": [1], "num_blocks": 1, "attn_resolutions": []},
-        "diffusion": {"type": "EDM"},
-        "training": {"steps": 2, "batch_size": 8, "checkpoint_every": 2, "sample_every": 0, "log_every": 1},
-        "sampling": {"steps": 2}}
-
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory) -> dict[str, Path]:
+def paths(tiny_config, trained_run, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad")
     p = {"missing": root / "missing", "empty": root / "empty.yaml", "garbage": root / "garbage.bin",
          "dir": root / "a_directory", "untrained": root / "untrained", "config": root / "tiny.yaml",
-         "run": root / "run", "npz": root / "wrong.npz"}
+         "run": root / "run", "plain": root / "plain", "npz": root / "wrong.npz"}
     p["empty"].write_text("")
     p["garbage"].write_bytes(os.urandom(64) + b"\x00: [")
     p["dir"].mkdir()
     p["untrained"].mkdir()
-    p["config"].write_text(yaml.safe_dump(TINY))
-    (p["untrained"] / "config.yaml").write_text(yaml.safe_dump(TINY))
+    raw = tiny_config(training={"steps": 2})
+    p["config"].write_text(yaml.safe_dump(raw))
+    (p["untrained"] / "config.yaml").write_text(yaml.safe_dump(raw))
     import numpy as np
     np.savez(p["npz"], mu=np.zeros(3), sigma=np.zeros((2, 2)))  # statistics of the wrong shapes
-    assert main(["train", str(p["config"]), "--out", str(p["run"]), "--no-progress"]) == 0
+    shutil.copytree(trained_run, p["run"])  # a trained run (with power EMA snapshots) that nothing may write into
+    assert main(["train", str(p["config"]), "--out", str(p["plain"]), "--no-progress"]) == 0  # no power EMA
     return p
 
 
@@ -67,7 +64,7 @@ ROWS: dict[str, list[list[str]]] = {
     "plot": [[ref(r)] for r in ["missing", "garbage", "dir"]],
     "report": [[ref(r), "--out", "OUT.html"] for r in ["missing", "garbage", "dir"]],
     "export": [[ref(r), "--diffusers", "OUT"] for r in RUNS] + [["{run}", "--diffusers", "OUT"]],
-    "ema": [[ref(r), "--std", "0.05"] for r in RUNS] + [["{run}", "--std", "0.05"], ["{run}", "--std", "2"]],
+    "ema": [[ref(r), "--std", "0.05"] for r in RUNS + ["plain"]] + [["{run}", "--std", "2"]],
 }
 CASES = [(verb, args) for verb, rows in ROWS.items() for args in rows]
 
@@ -82,7 +79,8 @@ def test_bad_input_is_one_line_and_writes_nothing(paths, tmp_path, capsys, verb,
     out = tmp_path / "out"
     argv = [verb] + [str(out) + a[3:] if a.startswith("OUT") else a.format(**{k: str(v) for k, v in paths.items()})
                      for a in args]
-    before = {p: p.stat().st_mtime_ns for p in paths["run"].rglob("*") if p.is_file()}
+    runs = (paths["run"], paths["plain"])
+    before = {p: p.stat().st_mtime_ns for run in runs for p in run.rglob("*") if p.is_file()}
     code = main(argv)
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if "error" in line.lower() or "Traceback" in line]
@@ -90,5 +88,5 @@ def test_bad_input_is_one_line_and_writes_nothing(paths, tmp_path, capsys, verb,
     assert len(errors) == 1 and errors[0].startswith(f"elucidate {verb}: error: "), captured.err
     assert "Traceback" not in captured.err
     assert not list(tmp_path.glob("out*")), "an output was written"
-    leftovers = [p for p in paths["run"].rglob("*") if p.is_file() and p not in before]
-    assert not [p for p in leftovers if p.name.startswith(".")], leftovers  # no temp files in the run
+    after = {p: p.stat().st_mtime_ns for run in runs for p in run.rglob("*") if p.is_file()}
+    assert after == before, set(after.items()) ^ set(before.items())  # the runs untouched: no temp files either

@@ -2,6 +2,7 @@
 import pytest
 
 from elucidate.cli.demo import run_demo
+from elucidate.run import RunDir
 
 
 @pytest.mark.slow
@@ -11,5 +12,6 @@ def test_demo_digits_are_recognizable(tmp_path):
     report = run_demo(tmp_path / "demo", progress=False)
     assert report["confident_fraction"] >= 0.8, report
     assert report["classes_present"] == 10, report
-    for name in ("samples.png", "trajectory.png", "demo.json", "config.yaml", "metrics.jsonl"):
-        assert (tmp_path / "demo" / name).stat().st_size > 0
+    run = RunDir(tmp_path / "demo")
+    for path in (run.final_samples, run.trajectory, run.demo_report, run.config, run.metrics):
+        assert path.stat().st_size > 0, path

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from elucidate.evaluation.report import render_report, write_report
+from elucidate.run import RunDir
 from elucidate.sampling import nfe
 from elucidate.viz import save_image_grid
 
@@ -31,7 +32,7 @@ def metrics_lines(n: int = 50) -> list[str]:
         if k == 20:
             lines.append(json.dumps({"event": "resume", "step": step - 100}))
         if k % 10 == 9:
-            lines.append(json.dumps({"event": "sample", "step": step, "path": f"samples/{step:06d}.png"}))
+            lines.append(json.dumps({"event": "sample", "step": step, "path": f"samples/step-{step:08d}.png"}))
         centers = np.sqrt(np.array(EDGES[:-1]) * np.array(EDGES[1:]))
         by_sigma = 1 - 0.5 * np.exp(-np.log(centers / 0.5) ** 2 / 4) * (0.5 + k / n)
         counts = np.round(100 * np.exp(-(np.log(centers) + 1.2) ** 2 / 2.88)).astype(int)
@@ -45,27 +46,26 @@ def metrics_lines(n: int = 50) -> list[str]:
 
 @pytest.fixture()
 def run_dir(tmp_path) -> Path:
-    run = tmp_path / "run-<demo>"
-    (run / "samples").mkdir(parents=True)
-    (run / "eval").mkdir()
-    (run / "sweep").mkdir()
-    (run / "config.yaml").write_text("model:\n  type: EDM   # <script>alert('x')</script>\ntrain:\n  batch: 64\n")
-    (run / "metrics.jsonl").write_text("\n".join(metrics_lines()) + '\n{"step": 5100, "lo')
+    run = RunDir(tmp_path / "run-<demo>")
+    for folder in (run.samples, run.eval, run.sweep):
+        folder.mkdir(parents=True)
+    run.config.write_text("model:\n  type: EDM   # <script>alert('x')</script>\ntrain:\n  batch: 64\n")
+    run.metrics.write_text("\n".join(metrics_lines()) + '\n{"step": 5100, "lo')
     g = torch.Generator().manual_seed(0)
-    save_image_grid(torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, run / "samples" / "000100.png")
-    save_image_grid(torch.rand(16, 1, 8, 8, generator=g) * 2 - 1, run / "samples" / "000200.png", scale=1)
-    save_image_grid(torch.rand(8, 3, 16, 16, generator=g) * 2 - 1, run / "trajectory.png")
+    save_image_grid(torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, run.sample_grid(100))
+    save_image_grid(torch.rand(16, 1, 8, 8, generator=g) * 2 - 1, run.sample_grid(200), scale=1)
+    save_image_grid(torch.rand(8, 3, 16, 16, generator=g) * 2 - 1, run.trajectory)
     evals = {"fd_000100.json": {"metric": "fd_digits", "value": 9.75, "num": 1000, "sampler": "heun", "steps": 18,
                                 "step": 100},
              "fd_000200.json": {"metric": "fd_digits", "value": 3.25, "num": 1000, "sampler": "heun", "steps": 18,
                                 "step": 200},
              "nll.json": {"metric": "nll_bits_per_dim", "value": 1.5, "num": 500}}
     for name, obj in evals.items():
-        (run / "eval" / name).write_text(json.dumps(obj))
+        (run.eval / name).write_text(json.dumps(obj))
     rows = ["sampler,steps,nfe,value"] + [f"{s},{n},{nfe(s, n)},{10 / n + (1.0 if s == 'euler' else 0.5):.4f}"
                                            for s in ("euler", "heun") for n in (4, 8, 16, 32)]
-    (run / "sweep" / "samplers.csv").write_text("\n".join(rows) + "\n")
-    return run
+    (run.sweep / "samplers.csv").write_text("\n".join(rows) + "\n")
+    return run.path
 
 
 def data_uris(page: str) -> list[bytes]:
@@ -73,17 +73,18 @@ def data_uris(page: str) -> list[bytes]:
 
 
 def test_report_embeds_everything(run_dir):
+    run = RunDir(run_dir)
     out = write_report(run_dir)
-    assert out == run_dir / "report.html"
+    assert out == run.report
     page = out.read_text(encoding="utf-8")
     images = data_uris(page)
     assert len(images) == page.count("<img") == 5  # loss, loss by sigma, samples, trajectory, sweep plot
     for png in images:
         with Image.open(io.BytesIO(png)) as im:
             assert im.width >= 37 and im.height >= 37  # the smallest is the unscaled 4x4 grid of 8x8
-    latest = (run_dir / "samples" / "000200.png").read_bytes()
-    assert latest in images and (run_dir / "samples" / "000100.png").read_bytes() not in images
-    assert (run_dir / "trajectory.png").read_bytes() in images
+    latest = run.sample_grid(200).read_bytes()
+    assert latest in images and run.sample_grid(100).read_bytes() not in images
+    assert run.trajectory.read_bytes() in images
     assert 'class="pixelated"' in page  # the 8x8-digit grid is shown upscaled
     # no external resources, everything escaped
     assert not re.search(r'(src|href)="(?!data:)', page) and "http://" not in page and "https://" not in page
@@ -110,10 +111,11 @@ def test_report_custom_output_and_missing_parts(tmp_path):
 
 
 def test_report_survives_broken_artefacts(run_dir):
-    (run_dir / "samples" / "000300.png").write_bytes(b"not a png")
-    (run_dir / "eval" / "broken.json").write_text("{oops")
-    (run_dir / "metrics.jsonl").write_text('{"event": "resume", "step": 0}\n')
-    (run_dir / "sweep" / "empty.csv").write_text("")
+    run = RunDir(run_dir)
+    run.sample_grid(300).write_bytes(b"not a png")
+    (run.eval / "broken.json").write_text("{oops")
+    run.metrics.write_text('{"event": "resume", "step": 0}\n')
+    (run.sweep / "empty.csv").write_text("")
     page = render_report(run_dir)
     assert "latest sample grid: could not be shown" in page
     assert "could not read eval/broken.json" in page and "3.25" in page
@@ -160,7 +162,7 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     assert (int(match[1]), int(match[2])) == (5, 0)
     shot = tmp_path / "report.png"
     result = run_chromium(binary, tmp_path / "profile2", f"--screenshot={shot}", "--virtual-time-budget=3000",
-                          (run_dir / "report.html").as_uri())
+                          RunDir(run_dir).report.as_uri())
     assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
     with Image.open(shot) as im:
         assert im.width >= 800 and im.height >= 800, im.size

@@ -4,12 +4,12 @@ import warnings
 
 import pytest
 import torch
-from test_training import tiny_config
 
 from elucidate.config import parse_config
+from elucidate.run import RunDir, load_checkpoint
 from elucidate.runtime import precision
 from elucidate.runtime.precision import autocast_for, native_bf16, resolve_precision
-from elucidate.training import Trainer, latest_checkpoint, load_checkpoint
+from elucidate.training import Trainer
 
 
 @pytest.fixture
@@ -66,9 +66,10 @@ def test_unknown_precision_is_a_clear_error():
 
 
 @pytest.mark.parametrize("features, expected", [({}, "fp32"), ({"avx512_bf16": True}, "bf16")])
-def test_a_run_with_auto_trains_in_and_records_the_resolved_precision(tmp_path, cpu_features, features, expected):
+def test_a_run_with_auto_trains_in_and_records_the_resolved_precision(tiny_config, tmp_path, cpu_features, features,
+                                                                      expected):
     cpu_features(**features)
-    config = parse_config(tiny_config(steps=2, checkpoint_every=2, precision="auto"))
+    config = parse_config(tiny_config(training={"steps": 2, "checkpoint_every": 2, "precision": "auto"}))
     assert config.training.precision == "auto"
     lines = []
     trainer = Trainer(config, tmp_path / "run", progress=False, log=lines.append)
@@ -82,18 +83,18 @@ def test_a_run_with_auto_trains_in_and_records_the_resolved_precision(tmp_path, 
     trainer.train()
     assert seen and set(seen) == {expected == "bf16"}
     assert any(line.startswith(f"precision auto: {expected} on cpu") for line in lines), lines
-    _, meta = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))
+    _, meta = load_checkpoint(RunDir(tmp_path / "run").latest_checkpoint())
     assert meta["precision"] == expected
     assert meta["config"]["training"]["precision"] == "auto"  # the config keeps what the user wrote
 
 
 @pytest.mark.parametrize("features, expected", [({}, "fp32"), ({"amx_bf16": True}, "bf16")])
-def test_a_vae_run_with_auto_records_the_resolved_precision(tmp_path, cpu_features, features, expected):
-    from test_latent import tiny_config as tiny_vae
-
-    from elucidate.latent import train_vae
+def test_a_vae_run_with_auto_records_the_resolved_precision(tiny_vae_config, tmp_path, cpu_features, features,
+                                                            expected):
+    from elucidate.training import train_vae
 
     cpu_features(**features)
-    summary = train_vae(tiny_vae(steps=2, checkpoint_every=2, precision="auto"), tmp_path / "vae", progress=False)
+    summary = train_vae(tiny_vae_config(training={"steps": 2, "checkpoint_every": 2, "precision": "auto"}),
+                        tmp_path / "vae", progress=False)
     _, meta = load_checkpoint(summary["checkpoint"])
     assert meta["precision"] == expected

@@ -1,9 +1,7 @@
 """Fidelity to NVlabs/edm: the EDM sampler on iDDPM/VP/VE models (range clipped to the model's,
 levels rounded to a discrete grid with repeats merged), float64 sampling through real networks,
-churn that stays on a discrete grid, and DDP's augment_dim guard."""
+and churn that stays on a discrete grid."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +10,6 @@ from elucidate import EDM, IDDPM, VE, VP, Denoiser, build_network, sample
 from elucidate.config.sampling import SamplingConfig, schedule_for
 from elucidate.sampling import heun, karras_sigmas, num_steps
 
-ROOT = Path(__file__).resolve().parents[2]
 f64 = torch.float64
 
 
@@ -107,5 +104,3 @@ def test_churn_on_a_discrete_grid_stays_on_the_grid():
     sample(recording, (2, 3), sampler="heun", sigmas=sigmas, s_churn=40.0, s_tmin=0.05, s_tmax=50.0, dtype=f64)
     levels = torch.cat(seen)
     assert not torch.equal(f.round_sigma(levels), levels)
-
-

@@ -85,19 +85,17 @@ def test_guidance_on_an_exact_class_conditional_mixture_concentrates_on_the_clas
     assert spread[1] < spread[0]  # guidance w > 1 sharpens the class (lower variance than the true 0.3)
 
 
-def tiny(**training) -> dict:
-    return {"data": {"dataset": "digits", "max_size": 120},
-            "network": {"arch": "unet", "model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
-                        "label_dim": "auto"},
-            "diffusion": {"type": "EDM"},
-            "training": {"steps": 2, "batch_size": 32, "sample_every": 0, "checkpoint_every": 2,
-                         "num_sample_images": 4, **training},
-            "sampling": {"steps": 3}}
+@pytest.fixture(scope="module")
+def conditional(tiny_config):
+    """``conditional(**training)``: a tiny class-conditional run (label_dim auto: the 10 digit classes)."""
+    def make(**training) -> dict:
+        return tiny_config(network={"label_dim": "auto"}, training={"steps": 2, **training})
+    return make
 
 
-def test_condition_dropout_is_seeded_and_drops_the_asked_fraction(tmp_path):
-    trainer = Trainer(parse_config(tiny(cond_drop_prob=0.3, batch_size=512)), tmp_path / "run", progress=False,
-                      log=lambda *a: None)
+def test_condition_dropout_is_seeded_and_drops_the_asked_fraction(conditional, tmp_path):
+    trainer = Trainer(parse_config(conditional(cond_drop_prob=0.3, batch_size=512)), tmp_path / "run",
+                      progress=False, log=lambda *a: None)
     _, cond, _, _ = trainer._batch(5)
     labels = cond["class_labels"]
     assert labels.shape == (512, 10) and labels.is_floating_point()
@@ -105,7 +103,8 @@ def test_condition_dropout_is_seeded_and_drops_the_asked_fraction(tmp_path):
     assert 0.24 < dropped < 0.36
     assert torch.equal(trainer._batch(5)[1]["class_labels"], labels)  # a pure function of (seed, step)
     assert not torch.equal(trainer._batch(6)[1]["class_labels"][:, :], labels)
-    plain = Trainer(parse_config(tiny(batch_size=512)), tmp_path / "plain", progress=False, log=lambda *a: None)
+    plain = Trainer(parse_config(conditional(batch_size=512)), tmp_path / "plain", progress=False,
+                    log=lambda *a: None)
     assert plain._batch(5)[1]["class_labels"].dtype == torch.int64  # no dropout: labels as they are
 
 
@@ -127,11 +126,10 @@ SEED_BLOCK = {"diffusion": {"sigma_data": 1.0, "sigma_min": 0.002, "sigma_max": 
 
 
 @pytest.mark.parametrize("kind", list(FORMULATIONS))
-def test_the_seed_config_block_trains_under_every_type(kind, tmp_path):
-    raw = tiny()
-    raw["network"].pop("label_dim")
-    raw["diffusion"] = {"type": kind, **SEED_BLOCK["diffusion"]}
-    raw["sampling"] = dict(SEED_BLOCK["sampling"])
+def test_the_seed_config_block_trains_under_every_type(tiny_config, kind, tmp_path):
+    raw = tiny_config(training={"steps": 2}, diffusion={"type": kind, **SEED_BLOCK["diffusion"]},
+                      sampling=SEED_BLOCK["sampling"])
+    assert raw["sampling"] == SEED_BLOCK["sampling"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         config = parse_config(raw)
@@ -146,13 +144,10 @@ def test_the_seed_config_block_trains_under_every_type(kind, tmp_path):
     assert summary["step"] == 2 and summary["samples"] is not None
 
 
-def test_cli_samples_a_class_with_guidance(tmp_path):
-    import yaml
-
+def test_cli_samples_a_class_with_guidance(conditional, write_config, tmp_path):
     from elucidate.cli import main
 
-    cfg = tmp_path / "cond.yaml"
-    cfg.write_text(yaml.safe_dump(tiny(cond_drop_prob=0.2)))
+    cfg = write_config(conditional(cond_drop_prob=0.2), tmp_path / "cond.yaml")
     assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     out = tmp_path / "threes.npz"
     assert main(["sample", str(tmp_path / "run"), "--class", "3", "--guidance", "2.0", "--seeds", "0-3",
@@ -167,7 +162,6 @@ def test_guided_digits_are_their_class(tmp_path):
     # configs/digits-cond.yaml, shortened to 1000 of its 3000 steps for the test suite; the full run gives
     # 97.4 % (w = 1) and 100 % (w = 2) of 500 samples classified as the asked class (docs/guidance.md).
     import dataclasses
-    from pathlib import Path
 
     from elucidate.config import load_config
     from elucidate.data.pixels import to_pixels

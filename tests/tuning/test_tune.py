@@ -1,5 +1,5 @@
-"""Schedules tuned per NFE budget (elucidate.sampling.tune, `elucidate tune`, `sample/eval --nfe`,
-`sweep --tuned`) and the solvers added for them: UniPC against diffusers' UniPCMultistepScheduler on
+"""Schedules tuned per NFE budget (elucidate.tuning.tune, `elucidate tune`, `sample/eval --nfe`,
+`sweep --tuned`) and the samplers added for them: UniPC against diffusers' UniPCMultistepScheduler on
 identical inputs, iPNDM against a literal transcription of its published recurrence."""
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import math
 
 import pytest
 import torch
-import yaml
 
 from elucidate import GaussianMixture
 from elucidate.cli import main
 from elucidate.config.sampling import SamplingConfig
 from elucidate.errors import ConfigError, UserError
 from elucidate.run import RunDir
-from elucidate.sampling import SAMPLERS, exponential_sigmas, ipndm, karras_sigmas, tune, unipc
+from elucidate.sampling import SAMPLERS, exponential_sigmas, ipndm, karras_sigmas, unipc
+from elucidate.tuning import tune
 from elucidate.tuning.stored import TunedSchedule, load_tuned
 from elucidate.tuning.tuner import LOSSES, rmse, tuning_noise
 
@@ -117,7 +117,7 @@ def test_unipc_final_order_keeps_the_spread_the_last_level_has_not_resolved():
     assert torch.equal(unipc(gmm.denoise, x, sigmas), unipc(gmm.denoise, x, sigmas, final_order=1))
 
 
-def test_new_solver_options_are_checked(gmm):
+def test_new_sampler_options_are_checked(gmm):
     x = torch.zeros(2, gmm.dim, dtype=f64)
     with pytest.raises(ValueError, match="order"):
         ipndm(gmm.denoise, x, karras_sigmas(3), order=5)
@@ -343,29 +343,19 @@ def test_cli_tune_sandbox_writes_json_and_plot(tmp_path, capsys):
     assert main(["tune", "--sandbox", "--nfe", "4", "--samplers", "euler_ancestral", "--out", str(tmp_path)]) == 2
 
 
-TINY = {"data": {"dataset": "digits", "max_size": 200},
-        "network": {"arch": "unet", "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
-                    "attn_resolutions": []},
-        "diffusion": {"type": "EDM"},
-        "training": {"steps": 10, "batch_size": 16, "checkpoint_every": 10, "sample_every": 0, "log_every": 5},
-        "sampling": {"steps": 5}}
+def test_cli_tune_run_then_sample_with_nfe(trained_copy, tmp_path, capsys):
+    import shutil
 
-
-@pytest.mark.slow
-def test_cli_tune_run_then_sample_with_nfe(tmp_path, capsys):
     import numpy as np
 
     from elucidate.run.model import load_run
 
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(TINY))
-    run = tmp_path / "run"
-    assert main(["train", str(cfg), "--out", str(run), "--no-progress"]) == 0
+    run = trained_copy
     assert main(["tune", str(run), "--nfe", "4", "--num", "8", "--reference-steps", "16", "--max-evals", "10",
                  "--finalists", "1", "--samplers", "euler,dpmpp_2m"]) == 0
-    assert (run / "schedules" / "nfe4.json").is_file() and (run / "schedules" / "tuned.png").is_file()
+    assert RunDir(run).tuned_schedule(4).is_file() and (RunDir(run).schedules / "tuned.png").is_file()
     t = load_tuned(run, 4)
-    assert t.model["step"] == 10 and t.model["shape"] == [1, 8, 8]
+    assert t.model["step"] == 6 and t.model["shape"] == [1, 8, 8]
 
     assert main(["sample", str(run), "--nfe", "4", "--seeds", "0-3", "--out", str(tmp_path / "s.npz")]) == 0
     loaded = load_run(run)
@@ -388,8 +378,6 @@ def test_cli_tune_run_then_sample_with_nfe(tmp_path, capsys):
 
     # one schedule for two runs (each adding the 2 hardest of its own pool of 8): written to each, each with
     # its own checkpoint and the runs it serves
-    import shutil
-
     twin = tmp_path / "twin"
     shutil.copytree(run, twin)
     assert main(["tune", str(run), str(twin), "--nfe", "3", "--num", "4", "--reference-steps", "16",
@@ -399,7 +387,7 @@ def test_cli_tune_run_then_sample_with_nfe(tmp_path, capsys):
     assert a.sigmas == b.sigmas and a.num_samples == 8 and (a.boundary, a.pool) == (2, 8)
     assert a.model["run"] == str(run) and b.model["run"] == str(twin)
     assert a.model["tuned_with"] == b.model["tuned_with"] == [str(run), str(twin)]
-    assert (twin / "schedules" / "tuned.png").is_file()
+    assert (RunDir(twin).schedules / "tuned.png").is_file()
 
 
 def test_cli_tune_refuses_runs_of_different_shapes(monkeypatch, tmp_path, capsys):

@@ -1,5 +1,5 @@
 """tune(boundary=...): the hardest draws of a pool join the tuning batch, weighted by the share of the
-pool each draw stands for (elucidate.sampling.boundary, objectives.weighted_loss, `elucidate tune --boundary`)."""
+pool each draw stands for (elucidate.tuning.boundary, objectives.weighted_loss, `elucidate tune --boundary`)."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,8 @@ import torch
 
 from elucidate import GaussianMixture
 from elucidate.cli import main
-from elucidate.sampling import SAMPLERS, exponential_sigmas, karras_sigmas, tune
+from elucidate.sampling import SAMPLERS, exponential_sigmas, karras_sigmas
+from elucidate.tuning import tune
 from elucidate.tuning.boundary import (
     POOL_SEED_OFFSET,
     ReferenceCache,

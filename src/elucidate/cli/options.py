@@ -51,7 +51,7 @@ def add_sampling_options(p: argparse.ArgumentParser, *, tuned: bool = True) -> N
         text = _HELP[doc.name]() if doc.name in _HELP else doc.doc + (f" ({doc.symbol})" if doc.symbol else "")
         g.add_argument("--" + doc.name.replace("_", "-"), dest=doc.name, type=_KINDS[doc.kind],
                        metavar="NAME" if doc.kind == "str" else None, help=text.replace("%", "%%"))
-    g.add_argument("--option", dest="solver_options", action="append", default=[], metavar="KEY=VALUE",
+    g.add_argument("--option", dest="sampler_options", action="append", default=[], metavar="KEY=VALUE",
                    help="another option of the chosen sampler, e.g. --option order=3 (repeatable)")
     p.add_argument("--ema", dest="ema", action="store_true", default=True, help="use the EMA weights (default)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw training weights")
@@ -69,7 +69,7 @@ def sampling_from_args(base, args):
         base, changes = _tuned(base, args, changes)
     same_sampler = changes.get("sampler", base.sampler) == base.sampler
     options = dict(base.options) if same_sampler else {}  # the config's extra options belong to its sampler
-    for item in getattr(args, "solver_options", None) or []:
+    for item in getattr(args, "sampler_options", None) or []:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--option {item!r}: expected KEY=VALUE, e.g. --option order=3")
@@ -87,7 +87,7 @@ def sampling_from_args(base, args):
 def _tuned(base, args, changes: dict):
     """``--nfe N``: the run's tuned sampler, options and sigmas (flags that would change them are errors)."""
     clash = [k for k in ("sampler", "steps", "schedule", "sigma_min", "sigma_max", "rho") if k in changes]
-    clash += ["option"] if getattr(args, "solver_options", None) else []
+    clash += ["option"] if getattr(args, "sampler_options", None) else []
     if clash:
         flags = ", ".join("--" + k.replace("_", "-") for k in clash)
         raise UserError(f"--nfe uses the tuned sampler and schedule; drop {flags}")
