@@ -129,11 +129,10 @@ def digits_split(seed: int = 0, test_fraction: float = 0.2) -> DigitsSplit:
     """The 1,797 sklearn digits (shipped with scikit-learn, no download) split stratified by class
     with ``train_test_split(random_state=seed)``. The bundled ``fd_digits`` classifier was trained on
     ``digits_split(**metadata['split'])``."""
-    from sklearn.datasets import load_digits
+    from ..data.bundled import load_digits_arrays
 
-    data = load_digits()
-    images = torch.from_numpy(data.images).float().mul_(DIGITS_SCALE).unsqueeze(1)
-    return _split(images, data.target, seed, test_fraction)
+    images, labels = load_digits_arrays()
+    return _split(torch.from_numpy(images).float().mul_(DIGITS_SCALE).unsqueeze(1), labels, seed, test_fraction)
 
 
 def mnist_split(seed: int = 0, test_fraction: float = 0.2) -> DigitsSplit:

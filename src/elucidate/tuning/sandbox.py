@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from ..analytic import GaussianMixture
+from ..data.bundled import load_digits_arrays
 from ..sampling.registry import SAMPLERS, ode_samplers, sweep_samplers
 from ..sampling.schedules import karras_sigmas, parse_schedule
 
@@ -18,11 +19,9 @@ __all__ = ["digits_mixture", "class_mixture", "sandbox_sweep"]
 def digits_mixture(min_std: float = 0.02) -> GaussianMixture:
     """A 10-component diagonal Gaussian mixture fitted to the real 8x8 ``digits`` (one component per
     class, pixel range [-1, 1]): an image-like distribution whose exact denoiser is known."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float64).reshape(-1, 64) / 8.0 - 1.0
-    return class_mixture(x, torch.tensor(data.target), min_std)
+    images, labels = load_digits_arrays()
+    x = torch.tensor(images, dtype=torch.float64).reshape(-1, 64) / 8.0 - 1.0
+    return class_mixture(x, torch.tensor(labels), min_std)
 
 
 def class_mixture(x: torch.Tensor, labels: torch.Tensor, min_std: float = 0.02) -> GaussianMixture:
