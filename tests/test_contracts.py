@@ -1,24 +1,37 @@
-"""Contracts every registered solver and formulation must meet, checked on exact denoisers.
+"""Contracts every registered sampler, named schedule and formulation must meet, checked on exact denoisers.
 
-Parametrized over the registries, so a new solver or formulation is tested here without a test of
-its own: dtype/device/shape, determinism under a seed, NFE equal to the declaration, zero-length
-steps, convergence (ODE solvers) or recovery of the data distribution (stochastic solvers);
-preconditioning consistency with a perfect network, training draws, discretization, rounding and
-config round-trip.
+Parametrized over the registries, so a new sampler, schedule or formulation is tested here without a test of
+its own: for samplers dtype/device/shape, determinism under a seed, NFE equal to the declaration, zero-length
+steps, convergence (ODE samplers) or recovery of the data distribution (stochastic samplers); for schedules
+num_steps + 1 float64 levels decreasing to exactly 0 within the range, declared and documented options that
+``name:option=value`` spells, and the same levels through sample() and the config; for formulations
+preconditioning consistency with a perfect network, training draws, discretization, rounding and config
+round-trip. Last, the names from before the rename to "sampler" still work, with a warning.
 """
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from elucidate import Denoiser
+import elucidate
+import elucidate.sampling as sampling
+from elucidate import EDM, Denoiser, sample
 from elucidate.config import parse_config
-from elucidate.config.sampling import SamplingConfig
+from elucidate.config.sampling import SamplingConfig, schedule_for
 from elucidate.formulations import FORMULATIONS, Shifted, make_formulation
-from elucidate.sampling import SAMPLERS, karras_sigmas, ode_samplers, stochastic_samplers
+from elucidate.sampling import (
+    SAMPLERS,
+    SCHEDULES,
+    get_schedule,
+    karras_sigmas,
+    ode_samplers,
+    parse_schedule,
+    stochastic_samplers,
+)
 
 f64 = torch.float64
 
@@ -48,11 +61,11 @@ def start(gmm, n=16, seed=0, dtype=f64, sigma_max=80.0):
     return torch.randn(n, gmm.dim, generator=torch.Generator().manual_seed(seed), dtype=dtype) * sigma_max
 
 
-# --- solvers -------------------------------------------------------------------------------------
+# --- samplers ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
 @pytest.mark.parametrize("dtype", [torch.float32, f64])
-def test_solver_preserves_dtype_device_and_shape(gmm, name, dtype):
+def test_sampler_preserves_dtype_device_and_shape(gmm, name, dtype):
     x = start(gmm, dtype=dtype)
     out = run(name, gmm.denoise, x, karras_sigmas(6))
     assert out.dtype == dtype and out.shape == x.shape and out.device == x.device
@@ -60,7 +73,7 @@ def test_solver_preserves_dtype_device_and_shape(gmm, name, dtype):
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
-def test_solver_is_deterministic_given_its_noise(gmm, name):
+def test_sampler_is_deterministic_given_its_noise(gmm, name):
     x = start(gmm)
     a, b = run(name, gmm.denoise, x, karras_sigmas(6)), run(name, gmm.denoise, x, karras_sigmas(6))
     assert torch.equal(a, b)
@@ -109,8 +122,8 @@ def converged(gmm_module):
 
 
 @pytest.mark.parametrize("name", ode_samplers())
-def test_ode_solvers_converge_at_their_order(gmm, name, converged):
-    # global error vs a fine Heun reference; multistep solvers that start with lower-order steps show
+def test_ode_samplers_converge_at_their_order(gmm, name, converged):
+    # global error vs a fine Heun reference; multistep samplers that start with lower-order steps show
     # their full order only asymptotically, so at least min(order, 2) is asserted.
     x, reference = converged
     steps = [32, 64, 128]
@@ -122,13 +135,13 @@ def test_ode_solvers_converge_at_their_order(gmm, name, converged):
 
 
 @pytest.mark.parametrize("name", stochastic_samplers())
-def test_stochastic_solvers_sample_the_mixture(gmm, name):
+def test_stochastic_samplers_sample_the_mixture(gmm, name):
     n = 2000
     x = torch.randn(n, gmm.dim, generator=torch.Generator().manual_seed(3), dtype=f64) * 80.0
     y = SAMPLERS[name](gmm.denoise, x, karras_sigmas(40), generator=torch.Generator().manual_seed(4))
     freq = torch.bincount(gmm.classify(y), minlength=3).double() / n
     assert torch.allclose(freq, gmm.weights, atol=0.04), freq
-    # mean log-density of the samples vs of true draws: a first-order solver is biased at 40 steps
+    # mean log-density of the samples vs of true draws: a first-order sampler is biased at 40 steps
     # (ancestral Euler concentrates its samples: +0.53 nats here), higher orders much less (< 0.1)
     true = gmm.sample(n, generator=torch.Generator().manual_seed(5))
     gap = (gmm.log_prob(y, 0.0).mean() - gmm.log_prob(true, 0.0).mean()).abs()
@@ -136,7 +149,7 @@ def test_stochastic_solvers_sample_the_mixture(gmm, name):
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
-def test_solver_options_are_declared_documented_and_configurable(name):
+def test_sampler_options_are_declared_documented_and_configurable(name):
     spec = SAMPLERS[name]
     assert spec.description and spec.order >= 1 and spec.evals_per_step >= 1
     assert all(spec.doc(option) for option in spec.options)
@@ -144,6 +157,66 @@ def test_solver_options_are_declared_documented_and_configurable(name):
                                                 if k not in ("s_churn", "s_tmin", "s_tmax", "s_noise", "eta")})
     cfg.validate()
     assert set(cfg.sampler_kwargs()) <= set(spec.options)
+
+
+# --- named schedules -------------------------------------------------------------------------------
+
+#: (sigma_min, sigma_max): the paper's range, VE's, and a narrow one
+RANGES = [(0.002, 80.0), (0.02, 100.0), (0.01, 10.0)]
+
+
+def _check_levels(sigmas, num_steps, sigma_min, sigma_max):
+    where = (num_steps, sigma_min, sigma_max, sigmas)
+    assert sigmas.dtype == f64 and sigmas.shape == (num_steps + 1,), where
+    assert sigmas[-1] == 0 and (sigmas.diff() < 0).all(), where
+    assert (sigmas[:-1] >= sigma_min * (1 - 1e-9)).all() and (sigmas[:-1] <= sigma_max * (1 + 1e-9)).all(), where
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_schedule_decreases_to_zero_within_the_range(name):
+    spec = SCHEDULES[name]
+    for sigma_min, sigma_max in RANGES:
+        for num_steps in (1, 2, 5, 18, 64):
+            _check_levels(spec(num_steps, sigma_min, sigma_max), num_steps, sigma_min, sigma_max)
+    # computed in float64, then cast
+    assert torch.equal(spec(7, 0.002, 80.0, dtype=torch.float32, device="cpu"), spec(7, 0.002, 80.0).float())
+
+
+def _other_value(default):
+    """A value of the option's type that is not its default."""
+    return type(default)(default * 2)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_schedule_options_are_declared_documented_and_spelled_by_name(name):
+    spec = SCHEDULES[name]
+    assert spec.description and get_schedule(name) is spec
+    assert set(spec.option_docs) == set(spec.options) and all(spec.option_docs.values())
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec.options.values()), spec.options
+    # "name" and "name:key=value[,key=value]" round trip, each value with its option's type
+    assert parse_schedule(name) == (spec, {})
+    changed = {key: _other_value(default) for key, default in spec.options.items()}
+    for key, value in changed.items():
+        got_spec, got = parse_schedule(f"{name}:{key}={value}")
+        assert got_spec is spec and got == {key: value} and type(got[key]) is type(value)
+    if changed:
+        assert parse_schedule(f"{name}:" + ",".join(f"{k}={v}" for k, v in changed.items())) == (spec, changed)
+        _check_levels(spec(18, 0.002, 80.0, **changed), 18, 0.002, 80.0)  # still a valid schedule
+    with pytest.raises(ValueError, match="nope"):
+        spec(4, 0.002, 80.0, nope=1.0)
+    with pytest.raises(ValueError, match="expected"):
+        parse_schedule(f"{name}:nope=1")
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_schedule_is_the_same_through_sample_and_the_config(name, gmm):
+    spec = SCHEDULES[name]
+    by_name = sample(gmm.denoise, (4, gmm.dim), sampler="euler", schedule=name, steps=5, dtype=f64)
+    by_levels = sample(gmm.denoise, (4, gmm.dim), sampler="euler", sigmas=spec(5, 0.002, 80.0), dtype=f64)
+    assert torch.equal(by_name, by_levels)
+    cfg = SamplingConfig(schedule=name, steps=5, sigma_min=0.01, sigma_max=10.0)
+    cfg.validate()
+    assert torch.equal(schedule_for(cfg, EDM()), spec(5, 0.01, 10.0))
 
 
 # --- formulations --------------------------------------------------------------------------------
@@ -230,3 +303,25 @@ def test_formulation_config_round_trip(name):
         assert make_formulation(**f.to_config()) == f
     assert parse_config({"diffusion": f.to_config()}).formulation() == f
     assert np.isfinite([v for v in f.to_config().values() if isinstance(v, float)]).all()
+
+
+# --- renamed names -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("old,new", [("SOLVERS", "SAMPLERS"), ("SolverSpec", "SamplerSpec"),
+                                     ("register_solver", "register_sampler"), ("get_solver", "get_sampler"),
+                                     ("ode_solvers", "ode_samplers"), ("stochastic_solvers", "stochastic_samplers"),
+                                     ("sweep_solvers", "sweep_samplers")])
+def test_old_sampling_names_still_work_with_a_warning(old, new):
+    with pytest.warns(DeprecationWarning, match=f"elucidate.sampling.{old} is now {new}"):
+        assert getattr(sampling, old) is getattr(sampling, new)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        getattr(sampling, new)  # the new name does not warn
+
+
+def test_elucidate_UNet_is_nets_UNet_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="elucidate.UNet is elucidate.nets.UNet"):
+        assert elucidate.UNet is elucidate.nets.UNet
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert elucidate.Unet is not elucidate.nets.UNet  # the lucidrains-style network, without a warning

@@ -177,13 +177,14 @@ def test_bad_options_are_one_line_errors(gmm):
         log_likelihood(gmm.denoise, torch.zeros(2, 4, dtype=torch.long))
 
 
-def uint8_run(tmp_path) -> LoadedRun:
-    """An untrained run over a tiny uint8 .npz dataset (2 channels, 4x4)."""
+@pytest.fixture
+def uint8_run(tmp_path, tiny_config) -> LoadedRun:
+    """An untrained run (the tiny U-Net) over a tiny uint8 .npz dataset (2 channels, 4x4)."""
     images = np.random.default_rng(0).integers(0, 256, size=(10, 4, 4, 2), dtype=np.uint8)
     np.savez(tmp_path / "data.npz", images=images)
-    config = parse_config({"data": {"dataset": "npz", "path": str(tmp_path / "data.npz"), "layout": "NHWC"},
-                           "network": {"arch": "unet", "model_channels": 8, "channel_mult": [1], "num_blocks": 1,
-                                       "attn_resolutions": []}})
+    raw = tiny_config()
+    raw["data"] = {"dataset": "npz", "path": str(tmp_path / "data.npz"), "layout": "NHWC"}
+    config = parse_config(raw)
     from elucidate.data import build_dataset
     dataset = build_dataset(config.data)
     info = DataInfo(2, (4, 4))
@@ -191,8 +192,8 @@ def uint8_run(tmp_path) -> LoadedRun:
     return LoadedRun(denoiser, config, info, dataset.normalizer, 0, tmp_path / "ckpt.safetensors")
 
 
-def test_run_likelihood_dequantizes_and_applies_the_jacobian(tmp_path, monkeypatch):
-    run = uint8_run(tmp_path)
+def test_run_likelihood_dequantizes_and_applies_the_jacobian(uint8_run, monkeypatch):
+    run = uint8_run
     assert run.normalizer.scale == (2 / 255, 2 / 255) and run.normalizer.bias == (-1.0, -1.0)
     seen = []
     reference = GaussianMixture(torch.zeros(1, 32), torch.ones(1), dtype=torch.float64)
@@ -217,15 +218,25 @@ def test_run_likelihood_dequantizes_and_applies_the_jacobian(tmp_path, monkeypat
     assert out["num"] == 7 and out["num_dims"] == 32 and out["settings"]["dequantization"] == "uniform"
 
 
+def test_run_likelihood_on_the_trained_run(trained_run):
+    """run_likelihood end to end on a real checkpoint, fast (4 steps; the learning check is the slow test below)."""
+    run = load_run(trained_run)
+    out = run_likelihood(run, 6, batch_size=6, trace="hutchinson", seed=0, steps=4)
+    assert math.isfinite(out["mean"]) and 0 < out["std"] < 1.0 and out["num"] == 6 and out["num_dims"] == 64
+    settings = out["settings"]
+    assert settings["dequantization"] == "uniform" and settings["scale"] == [0.125] and settings["step"] == 6
+    rebatched = run_likelihood(run, 6, batch_size=4, trace="hutchinson", seed=0, steps=4)
+    assert rebatched["mean"] == pytest.approx(out["mean"], abs=1e-4)  # per-image draws, not per-batch
+    exact = run_likelihood(run, 6, batch_size=6, trace="exact", seed=0, steps=4)
+    assert exact["mean"] == pytest.approx(out["mean"], abs=0.1)  # the same quantity, without probe noise
+
+
 @pytest.mark.slow
-def test_run_likelihood_on_a_tiny_trained_run(tmp_path):
+def test_run_likelihood_on_a_tiny_trained_run(tmp_path, tiny_config):
     from elucidate.training import Trainer
-    raw = {"data": {"dataset": "digits", "max_size": 200},
-           "network": {"arch": "unet", "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
-                       "attn_resolutions": []},
-           "training": {"steps": 40, "batch_size": 16, "lr": 2e-3, "lr_rampup": 64, "ema_halflife": 200,
-                        "checkpoint_every": 40, "sample_every": 0, "log_every": 20, "seed": 3,
-                        "num_sample_images": 4, "keep_checkpoints": 0}}
+    raw = tiny_config(data={"max_size": 200}, network={"model_channels": 16, "channel_mult": [1, 2]},
+                      training={"steps": 40, "batch_size": 16, "lr": 2e-3, "lr_rampup": 64, "ema_halflife": 200,
+                                "checkpoint_every": 40, "log_every": 20, "seed": 3})
     Trainer(parse_config(raw), tmp_path / "run", progress=False, log=lambda *a: None).train()
     run = load_run(tmp_path / "run")
     out = run_likelihood(run, 6, batch_size=6, trace="hutchinson", seed=0, steps=16)

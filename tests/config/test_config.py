@@ -10,7 +10,7 @@ from elucidate.config import apply_overrides, dump_config, load_config, parse_co
 from elucidate.errors import ConfigError
 
 ALL_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
-VAE_CONFIGS = [p for p in ALL_CONFIGS if "vae" in p.stem]  # train-vae's own schema (tests/test_latent.py)
+VAE_CONFIGS = [p for p in ALL_CONFIGS if "vae" in p.stem]  # train-vae's own schema (tests/latent/test_latent.py)
 CONFIGS = [p for p in ALL_CONFIGS if p not in VAE_CONFIGS]
 
 
@@ -36,12 +36,13 @@ def test_demo_config_is_configs_digits_edm():
     assert parse_config(DEMO_CONFIG).to_dict() == shipped.to_dict()
 
 
-def test_seed_schema_and_per_type_defaults():
-    seed = {"diffusion": {"type": "EDM", "sigma_data": 1.0, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0,
-                          "p_mean": -1.2, "p_std": 1.2},
-            "sampling": {"steps": 40, "sampler": "heun", "s_churn": 40.0, "s_min": 0.05, "s_max": 50.0,
-                         "s_noise": 1.003}}
-    config = parse_config(seed)
+def test_original_config_example_and_per_type_defaults():
+    # the configuration example the project started from: p_mean/p_std, s_min/s_max (S_tmin/S_tmax) spellings
+    example = {"diffusion": {"type": "EDM", "sigma_data": 1.0, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0,
+                             "p_mean": -1.2, "p_std": 1.2},
+               "sampling": {"steps": 40, "sampler": "heun", "s_churn": 40.0, "s_min": 0.05, "s_max": 50.0,
+                            "s_noise": 1.003}}
+    config = parse_config(example)
     assert config.formulation() == EDM(sigma_data=1.0)
     assert config.sampling.sampler_kwargs() == {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}
     assert parse_config({"diffusion": {"type": "VP"}}).formulation() == VP()

@@ -10,26 +10,19 @@ import sys
 
 import pytest
 import torch
-import yaml
 
 from elucidate import DDPM, EDM, build_network, from_diffusers, sample
-from elucidate.cli import main
 from elucidate.denoiser import Guided
 from elucidate.errors import UserError
 from elucidate.interop import ddpm_from_scheduler, export_diffusers, load_diffusers, scheduler_config
+from elucidate.run import RunDir
 from elucidate.sampling import ddim, dpmpp_2m, euler, heun
 
 diffusers = pytest.importorskip("diffusers")
 PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 SMALL = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, attention_head_dim=4)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(channels: int = 2, num_class_embeds: int | None = None, seed: int = 0):
@@ -68,7 +61,7 @@ def test_ddim_equals_diffusers_ddim_loop(unet, prediction, spacing):
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-def test_second_order_solvers_run_and_beat_euler(unet, prediction):
+def test_second_order_samplers_run_and_beat_euler(unet, prediction):
     # probability-flow ODE on the scheduler's trailing timesteps: Heun and DPM-Solver++(2M) with 20 steps
     # are closer to a 200-step Euler solution than Euler with 20 steps
     D = from_diffusers(unet, diffusers.DDPMScheduler(prediction_type=prediction, timestep_spacing="trailing"))
@@ -76,8 +69,8 @@ def test_second_order_solvers_run_and_beat_euler(unet, prediction):
     x = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     fine, coarse = f.sampling_sigmas(200), f.sampling_sigmas(20)
     reference = euler(D, x * fine[0], fine)
-    errors = {solver.__name__: float((solver(D, x * coarse[0], coarse) - reference).abs().max())
-              for solver in (euler, heun, dpmpp_2m)}
+    errors = {sampler.__name__: float((sampler(D, x * coarse[0], coarse) - reference).abs().max())
+              for sampler in (euler, heun, dpmpp_2m)}
     assert all(math.isfinite(e) for e in errors.values())
     assert errors["heun"] < 0.5 * errors["euler"] and errors["dpmpp_2m"] < 0.5 * errors["euler"], errors
 
@@ -236,51 +229,52 @@ def test_from_a_local_pipeline_or_unet_folder(pipeline_dir):
         load_diffusers(latent)
 
 
-def test_cli_sample_and_eval_a_diffusers_folder(pipeline_dir, tmp_path, capsys):
+def test_cli_sample_and_eval_a_diffusers_folder(pipeline_dir, tmp_path, cli_main):
     root = pipeline_dir[0]
-    assert main(["sample", "--diffusers", str(root / "pipe"), "--sampler", "dpmpp_2m", "--steps", "3",
-                 "--seeds", "0-3", "--out", str(tmp_path / "s.npz")]) == 0
+    assert cli_main(["sample", "--diffusers", root / "pipe", "--sampler", "dpmpp_2m", "--steps", "3",
+                     "--seeds", "0-3", "--out", tmp_path / "s.npz"])[0] == 0
     import numpy as np
 
     with np.load(tmp_path / "s.npz") as data:
         assert data["samples"].shape == (4, 8, 8, 1)
-    assert main(["eval", "--diffusers", str(root / "pipe"), "--ref", "digits", "--num", "16", "--steps", "2",
-                 "--batch", "16"]) == 0
-    assert json.loads(next((root / "pipe" / "eval").glob("fd_digits-ddim-2steps-16-*.json")).read_text())["value"] > 0
-    capsys.readouterr()
-    assert main(["sample", "--seeds", "0", "--out", str(tmp_path / "x.png")]) == 2
-    assert main(["eval", "--diffusers", str(root / "pipe"), "--num", "4"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["elucidate sample: error: give either a RUN directory or --diffusers DIR",
-                   "elucidate eval: error: --ref is required with --diffusers (reference data or statistics to "
-                   "compare with)"]
+    assert cli_main(["eval", "--diffusers", root / "pipe", "--ref", "digits", "--num", "16", "--steps", "2",
+                     "--batch", "16"])[0] == 0
+    assert json.loads(next(RunDir(root / "pipe").eval.glob("fd_digits-ddim-2steps-16-*.json")).read_text())["value"] > 0
+    assert cli_main(["sample", "--seeds", "0", "--out", tmp_path / "x.png"]) == (
+        2, ["elucidate sample: error: give either a RUN directory or --diffusers DIR"])
+    assert cli_main(["eval", "--diffusers", root / "pipe", "--num", "4"]) == (
+        2, ["elucidate eval: error: --ref is required with --diffusers (the real data, or its statistics, to compare "
+            "with)"])
 
 
-def test_missing_diffusers_is_one_clear_line(monkeypatch, pipeline_dir, tmp_path, capsys):
+def test_missing_diffusers_is_one_clear_line(monkeypatch, pipeline_dir, tmp_path, cli_main):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
     with pytest.raises(UserError, match=r"pip install 'elucidate\[diffusers\]'"):
         build_network("diffusers_unet2d", img_resolution=8, in_channels=1)
-    assert main(["sample", "--diffusers", str(pipeline_dir[0] / "pipe"), "--out", str(tmp_path / "g.png")]) == 2
-    assert capsys.readouterr().err.strip() == ("elucidate sample: error: this needs the optional dependency "
-                                               "diffusers: pip install 'elucidate[diffusers]'")
+    assert cli_main(["sample", "--diffusers", pipeline_dir[0] / "pipe", "--out", tmp_path / "g.png"]) == (
+        2, ["elucidate sample: error: this needs the optional dependency diffusers: "
+            "pip install 'elucidate[diffusers]'"])
 
 
 # --- the diffusers_unet2d architecture: train, export, load back -------------------------------------
-TRAIN = {"data": {"dataset": "digits", "max_size": 64},
-         "network": {"arch": "diffusers_unet2d", "block_out_channels": [8, 16], "layers_per_block": 1,
-                     "norm_num_groups": 4, "attention_head_dim": 4},
-         "diffusion": {"type": "DDPM", "num_timesteps": 100, "prediction": "v", "timestep_spacing": "trailing"},
-         "training": {"steps": 3, "batch_size": 8, "checkpoint_every": 3, "sample_every": 0, "log_every": 1,
-                      "num_sample_images": 4, "ema_halflife": 8},
-         "sampling": {"steps": 3, "sampler": "ddim"}}
+DIFFUSERS_NET = {"arch": "diffusers_unet2d", "block_out_channels": [8, 16], "layers_per_block": 1,
+                 "norm_num_groups": 4, "attention_head_dim": 4}
+DDPM_V = {"type": "DDPM", "num_timesteps": 100, "prediction": "v", "timestep_spacing": "trailing"}
 
 
-def _train(root, name: str, **sections) -> str:
-    config = {**TRAIN, **sections}  # a section given replaces the default one
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert main(["train", str(path), "--out", str(root / name), "--no-progress"]) == 0
-    return root / name
+@pytest.fixture
+def train(tiny_config, write_config, cli_main, tmp_path):
+    """``train(name, network=DIFFUSERS_NET, diffusion=DDPM_V, **sections)``: ``elucidate train`` of the tiny run
+    config with that network and diffusion section (each replacing the tiny one; ``network=None`` keeps the tiny
+    U-Net) and the other sections updated; the run directory ``tmp_path / name``."""
+    def run(name: str, network: dict | None = DIFFUSERS_NET, diffusion: dict = DDPM_V, **sections):
+        raw = tiny_config(training={"steps": 3, "checkpoint_every": 3, "log_every": 1, "ema_halflife": 8},
+                          sampling={"steps": 3, "sampler": "ddim"}, **sections)
+        raw["network"], raw["diffusion"] = network or raw["network"], diffusion
+        config = write_config(raw, tmp_path / f"{name}.yaml")
+        assert cli_main(["train", config, "--out", tmp_path / name, "--no-progress"])[0] == 0
+        return tmp_path / name
+    return run
 
 
 def test_the_arch_follows_the_network_contract():
@@ -306,14 +300,14 @@ def test_the_arch_follows_the_network_contract():
         build_network("diffusers_unet2d", img_resolution=8, in_channels=1, channel_mult=(1, 2))
 
 
-def test_train_export_and_load_back_with_diffusers(tmp_path, capsys):
-    run = _train(tmp_path, "ddpm")
+def test_train_export_and_load_back_with_diffusers(train, tmp_path, cli_main):
+    run = train("ddpm")
     out = tmp_path / "exported"
-    assert main(["export", str(run), "--diffusers", str(out)]) == 0
+    assert cli_main(["export", run, "--diffusers", out])[0] == 0
     pipe = diffusers.DDPMPipeline.from_pretrained(str(out))
-    from elucidate.run.checkpoint import latest_checkpoint, load_checkpoint
+    from elucidate.run.checkpoint import load_checkpoint
 
-    tensors, _ = load_checkpoint(latest_checkpoint(run / "checkpoints"))
+    tensors, _ = load_checkpoint(RunDir(run).latest_checkpoint())
     ema = {k[len("ema.unet."):]: v for k, v in tensors.items() if k.startswith("ema.unet.")}
     state = pipe.unet.state_dict()
     assert set(state) == set(ema) and all(torch.equal(state[k], ema[k]) for k in ema)
@@ -329,35 +323,29 @@ def test_train_export_and_load_back_with_diffusers(tmp_path, capsys):
     x, sigma = torch.randn(3, 1, 8, 8), torch.tensor([0.05, 1.0, 30.0])
     with torch.no_grad():
         assert torch.equal(again(x, sigma), original(x, sigma))
-    capsys.readouterr()
-    assert main(["export", str(run), "--diffusers", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
-    assert main(["export", str(run), "--diffusers", str(out), "--no-ema", "--force"]) == 0
+    code, err = cli_main(["export", run, "--diffusers", out])
+    assert code == 2 and "already exists" in "\n".join(err)
+    assert cli_main(["export", run, "--diffusers", out, "--no-ema", "--force"])[0] == 0
     raw = diffusers.UNet2DModel.from_pretrained(str(out / "unet")).state_dict()
     assert all(torch.equal(raw[k], tensors["net.unet." + k]) for k in raw)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp folders left
 
 
-def test_other_runs_are_refused_naming_what_is_exportable(tmp_path, capsys):
-    edm = _train(tmp_path, "edm", diffusion={"type": "EDM"})  # a diffusers UNet trains under EDM too
-    unet = _train(tmp_path, "unet", network={"arch": "unet", "model_channels": 8, "channel_mult": [1, 2],
-                                             "num_blocks": 1, "attn_resolutions": []})
-    capsys.readouterr()
-    assert main(["export", str(edm), "--diffusers", str(tmp_path / "a")]) == 2
-    assert main(["export", str(unet), "--diffusers", str(tmp_path / "b")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+def test_other_runs_are_refused_naming_what_is_exportable(train, tmp_path, cli_main):
+    edm = train("edm", diffusion={"type": "EDM"})  # a diffusers UNet trains under EDM too
+    unet = train("unet", network=None)  # the tiny U-Net, under DDPM
     exportable = "exportable: runs with network.arch diffusers_unet2d and diffusion.type DDPM (without shift)"
-    assert err == [f"elucidate export: error: {edm} cannot be exported to diffusers (its formulation is EDM); "
-                   + exportable,
-                   f"elucidate export: error: {unet} cannot be exported to diffusers (its network is 'unet'); "
-                   + exportable]
+    assert cli_main(["export", edm, "--diffusers", tmp_path / "a"]) == (
+        2, [f"elucidate export: error: {edm} cannot be exported to diffusers (its formulation is EDM); " + exportable])
+    assert cli_main(["export", unet, "--diffusers", tmp_path / "b"]) == (
+        2, [f"elucidate export: error: {unet} cannot be exported to diffusers (its network is 'unet'); " + exportable])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     with pytest.raises(UserError, match="with a shift"):
-        export_diffusers(_train(tmp_path, "shifted", diffusion={**TRAIN["diffusion"], "shift": 2.0}), tmp_path / "c")
+        export_diffusers(train("shifted", diffusion={**DDPM_V, "shift": 2.0}), tmp_path / "c")
 
 
-def test_export_warns_when_the_data_is_not_in_minus_one_one(tmp_path):
-    run = _train(tmp_path, "standardized", data={**TRAIN["data"], "normalize": "standardize"})
+def test_export_warns_when_the_data_is_not_in_minus_one_one(train, tmp_path):
+    run = train("standardized", data={"normalize": "standardize"})
     with pytest.warns(UserWarning, match="normalization is 'standardize'"):
         export_diffusers(run, tmp_path / "out")
     assert (tmp_path / "out" / "model_index.json").is_file()

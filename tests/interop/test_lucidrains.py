@@ -1,8 +1,9 @@
-"""The seed's API (seed 000): ``elucidate.Unet`` and ``elucidate.ElucidatedDiffusion``.
+"""The lucidrains-style API (docs/lucidrains.md): ``elucidate.Unet`` and ``elucidate.ElucidatedDiffusion``.
 
-The seed snippet runs verbatim (only the import line changes); every method equals the elucidate core
-call it is built on (Denoiser, denoising_loss, sampling.heun / dpmpp_2m, karras_sigmas) and an
-independent transcription of the seed's semantics written here; a tiny model learns the digits through it.
+The lucidrains-style snippet runs verbatim (only the import line changes); every method equals the elucidate
+core call it is built on (Denoiser, denoising_loss, sampling.heun / dpmpp_2m, karras_sigmas) and an independent
+transcription of the lucidrains-style semantics written here; a tiny model learns the digits through it.
+The snippet (128x128, minutes) and the learning test are marked slow: `make test-all` runs them.
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ def _tiny(image_size=(8, 12), channels=2, dtype=torch.float32, **unet) -> Elucid
 
 
 @pytest.mark.slow
-def test_seed_snippet_runs_verbatim():
-    # --- verbatim from /work/shared/seeds/000 (only the two import lines became one) -------------------
+def test_lucidrains_snippet_runs_verbatim():
+    # --- the lucidrains-style snippet, verbatim (only the two import lines became one) -----------------
     from elucidate import ElucidatedDiffusion, Unet
 
     # The U-Net must have `random_or_learned_sinusoidal_cond = True`
@@ -63,7 +64,7 @@ def test_seed_snippet_runs_verbatim():
     sampled_images = diffusion.sample(batch_size = 4)
     # Using the DPM-Solver++
     sampled_images_dpm = diffusion.sample_using_dpmpp(batch_size = 4)
-    # --- end of the seed snippet ------------------------------------------------------------------------
+    # --- end of the lucidrains-style snippet -----------------------------------------------------------
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert all(p.grad is not None for p in model.parameters())
     for out in (sampled_images, sampled_images_dpm):
@@ -113,7 +114,7 @@ def test_forward_is_denoising_loss_mean():
     torch.manual_seed(5)
     core = denoising_loss(Denoiser(d.net, EDM(**EDM_ARGS)), images * 2 - 1).mean()
     assert loss.ndim == 0 and torch.equal(loss, core)
-    # the seed's loss written out: lambda(sigma) * mean((D(y + sigma n) - y)^2) with y = 2 images - 1
+    # the lucidrains-style loss written out: lambda(sigma) * mean((D(y + sigma n) - y)^2) with y = 2 images - 1
     sigma = torch.tensor([0.05, 0.3, 2.0, 40.0])
     torch.manual_seed(6)
     per_sample = d(images, sigma=sigma, loss_reduction="none")
@@ -138,8 +139,9 @@ def test_sample_schedule_is_karras_sigmas_in_float32():
     torch.testing.assert_close(d.sample_schedule(10)[:-1], eq5.float())
 
 
-def _seed_heun(D, x, sigmas, churn, eps):
-    """The seed's Heun loop with churn, transcribed: eps[i] is drawn at every step (0 noise when gamma = 0)."""
+def _lucidrains_heun(D, x, sigmas, churn, eps):
+    """The lucidrains-style Heun loop with churn, transcribed: eps[i] is drawn at every step (0 noise when
+    gamma = 0)."""
     N = len(sigmas) - 1
     for i in range(N):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -166,13 +168,13 @@ def test_sample_is_heun_with_churn(dtype):
     x0 = sigmas[0].item() * torch.randn(3, 2, 8, 12, dtype=dtype)
     core = heun(D, x0, sigmas, s_churn=80, s_tmin=0.05, s_tmax=50, s_noise=1.003)
     assert torch.equal(out, (core.clamp(-1, 1) + 1) / 2)
-    # the seed's loop on the same noise: feed heun the eps of the steps it churns
+    # the lucidrains-style loop on the same noise: feed heun the eps of the steps it churns
     eps = torch.randn(6, 3, 2, 8, 12, generator=torch.Generator().manual_seed(8), dtype=dtype)
     index = {float(s): i for i, s in enumerate(sigmas[:-1].double())}
     churned = heun(D, x0, sigmas, s_churn=80, s_tmin=0.05, s_tmax=50, s_noise=1.003,
                    noise_sampler=lambda s, s_hat: eps[index[s]])
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close((churned.clamp(-1, 1) + 1) / 2, _seed_heun(D, x0, sigmas, CHURN, eps), **tol)
+    torch.testing.assert_close((churned.clamp(-1, 1) + 1) / 2, _lucidrains_heun(D, x0, sigmas, CHURN, eps), **tol)
     assert not torch.allclose(churned, heun(D, x0, sigmas))  # churn changed the result
     # clamp=False feeds the raw denoiser
     torch.manual_seed(7)
@@ -184,8 +186,8 @@ def test_sample_is_heun_with_churn(dtype):
     assert torch.equal(unclamped, (expected.clamp(-1, 1) + 1) / 2)
 
 
-def _seed_dpmpp_2m(D, x, sigmas):
-    """The seed's DPM-Solver++(2M) loop in t = -log(sigma), transcribed."""
+def _lucidrains_dpmpp_2m(D, x, sigmas):
+    """The lucidrains-style DPM-Solver++(2M) loop in t = -log(sigma), transcribed."""
     t = [-math.log(s) if s > 0 else math.inf for s in sigmas.double().tolist()]
     old = None
     for i in range(len(t) - 1):
@@ -210,7 +212,7 @@ def test_sample_using_dpmpp_is_dpmpp_2m():
     torch.manual_seed(9)
     x0 = sigmas[0].item() * torch.randn(3, 2, 8, 12, dtype=torch.float64)
     assert torch.equal(out, (dpmpp_2m(raw, x0, sigmas).clamp(-1, 1) + 1) / 2)
-    torch.testing.assert_close(out, _seed_dpmpp_2m(raw, x0, sigmas), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, _lucidrains_dpmpp_2m(raw, x0, sigmas), rtol=1e-10, atol=1e-10)
 
 
 def test_non_square_images_and_module_behaviour():
@@ -266,7 +268,7 @@ def test_unet_arguments_map_onto_our_unet():
 
 
 @pytest.mark.slow
-def test_tiny_model_learns_digits_through_the_seed_api():
+def test_tiny_model_learns_digits_through_the_lucidrains_api():
     data = build_dataset({"dataset": "digits", "resolution": 16, "normalize": "zero_one"})
     images, _ = data.get_batch(torch.arange(data.num_images))
     assert images.min() >= 0 and images.max() <= 1

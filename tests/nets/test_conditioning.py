@@ -23,20 +23,14 @@ from elucidate.nets import build_network
 ARCHS = ["unet", "ddpmpp", "ncsnpp", "adm"]
 KINDS = {"none": {}, "adm": dict(label_dim=4), "concat": dict(cond_channels=2), "crossattn": dict(context_dim=6),
          "hybrid": dict(cond_channels=2, context_dim=6)}
-TINY = dict(model_channels=8, num_blocks=1, dropout=0.0, channel_mult=(1, 2, 2), attn_resolutions=(6,))
+TINY_NET = dict(model_channels=8, num_blocks=1, dropout=0.0, channel_mult=(1, 2, 2), attn_resolutions=(6,))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def net_for(arch: str, seed: int = 0, res=(12, 20), **kwargs):
     torch.manual_seed(seed)
-    return build_network(arch, img_resolution=res, in_channels=3, **{**TINY, **kwargs})
+    return build_network(arch, img_resolution=res, in_channels=3, **{**TINY_NET, **kwargs})
 
 
 @torch.no_grad()
@@ -325,9 +319,10 @@ def test_folders_as_classes(tmp_path):
 
 # --- build_network_for and DataInfo --------------------------------------------------------------
 
-def _config(**network):
-    return parse_config({"data": {"dataset": "digits"}, "network": {"arch": "unet", "model_channels": 8,
-                                                                    "channel_mult": [1, 2], **network}})
+@pytest.fixture(scope="module")
+def config_with(tiny_config):
+    """``config_with(**network)``: the parsed tiny run config with those network keys."""
+    return lambda **network: parse_config(tiny_config(network=network))
 
 
 DIGITS = DataInfo(1, (8, 8), 10)
@@ -336,13 +331,13 @@ DIGITS_COND = DataInfo(1, (8, 8), 10, cond_channels=1, context_shape=(5, 31))
 
 @pytest.mark.parametrize("conditioning,sizes", [("none", (0, 0, 0)), ("adm", (10, 0, 0)), ("concat", (0, 1, 0)),
                                                 ("crossattn", (0, 0, 31)), ("hybrid", (0, 1, 31))])
-def test_build_network_for_sizes_the_conditions_from_the_data(conditioning, sizes):
-    net = build_network_for(_config(conditioning=conditioning), DIGITS_COND)
+def test_build_network_for_sizes_the_conditions_from_the_data(config_with, conditioning, sizes):
+    net = build_network_for(config_with(conditioning=conditioning), DIGITS_COND)
     assert (net.label_dim, net.cond_channels, net.context_dim) == sizes
     assert net.stem.in_channels == 1 + sizes[1]
 
 
-def test_build_network_for_rejects_mismatches():
+def test_build_network_for_rejects_mismatches(config_with):
     cases = [(dict(conditioning="crossattn"), DIGITS, r"network.conditioning = crossattn needs a context"),
              (dict(conditioning="concat"), DIGITS, r"network.conditioning = concat needs a spatial condition"),
              (dict(conditioning="adm"), DataInfo(1, (8, 8)), r"network.conditioning = adm needs class labels"),
@@ -354,14 +349,14 @@ def test_build_network_for_rejects_mismatches():
              (dict(label_dim=5), DIGITS, r"network.label_dim = 5 does not match the data \(10\)")]
     for network, info, match in cases:
         with pytest.raises(ConfigError, match=match) as err:
-            build_network_for(_config(**network), info)
+            build_network_for(config_with(**network), info)
         assert "\n" not in str(err.value)
     # explicit keys without `conditioning`, as label_dim always worked; auto on unlabeled data stays 0
-    net = build_network_for(_config(label_dim="auto", cond_channels="auto", context_dim=31), DIGITS_COND)
+    net = build_network_for(config_with(label_dim="auto", cond_channels="auto", context_dim=31), DIGITS_COND)
     assert (net.label_dim, net.cond_channels, net.context_dim) == (10, 1, 31)
-    assert build_network_for(_config(label_dim="auto"), DataInfo(1, (8, 8))).label_dim == 0
-    assert build_network_for(_config(context_dim="auto"), DIGITS).context_dim == 0
-    assert build_network_for(_config(conditioning="adm", label_dim=12), DIGITS).label_dim == 12
+    assert build_network_for(config_with(label_dim="auto"), DataInfo(1, (8, 8))).label_dim == 0
+    assert build_network_for(config_with(context_dim="auto"), DIGITS).context_dim == 0
+    assert build_network_for(config_with(conditioning="adm", label_dim=12), DIGITS).label_dim == 12
 
 
 def test_data_info_round_trip_and_old_metadata():
@@ -376,14 +371,12 @@ def test_data_info_round_trip_and_old_metadata():
 
 @pytest.mark.parametrize("conditioning, condition", [("concat", "lowres"), ("crossattn", "class_tokens"),
                                                      ("hybrid", ["lowres", "class_tokens"])])
-def test_the_training_loop_feeds_the_data_conditions(tmp_path, monkeypatch, conditioning, condition):
-    from elucidate.config import parse_config
+def test_the_training_loop_feeds_the_data_conditions(tmp_path, monkeypatch, tiny_config, conditioning, condition):
     from elucidate.training import Trainer
 
-    raw = {"data": {"dataset": "digits", "max_size": 32, "condition": condition},
-           "network": {"arch": "unet", "model_channels": 8, "channel_mult": [1], "num_blocks": 1,
-                       "attn_resolutions": [4], "conditioning": conditioning},
-           "training": {"steps": 1, "batch_size": 4, "sample_every": 0, "checkpoint_every": 1}}
+    raw = tiny_config(data={"max_size": 32, "condition": condition},
+                      network={"attn_resolutions": [4], "conditioning": conditioning},
+                      training={"steps": 1, "batch_size": 4, "checkpoint_every": 1})
     trainer = Trainer(parse_config(raw), tmp_path / "run", progress=False, log=lambda *a: None)
     seen = {}
     forward = type(trainer.net).forward

@@ -11,20 +11,14 @@ from elucidate import EDM, Denoiser, denoising_loss
 from elucidate.nets import DiT, build_network, count_parameters
 from elucidate.nets.dit import sincos_position_embedding
 
-TINY = dict(patch_size=2, hidden_size=32, depth=2, num_heads=4, noise_channels=16)
+TINY_DIT = dict(patch_size=2, hidden_size=32, depth=2, num_heads=4, noise_channels=16)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_dit(channels=1, res=8, seed=0, **kwargs) -> DiT:
     torch.manual_seed(seed)
-    return build_network("dit", img_resolution=res, in_channels=channels, **{**TINY, **kwargs})
+    return build_network("dit", img_resolution=res, in_channels=channels, **{**TINY_DIT, **kwargs})
 
 
 @torch.no_grad()

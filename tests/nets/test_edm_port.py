@@ -44,13 +44,7 @@ from elucidate.nets.edm_port import EDM_ARCHS, convert_edm_state_dict, edm_netwo
 DATA = Path(__file__).resolve().parents[1] / "fixtures" / "edm"
 CASES = {"ddpmpp": "ddpmpp", "ncsnpp": "ncsnpp", "songunet_skip": "ddpmpp", "adm": "adm"}  # fixture -> arch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def generated_weights(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:

@@ -8,16 +8,9 @@ from elucidate.nets import NETWORKS, DhariwalUNet, SongUNet, UNet, UnknownArgume
 from elucidate.nets.layers import Conv2d, num_groups
 
 ARCHS = ["unet", "ddpmpp", "ncsnpp", "adm"]
-TINY = dict(model_channels=8, num_blocks=1, dropout=0.0)
+TINY_NET = dict(model_channels=8, num_blocks=1, dropout=0.0)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These nets are tiny: one intra-op thread is faster and immune to a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # (channels, H, W, channel_mult): odd channel counts, non-square, not powers of two, 1 level at 25x25.
@@ -27,7 +20,7 @@ SHAPES = [(1, 8, 8, (1, 2)), (3, 12, 20, (1, 2, 2)), (5, 24, 24, (1, 2, 2)), (2,
 def tiny_net(arch: str, channels: int = 1, res=8, channel_mult=(1, 2), seed: int = 0, **kwargs):
     torch.manual_seed(seed)
     side = res if isinstance(res, int) else min(res)
-    kw = dict(TINY, channel_mult=channel_mult, attn_resolutions=(side // 2,))  # attention at level 1
+    kw = dict(TINY_NET, channel_mult=channel_mult, attn_resolutions=(side // 2,))  # attention at level 1
     kw.update(kwargs)
     return build_network(arch, img_resolution=res, in_channels=channels, **kw)
 

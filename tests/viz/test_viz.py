@@ -254,9 +254,9 @@ def test_save_figure_is_atomic_and_formats_by_suffix(tmp_path):
     assert target.read_text().lstrip().startswith("<?xml") and list(target.parent.iterdir()) == [target]
 
 
-def test_viz_never_imports_pyplot():
+def test_viz_never_imports_pyplot(env):
     code = ("import sys; import elucidate.viz as v; v.figure_to_png(v.plot_schedules(4)); "
             "print('matplotlib.pyplot' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
