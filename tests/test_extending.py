@@ -147,6 +147,13 @@ def test_a_schedule_declared_once_is_everywhere(toy_schedule, gmm):
     cfg = SamplingConfig(schedule="toy", steps=6, sigma_min=0.01, sigma_max=10.0)
     cfg.validate()
     assert torch.allclose(schedule_for(cfg, EDM()), toy_schedule(6, 0.01, 10.0))
+    bent = SamplingConfig(schedule="toy:bend=2", steps=6, sigma_min=0.01, sigma_max=10.0)  # with an option
+    bent.validate()
+    assert torch.allclose(schedule_for(bent, EDM()), toy_schedule(6, 0.01, 10.0, bend=2.0))
+    assert torch.allclose(sample(gmm.denoise, (8, gmm.dim), sampler="euler", schedule="toy:bend=2", steps=6,
+                                 dtype=torch.float64),
+                          sample(gmm.denoise, (8, gmm.dim), sampler="euler", sigmas=toy_schedule(6, bend=2.0),
+                                 dtype=torch.float64))
     with pytest.raises(ConfigError, match="sampling.schedule = 'toyy'"):
         SamplingConfig(schedule="toyy").validate()
     # the CLI: --schedule and its help

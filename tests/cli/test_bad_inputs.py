@@ -54,7 +54,8 @@ ROWS: dict[str, list[list[str]]] = {
     "sample": [[ref(r), "--out", "OUT.png"] for r in RUNS] + [
         ["{run}", "--out", "OUT.png", "--steps", "0"], ["{run}", "--out", "OUT.png", "--seeds", "9-1"],
         ["{run}", "--out", "OUT.gif"], ["{run}", "--out", "OUT.png", "--guidance", "-1"],
-        ["{run}", "--out", "OUT.png", "--sampler", "nope"]],
+        ["{run}", "--out", "OUT.png", "--sampler", "nope"], ["{run}", "--out", "OUT.png", "--schedule", "karras:r=3"],
+        ["{run}", "--out", "OUT.png", "--schedule", "vp", "--sigma-min", "0.1", "--sigma-max", "5"]],
     "eval": [[ref(r), "--num", "8"] for r in RUNS] + [
         ["{run}", "--num", "0"], ["{run}", "--num", "8", "--ref", "{npz}"]],
     "ref": [["{missing}", "--out", "OUT.npz"], ["{garbage}", "--out", "OUT.npz"], ["{dir}", "--out", "OUT.npz"]],

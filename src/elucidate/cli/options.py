@@ -26,7 +26,7 @@ def sampler_help() -> str:
 def schedule_help() -> str:
     """The named schedules with their one-line descriptions (for --schedule's help)."""
     return "auto (the formulation's own discretization); " + "; ".join(
-        f"{name}: {spec.description}" for name, spec in SCHEDULES.items())
+        f"{name}: {spec.description}" for name, spec in SCHEDULES.items()) + "; options after a colon: karras:rho=3"
 
 
 def sampling_flags() -> list:

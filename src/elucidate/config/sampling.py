@@ -12,7 +12,7 @@ from ..denoiser import Guided
 from ..errors import ConfigError, UserError
 from ..formulations import Formulation
 from ..params import did_you_mean, param
-from ..sampling import CONFIG_OPTIONS, SAMPLERS, SCHEDULES, check_options, check_sigmas, get_sampler, num_steps
+from ..sampling import CONFIG_OPTIONS, SAMPLERS, check_options, check_sigmas, get_sampler, num_steps, parse_schedule
 from .schema import validate_section
 
 __all__ = ["SamplingConfig", "schedule_for"]
@@ -31,7 +31,7 @@ class SamplingConfig:
     s_noise: float = param(1.0, "scale of the churn / ancestral noise", symbol="S_noise", minimum=0, exclusive=True,
                            flag=True)
     schedule: str = param("auto", "auto = the formulation's own discretization; or a named schedule (see "
-                                  "'schedules' below)", flag=True)
+                                  "'schedules' below), options after a colon: karras:rho=3", flag=True)
     sigma_min: float | None = param(None, "lowest sigma of a named schedule (default 0.002, clipped to the "
                                           "model's range)", minimum=0, exclusive=True, flag=True)
     sigma_max: float | None = param(None, "highest sigma of a named schedule (default 80, clipped to the "
@@ -52,8 +52,12 @@ class SamplingConfig:
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampling.sampler = {self.sampler!r}{did_you_mean(self.sampler, SAMPLERS)}: "
                               f"expected one of {sorted(SAMPLERS)}")
-        if self.schedule != "auto" and self.schedule not in SCHEDULES:
-            raise ConfigError(f"sampling.schedule = {self.schedule!r}: expected 'auto' or one of {sorted(SCHEDULES)}")
+        if self.schedule != "auto":
+            try:
+                parse_schedule(self.schedule)
+            except ValueError as e:
+                raise ConfigError(f"sampling.schedule = {self.schedule!r}: expected 'auto' or a schedule "
+                                  f"({e})") from None
         if self.s_min > self.s_max:
             raise ConfigError(f"sampling.s_min = {self.s_min} must not exceed sampling.s_max = {self.s_max}")
         if not isinstance(self.options, dict):
@@ -102,10 +106,10 @@ def schedule_for(cfg: SamplingConfig, formulation: Formulation, *, device=None) 
     ``schedule: auto`` with no range override is the formulation's own discretization (EDM Table 1).
     A named schedule (or ``auto`` with ``sigma_min``/``sigma_max``/``rho`` given, which means Karras)
     spans ``cfg.sigma_min``..``cfg.sigma_max`` (default: the paper's 0.002..80) clipped to the range the
-    network supports, as EDM's sampler does; each option of the schedule comes from the config field of
-    that name if set (``rho``), else from the formulation's parameter of that name (EDM's ``rho``, iDDPM's
-    grid ``C_1, C_2, M``), else its default. Levels are then snapped to the network's grid (iDDPM) and
-    repeated levels dropped, so every step costs evaluations and moves.
+    network supports, as EDM's sampler does; each option of the schedule comes from the schedule name
+    (``karras:rho=3``), else from the config field of that name if set (``rho``), else from the formulation's
+    parameter of that name (EDM's ``rho``, iDDPM's grid ``C_1, C_2, M``), else its default. Levels are then
+    snapped to the network's grid (iDDPM) and repeated levels dropped, so every step costs evaluations and moves.
     """
     own = cfg.schedule == "auto" and cfg.sigma_min is None and cfg.sigma_max is None and cfg.rho is None
     if cfg.sigmas is not None:  # explicit levels (a tuned schedule) override the rest
@@ -118,14 +122,16 @@ def schedule_for(cfg: SamplingConfig, formulation: Formulation, *, device=None) 
             raise UserError(f"sampling range [{cfg.sigma_min}, {cfg.sigma_max}] lies outside the range the "
                             f"model supports [{formulation.supported_range[0]:.4g}, "
                             f"{formulation.supported_range[1]:.4g}]")
-        named = SCHEDULES["karras" if cfg.schedule == "auto" else cfg.schedule]
-        options = {}
-        for name in named.options:
+        named, options = parse_schedule("karras" if cfg.schedule == "auto" else cfg.schedule)
+        for name in set(named.options) - set(options):  # then the config key, then the formulation's parameter
             value = getattr(cfg, name, None)
             value = getattr(formulation, name, None) if value is None else value
             if value is not None:
                 options[name] = value
-        sigmas = named(cfg.steps, lo, hi, **options)
+        try:
+            sigmas = named(cfg.steps, lo, hi, **options)
+        except ValueError as e:
+            raise UserError(f"sampling.schedule = {cfg.schedule!r}: {e}") from None
     sigmas = torch.cat([formulation.round_sigma(sigmas[:-1]), sigmas[-1:]])  # discrete nets: known levels only
     sigmas = torch.unique_consecutive(sigmas)  # a level repeated by rounding would be a zero-length step
     return sigmas if device is None else sigmas.to(device)

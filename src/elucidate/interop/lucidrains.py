@@ -170,7 +170,7 @@ class ElucidatedDiffusion(nn.Module):
         self.S_churn, self.S_tmin, self.S_tmax, self.S_noise = S_churn, S_tmin, S_tmax, S_noise
         self.self_condition = False
 
-    # --- the formulation's fields under the seed's names ------------------------------------------
+    # --- the formulation's fields under the lucidrains-style names ------------------------------
     net = property(lambda self: self.denoiser.net, doc="The raw network F.")
     sigma_data = property(lambda self: self.edm.sigma_data)
     sigma_min = property(lambda self: self.edm.sigma_min)

@@ -8,7 +8,7 @@ import torch
 
 from ..runtime.precision import autocast_for
 from .registry import PLUMBING, get_sampler
-from .schedules import get_schedule
+from .schedules import parse_schedule
 from .solvers import num_steps
 
 __all__ = ["sample", "SeededNoise"]
@@ -41,17 +41,17 @@ def sample(denoiser: Callable[..., torch.Tensor], shape: Sequence[int], *, sampl
            sigma_max: float = 80.0, rho: float = 7.0, seeds: Sequence[int] | None = None,
            dtype: torch.dtype = torch.float32, device=None, progress: bool = False,
            cond: dict | None = None, callback: Callable[[dict], None] | None = None,
-           batch_size: int | None = None, precision: str = "fp32", **solver_kwargs) -> torch.Tensor:
+           batch_size: int | None = None, precision: str = "fp32", **sampler_kwargs) -> torch.Tensor:
     """Generate ``shape[0]`` samples of shape ``shape[1:]`` with the named sampler: the one function that samples.
 
     The noise levels are ``sigmas`` if given, else the named ``schedule`` (a registered one, see
-    :data:`SCHEDULES`) with ``steps`` steps over ``[sigma_min, sigma_max]`` (``rho`` goes to schedules that
-    take it). Sample i's initial noise and all its stochastic noise come from ``seeds[i]`` alone (default
-    ``seeds = range(shape[0])``), so ``batch_size`` (samples per denoiser batch; default all at once) never
-    changes a result. ``cond`` holds keyword arguments for the denoiser (e.g. ``class_labels``, one row per
-    sample); ``precision`` is ``fp32``, ``bf16`` (autocast) or ``auto``; remaining keyword arguments go to the
-    sampler (``s_churn``, ``eta``, ...). A denoiser with a ``round_sigma`` method (a network trained on a
-    discrete sigma grid) gets its raised churn levels snapped to that grid.
+    :data:`SCHEDULES`, options after a colon: ``"karras:rho=3"``) with ``steps`` steps over ``[sigma_min,
+    sigma_max]`` (``rho`` goes to schedules that take it). Sample i's initial noise and all its stochastic noise
+    come from ``seeds[i]`` alone (default ``seeds = range(shape[0])``), so ``batch_size`` (samples per denoiser
+    batch; default all at once) never changes a result. ``cond`` holds keyword arguments for the denoiser (e.g.
+    ``class_labels``, one row per sample); ``precision`` is ``fp32``, ``bf16`` (autocast) or ``auto``; remaining
+    keyword arguments go to the sampler (``s_churn``, ``eta``, ...). A denoiser with a ``round_sigma`` method (a
+    network trained on a discrete sigma grid) gets its raised churn levels snapped to that grid.
     """
     spec = get_sampler(sampler)
     shape = tuple(int(n) for n in shape)
@@ -60,7 +60,7 @@ def sample(denoiser: Callable[..., torch.Tensor], shape: Sequence[int], *, sampl
     seeds = list(range(shape[0])) if seeds is None else [int(s) for s in seeds]
     if len(seeds) != shape[0]:
         raise ValueError(f"seeds has {len(seeds)} entries but shape asks for a batch of {shape[0]}")
-    unknown = [k for k in solver_kwargs if not spec.takes(k)]
+    unknown = [k for k in sampler_kwargs if not spec.takes(k)]
     if unknown:
         raise ValueError(f"sampler {sampler!r} does not take {unknown}; it takes {sorted(spec.options)} "
                          f"(and {[p for p in PLUMBING if spec.takes(p)]})")
@@ -69,8 +69,10 @@ def sample(denoiser: Callable[..., torch.Tensor], shape: Sequence[int], *, sampl
     if device is None:
         device = _module_device(denoiser)
     if sigmas is None:
-        named = get_schedule(schedule)
-        sigmas = named(steps, sigma_min, sigma_max, **({"rho": rho} if "rho" in named.options else {}))
+        named, options = parse_schedule(schedule)
+        if "rho" in named.options:
+            options.setdefault("rho", rho)
+        sigmas = named(steps, sigma_min, sigma_max, **options)
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
     total = num_steps(sigmas)
     cond = cond or {}
@@ -95,7 +97,7 @@ def sample(denoiser: Callable[..., torch.Tensor], shape: Sequence[int], *, sampl
             chunk = seeds[start:start + batch]
             noise = SeededNoise(chunk, shape[1:], device=device, dtype=dtype)
             x = noise() * float(sigmas[0])
-            kwargs = dict(solver_kwargs)
+            kwargs = dict(sampler_kwargs)
             if spec.takes("noise_sampler") and "noise_sampler" not in kwargs:
                 kwargs["noise_sampler"] = noise
             if spec.takes("round_sigma") and "round_sigma" not in kwargs:

@@ -26,7 +26,7 @@ __all__ = ["SamplerSpec", "SAMPLERS", "register_sampler", "get_sampler", "nfe", 
 #: Arguments every sampler may take that ``sample()`` (not the user) supplies.
 PLUMBING = ("generator", "noise_sampler", "callback", "round_sigma")
 
-#: Config / CLI name -> sampler argument name (the seed config's churn names vs k-diffusion's).
+#: Config / CLI name -> sampler argument name (the framework config schema's churn names vs k-diffusion's).
 CONFIG_OPTIONS = {"s_churn": "s_churn", "s_min": "s_tmin", "s_max": "s_tmax", "s_noise": "s_noise", "eta": "eta"}
 
 #: One-line descriptions of options shared by several samplers (a declaration may add its own).

@@ -168,10 +168,21 @@ def vp_betas_for_range(sigma_min: float, sigma_max: float, epsilon_s: float = 1e
                    option_docs={"epsilon_s": "last sampling time"})
 def vp_range_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, epsilon_s: float = 1e-3, *,
                     device=None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The VP discretization (t uniform in [epsilon_s, 1]) of a VP sigma(t) fitted to [sigma_min, sigma_max]."""
+    """The VP discretization (t uniform in [epsilon_s, 1]) of a VP sigma(t) fitted to [sigma_min, sigma_max]: the
+    ln(sigma^2 + 1) = beta_d t^2 / 2 + beta_min t through both ends (ValueError if that sigma(t) does not increase
+    over [epsilon_s, 1], as when sigma_min is large and the range narrow)."""
+    check_steps(num_steps)
     check_range(sigma_min, sigma_max)
+    check_positive(epsilon_s=epsilon_s)
+    if epsilon_s >= 1:
+        raise ValueError(f"epsilon_s must be in (0, 1), got {epsilon_s!r}")
     beta_d, beta_min = vp_betas_for_range(sigma_min, sigma_max, epsilon_s)
-    return vp_sigmas(num_steps, beta_d, beta_min, epsilon_s, device=device, dtype=dtype)
+    if min(beta_min + beta_d * epsilon_s, beta_min + beta_d) <= 0:  # beta(t) = sigma(t)'s growth rate, in ln
+        raise ValueError(f"the vp schedule cannot span [{sigma_min:g}, {sigma_max:g}] with epsilon_s = {epsilon_s:g}: "
+                         f"a VP sigma(t) through both ends does not increase over [epsilon_s, 1]; use a wider range, "
+                         f"a smaller epsilon_s or another schedule")
+    t = 1 + _ramp(num_steps) * (epsilon_s - 1)
+    return _finish(torch.sqrt(torch.expm1(0.5 * beta_d * t ** 2 + beta_min * t)), device, dtype)
 
 
 @register_schedule(description="VE (Table 1): geometric in sigma, default range 0.02..100")
@@ -234,9 +245,10 @@ def parse_schedule(text: str) -> tuple[ScheduleSpec, dict[str, Any]]:
         key = key.strip()
         if not sep or key not in spec.options:
             raise ValueError(f"schedule {text!r}: expected {name}:key=value with key one of {sorted(spec.options)}")
-        kind = type(spec.options[key]) if isinstance(spec.options[key], (int, float)) else float
+        integer = isinstance(spec.options[key], int) and not isinstance(spec.options[key], bool)
         try:
-            options[key] = kind(value)
+            options[key] = int(value) if integer else float(value)
         except ValueError:
-            raise ValueError(f"schedule {text!r}: {key} = {value!r} is not a number") from None
+            raise ValueError(f"schedule {text!r}: {key} = {value!r} is not {'an integer' if integer else 'a number'}"
+                             ) from None
     return spec, options
