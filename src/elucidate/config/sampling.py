@@ -61,7 +61,7 @@ class SamplingConfig:
         if self.s_min > self.s_max:
             raise ConfigError(f"sampling.s_min = {self.s_min} must not exceed sampling.s_max = {self.s_max}")
         if not isinstance(self.options, dict):
-            raise ConfigError(f"sampling.options = {self.options!r}: expected a mapping of solver options")
+            raise ConfigError(f"sampling.options = {self.options!r}: expected a mapping of sampler options")
         if self.sigmas is not None:
             self._check_sigmas()
         try:

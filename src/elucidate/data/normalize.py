@@ -56,7 +56,7 @@ class Normalizer:
 
     ``mode`` is the resolved mode (never ``auto``), ``scale``/``bias`` have one entry per channel,
     ``dtype`` is the stored dtype (``uint8`` or ``float32``) and ``value_range`` the nominal
-    (low, high) range of the stored values when known (used by :func:`elucidate.pixels.to_uint8`).
+    (low, high) range of the stored values when known (used by :func:`elucidate.data.pixels.to_uint8`).
     """
 
     mode: str

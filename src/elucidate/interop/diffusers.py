@@ -198,7 +198,7 @@ def from_diffusers(model, scheduler=None, *, null_class: int | None = None,
 
 
 def load_diffusers(path: str | os.PathLike, *, device=None, steps: int = 50):
-    """A local diffusers pixel-space pipeline/UNet folder as a :class:`~elucidate.model.LoadedRun` (for
+    """A local diffusers pixel-space pipeline/UNet folder as a :class:`~elucidate.run.LoadedRun` (for
     ``elucidate sample/eval --diffusers``): sampling defaults DDIM with ``steps`` steps on the scheduler's
     timesteps, images in [-1, 1], no checkpoint step."""
     from ..config import Config

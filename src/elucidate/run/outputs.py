@@ -47,7 +47,7 @@ def output_kind(out: Path) -> str:
 
 def write_samples(x: torch.Tensor, seeds: Sequence[int], out: Path, *, normalizer=None) -> Path:
     """Write model-range samples ``[N, C, H, W]``; returns the path written. Every file appears
-    atomically; a failed write raises :class:`~elucidate.fileio.WriteError` (one line: path, OS error)."""
+    atomically; a failed write raises :class:`~elucidate.runtime.files.WriteError` (one line: path, OS error)."""
     out = Path(out)
     kind = output_kind(out)
     if kind == "grid":

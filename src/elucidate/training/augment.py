@@ -8,7 +8,7 @@ borders) -- all exact pixel permutations -- then isotropic scaling (log-normal),
 and anisotropic scaling (log-normal stretch along a random axis), composed into one affine map and
 resampled bilinearly with reflection padding (only for the images that got one of them).
 
-The label vector (:data:`~elucidate.augment_config.LABEL_LAYOUT`, 12 entries) holds, in order:
+The label vector (:data:`~elucidate.config.training.LABEL_LAYOUT`, 12 entries) holds, in order:
 xflip flag, yflip flag, the k x 90 degree rotation one-hot over k = 1, 2, 3, translation (x, y) as a fraction
 of (W, H), log2 of the scale, (sin, cos - 1) of the rotation angle, and the stretch log2(a) times
 (cos, sin) of twice its axis angle. Every entry is 0 when its transform was not applied.

@@ -39,7 +39,7 @@ from .objectives import LOSSES, Models, geometric_mean_loss, rmse, weighted_loss
 from .search import search_levels
 from .stored import TunedSchedule
 
-__all__ = ["tune", "candidate_solvers", "choose_finalist", "OPTION_VARIANTS", "NOISE_SEED_OFFSET", "HELDOUT_SLACK",
+__all__ = ["tune", "candidate_samplers", "choose_finalist", "OPTION_VARIANTS", "NOISE_SEED_OFFSET", "HELDOUT_SLACK",
            "tuning_noise", "rmse"]
 
 #: Option sets tried for a solver besides its defaults (the search picks among them by error).
@@ -62,7 +62,7 @@ SCREEN = (7.0,)
 HELDOUT_SLACK = 1.5
 
 
-def candidate_solvers(samplers: Sequence[str] | None = None) -> list[tuple[str, dict]]:
+def candidate_samplers(samplers: Sequence[str] | None = None) -> list[tuple[str, dict]]:
     """(solver, options) pairs to tune: each named deterministic solver with its defaults and
     :data:`OPTION_VARIANTS` (default: the deterministic sweep solvers)."""
     names = sweep_samplers(deterministic=True) if samplers is None else list(samplers)
@@ -266,7 +266,7 @@ def tune(D: Callable | Sequence[Callable], shape: Sequence[int], nfe: int, *, se
 
     scored = []
     dp_cache: dict[int, torch.Tensor] = {}
-    for sampler, options in candidate_solvers(samplers):
+    for sampler, options in candidate_samplers(samplers):
         spec = SAMPLERS[sampler]
         steps = spec.steps_for_nfe(nfe)
         if spec.nfe(steps) > nfe:

@@ -1,7 +1,7 @@
 """Sample grids as uint8 arrays and PNG files (NumPy + Pillow; no matplotlib figure involved).
 
 Inputs are float ``[N, C, H, W]`` in ``value_range`` (default the model range (-1, 1)) or uint8
-``[N, H, W, C]``, converted by :func:`elucidate.pixels.to_uint8`.
+``[N, H, W, C]``, converted by :func:`elucidate.data.pixels.to_uint8`.
 
 C = 1 gives a grey grid ``[H, W, 1]`` and C = 3 an RGB grid ``[H, W, 3]``. Any other channel count
 (C = 2 or C > 3: multi-channel physical fields such as velocity components) is shown as one row
