@@ -233,21 +233,15 @@ def test_run_likelihood_on_the_trained_run(trained_run):
 
 @pytest.mark.slow
 def test_run_likelihood_on_a_tiny_trained_run(tmp_path, tiny_config):
+    """A run trained 40 steps scores better than a uniform model (batching and the exact trace: the fast test)."""
     from elucidate.training import Trainer
     raw = tiny_config(data={"max_size": 200}, network={"model_channels": 16, "channel_mult": [1, 2]},
                       training={"steps": 40, "batch_size": 16, "lr": 2e-3, "lr_rampup": 64, "ema_halflife": 200,
                                 "checkpoint_every": 40, "log_every": 20, "seed": 3})
     Trainer(parse_config(raw), tmp_path / "run", progress=False, log=lambda *a: None).train()
-    run = load_run(tmp_path / "run")
-    out = run_likelihood(run, 6, batch_size=6, trace="hutchinson", seed=0, steps=16)
+    out = run_likelihood(load_run(tmp_path / "run"), 6, batch_size=6, trace="hutchinson", seed=0, steps=16)
     # digits: 17 levels (0..16), so a uniform model scores log2(17) = 4.09 bits/dim; 40 steps do a bit better
-    assert 2.0 < out["mean"] < math.log2(17) and 0 < out["std"] < 1.0
-    settings = out["settings"]
-    assert settings["dequantization"] == "uniform" and settings["scale"] == [0.125] and settings["step"] == 40
-    rebatched = run_likelihood(run, 6, batch_size=4, trace="hutchinson", seed=0, steps=16)
-    assert rebatched["mean"] == pytest.approx(out["mean"], abs=1e-4)  # per-image draws, not per-batch
-    exact = run_likelihood(run, 6, batch_size=6, trace="exact", seed=0, steps=16)
-    assert exact["mean"] == pytest.approx(out["mean"], abs=0.1)  # the same quantity, without probe noise
+    assert 2.0 < out["mean"] < math.log2(17) and 0 < out["std"] < 1.0 and out["settings"]["step"] == 40
 
 
 def test_log_likelihood_is_reachable_as_the_issue_spells_it():

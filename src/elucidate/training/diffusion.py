@@ -18,10 +18,10 @@ from ..config.network import DataInfo, build_network_for
 from ..data import build_dataset
 from ..denoiser import Denoiser, with_null_condition
 from ..losses import denoising_loss
+from ..run.model import LoadedRun
 from ..runtime.distributed import barrier
 from ..runtime.precision import autocast_for
 from ..runtime.rng import batch_indices, derive_seed, derived_generator
-from ..sampling import sample
 from ..viz import save_image_grid
 from .augment import augment_batch, augment_pipe
 from .ema import EMA, RunPowerEMA
@@ -163,14 +163,11 @@ class Trainer(TrainingLoop):
         return (torch.cat(losses), sigma), applied
 
     def picture(self) -> Path:
-        """``samples/step-XXXXXXXX.png``: a grid sampled from the EMA network with the run's sampling settings
-        (class i % classes for a class-conditional network; decoded for a latent run)."""
-        n, cfg = self.t.num_sample_images, self.config.sampling
-        cond = {"class_labels": (torch.arange(n) % self.net_label_dim).to(self.device)} if self.net_label_dim else None
-        denoiser = cfg.guided(Denoiser(self.ema.module, self.formulation).eval())
-        x = sample(denoiser, (n, self.info.channels, *self.info.resolution), seeds=range(n), cond=cond,
-                   batch_size=64, device=self.device, precision=self.precision,
-                   **cfg.sample_kwargs(self.formulation)).float().cpu()
-        if self.latent is not None:  # decoded with the VAE the dataset already holds
-            x = self.dataset.decode(x)
-        return save_image_grid(x, self.run.sample_grid(self.step))
+        """``samples/step-XXXXXXXX.png``: the EMA network sampled as a loaded run would be (the run's sampling
+        settings, class i % classes for a class-conditional network, decoded for a latent run)."""
+        n = self.t.num_sample_images
+        run = LoadedRun(Denoiser(self.ema.module, self.formulation).eval(), self.config, self.info, None, self.step,
+                        self.run.checkpoint(self.step), self.dataset.decode if self.latent is not None else None)
+        labels = torch.arange(n) % run.label_dim if run.label_dim else None
+        x = run.sample(range(n), class_labels=labels, device=self.device, precision=self.precision)
+        return save_image_grid(run.images(x), self.run.sample_grid(self.step))
