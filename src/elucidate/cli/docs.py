@@ -54,9 +54,10 @@ def _networks() -> str:
 
 
 def _metrics() -> str:
-    rows = ["| metric | features | description |", "|---|---|---|"]
+    rows = ["| metric | features | default for | description |", "|---|---|---|---|"]
     for name, metric in METRICS.items():
-        rows.append(f"| `{name}` | {metric.features or 'the dataset default'} | {metric.description} |")
+        fits = ", ".join(f"`{d}` runs" for d in metric.datasets) or "-"
+        rows.append(f"| `{name}` | {metric.features or 'the dataset default'} | {fits} | {metric.description} |")
     return "\n".join(rows)
 
 

@@ -7,14 +7,18 @@ import io
 import json
 from pathlib import Path
 
+from ..data import data_section_for
 from ..errors import UserError
 from ..evaluation import (
     FEATURE_ALIASES,
     METRICS,
+    checkpoint_label,
+    choose_metric,
     evaluate,
     feature_extractor,
     feature_name,
     load_dataset_stats,
+    result_path,
     sweep,
 )
 from ..likelihood import run_likelihood
@@ -26,7 +30,7 @@ from ..sampling import sweep_samplers
 from ..tuning import sandbox_sweep, tuned_config
 from ..viz import plot_quality_vs_nfe, save_figure
 from .interop import add_model_source, load_model
-from .options import add_sampling_options, int_list, print_table, sampling_from_args
+from .options import add_run_options, add_sampling_options, int_list, print_table, sampling_from_args
 
 __all__ = ["register"]
 
@@ -34,10 +38,12 @@ __all__ = ["register"]
 def register(sub) -> dict:
     """Add the eval/ref/sweep subcommands; returns their handlers."""
     metric_help = "; ".join(f"{m.name}: {m.description}" for m in METRICS.values())
+    fits = ", ".join(f"{m.name} for {'/'.join(m.datasets)}" for m in METRICS.values() if m.datasets)
+    default_help = f"default: the metric of the run's data ({fits}); other data needs --metric; "
     p = sub.add_parser("eval", help="sample a run and score it (" + ", ".join(METRICS) + ")")
     add_model_source(p, "run directory (latest checkpoint) or checkpoint file")
     p.add_argument("--metric", default=None, choices=list(METRICS),
-                   help="default: fd_mnist for an mnist run, else fd_digits; " + metric_help)
+                   help=default_help + metric_help)
     p.add_argument("--num", "--num-samples", dest="num", type=int, default=10000,
                    help="samples per repeat (seeds 0..num-1, then num..2num-1 ...); under torchrun spell it "
                         "--num-samples (torchrun takes --num for its own --numa-binding)")
@@ -48,17 +54,20 @@ def register(sub) -> dict:
                                                           "(the EDM paper uses 3)")
     p.add_argument("--features", default=None, choices=list(FEATURE_ALIASES),
                    help="feature network of kid/pr (default: the dataset's, else inception)")
-    p.add_argument("--inception", default=None, help="local path to pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--inception", default=None, help="local path to pt_inception-2015-12-05-6726825d.pth (needed by "
+                                                     "fid and the inception features; default: none, never downloaded)")
     add_sampling_options(p)
 
     p = sub.add_parser("ref", help="compute a dataset's feature statistics (what eval/sweep --ref take)")
     p.add_argument("data", help="'digits', an image folder, a .zip or an .npz/.npy array")
-    p.add_argument("--metric", default="fd_digits", choices=[m.name for m in METRICS.values() if m.features],
-                   help="which feature network's statistics")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--metric", default=None, choices=[m.name for m in METRICS.values() if m.features],
+                   help=f"which feature network's statistics (default: the metric of the data: {fits}; other data "
+                        f"needs --metric)")
+    p.add_argument("--out", type=Path, required=True, help="the statistics .npz to write (mu, sigma)")
     p.add_argument("--keep-features", action="store_true", help="also store the features (for KID / PR)")
-    p.add_argument("--inception", default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--inception", default=None, help="local path to pt_inception-2015-12-05-6726825d.pth (needed by "
+                                                     "fid and the inception features; default: none, never downloaded)")
+    add_run_options(p)
 
     p = sub.add_parser("sweep", help="quality vs NFE for several samplers (or the exact-denoiser sandbox)")
     p.add_argument("run", type=Path, nargs="?", help="run directory (omit with --sandbox)")
@@ -67,37 +76,41 @@ def register(sub) -> dict:
     p.add_argument("--samplers", default=None,
                    help="comma-separated solver names (default: the solvers declared for sweeps; "
                         "deterministic ones only with --sandbox)")
-    p.add_argument("--nfe", default="5,9,17,35,63")
+    p.add_argument("--nfe", default="5,9,17,35,63", help="comma-separated NFE budgets (evaluations per image)")
     p.add_argument("--metric", default=None, choices=list(METRICS),
-                   help="default: fd_mnist for an mnist run, else fd_digits; " + metric_help)
+                   help=default_help + metric_help)
     p.add_argument("--num", "--num-samples", dest="num", type=int, default=2000,
                    help="samples per point (--num-samples under torchrun)")
     p.add_argument("--ref", default=None, help="the real data, as for eval (default: the run's training data)")
-    p.add_argument("--features", default=None, choices=list(FEATURE_ALIASES))
-    p.add_argument("--inception", default=None)
+    p.add_argument("--features", default=None, choices=list(FEATURE_ALIASES),
+                   help="feature network of kid/pr (default: the dataset's, else inception)")
+    p.add_argument("--inception", default=None, help="local path to pt_inception-2015-12-05-6726825d.pth (needed by "
+                                                     "fid and the inception features; default: none, never downloaded)")
     p.add_argument("--schedules", default="karras,exponential,vp", help="sandbox discretizations")
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN/sweep or ./sweep)")
     p.add_argument("--tuned", action="store_true",
                    help="also the run's tuned schedules (RUN/schedules/nfeN.json) at the --nfe budgets that have one")
     p.add_argument("--ema-std", type=float, default=None, metavar="S",
-                   help="sweep the post-hoc EMA of relative std S (reconstructed from RUN/phema snapshots)")
+                   help="sweep the post-hoc EMA of relative std S (reconstructed from RUN/phema snapshots; "
+                        "default: the EMA the run trained)")
     p.add_argument("--ema-stds", default=None, metavar="S1,S2,...",
                    help="instead of samplers x NFE: quality at the configured sampler for each post-hoc EMA "
-                        "length (relative std), plotted to RUN/sweep/METRIC-vs-ema-std.png")
+                        "length (relative std), plotted to RUN/sweep/METRIC-vs-ema-std.png (default: samplers x "
+                        "NFE)")
     add_sampling_options(p, tuned=False)
     p = sub.add_parser("likelihood", help="bits/dim of the run's data by the probability-flow ODE")
-    p.add_argument("run", type=Path)
+    p.add_argument("run", type=Path, help="run directory (latest checkpoint) or checkpoint file")
     p.add_argument("--num", type=int, default=256, help="images of the training data (a seeded subset)")
     p.add_argument("--trace", choices=["hutchinson", "exact"], default="hutchinson",
                    help="divergence estimator (exact: one backward pass per dimension)")
     p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per image")
     p.add_argument("--steps", type=int, default=None, help="integrator steps in log sigma (default 64 for rk4)")
-    p.add_argument("--method", choices=["rk4", "heun"], default="rk4")
+    p.add_argument("--method", choices=["rk4", "heun"], default="rk4", help="ODE integrator in log sigma")
     p.add_argument("--seed", type=int, default=0, help="dequantization noise and probes")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--ema", dest="ema", action="store_true", default=True)
-    p.add_argument("--no-ema", dest="ema", action="store_false")
-    p.add_argument("--device", default=None)
+    p.add_argument("--batch", type=int, default=64, help="images per batch (does not change results)")
+    p.add_argument("--ema", dest="ema", action="store_true", default=True, help="use the EMA weights (default)")
+    p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw training weights")
+    add_run_options(p)
     return {"eval": cmd_eval, "ref": cmd_ref, "sweep": cmd_sweep, "likelihood": cmd_likelihood}
 
 
@@ -105,10 +118,19 @@ def _names(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
+_BUNDLED = ("digits", "faces", "mnist")
+
+
 def _default_metric(args, run) -> None:
-    """``--metric`` unless given: the run's dataset's bundled Frechet distance (fd_mnist for mnist)."""
-    if args.metric is None:
-        args.metric = "fd_mnist" if run.config.data.get("dataset") == "mnist" else "fd_digits"
+    """``--metric`` unless given: the domain metric of the run's data (fd_digits for digits, fd_mnist for mnist);
+    for other data a one-line error naming what works. A --diffusers model records no data: its --ref names it."""
+    dataset = run.config.data.get("dataset")
+    subject = f"{args.run} was trained on {dataset} data"
+    if getattr(args, "diffusers", None) is not None:
+        dataset = args.ref if args.ref in _BUNDLED else None
+        subject = (f"--ref {args.ref} is the {dataset} dataset" if dataset else
+                   f"{args.diffusers} does not record the data it was trained on (--ref {args.ref})")
+    args.metric = choose_metric(args.metric, dataset, subject)
 
 
 def _dataset_stats(args, run, extractor_name: str, need_features: bool):
@@ -140,19 +162,19 @@ def _eval(args, main: bool) -> int:
     run = load_model(args)
     if args.diffusers is not None and args.ref is None:
         raise UserError("--ref is required with --diffusers (the real data, or its statistics, to compare with)")
-    cfg = sampling_from_args(run.config.sampling, args)
+    cfg = sampling_from_args(run.config.sampling, args, run=run)
     _default_metric(args, run)
     name = feature_name(args.metric, args.features, run.config.data.get("dataset"))
     ref = _dataset_stats(args, run, name, need_features=METRICS[args.metric].needs_features)
     extractor = feature_extractor(name, args.inception, args.device)
+    settings = {"ema": args.ema, "ema_std": getattr(args, "ema_std", None),
+                "tuned_nfe": getattr(args, "tuned_nfe", None)}
     result = evaluate(run, args.metric, num=args.num, ref=ref, extractor=extractor, cfg=cfg, repeats=args.repeats,
-                      batch_size=args.batch, device=args.device, progress=True)
+                      batch_size=args.batch, device=args.device, progress=args.progress,
+                      precision=getattr(args, "precision", "fp32"), settings=settings)
     if not main:  # every rank has the same figure; rank 0 reports it
         return 0
-    tag = f"tuned-nfe{args.tuned_nfe}-" if getattr(args, "tuned_nfe", None) else ""
-    tag += f"ema{args.ema_std:.3f}-" if getattr(args, "ema_std", None) is not None else ""
-    name = f"{args.metric}-{tag}{cfg.sampler}-{cfg.steps}steps-{args.num}-step{run.step}.json"
-    out = RunDir.of(run.checkpoint).eval / name
+    out = result_path(run.checkpoint, result)  # one file per setting: a later eval with other settings adds one
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     columns = ["metric", "value", "min", "num", "repeats", "sampler", "steps", "nfe", "features", "step"]
     columns += [k for k in ("precision", "recall", "std") if k in result]
@@ -162,6 +184,15 @@ def _eval(args, main: bool) -> int:
 
 
 def cmd_ref(args) -> int:
+    section = data_section_for(args.data)
+    if section is None:
+        raise UserError(f"{args.data!r} is not a dataset: expected 'digits', 'faces', 'mnist', an image folder, "
+                        f"a .zip or an .npz/.npy array")
+    if "path" in section and not Path(section["path"]).exists():
+        raise UserError(f"{args.data} does not exist")
+    kind = section["dataset"]
+    subject = f"{args.data} is the bundled {kind} dataset" if kind in _BUNDLED else f"{args.data} is {kind} data"
+    args.metric = choose_metric(args.metric, kind, subject, choices=[m.name for m in METRICS.values() if m.features])
     name = METRICS[args.metric].features
     ref = load_dataset_stats(args.data, name, inception=args.inception, device=args.device)
     extra = {"features": ref.features} if args.keep_features else {}
@@ -215,7 +246,8 @@ def _sweep(args, main: bool) -> int:
     if args.sandbox:
         samplers = _names(args.samplers) if args.samplers else sweep_samplers(deterministic=True)
         try:
-            rows = sandbox_sweep(samplers=samplers, schedules=args.schedules.split(","), nfes=nfes, progress=True)
+            rows = sandbox_sweep(samplers=samplers, schedules=args.schedules.split(","), nfes=nfes,
+                                 progress=args.progress)
         except ValueError as e:  # unknown sampler / schedule names
             raise UserError(str(e)) from None
         rows = [{"sampler": f"{r['sampler']}/{r['schedule']}", "steps": r["steps"], "nfe": r["nfe"],
@@ -229,7 +261,7 @@ def _sweep(args, main: bool) -> int:
         if args.ema_stds is not None and (args.ema_std is not None or args.tuned):
             raise UserError("--ema-stds cannot be combined with --ema-std or --tuned")
         run = load_model(argparse.Namespace(run=args.run, ema=args.ema, ema_std=args.ema_std, device=args.device))
-        base = sampling_from_args(run.config.sampling, args)
+        base = sampling_from_args(run.config.sampling, args, run=run)
         samplers = _names(args.samplers) if args.samplers else sweep_samplers()
         _default_metric(args, run)
         name = feature_name(args.metric, args.features, run.config.data.get("dataset"))
@@ -248,9 +280,10 @@ def _sweep(args, main: bool) -> int:
             print("wrote " + ", ".join(str(p) for p in ema_sweep(args, score)))
             return 0
         rows = sweep(run, args.metric, samplers=samplers, nfes=nfes, num=args.num, ref=ref, extractor=extractor,
-                     base=base, batch_size=args.batch, device=args.device, progress=main)
+                     base=base, batch_size=args.batch, device=args.device,
+                     progress=main and args.progress)
         if args.tuned:
-            rows += _tuned_rows(args, run, base, nfes, ref, extractor, progress=main)
+            rows += _tuned_rows(args, run, base, nfes, ref, extractor, progress=main and args.progress)
         if not main:  # every rank has the same rows; rank 0 writes them
             return 0
         out_dir = args.out or RunDir(args.run).sweep
@@ -265,10 +298,11 @@ def _sweep(args, main: bool) -> int:
 def cmd_likelihood(args) -> int:
     run = load_run(args.run, ema=args.ema, device=args.device)
     result = run_likelihood(run, args.num, batch_size=args.batch, trace=args.trace, seed=args.seed,
-                            device=args.device, progress=True, steps=args.steps, method=args.method,
+                            device=args.device, progress=args.progress, steps=args.steps, method=args.method,
                             num_probes=args.probes)
     s = result["settings"]
-    out = RunDir.of(run.checkpoint).eval / f"likelihood-{args.num}-{s['trace']}-step{run.step}.json"
+    s.update(checkpoint=checkpoint_label(run.checkpoint), num=args.num, ema=args.ema)  # every setting names the file
+    out = result_path(run.checkpoint, result)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"{result['mean']:.4f} bits/dim (+- {result['sem']:.4f} s.e.m., {result['num']} images, {s['trace']} trace, "
           f"{s['method']} {s['steps']} steps, sigma {s['sigma_min']:g}..{s['sigma_max']:g})")

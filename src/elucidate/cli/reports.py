@@ -16,8 +16,8 @@ def register(sub) -> dict:
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN/plots or ./plots)")
 
     p = sub.add_parser("report", help="one self-contained HTML page for a run")
-    p.add_argument("run", type=Path)
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("--out", type=Path, default=None, help="the HTML file to write (default: RUN/report.html)")
     return {"plot": cmd_plot, "report": cmd_report}
 
 

@@ -10,6 +10,7 @@ A run directory holds (a writer creates what it needs; readers never write)::
     RUN/phema/                      post-hoc EMA snapshots and reconstructions (training.ema: power)
     RUN/schedules/nfeN.json         tuned schedules (elucidate tune)
     RUN/eval/ RUN/sweep/ RUN/plots/ RUN/report.html     what eval, sweep, plot and report write
+    RUN/eval/PREFIX-DIGEST.json     one file per evaluation setting (the digest hashes every setting)
     RUN/vae.safetensors RUN/latent.json   a latent run's copy of its autoencoder and its latent record
     RUN/tensorboard/                TensorBoard event files (training.tensorboard)
     RUN/samples.png RUN/trajectory.png RUN/demo.json    what `elucidate demo` writes
@@ -19,16 +20,20 @@ No other module spells these names: they ask a :class:`RunDir`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from ..errors import UserError
 from ..runtime.files import append_text, atomic_write_text
 from .checkpoint import DAMAGED_DIR, checkpoint_name, list_checkpoints
 
-__all__ = ["RunDir", "check_same_run", "truncate_metrics", "append_metrics", "tuned_schedule_name"]
+__all__ = ["RunDir", "check_same_run", "truncate_metrics", "append_metrics", "tuned_schedule_name", "eval_result_name",
+           "settings_digest"]
 
 
 class RunDir:
@@ -96,6 +101,15 @@ class RunDir:
         """Where ``elucidate tune RUN --nfe N`` stores its schedule."""
         return self.schedules / tuned_schedule_name(nfe)
 
+    def eval_result(self, prefix: str, settings: Mapping) -> Path:
+        """Where an evaluation result goes: ``eval/{prefix}-{digest}.json`` (:func:`eval_result_name`), so results
+        that differ in any setting never share a file and the same settings replace their own file."""
+        return self.eval / eval_result_name(prefix, settings)
+
+    def eval_results(self) -> list[Path]:
+        """Every evaluation result file (``eval/*.json``, also those of earlier versions), sorted by name."""
+        return sorted(self.eval.glob("*.json"))
+
     def ema_checkpoint(self, std: float) -> Path:
         """The post-hoc EMA of relative std ``std`` as a checkpoint (``elucidate ema``, ``--ema-std``)."""
         return self.phema / f"ema-{std:.3f}.safetensors"
@@ -121,6 +135,33 @@ class RunDir:
 def tuned_schedule_name(nfe: int) -> str:
     """The file name of the schedule tuned for ``nfe`` evaluations (in a run's schedules folder, or ``--out``)."""
     return f"nfe{int(nfe)}.json"
+
+
+def _canonical(value):
+    """``value`` as plain JSON data: non-finite floats as strings, tuples as lists, other objects as ``str``."""
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def settings_digest(settings: Mapping, length: int = 10) -> str:
+    """A short hash of the canonical JSON (sorted keys, no spaces) of ``settings``: equal settings give equal
+    digests, settings that differ in anything (a key added, a value changed) give different ones."""
+    text = json.dumps(_canonical(settings), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def eval_result_name(prefix: str, settings: Mapping) -> str:
+    """``{prefix}-{digest}.json``: a readable ``prefix`` (characters other than letters, digits, ``._-`` become
+    ``_``) and the :func:`settings_digest` of *all* the settings of the result."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", prefix).strip("_.-") or "eval"
+    return f"{readable}-{settings_digest(settings)}.json"
 
 
 def check_same_run(old: dict, new: dict, run_dir: Path, ckpt: Path, *, sections: Iterable[str] | None = None,
