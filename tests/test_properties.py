@@ -63,12 +63,17 @@ def test_parse_seeds_only_raises_value_errors(text):
 
 @SETTINGS
 @given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 50)), min_size=1, max_size=4))
-def test_parse_seeds_round_trips_ranges(ranges):
+def test_parse_seeds_round_trips_ranges(gaps):
+    ranges, end = [], 0  # disjoint ranges in any order (a seed named twice is an error)
+    for gap, n in gaps:
+        ranges.append((end + gap, n))
+        end += gap + n + 1
+    ranges = ranges[::2] + ranges[1::2]
     text = ",".join(f"{lo}-{lo + n}" if n else str(lo) for lo, n in ranges)
     assert parse_seeds(text) == [s for lo, n in ranges for s in range(lo, lo + n + 1)]
 
 
-@pytest.mark.parametrize("text", ["0-99999999999", "-3", "5-2", "", " , "])
+@pytest.mark.parametrize("text", ["0-99999999999", "-3", "5-2", "", " , ", "0-3,2", "7,7"])
 def test_parse_seeds_rejects(text):
     with pytest.raises(ValueError, match="^seeds "):
         parse_seeds(text)

@@ -44,8 +44,13 @@ ROWS: dict[str, list[list[str]]] = {
     "train": [[ref(c), "--out", "OUT"] for c in CONFIGS] + [
         ["{config}", "--out", "{garbage}"], ["{config}", "--out", "OUT", "--set", "training.steps=-1"],
         ["{config}", "--out", "OUT", "--set", "latent.vae={missing}"], ["{config}", "--out", "OUT", "--set",
-                                                                        "latent.vae={run}"]],
+                                                                        "latent.vae={run}"],
+        ["--out", "OUT"], ["{config}", "--data", "digits", "--out", "OUT"], ["--data", "{missing}", "--out", "OUT"],
+        ["--data", "{dir}", "--out", "OUT"], ["--data", "digits", "--out", "OUT", "--minutes", "-1"]],
     "train-vae": [[ref(c), "--out", "OUT"] for c in CONFIGS],
+    "init": [["{missing}", "--out", "OUT.yaml"], ["{garbage}", "--out", "OUT.yaml"],
+             ["{empty}", "--out", "OUT.yaml"], ["digits", "--out", "OUT.yaml", "--minutes", "0"],
+             ["{dir}", "--out", "OUT.yaml"]],
     "encode": [["digits", "--vae", ref(r), "--out", "OUT.npz"] for r in RUNS + ["run"]] + [
         ["{missing}", "--vae", "{run}", "--out", "OUT.npz"], ["{empty}", "--vae", "{run}", "--out", "OUT.npz"],
         ["digits", "--vae", "{run}", "--out", "OUT.npz", "--batch", "0"],

@@ -110,9 +110,9 @@ def test_two_processes_train_the_same_weights_as_one(tiny_config, tiny_vae_confi
             assert ra == pytest.approx(rb, rel=1e-4, abs=1e-6), name
 
 
-def test_two_processes_sample_and_evaluate_as_one(trained_copy, torchrun, tmp_path):
+def test_two_processes_sample_and_evaluate_as_one(trained_copy, torchrun, tiny_config, write_config, tmp_path):
     """Seed batches sharded over ranks and gathered in seed order: the same bytes for every output kind, the same
-    evaluation figure and sweep rows; rank 0 alone writes and reports."""
+    evaluation figure and sweep rows; rank 0 alone writes and reports (`elucidate train`'s last line too)."""
     run = trained_copy
     # 10 seeds in batches of 3: rank 0 gets batches 0 and 2, rank 1 batches 1 and 3 (a short one)
     common = ["--seeds", "0-9", "--batch", "3", "--steps", "3"]
@@ -128,12 +128,15 @@ def test_two_processes_sample_and_evaluate_as_one(trained_copy, torchrun, tmp_pa
     result = next(RunDir(run).eval.glob("fd_digits-*.json"))
     one = json.loads(result.read_text())
     result.unlink()
+    train = ["train", write_config(tiny_config(training={"steps": 2}), tmp_path / "tiny.yaml"), "--out",
+             tmp_path / "ddp-run", "--no-progress"]
     argv = tmp_path / "argv.json"
-    argv.write_text(json.dumps([[str(a) for a in c] for c in commands["two"]]))
+    argv.write_text(json.dumps([[str(a) for a in c] for c in commands["two"] + [train]]))
     r = torchrun(RUNS, "cli", argv)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("wrote 10 samples") == 3 and r.stdout.count("on 2 processes") == 3  # rank 0 only
     assert r.stdout.count(f"wrote {result}") == 1 and r.stdout.count("fd_digits-vs-nfe.csv") == 1
+    assert r.stdout.count("trained to step 2 ") == 1, r.stdout
 
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         assert a.files == b.files

@@ -11,6 +11,7 @@ from ..run import RunDir, load_run
 from ..runtime.files import atomic_write_text
 from ..training import Trainer
 from ..viz import TrajectoryRecorder, plot_trajectory, save_figure, save_image_grid
+from .options import add_run_options
 
 __all__ = ["register", "DEMO_CONFIG", "run_demo"]
 
@@ -29,10 +30,10 @@ DEMO_CONFIG = {
 def register(sub) -> dict:
     """Add the demo subcommand; returns its handler."""
     p = sub.add_parser("demo", help="train a small EDM model on the bundled digits and write figures")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default runs/demo)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo preset)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps (default: the demo preset, {DEMO_CONFIG['training']['steps']})")
+    add_run_options(p)
     return {"demo": cmd_demo}
 
 

@@ -35,10 +35,10 @@ def add_model_source(p, help: str) -> None:
     p.add_argument("run", type=Path, nargs="?", help=help + " (or use --diffusers DIR)")
     p.add_argument("--diffusers", type=Path, default=None, metavar="DIR",
                    help="sample a local diffusers pipeline / UNet folder instead of a run (safetensors; never "
-                        "downloads)")
+                        "downloads; default: the RUN)")
     p.add_argument("--ema-std", type=float, default=None, metavar="S",
                    help="use the post-hoc EMA of relative std S, reconstructed from RUN/phema snapshots (cached as "
-                        "RUN/phema/ema-S.safetensors; see elucidate ema)")
+                        "RUN/phema/ema-S.safetensors; see elucidate ema; default: the EMA the run trained)")
 
 
 def load_model(args):

@@ -1,4 +1,5 @@
-"""Options and helpers shared by the command modules (sampler flags, seeds, labels, tables)."""
+"""Options and helpers shared by the command modules (the help formatter, the run flags every model-running command
+takes, sampler flags, seeds, labels, tables)."""
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,37 @@ from ..runtime.precision import PRECISIONS
 from ..sampling import CONFIG_OPTIONS, SAMPLERS, SCHEDULES, get_sampler
 from ..tuning.stored import tuned_config
 
-__all__ = ["add_sampling_options", "sampling_from_args", "parse_seed_arg", "parse_seeds", "class_labels_for",
-           "int_list", "print_table", "sampler_help", "schedule_help", "sampling_flags"]
+__all__ = ["HelpFormatter", "add_run_options", "DEVICE_HELP", "PROGRESS_HELP", "add_sampling_options",
+           "sampling_from_args", "check_guidance", "parse_seed_arg", "parse_seeds", "class_labels_for", "int_list",
+           "print_table", "sampler_help", "schedule_help", "sampling_flags"]
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """The help of every command: each option's default after its help, as "(default: X)", unless the help already
+    says it. Flags (store_true/false) and options whose default is None show none: their help says what leaving
+    them out does (tests/cli/test_cli_contract.py checks it)."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or action.nargs == 0 or default in (None, argparse.SUPPRESS)
+                or isinstance(default, bool) or default == [] or "default" in text.lower()):
+            return text
+        return text + " (default: %(default)s)"
+
+
+#: ``--device``'s help (the default is resolved once, by :func:`elucidate.runtime.distributed.pick_device`)
+DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: cuda if available, else cpu; under torchrun each rank's own GPU)"
+#: ``--no-progress``'s help
+PROGRESS_HELP = "no progress bars or progress lines (default: shown)"
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--no-progress``: the flags of every command that runs a model, the same everywhere
+    (``args.device`` None means the default device, which ``elucidate.cli.main`` resolves; ``args.progress``)."""
+    g = p.add_argument_group("running")
+    g.add_argument("--device", default=None, help=DEVICE_HELP)
+    g.add_argument("--no-progress", dest="progress", action="store_false", help=PROGRESS_HELP)
 
 
 def sampler_help() -> str:
@@ -41,14 +71,16 @@ _HELP = {"sampler": sampler_help, "schedule": schedule_help}
 def add_sampling_options(p: argparse.ArgumentParser, *, tuned: bool = True) -> None:
     """The sampler flags of sample/eval/sweep, one per sampling key declared ``flag=True`` (defaults: the run's
     ``sampling`` section), plus ``--option KEY=VALUE``; ``tuned`` adds ``--nfe N`` (the run's schedule tuned for N
-    evaluations, see ``elucidate tune``)."""
+    evaluations, see ``elucidate tune``); and the run options (:func:`add_run_options`)."""
     g = p.add_argument_group("sampler (defaults: the run's sampling section)")
     if tuned:
         g.add_argument("--nfe", dest="tuned_nfe", type=int, metavar="N",
                        help="use the sampler and schedule tuned for N evaluations (RUN/schedules/nfeN.json, "
-                            "made by `elucidate tune RUN --nfe N`)")
+                            "made by `elucidate tune RUN --nfe N`; default: the run's sampling section)")
     for doc in sampling_flags():
         text = _HELP[doc.name]() if doc.name in _HELP else doc.doc + (f" ({doc.symbol})" if doc.symbol else "")
+        if "default" not in text:  # else the key's own doc says what its default means
+            text += f" (default: the run's sampling.{doc.name})"
         g.add_argument("--" + doc.name.replace("_", "-"), dest=doc.name, type=_KINDS[doc.kind],
                        metavar="NAME" if doc.kind == "str" else None, help=text.replace("%", "%%"))
     g.add_argument("--option", dest="sampler_options", action="append", default=[], metavar="KEY=VALUE",
@@ -56,14 +88,17 @@ def add_sampling_options(p: argparse.ArgumentParser, *, tuned: bool = True) -> N
     p.add_argument("--ema", dest="ema", action="store_true", default=True, help="use the EMA weights (default)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw training weights")
     p.add_argument("--batch", type=int, default=64, help="images per sampling batch (does not change results)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="fp32, bf16 autocast, or auto: bf16 where the device has bf16 hardware")
+    add_run_options(p)
 
 
-def sampling_from_args(base, args):
+def sampling_from_args(base, args, *, run=None):
     """The run's SamplingConfig with the command-line overrides applied (validated). A flag given
-    explicitly that the chosen sampler does not take is an error (a config default is not)."""
+    explicitly that the chosen sampler does not take is an error (a config default is not); so is ``--guidance``
+    for a ``run`` (LoadedRun) without a condition to guide (:func:`check_guidance`)."""
+    if run is not None:
+        check_guidance(run, getattr(args, "guidance", None))
     changes = {p.name: getattr(args, p.name) for p in sampling_flags() if getattr(args, p.name, None) is not None}
     if getattr(args, "tuned_nfe", None) is not None:
         base, changes = _tuned(base, args, changes)
@@ -84,6 +119,22 @@ def sampling_from_args(base, args):
     return cfg
 
 
+#: the network attributes that make a model conditional (class labels, concatenated maps, cross-attention tokens)
+_CONDITIONS = ("label_dim", "cond_channels", "context_dim")
+
+
+def check_guidance(run, guidance: float | None) -> None:
+    """``--guidance W`` (W != 1) on a model without a condition is an error: classifier-free guidance mixes the
+    conditional and the unconditional prediction, and such a model has only one."""
+    if guidance is None or guidance == 1:
+        return
+    net = getattr(run.denoiser, "net", None)
+    if not any(getattr(net, name, 0) for name in _CONDITIONS):
+        raise UserError(f"--guidance {guidance:g}: the model has no condition to guide (it is not class-conditional "
+                        "and takes no condition maps or tokens); classifier-free guidance needs a conditional model "
+                        "trained with training.cond_drop_prob > 0 (docs/guidance.md)")
+
+
 def _tuned(base, args, changes: dict):
     """``--nfe N``: the run's tuned sampler, options and sigmas (flags that would change them are errors)."""
     clash = [k for k in ("sampler", "steps", "schedule", "sigma_min", "sigma_max", "rho") if k in changes]
@@ -97,11 +148,12 @@ def _tuned(base, args, changes: dict):
 
 
 def parse_seed_arg(text: str) -> list[int]:
-    """--seeds as a list of ints (UserError naming the flag)."""
+    """--seeds as a list of ints (UserError naming the flag, e.g. "--seeds 0-3,2: seed 2 appears twice")."""
     try:
         return parse_seeds(text)
     except ValueError as e:
-        raise UserError(f"--seeds: {e}") from None
+        message, prefix = str(e), f"seeds {text!r}: "
+        raise UserError(f"--seeds {text}: {message.removeprefix(prefix)}") from None
 
 
 def class_labels_for(run, seeds: list[int], class_label: int | None):
@@ -169,6 +221,10 @@ def parse_seeds(text: str) -> list[int]:
         raise ValueError(f"seeds {text!r}: expected e.g. 0-63 or 1,5,9 (at most {MAX_SEEDS:,} per range)") from None
     if not seeds:
         raise ValueError(f"seeds {text!r}: no seeds given")
+    if len(set(seeds)) < len(seeds):
+        seen: set[int] = set()
+        twice = next(s for s in seeds if s in seen or seen.add(s))
+        raise ValueError(f"seeds {text!r}: seed {twice} appears twice (each seed is one image)")
     if min(seeds) < 0 or max(seeds) >= 2**63:
         raise ValueError(f"seeds {text!r}: seeds must be in 0..2**63-1")
     return seeds

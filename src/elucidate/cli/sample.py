@@ -13,12 +13,13 @@ def register(sub) -> dict:
     """Add the sample subcommand; returns its handler."""
     p = sub.add_parser("sample", help="generate images from a run directory or checkpoint")
     add_model_source(p, "run directory (latest checkpoint) or checkpoint file")
-    p.add_argument("--seeds", default="0-63", help="e.g. 0-63 or 1,5,9 (image i depends on its seed only)")
+    p.add_argument("--seeds", default="0-63", help="e.g. 0-63 or 1,5,9, each seed once (image i depends on its seed "
+                                                   "only)")
     p.add_argument("--out", type=Path, required=True,
                    help="grid.png (one grid), DIR/ (one PNG per seed) or samples.npz (uint8 N,H,W,C + seeds)")
     p.add_argument("--trajectory", type=Path, default=None, metavar="PNG",
                    help="also draw the denoising trajectory (x_i and D(x_i), decoded for a latent run) of the "
-                        "first 4 seeds")
+                        "first 4 seeds (default: not drawn)")
     p.add_argument("--class", dest="class_label", type=int, default=None,
                    help="class label for a class-conditional model (default: seed %% number of classes)")
     add_sampling_options(p)
@@ -37,16 +38,16 @@ def cmd_sample(args) -> int:
         if info.world_size > 1:
             args.device = str(info.device)
         run = load_model(args)
-        cfg = sampling_from_args(run.config.sampling, args)
+        cfg = sampling_from_args(run.config.sampling, args, run=run)
         labels = class_labels_for(run, seeds, args.class_label)
         if info.world_size == 1:
             x = run.images(run.sample(seeds, cfg, class_labels=labels, batch_size=args.batch, device=args.device,
-                                      precision=args.precision, progress=True))
+                                      precision=args.precision, progress=args.progress))
         else:  # each rank samples its batches (the same batches one process would), rank 0 writes them all
             def one(b: range):
                 return run.images(run.sample(seeds[b.start:b.stop], cfg, batch_size=args.batch, device=args.device,
                                              class_labels=None if labels is None else labels[b.start:b.stop],
-                                             precision=args.precision, progress=info.is_main))
+                                             precision=args.precision, progress=info.is_main and args.progress))
             x = torch.cat(map_batches(one, len(seeds), args.batch)).float()
         if world()[0] != 0:
             return 0

@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import UserError
+from ..training.fit import DEFAULT_MINUTES
+
 __all__ = ["register"]
 
 
@@ -22,25 +25,47 @@ class _HelpConfig(argparse.Action):
 
 def register(sub) -> dict:
     """Add the train/train-vae/encode subcommands; returns their handlers."""
+    from .options import add_run_options
+
     for verb, what in (("train", "a model"), ("train-vae", "a KL autoencoder for latent diffusion")):
-        p = sub.add_parser(verb, help=f"train (or resume) {what} from a YAML config")
-        p.add_argument("config", type=Path)
+        p = sub.add_parser(verb, help=f"train (or resume) {what} from a YAML config"
+                           + (", or from --data alone (a configuration fitted to the data and this machine)"
+                              if verb == "train" else ""))
+        if verb == "train":
+            p.add_argument("config", type=Path, nargs="?", default=None,
+                           help="YAML config (omit with --data: the configuration is fitted, see `elucidate init`)")
+            p.add_argument("--data", default=None, metavar="PATH",
+                           help="train on PATH (image folder, .zip, .npz/.npy, or digits/mnist/faces) with a "
+                                "configuration fitted to it and this machine; resuming uses the run's stored one "
+                                "(default: none, train CONFIG)")
+            p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, metavar="M",
+                           help="with --data: the training time to fit the configuration to")
+        else:
+            p.add_argument("config", type=Path, help="YAML config (see configs/digits-vae.yaml)")
         p.add_argument("--out", type=Path, required=True, help="run directory (resumed if it has checkpoints)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set training.steps=200 (repeatable)")
-        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-        p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+        add_run_options(p)
         p.add_argument("--help-config", action=_HelpConfig,
                        help="list every config key, formulation parameter, sampler and schedule, and exit")
+
+    p = sub.add_parser("init", help="write a training configuration fitted to your data and this machine "
+                                    "(commented, for editing)")
+    p.add_argument("data", help="image folder, .zip, .npz/.npy array, or digits/mnist/faces")
+    p.add_argument("--out", type=Path, required=True, help="the YAML file to write (e.g. config.yaml)")
+    p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, metavar="M",
+                   help="the training time to fit the configuration to")
+    add_run_options(p)  # --device: the device the configuration is fitted for (its steps are timed there)
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
     p = sub.add_parser("encode", help="pre-encode a dataset with a trained VAE (for latent.encoded)")
     p.add_argument("data", help="digits, mnist, an image folder, a .zip, an .npz/.npy array, or a config YAML "
                                 "(its data section); resized to the VAE's resolution unless it sets one")
     p.add_argument("--vae", required=True, type=Path, help="train-vae run directory or checkpoint")
     p.add_argument("--out", type=Path, required=True, help="latents.npz (posterior mean and std of every image)")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--device", default=None)
-    return {"train": cmd_train, "train-vae": cmd_train_vae, "encode": cmd_encode}
+    p.add_argument("--batch", type=int, default=256, help="images per encoding batch (does not change results)")
+    add_run_options(p)
+    return {"train": cmd_train, "train-vae": cmd_train_vae, "init": cmd_init, "encode": cmd_encode}
 
 
 def cmd_train(args) -> int:
@@ -48,12 +73,73 @@ def cmd_train(args) -> int:
     from ..runtime.distributed import process_group
     from ..training import Trainer
 
-    config = load_config(args.config, args.overrides)
+    dataset = None
+    if args.data is None:
+        if args.config is None:
+            raise UserError("give a config file (elucidate train CONFIG --out RUN) or --data PATH (a configuration "
+                            "fitted to your data, see `elucidate init`)")
+        config = load_config(args.config, args.overrides)
+    elif args.config is not None:
+        raise UserError(f"give a config file or --data, not both (to train {args.config} on other data: "
+                        f"--set data.path={args.data})")
+    else:
+        config, dataset = _fitted(args)
     with process_group(args.device):
-        summary = Trainer(config, args.out, device=args.device, progress=args.progress).train()
-    print(f"trained to step {summary['step']} ({summary['skipped_steps']} skipped); "
-          f"checkpoint: {summary['checkpoint']}" + (f"; samples: {summary['samples']}" if summary["samples"] else ""))
+        summary = Trainer(config, args.out, device=args.device, progress=args.progress, dataset=dataset).train()
+    samples = f"; samples: {summary['samples']}" if summary["samples"] else ""
+    return _report(summary, f"trained to step {summary['step']} ({summary['skipped_steps']} skipped); "
+                            f"checkpoint: {summary['checkpoint']}{samples}")
+
+
+def _report(summary: dict, line: str) -> int:
+    """Print a training's last line (rank 0 only under torchrun); exit status 130 if it was interrupted."""
+    from ..runtime.distributed import is_main_process
+
+    if summary.get("interrupted"):  # Ctrl-C / SIGTERM: the step finished and checkpointed, nothing else
+        line = (f"checkpoint: {summary['checkpoint']}\n"
+                f"interrupted at step {summary['step']} \N{EM DASH} run the same command to resume")
+    if is_main_process():
+        print(line)
     return 130 if summary.get("interrupted") else 0
+
+
+def _fitted(args):
+    """``train --data``: the run's stored configuration when resuming, else one fitted to the data (printed with
+    its reasons); returns (config, the fitted dataset or None)."""
+    import os
+
+    from ..config import load_config, parse_config
+    from ..config.schema import parse_with_overrides
+    from ..run import RunDir
+    from ..training.fit import fit_config
+
+    run = RunDir(args.out)
+    if run.config.is_file():
+        print(f"resuming {run.path} with its stored configuration ({run.config}; --minutes applies to new runs)")
+        return load_config(run.config, args.overrides), None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"--data under torchrun: fit the configuration once (elucidate init {args.data} --out "
+                        "config.yaml), then train that file on every process")
+    fitted = fit_config(args.data, minutes=args.minutes, device=args.device)
+    for line in fitted.lines():
+        print(line)
+    config = parse_with_overrides(fitted.raw, args.overrides, parse_config, source="the fitted configuration")
+    same_data = not any(item.strip().startswith("data.") for item in args.overrides)
+    return config, fitted.dataset if same_data else None
+
+
+def cmd_init(args) -> int:
+    from ..runtime.files import atomic_write_text
+    from ..training.fit import fit_config
+
+    if args.out.exists() and not args.force:
+        raise UserError(f"{args.out} exists; pass --force to overwrite it")
+    fitted = fit_config(args.data, minutes=args.minutes, device=args.device)
+    for line in fitted.lines():
+        print(line)
+    atomic_write_text(args.out, fitted.yaml())
+    print(f"wrote {args.out}; train it with: elucidate train {args.out} --out runs/{Path(args.out).stem}")
+    return 0
 
 
 def cmd_train_vae(args) -> int:
@@ -62,17 +148,16 @@ def cmd_train_vae(args) -> int:
     summary = train_vae(args.config, args.out, overrides=args.overrides, device=args.device, progress=args.progress)
     fd = f", fd {summary['fd']:.3g}" if summary.get("fd") is not None else ""
     psnr = f"; held-out PSNR {summary['psnr']:.2f} dB{fd}" if summary.get("psnr") is not None else ""
-    print(f"trained to step {summary['step']}; checkpoint: {summary['checkpoint']}{psnr}")
-    return 130 if summary.get("interrupted") else 0
+    return _report(summary, f"trained to step {summary['step']}; checkpoint: {summary['checkpoint']}{psnr}")
 
 
 def cmd_encode(args) -> int:
     from ..training.latent import encode_dataset, resolve_data_spec
 
     if args.batch < 1:
-        from ..errors import UserError
         raise UserError(f"--batch {args.batch}: expected an integer >= 1")
-    meta = encode_dataset(resolve_data_spec(args.data), args.vae, args.out, batch_size=args.batch, device=args.device)
+    meta = encode_dataset(resolve_data_spec(args.data), args.vae, args.out, batch_size=args.batch, device=args.device,
+                          progress=args.progress)
     print(f"wrote {args.out}: {meta['count']} posteriors of shape {meta['latent_shape']} (VAE {meta['vae']}, "
           f"step {meta['vae_step']}); train with latent: {{vae: {args.vae}, encoded: {args.out}}}")
     return 0

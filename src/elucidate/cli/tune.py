@@ -9,7 +9,7 @@ from typing import NamedTuple
 from ..errors import UserError
 from ..run import RunDir, load_run
 from ..run.rundir import tuned_schedule_name
-from .options import int_list
+from .options import add_run_options, int_list
 
 __all__ = ["register"]
 
@@ -46,7 +46,7 @@ def register(sub) -> dict:
                                                           "(default RUN/schedules, or ./schedules with --sandbox)")
     p.add_argument("--ema", dest="ema", action="store_true", default=True, help="use the EMA weights (default)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw training weights")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    add_run_options(p)
     return {"tune": cmd_tune}
 
 
@@ -129,7 +129,7 @@ def cmd_tune(args) -> int:
         print(f"elucidate tune: NFE {nfe}, {num} + {num} noise draws{hard}{models}, sigma {lo:g}..{hi:g}")
         try:
             tuned = tune(D, (num, *shape), nfe, seed=args.seed, sigma_min=lo, sigma_max=hi, samplers=samplers,
-                         progress=True, reference_steps=args.reference_steps, finalists=args.finalists,
+                         progress=args.progress, reference_steps=args.reference_steps, finalists=args.finalists,
                          max_evals=args.max_evals, boundary=args.boundary, pool=args.pool, device=device,
                          references=references,
                          **({"loss": args.loss} if args.loss else {}))

@@ -28,6 +28,7 @@ from .schema import (
     check_data,
     check_network,
     check_sections,
+    parse_with_overrides,
     read_config_file,
     typed_section,
 )
@@ -98,10 +99,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config file, apply overrides and validate."""
     raw = read_config_file(path, "start from configs/digits-edm.yaml (or write 'data: {dataset: digits}' to "
                                  "train with every other default)")
-    try:
-        return parse_config(apply_overrides(raw, overrides or [], SECTIONS))
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    return parse_with_overrides(raw, overrides or [], parse_config, SECTIONS, source=path)  # errors name their cause
 
 
 def dump_config(config: Config) -> str:

@@ -21,7 +21,7 @@ from ..nets import NETWORKS
 from ..params import did_you_mean, unknown_key, validate_fields
 
 __all__ = ["SECTIONS", "ConfigWarning", "check_sections", "check_number", "validate_section", "typed_section",
-           "apply_overrides", "read_config_file", "check_data", "check_network"]
+           "apply_overrides", "parse_with_overrides", "read_config_file", "check_data", "check_network"]
 
 
 #: The sections of a run's config (the autoencoder's have their own: config.vae.VAE_SECTIONS).
@@ -82,26 +82,50 @@ def typed_section(cls, name: str, raw: Any):
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], sections=SECTIONS) -> dict:
     """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config mapping whose
-    top-level sections are ``sections``."""
+    top-level sections are ``sections``. Errors name the override as the command line spells it (``--set ...``)."""
     raw = copy.deepcopy(raw or {})
     for item in overrides:
         path, sep, text = str(item).partition("=")
         keys = path.strip().split(".")
+        where = f"--set {item}" if str(item).isprintable() else f"--set {item!r}"  # one line, whatever it holds
         if not sep or len(keys) < 2 or not all(keys):
-            raise ConfigError(f"override {item!r}: expected section.key=value (e.g. training.steps=200)")
+            raise ConfigError(f"{where}: expected section.key=value (e.g. training.steps=200)")
         if keys[0] not in sections:
-            raise unknown_key("config", keys[0], sections)
+            raise ConfigError(f"{where}: {unknown_key('config', keys[0], sections)}")
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
+            raise ConfigError(f"{where}: value is not valid YAML ({e.__class__.__name__})") from None
         node = raw
         for key in keys[:-1]:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {key} is not a section")
+                raise ConfigError(f"{where}: {key} is not a section")
         node[keys[-1]] = value
     return raw
+
+
+def parse_with_overrides(raw: dict, overrides, parse, sections=SECTIONS, *, source: str | Path | None = None):
+    """``parse(apply_overrides(raw, overrides, sections))`` with an error blamed on what caused it: the override
+    (``--set training.stpes=100: unknown key training.stpes ...``) or else the config itself (``source: ...``, e.g.
+    its file). The culprit is the first override after which the config fails with the final error."""
+    overrides = list(overrides or [])
+    overridden = apply_overrides(raw, overrides, sections)  # its own errors name the override
+    try:
+        return parse(overridden)
+    except ConfigError as e:
+        final = str(e)
+    failed: list[tuple[int, str]] = []  # (overrides applied, the error) of each prefix that does not parse
+    for k in range(len(overrides)):
+        try:
+            parse(apply_overrides(raw, overrides[:k], sections))
+        except ConfigError as e:
+            failed.append((k, str(e)))
+    k, message = next(((k, m) for k, m in failed if m == final), (len(overrides), final))
+    if k == 0:  # the config fails on its own
+        raise ConfigError(f"{source}: {message}" if source is not None else message) from None
+    item = overrides[k - 1]
+    raise ConfigError(f"--set {item if str(item).isprintable() else repr(item)}: {message}") from None
 
 
 def read_config_file(path: str | Path, empty_hint: str) -> dict:

@@ -20,6 +20,7 @@ from .schema import (
     check_data,
     check_number,
     check_sections,
+    parse_with_overrides,
     read_config_file,
     typed_section,
     validate_section,
@@ -169,10 +170,7 @@ def load_vae_config(source: str | Path | dict, overrides: list[str] | tuple[str,
     if isinstance(source, dict):
         return parse_vae_config(apply_vae_overrides(source, overrides))
     raw = read_config_file(source, "start from configs/digits-vae.yaml")
-    try:
-        return parse_vae_config(apply_vae_overrides(raw, overrides))
-    except ConfigError as e:
-        raise ConfigError(f"{Path(source)}: {e}") from None
+    return parse_with_overrides(raw, overrides, parse_vae_config, VAE_SECTIONS, source=Path(source))
 
 
 def dump_vae_config(config: VAEConfig) -> str:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "process_group", "all_reduce_sum", "barrier",
-           "init_sampling", "world", "shard_batches", "gather_batches", "map_batches"]
+__all__ = ["DistInfo", "pick_device", "init_distributed", "shutdown_distributed", "process_group", "all_reduce_sum",
+           "barrier", "init_sampling", "world", "is_main_process", "shard_batches", "gather_batches", "map_batches"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,9 @@ class DistInfo:
         return self.rank == 0
 
 
-def _pick_device(requested: str | None, local_rank: int) -> torch.device:
+def pick_device(requested: str | None = None, local_rank: int = 0) -> torch.device:
+    """The device a command runs on: ``requested`` (``cuda`` means this process's GPU), else the local GPU when
+    there is one, else the CPU (the same default for every command)."""
     if requested:
         device = torch.device(requested)
         if device.type == "cuda" and device.index is None:
@@ -46,12 +48,13 @@ def _pick_device(requested: str | None, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+
 def init_distributed(device: str | None = None) -> DistInfo:
     """Join the process group torchrun describes (WORLD_SIZE > 1), else run as a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    chosen = _pick_device(device, local_rank)
+    chosen = pick_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         if chosen.type == "cuda":
             torch.cuda.set_device(chosen)
@@ -95,6 +98,14 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0: of the joined process group, else of torchrun's environment (``RANK``), so
+    that it still holds after a command has left the group (one process: True)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def init_sampling(device: str | None = None) -> DistInfo:

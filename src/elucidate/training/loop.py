@@ -157,7 +157,7 @@ class TrainingLoop:
     def summary(self, ckpt: Path | None, picture: Path | None) -> dict:
         """What :meth:`train` returns."""
         return {"step": self.step, "skipped_steps": self.skipped, "checkpoint": ckpt, "samples": picture,
-                "seconds": self.seconds, "interrupted": self.stop_requested}
+                "seconds": self.seconds, "interrupted": self.step < self.t.steps}
 
     def postfix(self, record: dict) -> dict:
         """Values shown next to the progress bar."""
@@ -270,12 +270,20 @@ class TrainingLoop:
                 group["lr"] = base * factor
 
     def _request_stop(self, signum, frame) -> None:
+        if not self.stop_requested and self.dist.is_main:
+            self.log("interrupt received: finishing this step and writing a checkpoint")
         self.stop_requested = True
-        self.log("interrupt received: finishing this step and writing a checkpoint")
+
+    def close(self) -> None:
+        """Release the run directory without training (after stepping it by hand, as benchmarks and the
+        configuration fit do); :meth:`train` releases it itself."""
+        self.tb.close()
+        self._lock.release()
 
     def train(self) -> dict:
         """Run until ``training.steps``; returns a summary. Ctrl-C (SIGINT) and SIGTERM (preemption)
-        finish the step, checkpoint and stop cleanly. Releases the run directory's lock (taken by __init__)."""
+        finish the step, checkpoint it and stop (no final evaluation or sample grid; the summary says
+        ``interrupted``). Releases the run directory's lock (taken by __init__)."""
         try:
             return self._train()
         finally:
@@ -295,8 +303,9 @@ class TrainingLoop:
             from tqdm.auto import tqdm
             bar = tqdm(total=total, initial=self.step, desc=self.label, unit="step", dynamic_ncols=True)
         stats = self.make_stats()
+        stopping = False  # agreed by every process after each step: all stop after the same one
         try:
-            while self.step < total and not self._stop_agreed():
+            while self.step < total and not stopping:
                 t0 = time.perf_counter()
                 result, applied = self.train_step(self.step)
                 self.step += 1
@@ -311,16 +320,20 @@ class TrainingLoop:
                     self._log_interval(stats, bar)
                 if self.t.max_bad_steps is not None and self.bad_streak >= self.t.max_bad_steps:
                     self._stop_diverged()
-                if self.step < total:
+                stopping = self._stop_agreed()
+                if self.step < total and not stopping:  # interrupted: no periodic evaluation or picture
                     if self.eval_every and self.step % self.eval_every == 0:
                         self.evaluate()  # before the checkpoint, so the checkpoint's metadata holds it
                     if self.step % self.t.checkpoint_every == 0 and not self.bad_streak:
                         self.save()  # (none during a run of skipped steps: the state has not changed)
                     if self.t.sample_every and self.step % self.t.sample_every == 0:
                         self._picture()
-            self.evaluate()
-            ckpt = self.save()
-            picture = self._picture()
+            if self.step < total:  # interrupted: the checkpoint only, no final evaluation or picture
+                ckpt, picture = self.save(), None
+            else:
+                self.evaluate()
+                ckpt = self.save()
+                picture = self._picture()
         finally:
             if bar is not None:
                 bar.close()
