@@ -91,12 +91,13 @@ def build_dataset(config: Mapping[str, Any]) -> ImageDataset:
 
 def data_section_for(spec: str) -> dict | None:
     """The ``data`` section a command-line dataset names: a bundled dataset (digits, mnist, faces), an
-    image folder, a .zip, or an .npz/.npy array; None when ``spec`` is none of them."""
-    if spec in ("digits", "faces", "mnist"):
-        return {"dataset": spec}
+    image folder, a .zip, or an .npz/.npy array; None when ``spec`` is none of them. A folder of that name
+    comes before a bundled dataset (your ``faces/`` folder is your faces)."""
     suffix = os.path.splitext(spec)[1].lower()
     if os.path.isdir(spec):
         return {"dataset": "folder", "path": spec}
+    if spec in ("digits", "faces", "mnist"):
+        return {"dataset": spec}
     if suffix == ".zip":
         return {"dataset": "zip", "path": spec}
     if suffix in (".npz", ".npy"):

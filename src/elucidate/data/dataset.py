@@ -64,6 +64,7 @@ class ImageDataset(Dataset):
         if class_names is not None and labels is not None and int(labels.max()) >= len(class_names):
             raise DataError(f"{source}: {len(class_names)} class names but a label {int(labels.max())}")
         self.images: torch.Tensor = images.contiguous()
+        self.source: str = source
         self.labels: torch.Tensor | None = labels
         self.name: str = name
         self.xflip: bool = xflip
@@ -162,6 +163,23 @@ class ImageDataset(Dataset):
             raise IndexError(f"{self.name}: index {index} out of range for length {len(self)}")
         images, labels = self.get_batch(torch.tensor([index]))
         return images[0], labels[0]
+
+    def describe(self) -> str:
+        """One line about the data as training sees it (printed when training starts)."""
+        height, width = self.resolution
+        dtype = str(self.images.dtype).removeprefix("torch.")
+        lo, hi = float(self.images.min()), float(self.images.max())
+        labels = "no labels"
+        if self.labels is not None:
+            names = self.class_names or []
+            labels = f"{self.num_classes} classes" + (f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+                                                      if names else "")
+        extra = [f"{self.cond_channels}-channel spatial condition"] if self.concat is not None else []
+        extra += [f"context tokens {self.context_shape[0]}x{self.context_shape[1]}"] if self.context is not None else []
+        return (f"data: {self.num_images} images from {self.source}, {height}x{width}, {self.channels} channel"
+                f"{'s' if self.channels > 1 else ''}, {dtype} {lo:.4g}..{hi:.4g} -> model units by "
+                f"{self.normalizer.mode}, {labels}" + "".join(f", {e}" for e in extra)
+                + (f", mirrored copies (x2 = {len(self)})" if self.xflip else ""))
 
     def __repr__(self) -> str:
         height, width = self.resolution

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import Config, dump_config, parse_config
 from ..config.network import DataInfo, build_network_for
-from ..data import build_dataset
+from ..data import ImageDataset, build_dataset
 from ..denoiser import Denoiser, with_null_condition
 from ..losses import denoising_loss
 from ..run.model import LoadedRun
@@ -38,13 +38,24 @@ class Trainer(TrainingLoop):
 
     free_sections = ("sampling",)  # sampling settings may change between resumes
 
+    def __init__(self, config: Config, run_dir: str | Path, *, dataset: ImageDataset | None = None, **options):
+        """``dataset``: the data already built from ``config.data`` (not loaded again); ``options``: those of
+        :class:`TrainingLoop` (device, progress, log)."""
+        self._given_dataset = dataset
+        super().__init__(config, run_dir, **options)
+
     @property
     def micro_batches(self) -> int:
         return self.t.grad_accumulation
 
     def build(self, init) -> None:
         config, t = self.config, self.t
-        self.dataset, self.latent = build_dataset(config.data), None  # latent: the record of a latent run
+        self.dataset = self._given_dataset
+        if self.dataset is None:  # a given dataset was described by whoever built it
+            self.dataset = build_dataset(config.data)
+            if self.dist.is_main:
+                self.log(self.dataset.describe())
+        self.latent = None  # the record of a latent run
         if config.latent is not None:  # diffusion on a VAE's latents (training.latent)
             self.dataset, self.latent = latent_training_data(
                 config, self.dataset, self.run_dir, sigma_data=getattr(config.formulation(), "sigma_data", None),
