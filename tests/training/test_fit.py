@@ -75,6 +75,9 @@ def test_the_yaml_is_the_configuration_with_its_reasons(photos, step_time):
     assert yaml.safe_load(text) == fitted.raw
     assert parse_config(yaml.safe_load(text)) == fitted.config
     assert "# 1 minutes x 85% at 100 ms" in text and text.startswith("# Fitted by `elucidate init`")
+    assert fitted.raw["training"]["steps"] == 474 and "augment" not in fitted.raw["training"]
+    assert any("expect near-copies" in n for n in fitted.notes)  # 474 passes over 12 images: the user is told
+    assert "# note: each image is seen ~474 times" in text
 
 
 def test_a_slow_machine_gets_a_narrower_network_and_a_fast_one_a_wider(photos, step_time):

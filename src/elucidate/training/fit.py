@@ -38,6 +38,7 @@ BATCH = 64                  # the shipped configs' batch (images per step)
 LR = 2e-3                   # Adam on the small U-Net at batch 64 (demo, faces)
 MIN_STEPS = 400             # fewer steps than this give noise: use a smaller network
 ROOMY_STEPS = 8000          # more steps than this at the base width: a wider network pays off
+COPY_PASSES = 300           # passes over the data beyond which samples come back as near-copies (own-data.md)
 GRIDS = 3                   # periodic sample grids (a third, two thirds, the end)
 SHARE_TRAINING = 0.85       # of the budget for training steps; the rest: loading, timing, checkpoints, final grid
 _NATURAL_CHANNELS = {1: "gray", 2: "gray + alpha", 3: "RGB", 4: "RGBA"}
@@ -286,6 +287,9 @@ def fit_config(data: str | os.PathLike, *, minutes: float = DEFAULT_MINUTES, dev
         t["augment"] = {"p": 0.12}
         reasons["training.augment"] = (f"each image is seen ~{passes:.0f} times: non-leaky augmentation against "
                                        "memorization")
+    elif passes > COPY_PASSES:  # measured: 100 faces seen ~560 times each came back as near-copies (own-data.md)
+        notes.append(f"each image is seen ~{passes:.0f} times: expect near-copies of your images (check: python "
+                     "scripts/copy_check.py RUN); --set 'training.augment={p: 0.2}' trades speed for new images")
     t["checkpoint_every"] = max(1, min(steps, round(120 / seconds)))
     reasons["training.checkpoint_every"] = "about every 2 minutes (Ctrl-C also writes one; resume loses little)"
     t["sample_every"] = max(1, steps // GRIDS)
