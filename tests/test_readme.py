@@ -317,6 +317,29 @@ def _make_image_folder(out: Path) -> None:
         Image.fromarray(image[0].to(torch.uint8).numpy()).save(out / f"{i:03d}.png")
 
 
+def _make_conditions(out: Path) -> None:
+    """What the `python -c` lines of conditioning.md / guidance.md write: lowres.npz, the low-resolution copies of
+    the first 8 digits (concat); away7.npz, class label 7 as guidance's null condition."""
+    import numpy as np
+
+    from elucidate.data import build_dataset
+
+    if out.name == "away7.npz":
+        np.savez(out, class_labels=np.array([7]))
+    else:
+        np.savez(out, concat=build_dataset({"dataset": "digits", "condition": "lowres"}).concat[:8].numpy())
+
+
+def _make_top_half_mask(out: Path) -> None:
+    """What editing.md's `python -c` line writes: an 8x8 PNG mask, white (keep) in the top half."""
+    import numpy as np
+    from PIL import Image
+
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:4] = 255
+    Image.fromarray(mask).save(out)
+
+
 def _make_diffusers_rgb(out: Path) -> None:
     """A random 3-channel 32x32 UNet2DModel with a DDIM scheduler, as a pipeline folder."""
     import diffusers
@@ -344,6 +367,9 @@ class Provider:
         "path/to/pipeline": _make_diffusers_rgb,
         "path/to/images": _make_image_folder,
         "my-faces": _make_image_folder,  # own-data.md writes it with a `python -c` line the test does not run
+        "lowres.npz": _make_conditions,  # conditioning.md and guidance.md: the same (`python -c` lines)
+        "away7.npz": _make_conditions,
+        "top-half.png": _make_top_half_mask,  # editing.md (a `python -c` line)
     }
     ALIASES = {"out/ddpm-digits": "DIR", "path/to/unet": "path/to/pipeline/unet",
                "path/to/scheduler": "path/to/pipeline/scheduler"}

@@ -130,6 +130,18 @@ class GaussianMixture:
         """Most likely component of each (clean) sample ``[B]``."""
         return self.responsibilities(x, 0.0).argmax(dim=1)
 
+    def conditional(self, observed: torch.Tensor, keep: torch.Tensor) -> GaussianMixture:
+        """The exact distribution of the coordinates where ``keep`` is False given ``observed`` where it is True
+        (inpainting's target): a mixture with weights p(k | x_keep) and, the components being axis-aligned, each
+        component's own mean and spread on the missing coordinates (Bishop 2006, eq. 2.81-2.82 with zero covariance)."""
+        keep = torch.as_tensor(keep, dtype=torch.bool).reshape(-1)
+        observed = torch.as_tensor(observed, dtype=self.means.dtype).reshape(-1)
+        if keep.numel() != self.dim or observed.numel() != self.dim or keep.all() or not keep.any():
+            raise ValueError(f"keep and observed need {self.dim} values each, with some coordinates kept and some not")
+        var = self.stds[:, keep] ** 2  # log p(x_keep, k) = log w_k + log N(x_keep; mu_k, diag s_k^2)
+        log_w = self.weights.log() - 0.5 * ((observed[keep] - self.means[:, keep]) ** 2 / var + var.log()).sum(1)
+        return GaussianMixture(self.means[:, ~keep], self.stds[:, ~keep], log_w.softmax(0), dtype=self.means.dtype)
+
 
 class EmpiricalDenoiser:
     """The optimal denoiser of a finite dataset: a softmax-weighted average of the training points.

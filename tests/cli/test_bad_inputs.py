@@ -30,6 +30,19 @@ def paths(tiny_config, trained_run, tmp_path_factory) -> dict[str, Path]:
     np.savez(p["npz"], mu=np.zeros(3), sigma=np.zeros((2, 2)))  # statistics of the wrong shapes
     shutil.copytree(trained_run, p["run"])  # a trained run (with power EMA snapshots) that nothing may write into
     assert main(["train", str(p["config"]), "--out", str(p["plain"]), "--no-progress"]) == 0  # no power EMA
+    # a run trained with a concat and a context condition (docs/conditioning.md), and --cond files for it
+    cond = tiny_config(data={"max_size": 16, "condition": ["lowres", "class_tokens"]},
+                       network={"attn_resolutions": [4], "conditioning": "hybrid"}, training={"steps": 2})
+    (root / "cond.yaml").write_text(yaml.safe_dump(cond))
+    assert main(["train", str(root / "cond.yaml"), "--out", str(root / "cond_run"), "--no-progress"]) == 0
+    p["cond_run"] = root / "cond_run"
+    context = np.zeros((4, 5, 31), np.float32)
+    for name, arrays in {"cond_shape": dict(concat=np.zeros((4, 2, 8, 8), np.float32), context=context),
+                         "cond_rows": dict(concat=np.zeros((3, 1, 8, 8), np.float32), context=context),
+                         "cond_unknown": dict(concat=np.zeros((4, 1, 8, 8), np.float32), context=context, foo=context),
+                         "cond_missing": dict(context=context)}.items():
+        p[name] = root / f"{name}.npz"
+        np.savez(p[name], **arrays)
     return p
 
 
@@ -60,11 +73,27 @@ ROWS: dict[str, list[list[str]]] = {
         ["{run}", "--out", "OUT.png", "--steps", "0"], ["{run}", "--out", "OUT.png", "--seeds", "9-1"],
         ["{run}", "--out", "OUT.gif"], ["{run}", "--out", "OUT.png", "--guidance", "-1"],
         ["{run}", "--out", "OUT.png", "--sampler", "nope"], ["{run}", "--out", "OUT.png", "--schedule", "karras:r=3"],
-        ["{run}", "--out", "OUT.png", "--schedule", "vp", "--sigma-min", "0.1", "--sigma-max", "5"]],
+        ["{run}", "--out", "OUT.png", "--schedule", "vp", "--sigma-min", "0.1", "--sigma-max", "5"],
+        ["{cond_run}", "--out", "OUT.png"], ["{run}", "--out", "OUT.png", "--cond", "{cond_missing}"]] + [
+        ["{cond_run}", "--out", "OUT.png", "--seeds", "0-3", "--cond", ref(f)]
+        for f in ["cond_shape", "cond_rows", "cond_unknown", "cond_missing", "garbage", "missing", "dir"]] + [
+        ["{cond_run}", "--out", "OUT.png", "--seeds", "0-3", "--cond", "{cond_missing}", "--unconditional"],
+        ["{cond_run}", "--out", "OUT.png", "--seeds", "0-3", "--unconditional", "--null-cond", "{cond_missing}"],
+        ["{cond_run}", "--out", "OUT.png", "--seeds", "0-3", "--unconditional", "--class", "1"]] + [
+        ["{run}", "--out", "OUT.png", "--strength", "0.5"], ["{run}", "--out", "OUT.png", "--compare"],
+        ["{run}", "--out", "OUT.png", "--init", "{npz}"], ["{run}", "--out", "OUT.png", "--init", "{npz}",
+                                                          "--strength", "2"],
+        ["{run}", "--out", "OUT.png", "--init", "{npz}", "--strength", "0.5", "--mask", "{garbage}"],
+        ["{run}", "--out", "OUT.png", "--init", "{npz}", "--mask", "{garbage}", "--resample", "0"],
+        ["{run}", "--out", "OUT.npz", "--init", "{npz}", "--strength", "0.5", "--compare"]] + [
+        ["{run}", "--out", "OUT.png", "--init", ref(p), "--strength", "0.5"] for p in ("missing", "garbage", "dir",
+                                                                                       "npz")],
     "eval": [[ref(r), "--num", "8"] for r in RUNS] + [
-        ["{run}", "--num", "0"], ["{run}", "--num", "8", "--ref", "{npz}"]],
+        ["{run}", "--num", "0"], ["{run}", "--num", "8", "--ref", "{npz}"],
+        ["{cond_run}", "--num", "8", "--cond", "{cond_unknown}"], ["{cond_run}", "--num", "8", "--cond", "{garbage}"]],
     "ref": [["{missing}", "--out", "OUT.npz"], ["{garbage}", "--out", "OUT.npz"], ["{dir}", "--out", "OUT.npz"]],
-    "sweep": [[ref(r), "--num", "8"] for r in RUNS] + [["{run}", "--nfe", "0", "--num", "8"]],
+    "sweep": [[ref(r), "--num", "8"] for r in RUNS] + [["{run}", "--nfe", "0", "--num", "8"],
+                                                       ["{cond_run}", "--num", "8", "--cond", "{cond_shape}"]],
     "likelihood": [[ref(r), "--num", "4"] for r in RUNS] + [["{run}", "--num", "0"]],
     "tune": [[ref(r), "--nfe", "5"] for r in RUNS] + [["{run}", "--nfe", "0"]],
     "plot": [[ref(r)] for r in ["missing", "garbage", "dir"]],

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from elucidate import DDPM, EDM, build_network, from_diffusers, sample
+from elucidate import DDPM, EDM, Clipped, Thresholded, build_network, from_diffusers, sample
 from elucidate.denoiser import Guided
 from elucidate.errors import UserError
 from elucidate.interop import ddpm_from_scheduler, export_diffusers, load_diffusers, scheduler_config
@@ -60,11 +60,49 @@ def test_ddim_equals_diffusers_ddim_loop(unet, prediction, spacing):
     assert (ours - theirs).abs().max() <= 2e-5 * scale, ((ours - theirs).abs().max(), scale)
 
 
+CLIPPING = {"clip_sample": dict(clip_sample=True), "clip_sample_range": dict(clip_sample=True, clip_sample_range=0.7),
+            "thresholding": dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5)}
+
+
+@pytest.mark.parametrize("clipping", sorted(CLIPPING))
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_ddim_with_clipping_equals_diffusers_ddim_loop(unet, prediction, clipping):
+    steps = 10
+    scheduler = diffusers.DDIMScheduler(prediction_type=prediction, set_alpha_to_one=True, timestep_spacing="trailing",
+                                        **CLIPPING[clipping])
+    scheduler.set_timesteps(steps)
+    D = from_diffusers(unet, scheduler)
+    assert isinstance(D, Thresholded if clipping == "thresholding" else Clipped)
+    plain = from_diffusers(unet, scheduler, clip=False)
+    sigmas = D.formulation.sampling_sigmas(steps)
+    x_T = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = x_T.clone()
+        for t in scheduler.timesteps:  # elucidate's samplers take the noise from the clipped x0 (Glide's convention)
+            theirs = scheduler.step(unet(theirs, t).sample, t, theirs, eta=0.0,
+                                    use_clipped_model_output=True).prev_sample
+        ours = ddim(D, x_T * math.sqrt(1 + float(sigmas[0]) ** 2), sigmas)
+        unclipped = ddim(plain, x_T * math.sqrt(1 + float(sigmas[0]) ** 2), sigmas)
+    scale = float(theirs.abs().max())
+    assert (ours - theirs).abs().max() <= 2e-5 * scale, ((ours - theirs).abs().max(), scale)
+    assert (unclipped - theirs).abs().max() > 1e-2 * scale  # the clipping mattered
+    bound = 1.5 if clipping == "thresholding" else CLIPPING[clipping].get("clip_sample_range", 1.0)
+    assert float(theirs.abs().max()) <= bound + 1e-6
+
+
+def test_thresholded_equals_diffusers_threshold_sample():
+    scheduler = diffusers.DDIMScheduler(thresholding=True, dynamic_thresholding_ratio=0.8, sample_max_value=2.0)
+    x0 = 3 * torch.randn(5, 2, 8, 8, generator=torch.Generator().manual_seed(3))
+    D = Thresholded(lambda x, sigma: x, percentile=0.8, max_value=2.0)
+    torch.testing.assert_close(D(x0, 1.0), scheduler._threshold_sample(x0.clone()))
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_second_order_samplers_run_and_beat_euler(unet, prediction):
     # probability-flow ODE on the scheduler's trailing timesteps: Heun and DPM-Solver++(2M) with 20 steps
     # are closer to a 200-step Euler solution than Euler with 20 steps
-    D = from_diffusers(unet, diffusers.DDPMScheduler(prediction_type=prediction, timestep_spacing="trailing"))
+    D = from_diffusers(unet, diffusers.DDPMScheduler(prediction_type=prediction, timestep_spacing="trailing"),
+                       clip=False)  # the schedule, not the clipping (test_ddim_with_clipping_...)
     f = D.formulation
     x = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     fine, coarse = f.sampling_sigmas(200), f.sampling_sigmas(20)
@@ -77,7 +115,7 @@ def test_second_order_samplers_run_and_beat_euler(unet, prediction):
 
 def test_every_sampler_kind_and_guidance_on_a_class_conditional_unet():
     net = tiny_unet(num_class_embeds=4, seed=3)  # classes 0..2, embedding 3 = "no label"
-    D = from_diffusers(net, diffusers.DDPMScheduler(num_train_timesteps=100), null_class=3)
+    D = from_diffusers(net, diffusers.DDPMScheduler(num_train_timesteps=100), null_class=3, clip=False)
     assert D.net.label_dim == 3
     labels = torch.tensor([0, 2])
     for sampler in ("ddpm", "ddim", "heun", "dpmpp_2m", "euler_ancestral"):
@@ -94,7 +132,7 @@ def test_every_sampler_kind_and_guidance_on_a_class_conditional_unet():
         expected = c_skip * x + c_out * (F_u + 2.5 * (F_c - F_u))
     assert torch.allclose(guided, expected, atol=1e-4)
     with pytest.raises(ValueError, match="no 'no label' class"):
-        Guided(from_diffusers(net, diffusers.DDPMScheduler()), 2.0)(x, sigma, class_labels=labels)
+        Guided(from_diffusers(net, diffusers.DDPMScheduler(), clip=False), 2.0)(x, sigma, class_labels=labels)
     with pytest.raises(ValueError, match="one-hot"):
         D(x, sigma, class_labels=torch.full((2, 3), 1 / 3))
 
@@ -106,7 +144,7 @@ def test_unet2d_condition_model_takes_context():
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         norm_num_groups=4, attention_head_dim=2, cross_attention_dim=6).eval()
     null = torch.full((1, 3, 6), 0.5)
-    D = from_diffusers(net, diffusers.DDIMScheduler(prediction_type="v_prediction"), null_context=null)
+    D = from_diffusers(net, diffusers.DDIMScheduler(prediction_type="v_prediction"), null_context=null, clip=False)
     x, context, sigma = torch.randn(2, 2, 8, 8), torch.randn(2, 3, 6), torch.tensor([0.5, 3.0])
     with torch.no_grad():
         c_skip, c_out, c_in, t = (v.reshape(-1, 1, 1, 1) for v in D.formulation.precondition(sigma))

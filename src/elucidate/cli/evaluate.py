@@ -29,6 +29,7 @@ from ..runtime.files import atomic_write_text
 from ..sampling import sweep_samplers
 from ..tuning import sandbox_sweep, tuned_config
 from ..viz import plot_quality_vs_nfe, save_figure
+from .conditions import add_condition_options, attach_conditions
 from .interop import add_model_source, load_model
 from .options import add_run_options, add_sampling_options, int_list, print_table, sampling_from_args
 
@@ -56,6 +57,7 @@ def register(sub) -> dict:
                    help="feature network of kid/pr (default: the dataset's, else inception)")
     p.add_argument("--inception", default=None, help="local path to pt_inception-2015-12-05-6726825d.pth (needed by "
                                                      "fid and the inception features; default: none, never downloaded)")
+    add_condition_options(p, evaluating=True)
     add_sampling_options(p)
 
     p = sub.add_parser("ref", help="compute a dataset's feature statistics (what eval/sweep --ref take)")
@@ -97,6 +99,7 @@ def register(sub) -> dict:
                    help="instead of samplers x NFE: quality at the configured sampler for each post-hoc EMA "
                         "length (relative std), plotted to RUN/sweep/METRIC-vs-ema-std.png (default: samplers x "
                         "NFE)")
+    add_condition_options(p, evaluating=True)
     add_sampling_options(p, tuned=False)
     p = sub.add_parser("likelihood", help="bits/dim of the run's data by the probability-flow ODE")
     p.add_argument("run", type=Path, help="run directory (latest checkpoint) or checkpoint file")
@@ -163,6 +166,7 @@ def _eval(args, main: bool) -> int:
     if args.diffusers is not None and args.ref is None:
         raise UserError("--ref is required with --diffusers (the real data, or its statistics, to compare with)")
     cfg = sampling_from_args(run.config.sampling, args, run=run)
+    attach_conditions(run, args, None, cfg)  # --cond / --unconditional / the training data's conditions
     _default_metric(args, run)
     name = feature_name(args.metric, args.features, run.config.data.get("dataset"))
     ref = _dataset_stats(args, run, name, need_features=METRICS[args.metric].needs_features)
@@ -262,6 +266,7 @@ def _sweep(args, main: bool) -> int:
             raise UserError("--ema-stds cannot be combined with --ema-std or --tuned")
         run = load_model(argparse.Namespace(run=args.run, ema=args.ema, ema_std=args.ema_std, device=args.device))
         base = sampling_from_args(run.config.sampling, args, run=run)
+        attach_conditions(run, args, None, base)  # --cond / --unconditional / the training data's conditions
         samplers = _names(args.samplers) if args.samplers else sweep_samplers()
         _default_metric(args, run)
         name = feature_name(args.metric, args.features, run.config.data.get("dataset"))
@@ -275,6 +280,7 @@ def _sweep(args, main: bool) -> int:
                                 "over NFE)")
 
             def score(r):
+                r.conditions, r.null_cond = run.conditions, run.null_cond  # the same conditions for every EMA
                 return evaluate(r, args.metric, num=args.num, ref=ref, extractor=extractor, cfg=base,
                                 batch_size=args.batch, device=args.device), base
             print("wrote " + ", ".join(str(p) for p in ema_sweep(args, score)))

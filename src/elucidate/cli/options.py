@@ -64,8 +64,17 @@ def sampling_flags() -> list:
     return [p for p in describe(SECTION_TYPES["sampling"]) if p.flag]
 
 
-_KINDS = {"int": int, "float": float, "str": str}
+def _numbers(text: str) -> list[float]:
+    """A list flag's value: comma-separated numbers, e.g. --guidance-interval 0.3,5 (inf allowed)."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 0.3,5") from None
+
+
+_KINDS = {"int": int, "float": float, "str": str, "list": _numbers}
 _HELP = {"sampler": sampler_help, "schedule": schedule_help}
+_METAVARS = {"guide": "RUN_OR_CKPT", "guidance_interval": "LO,HI"}
 
 
 def add_sampling_options(p: argparse.ArgumentParser, *, tuned: bool = True) -> None:
@@ -81,8 +90,13 @@ def add_sampling_options(p: argparse.ArgumentParser, *, tuned: bool = True) -> N
         text = _HELP[doc.name]() if doc.name in _HELP else doc.doc + (f" ({doc.symbol})" if doc.symbol else "")
         if "default" not in text:  # else the key's own doc says what its default means
             text += f" (default: the run's sampling.{doc.name})"
+        if doc.kind == "bool":  # --clip-denoised / --no-clip-denoised (left out: the run's setting)
+            g.add_argument("--" + doc.name.replace("_", "-"), dest=doc.name, action=argparse.BooleanOptionalAction,
+                           default=None, help=text.replace("%", "%%"))
+            continue
+        metavar = _METAVARS.get(doc.name, "NAME" if doc.kind == "str" else None)
         g.add_argument("--" + doc.name.replace("_", "-"), dest=doc.name, type=_KINDS[doc.kind],
-                       metavar="NAME" if doc.kind == "str" else None, help=text.replace("%", "%%"))
+                       metavar=metavar, help=text.replace("%", "%%"))
     g.add_argument("--option", dest="sampler_options", action="append", default=[], metavar="KEY=VALUE",
                    help="another option of the chosen sampler, e.g. --option order=3 (repeatable)")
     p.add_argument("--ema", dest="ema", action="store_true", default=True, help="use the EMA weights (default)")
@@ -98,7 +112,7 @@ def sampling_from_args(base, args, *, run=None):
     explicitly that the chosen sampler does not take is an error (a config default is not); so is ``--guidance``
     for a ``run`` (LoadedRun) without a condition to guide (:func:`check_guidance`)."""
     if run is not None:
-        check_guidance(run, getattr(args, "guidance", None))
+        check_guidance(run, getattr(args, "guidance", None), guide=getattr(args, "guide", None) or base.guide)
     changes = {p.name: getattr(args, p.name) for p in sampling_flags() if getattr(args, p.name, None) is not None}
     if getattr(args, "tuned_nfe", None) is not None:
         base, changes = _tuned(base, args, changes)
@@ -111,6 +125,10 @@ def sampling_from_args(base, args, *, run=None):
         options[key.strip()] = yaml.safe_load(text)
     cfg = dataclasses.replace(base, options=options, **changes)
     cfg.validate()
+    for key in ("guide", "guidance_interval"):
+        if key in changes and cfg.guidance == 1:
+            raise UserError(f"--{key.replace('_', '-')} has no effect without guidance: give --guidance W (W != 1, "
+                            "e.g. 2)")
     spec = get_sampler(cfg.sampler)
     for key, arg in CONFIG_OPTIONS.items():
         if key in changes and arg not in spec.options:
@@ -123,10 +141,11 @@ def sampling_from_args(base, args, *, run=None):
 _CONDITIONS = ("label_dim", "cond_channels", "context_dim")
 
 
-def check_guidance(run, guidance: float | None) -> None:
+def check_guidance(run, guidance: float | None, *, guide=None) -> None:
     """``--guidance W`` (W != 1) on a model without a condition is an error: classifier-free guidance mixes the
-    conditional and the unconditional prediction, and such a model has only one."""
-    if guidance is None or guidance == 1:
+    conditional and the unconditional prediction, and such a model has only one. With a ``guide`` (autoguidance,
+    ``--guide``) any model can be guided."""
+    if guidance is None or guidance == 1 or guide is not None:
         return
     net = getattr(run.denoiser, "net", None)
     if not any(getattr(net, name, 0) for name in _CONDITIONS):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .conditions import add_condition_options, attach_conditions
+from .editing import add_editing_options, check_editing_args, edit_rows, editing_inputs, write_compare
 from .interop import add_model_source, load_model
 from .options import add_sampling_options, class_labels_for, parse_seed_arg, sampling_from_args
 
@@ -22,6 +24,8 @@ def register(sub) -> dict:
                         "first 4 seeds (default: not drawn)")
     p.add_argument("--class", dest="class_label", type=int, default=None,
                    help="class label for a class-conditional model (default: seed %% number of classes)")
+    add_condition_options(p)
+    add_editing_options(p)
     add_sampling_options(p)
     return {"sample": cmd_sample}
 
@@ -34,25 +38,32 @@ def cmd_sample(args) -> int:
 
     seeds = parse_seed_arg(args.seeds)
     output_kind(args.out)  # a bad --out fails before any sampling, on every rank
+    check_editing_args(args)
     with process_group(args.device, sampling=True) as info:
         if info.world_size > 1:
             args.device = str(info.device)
         run = load_model(args)
         cfg = sampling_from_args(run.config.sampling, args, run=run)
+        attach_conditions(run, args, seeds, cfg)  # --cond / --unconditional / --null-cond (run.conditions)
         labels = class_labels_for(run, seeds, args.class_label)
+        edit = editing_inputs(run, args, seeds)  # --init with --strength or --mask: {} when sampling from noise
         if info.world_size == 1:
             x = run.images(run.sample(seeds, cfg, class_labels=labels, batch_size=args.batch, device=args.device,
-                                      precision=args.precision, progress=args.progress))
+                                      precision=args.precision, progress=args.progress, **edit))
         else:  # each rank samples its batches (the same batches one process would), rank 0 writes them all
             def one(b: range):
                 return run.images(run.sample(seeds[b.start:b.stop], cfg, batch_size=args.batch, device=args.device,
                                              class_labels=None if labels is None else labels[b.start:b.stop],
-                                             precision=args.precision, progress=info.is_main and args.progress))
+                                             precision=args.precision, progress=info.is_main and args.progress,
+                                             **edit_rows(edit, b)))
             x = torch.cat(map_batches(one, len(seeds), args.batch)).float()
         if world()[0] != 0:
             return 0
         check_finite(x, seeds)  # never write garbage silently
-        out = write_samples(x, seeds, args.out, normalizer=run.normalizer)
+        if args.compare:  # input | mask | result, one row per seed
+            out = write_compare(x, edit, args.out)
+        else:
+            out = write_samples(x, seeds, args.out, normalizer=run.normalizer)
         ranks = f" on {info.world_size} processes" if info.world_size > 1 else ""
         print(f"wrote {len(seeds)} samples ({cfg.sampler}, {cfg.steps} steps) from {run.checkpoint} to {out}{ranks}")
         if args.trajectory is not None:

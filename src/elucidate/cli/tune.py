@@ -79,7 +79,8 @@ def _target(args, run_arg) -> _Target:
     run = load_run(run_arg, ema=args.ema, device=args.device)
     cfg, formulation = run.config.sampling, run.denoiser.formulation
     lo, hi = formulation.schedule_range(cfg.sigma_min, cfg.sigma_max)
-    D = cfg.guided(run.denoiser)
+    guide = run.load_guide(cfg.guide, args.device) if cfg.guide is not None and cfg.guidance != 1 else None
+    D = cfg.guided(run.denoiser, guide=guide)  # the run's sampling.guide (autoguidance), if any
     label_dim = run.label_dim
     if label_dim and args.boundary:
         raise UserError(f"{run_arg}: --boundary needs an unconditional run (the hard draws would change class)")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..denoiser import Guided
+from ..denoiser import Clipped, Guided, check_interval
 from ..errors import ConfigError, UserError
 from ..formulations import Formulation
 from ..params import did_you_mean, param
@@ -42,8 +42,16 @@ class SamplingConfig:
                               symbol="eta", minimum=0, flag=True)
     options: dict = param(None, "other options of the chosen sampler, e.g. {order: 3} for lms",
                           default_factory=dict)
-    guidance: float = param(1.0, "classifier-free guidance weight: D_uncond + w (D_cond - D_uncond); 1 = off, "
-                                 "0 = unconditional", symbol="w", minimum=0, flag=True)
+    guidance: float = param(1.0, "guidance weight: classifier-free D_uncond + w (D_cond - D_uncond), or autoguidance "
+                                 "with guide; 1 = off, 0 = unconditional (the guide)", symbol="w", minimum=0,
+                            flag=True)
+    guide: str | None = param(None, "autoguidance (Karras et al. 2024): a worse model of the same data (another run or "
+                                    "checkpoint, e.g. an early one) as D_guide + w (D - D_guide) instead of the "
+                                    "unconditional model; needs guidance != 1", flag=True)
+    guidance_interval: list | None = param(None, "guide only for sigma in [lo, hi] (Kynkäänniemi et al. 2024), the "
+                                                 "plain model elsewhere; null = at every noise level", flag=True)
+    clip_denoised: bool = param(False, "clamp the denoised estimate x0_hat to the data range [-1, 1] at every step "
+                                       "(latent diffusion's clip_denoised, diffusers' clip_sample)", flag=True)
     sigmas: list | None = param(None, "explicit noise levels from sigma_max down to 0 (a tuned schedule, see "
                                       "elucidate tune); overrides schedule, steps and the sigma range")
 
@@ -64,6 +72,12 @@ class SamplingConfig:
             raise ConfigError(f"sampling.options = {self.options!r}: expected a mapping of sampler options")
         if self.sigmas is not None:
             self._check_sigmas()
+        if self.guidance_interval is not None:
+            try:
+                self.guidance_interval = list(check_interval(self.guidance_interval))
+            except ValueError:
+                raise ConfigError(f"sampling.guidance_interval = {self.guidance_interval!r}: expected [lo, hi], two "
+                                  "noise levels with 0 <= lo <= hi (hi may be .inf)") from None
         try:
             check_options(self.sampler, self.options)
         except ValueError as e:
@@ -95,9 +109,19 @@ class SamplingConfig:
         ``formulation``: sampler, noise levels (:func:`schedule_for`) and the sampler's options."""
         return {"sampler": self.sampler, "sigmas": schedule_for(self, formulation), **self.sampler_kwargs()}
 
-    def guided(self, denoiser):
-        """``denoiser`` with this config's classifier-free guidance (itself when ``guidance`` is 1)."""
-        return denoiser if self.guidance == 1 else Guided(denoiser, self.guidance)
+    def guided(self, denoiser, *, guide=None, null=None):
+        """``denoiser`` as this config samples it: guided when ``guidance`` is not 1 (classifier-free, with ``null``
+        as the unconditional branch if given, or autoguidance by ``guide``, the denoiser of :attr:`guide` that the
+        caller loaded, e.g. :meth:`elucidate.run.LoadedRun.sample`), only inside ``guidance_interval``; then x0_hat
+        clipped to [-1, 1] if ``clip_denoised``."""
+        if self.guide is not None and guide is None and self.guidance != 1:
+            raise UserError(f"sampling.guide = {self.guide!r} needs the guide's denoiser (load it: LoadedRun.sample "
+                            "does)")
+        out = denoiser
+        if self.guidance != 1:
+            out = Guided(denoiser, self.guidance, guide=guide, interval=self.guidance_interval,
+                         **({"null": null} if null else {}))
+        return Clipped(out) if self.clip_denoised else out
 
 
 def schedule_for(cfg: SamplingConfig, formulation: Formulation, *, device=None) -> torch.Tensor:

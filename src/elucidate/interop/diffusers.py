@@ -2,8 +2,9 @@
 formulation is the :class:`~elucidate.DDPM` of the scheduler's config, so every elucidate sampler,
 guidance and evaluation runs on it. Local folders only (safetensors); nothing is ever downloaded.
 
-The scheduler only contributes its noise schedule (betas, prediction type, timestep conventions);
-sampling-time options of diffusers' schedulers (``clip_sample``, ``thresholding``) are not modelled.
+The scheduler contributes its noise schedule (betas, prediction type, timestep conventions) and its x̂0
+clipping (``clip_sample`` / ``clip_sample_range``, ``thresholding``: the denoiser is wrapped in
+:class:`~elucidate.Clipped` / :class:`~elucidate.Thresholded`, see :func:`scheduler_clipping`).
 """
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from typing import Any
 
 import torch
 
-from ..denoiser import Denoiser
+from ..denoiser import Clipped, Denoiser, Thresholded
 from ..errors import UserError
 from ..formulations import DDPM
 from ..nets.diffusers_unet import DiffusersUNet, import_diffusers
 
 __all__ = ["PREDICTION_TYPES", "BETA_SCHEDULES", "ddpm_from_scheduler", "scheduler_config", "from_diffusers",
+           "scheduler_clipping",
            "load_diffusers_unet", "load_diffusers", "UNET_CLASSES", "ELUCIDATE_KEY"]
 
 #: diffusers ``prediction_type`` -> DDPM ``prediction``.
@@ -171,8 +173,24 @@ def load_diffusers_unet(path: str | os.PathLike) -> tuple[torch.nn.Module, dict]
     return unet, scheduler
 
 
+def scheduler_clipping(scheduler, denoiser):
+    """``denoiser`` with the x̂0 clipping a diffusers scheduler (object, config mapping or JSON path) applies at every
+    step: ``thresholding`` -> :class:`~elucidate.Thresholded` (``dynamic_thresholding_ratio``, ``sample_max_value``),
+    else ``clip_sample`` -> :class:`~elucidate.Clipped` to +-``clip_sample_range``; unchanged when neither is set.
+    elucidate's samplers then derive the noise estimate from the clipped x̂0: DDIM equals diffusers' DDIMScheduler
+    with ``use_clipped_model_output=True`` (its default False mixes the clipped x̂0 with the unclipped noise)."""
+    c = _config_dict(scheduler)
+    if c.get("thresholding"):
+        return Thresholded(denoiser, percentile=float(c.get("dynamic_thresholding_ratio", 0.995)),
+                           max_value=float(c.get("sample_max_value", 1.0)))
+    if c.get("clip_sample"):
+        bound = float(c.get("clip_sample_range", 1.0))
+        return Clipped(denoiser, (-bound, bound))
+    return denoiser
+
+
 def from_diffusers(model, scheduler=None, *, null_class: int | None = None,
-                   null_context: torch.Tensor | None = None) -> Denoiser:
+                   null_context: torch.Tensor | None = None, clip: bool = True) -> Denoiser:
     """An elucidate :class:`~elucidate.Denoiser` for a diffusers UNet and its scheduler.
 
     ``model`` is a ``UNet2DModel`` / ``UNet2DConditionModel`` (then ``scheduler`` — a scheduler, its
@@ -180,6 +198,8 @@ def from_diffusers(model, scheduler=None, *, null_class: int | None = None,
     overrides the one saved there). The network calls ``unet(x_t, t).sample``; ``class_labels`` and
     ``context`` (``encoder_hidden_states``) pass through as conditioning. ``null_class`` is the class
     embedding meaning "no label" and ``null_context`` the states meaning "no condition" (guidance).
+    ``clip``: honour the scheduler's ``clip_sample`` / ``thresholding`` (:func:`scheduler_clipping`; the result is then
+    a :class:`~elucidate.Clipped` / :class:`~elucidate.Thresholded` around the Denoiser); False: never clip.
     """
     if isinstance(model, (str, os.PathLike)):
         model, saved = load_diffusers_unet(model)
@@ -194,7 +214,10 @@ def from_diffusers(model, scheduler=None, *, null_class: int | None = None,
     if null_class is None:
         null_class = meta.get("null_class")
     net = DiffusersUNet(model, label_dim=meta.get("label_dim"), null_class=null_class, null_context=null_context)
-    return Denoiser(net, ddpm_from_scheduler(scheduler)).train(model.training)  # the UNet's mode (no change)
+    denoiser = Denoiser(net, ddpm_from_scheduler(scheduler))
+    if clip:
+        denoiser = scheduler_clipping(scheduler, denoiser)
+    return denoiser.train(model.training)  # the UNet's mode (no change)
 
 
 def load_diffusers(path: str | os.PathLike, *, device=None, steps: int = 50):

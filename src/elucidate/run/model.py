@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,11 +14,11 @@ from ..config import Config, SamplingConfig, parse_config
 from ..config.network import DataInfo, build_network_for
 from ..config.vae import VAEConfig, parse_vae_config
 from ..data import Normalizer
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, with_null_condition
 from ..errors import ConfigError, UserError
 from ..latent.autoencoder import AutoencoderKL
 from ..latent.data import LatentDecoder
-from ..sampling import sample
+from ..sampling import inpaint, sample
 from .checkpoint import (
     CheckpointDamaged,
     CheckpointWarning,
@@ -89,6 +89,15 @@ class LoadedRun:
     step: int
     checkpoint: Path
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: the normalizer of the spatial condition (``concat``) the run was trained with (None: none, or an older run)
+    cond_normalizer: object | None = None
+    #: ``conditions(seeds) -> {key: [len(seeds), ...]}``, in model units: the conditions :meth:`sample` uses for the
+    #: keys its ``cond`` leaves out (the CLI sets it from ``--cond``, the training data or ``--unconditional``)
+    conditions: Callable[[list[int]], dict] | None = None
+    #: the unconditional branch of guidance (``Guided(null=...)``), in model units; None = the built-in null
+    null_cond: dict | None = None
+    #: autoguidance denoisers loaded by :meth:`load_guide`, by (path, device)
+    guides: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -104,17 +113,85 @@ class LoadedRun:
         """Classes of a class-conditional model (0 = unconditional)."""
         return int(getattr(self.denoiser.net, "label_dim", 0) or 0)
 
-    def sample(self, seeds: Sequence[int], cfg: SamplingConfig | None = None, *, class_labels=None,
+    @property
+    def condition_shapes(self) -> dict[str, tuple]:
+        """The spatial / token conditions the network was trained with and needs: ``concat`` -> (C', H, W),
+        ``context`` -> (L, D) (L as in the data; any L works). Class labels are not listed: they have a default."""
+        net = getattr(self.denoiser, "net", None)
+        shapes = {}
+        if int(getattr(net, "cond_channels", 0) or 0):
+            shapes["concat"] = (int(net.cond_channels), *self.info.resolution)
+        if int(getattr(net, "context_dim", 0) or 0):
+            shapes["context"] = (*(self.info.context_shape or (1,))[:1], int(net.context_dim))
+        return shapes
+
+    def null_conditions(self, n: int, device=None) -> dict[str, torch.Tensor]:
+        """The null condition the run was trained with (its ``cond_drop_prob`` dropout) for ``n`` samples: every key
+        the network takes (class labels, concat, context), as :func:`~elucidate.denoiser.with_null_condition` makes
+        it."""
+        net = getattr(self.denoiser, "net", None)
+        templates = {key: torch.zeros(n, *shape, device=device) for key, shape in self.condition_shapes.items()}
+        if self.label_dim:
+            templates["class_labels"] = torch.zeros(n, dtype=torch.long, device=device)
+        return {key: with_null_condition(net, key, value)[1] for key, value in templates.items()}
+
+    def load_guide(self, path, device=None) -> Denoiser:
+        """The EMA denoiser of another run or checkpoint ``path`` for autoguidance (``sampling.guide``, ``--guide``),
+        loaded once per device: it must generate what this run generates (shape, classes, conditions)."""
+        key = (str(path), str(device))
+        if key not in self.guides:
+            other = load_run(Path(path), ema=True, device=device)
+            mine = {"shape": self.shape, "label_dim": self.label_dim, "conditions": self.condition_shapes,
+                    "latent": self.decode is not None}
+            theirs = {"shape": other.shape, "label_dim": other.label_dim, "conditions": other.condition_shapes,
+                      "latent": other.decode is not None}
+            wrong = [k for k in mine if mine[k] != theirs[k]]
+            if wrong:
+                diff = ", ".join(f"{k} {theirs[k]} vs {mine[k]}" for k in wrong)
+                raise UserError(f"guide {path}: its model does not match this one ({diff}); autoguidance needs a "
+                                "model of the same data")
+            self.guides[key] = other.denoiser
+        return self.guides[key]
+
+    def sample(self, seeds: Sequence[int], cfg: SamplingConfig | None = None, *, class_labels=None, cond=None,
                batch_size: int = 64, device=None, precision: str = "fp32", progress: bool = False,
-               callback=None) -> torch.Tensor:
+               callback=None, init=None, strength=None, mask=None, resample: int = 10) -> torch.Tensor:
         """:func:`elucidate.sampling.sample` with the run's sampling settings (or ``cfg``): float32 samples on
-        the CPU in model range (latents for a latent run: see :meth:`images`); sample i depends on seeds[i]."""
+        the CPU in model range (latents for a latent run: see :meth:`images`); sample i depends on seeds[i].
+
+        ``cond``: conditions in model units (``concat`` [N, C', H, W], ``context`` [N, L, D], ``class_labels``;
+        N = len(seeds) or 1), as :func:`elucidate.sampling.sample` takes them; the keys it leaves out come from
+        :attr:`conditions` (if set), then ``class_labels``. A network trained with a spatial or token condition
+        refuses to sample without one (a ``UserError`` naming the key): give it, or :meth:`null_conditions` for the
+        unconditional model. ``init`` + ``strength``: image-to-image (SDEdit); ``init`` + ``mask`` (1 = keep):
+        inpainting (RePaint, ``resample`` times per step); ``init`` in model units, one row per seed."""
         cfg = self.config.sampling if cfg is None else cfg
         seeds = list(seeds)
-        cond = None if class_labels is None else {"class_labels": torch.as_tensor(class_labels).to(device or "cpu")}
-        x = sample(cfg.guided(self.denoiser), (len(seeds), *self.shape), seeds=seeds, cond=cond, batch_size=batch_size,
-                   device=device, precision=precision, progress=progress, callback=callback,
-                   **cfg.sample_kwargs(self.denoiser.formulation))
+        given = dict(cond or {})
+        if self.conditions is not None:
+            given = {**self.conditions(seeds), **given}
+        if class_labels is not None and "class_labels" not in given:
+            given["class_labels"] = torch.as_tensor(class_labels)
+        missing = [key for key in self.condition_shapes if key not in given]
+        if missing:
+            key, shape = missing[0], self.condition_shapes[missing[0]]
+            raise UserError(f"the model was trained with a {key} condition but none was given: pass cond={{{key!r}: "
+                            f"[N, {', '.join(map(str, shape))}]}} (model units) or cond=run.null_conditions(N) for the "
+                            "unconditional model")
+        cond = {key: torch.as_tensor(value).to(device or "cpu") for key, value in given.items()} or None
+        if cfg.clip_denoised and self.decode is not None:
+            raise UserError("clip_denoised clamps x0_hat to [-1, 1], the range of images, but this run generates "
+                            "latents (unbounded): leave it off")
+        guide = self.load_guide(cfg.guide, device) if cfg.guide is not None and cfg.guidance != 1 else None
+        denoiser = cfg.guided(self.denoiser, guide=guide, null=dict(self.null_cond) if self.null_cond else None)
+        if mask is not None:  # RePaint: init where mask is 1, the rest generated
+            x = inpaint(denoiser, init, mask, seeds=seeds, cond=cond, batch_size=batch_size, device=device,
+                        precision=precision, callback=callback, resample=resample,
+                        **cfg.sample_kwargs(self.denoiser.formulation))
+            return x.float().cpu()
+        x = sample(denoiser, (len(seeds), *self.shape), seeds=seeds, cond=cond, batch_size=batch_size,
+                   device=device, precision=precision, progress=progress, callback=callback, init=init,
+                   strength=strength, **cfg.sample_kwargs(self.denoiser.formulation))
         return x.float().cpu()
 
 
@@ -139,9 +216,11 @@ def load_run(path: Path, *, ema: bool = True, device: torch.device | str | None 
     check_fits(ckpt, layout, meta, {prefix: net})
     net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     normalizer = Normalizer.from_config(meta["normalizer"]) if meta.get("normalizer") is not None else None
+    cond_normalizer = meta.get("cond_normalizer")
+    cond_normalizer = Normalizer.from_config(cond_normalizer) if cond_normalizer is not None else None
     denoiser = Denoiser(net, config.formulation()).to(device).eval().requires_grad_(False)
     decode = load_latent_decoder(ckpt, meta["latent"], device) if meta.get("latent") is not None else None
-    return LoadedRun(denoiser, config, info, normalizer, int(meta["step"]), ckpt, decode)
+    return LoadedRun(denoiser, config, info, normalizer, int(meta["step"]), ckpt, decode, cond_normalizer)
 
 
 # -------------------------------------------------------------------------------- autoencoder runs

@@ -1,5 +1,6 @@
 """Sampling: samplers (ODE/SDE solvers over a denoiser D(x, sigma)), named noise schedules, EDM Algorithm 1
-(``ablation``) and ``sample()``, the one function that samples.
+(``ablation``) and ``sample()``, the one function that samples (also image-to-image with ``init=``/``strength=``);
+``inpaint()`` completes images where a mask is 0 (RePaint).
 
 Every registered sampler is available as ``elucidate.sampling.<name>`` (e.g. ``sampling.heun``), so a stored
 choice ``(sampler, sigmas, options)`` replays as ``getattr(sampling, sampler)(D, x, sigmas, **options)``.
@@ -15,6 +16,7 @@ from . import multistep as _multistep  # noqa: F401  (registers the built-in mul
 from . import solvers as _solvers  # noqa: F401  (registers the built-in single-step samplers)
 from .ablation import ablation
 from .api import SeededNoise, sample
+from .inpaint import inpaint, stepwise_samplers
 from .multistep import lms_coefficients
 from .registry import (
     CONFIG_OPTIONS,
@@ -54,7 +56,8 @@ _RENAMED = {"SOLVERS": "SAMPLERS", "SolverSpec": "SamplerSpec", "register_solver
             "sweep_solvers": "sweep_samplers"}
 
 __all__ = [
-    "ablation", "SeededNoise", "sample", "CONFIG_OPTIONS", "SAMPLERS", "SamplerSpec", "check_options", "get_sampler",
+    "ablation", "SeededNoise", "sample", "inpaint", "stepwise_samplers", "CONFIG_OPTIONS", "SAMPLERS", "SamplerSpec",
+    "check_options", "get_sampler",
     "nfe", "ode_samplers", "register_sampler", "steps_for_nfe", "stochastic_samplers", "sweep_samplers", "SCHEDULES",
     "ScheduleSpec", "register_schedule", "get_schedule", "parse_schedule", "exponential_sigmas", "iddpm_sigmas",
     "karras_sigmas", "linear_sigmas", "ve_sigmas", "vp_betas_for_range", "vp_range_sigmas", "vp_sigmas",

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 
+from ..errors import UserError
 from ..runtime.precision import autocast_for
 from .registry import PLUMBING, get_sampler
 from .schedules import parse_schedule
@@ -41,7 +43,8 @@ def sample(denoiser: Callable[..., torch.Tensor], shape: Sequence[int], *, sampl
            sigma_max: float = 80.0, rho: float = 7.0, seeds: Sequence[int] | None = None,
            dtype: torch.dtype = torch.float32, device=None, progress: bool = False,
            cond: dict | None = None, callback: Callable[[dict], None] | None = None,
-           batch_size: int | None = None, precision: str = "fp32", **sampler_kwargs) -> torch.Tensor:
+           batch_size: int | None = None, precision: str = "fp32", init: torch.Tensor | None = None,
+           strength: float | None = None, **sampler_kwargs) -> torch.Tensor:
     """Generate ``shape[0]`` samples of shape ``shape[1:]`` with the named sampler: the one function that samples.
 
     The noise levels are ``sigmas`` if given, else the named ``schedule`` (a registered one, see
@@ -52,6 +55,11 @@ def sample(denoiser: Callable[..., torch.Tensor], shape: Sequence[int], *, sampl
     ``class_labels``, one row per sample); ``precision`` is ``fp32``, ``bf16`` (autocast) or ``auto``; remaining
     keyword arguments go to the sampler (``s_churn``, ``eta``, ...). A denoiser with a ``round_sigma`` method (a
     network trained on a discrete sigma grid) gets its raised churn levels snapped to that grid.
+
+    Image-to-image (SDEdit, Meng et al. 2022): with ``init`` (``shape``, or one sample of ``shape[1:]`` for all)
+    and ``strength`` s in [0, 1], sampling starts at step ``N - ceil(s N)`` of the N-step schedule from
+    ``init + sigma_start n`` (n: the seed's initial noise) and runs the remaining steps (diffusers' img2img
+    convention): strength 1 starts from sigma_max, strength 0 returns ``init`` unchanged.
     """
     spec = get_sampler(sampler)
     shape = tuple(int(n) for n in shape)
@@ -68,12 +76,15 @@ def sample(denoiser: Callable[..., torch.Tensor], shape: Sequence[int], *, sampl
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if device is None:
         device = _module_device(denoiser)
-    if sigmas is None:
-        named, options = parse_schedule(schedule)
-        if "rho" in named.options:
-            options.setdefault("rho", rho)
-        sigmas = named(steps, sigma_min, sigma_max, **options)
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    sigmas = schedule_sigmas(sigmas, steps=steps, schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max,
+                             rho=rho)
+    if init is not None or strength is not None:
+        init = check_init(init, shape, strength)
+        first = img2img_start(len(sigmas) - 1, strength)
+        if first == len(sigmas) - 1:  # strength 0: nothing to run
+            return init.clone()
+        sampler_kwargs = churn_for_slice(spec, sampler_kwargs, len(sigmas) - 1, len(sigmas) - 1 - first)
+        sigmas = sigmas[first:]
     total = num_steps(sigmas)
     cond = cond or {}
     batch = batch_size or len(seeds)
@@ -97,6 +108,8 @@ def sample(denoiser: Callable[..., torch.Tensor], shape: Sequence[int], *, sampl
             chunk = seeds[start:start + batch]
             noise = SeededNoise(chunk, shape[1:], device=device, dtype=dtype)
             x = noise() * float(sigmas[0])
+            if init is not None:  # SDEdit: x = init + sigma_start n
+                x = _rows(init, start, len(chunk), len(seeds)).to(device, dtype) + x
             kwargs = dict(sampler_kwargs)
             if spec.takes("noise_sampler") and "noise_sampler" not in kwargs:
                 kwargs["noise_sampler"] = noise
@@ -112,6 +125,45 @@ def sample(denoiser: Callable[..., torch.Tensor], shape: Sequence[int], *, sampl
         if bar is not None:
             bar.close()
     return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def schedule_sigmas(sigmas=None, *, steps: int = 18, schedule: str = "karras", sigma_min: float = 0.002,
+                    sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """``sigmas`` as float64, else the named ``schedule``'s ``steps`` levels over [sigma_min, sigma_max]."""
+    if sigmas is None:
+        named, options = parse_schedule(schedule)
+        if "rho" in named.options:
+            options.setdefault("rho", rho)
+        sigmas = named(steps, sigma_min, sigma_max, **options)
+    return torch.as_tensor(sigmas, dtype=torch.float64)
+
+
+def check_init(init, shape: tuple, strength) -> torch.Tensor:
+    """``init`` as a tensor of ``shape`` (or ``shape[1:]``, shared by all samples), strength in [0, 1]."""
+    if init is None or strength is None:
+        raise UserError("image-to-image needs both init= (the input images) and strength= (0 to 1)")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        raise UserError(f"strength must be a number in [0, 1] (0 returns the input, 1 ignores it), got {strength!r}")
+    init = torch.as_tensor(init)
+    if tuple(init.shape) not in (shape, shape[1:]):
+        raise UserError(f"init has shape {list(init.shape)} but the samples have shape {list(shape)} "
+                        f"(or give one {list(shape[1:])} for all)")
+    if not torch.is_floating_point(init) or not torch.isfinite(init).all():
+        raise UserError("init must be finite floating-point values")
+    return init if init.ndim == len(shape) else init[None].expand(shape)
+
+
+def img2img_start(num_steps: int, strength: float) -> int:
+    """The step SDEdit starts at: ``N - ceil(strength N)`` (diffusers' img2img; 1 = sigma_max, 0 = the end)."""
+    return num_steps - math.ceil(strength * num_steps - 1e-9)  # tolerance: 0.3 * 10 = 3.0000000000000004
+
+
+def churn_for_slice(spec, kwargs: dict, total: int, part: int) -> dict:
+    """Sampler options for ``part`` of ``total`` steps: S_churn scaled so gamma_i = S_churn / N stays the
+    full schedule's (EDM Algorithm 2 divides by the steps it is given)."""
+    if kwargs.get("s_churn") and spec.takes("s_churn") and part != total:
+        return {**kwargs, "s_churn": kwargs["s_churn"] * part / total}
+    return kwargs
 
 
 def _rows(value, start: int, count: int, total: int):

@@ -30,7 +30,8 @@ def _steps(t: list[float]) -> list[int]:
 
 
 @register_sampler(description="iPNDM (DEIS): Adams-Bashforth in sigma with the fixed equal-step weights up to order 4 "
-                             "(2nd order on unequal steps)", order=2, sweep=True)
+                             "(2nd order on unequal steps)", order=2, sweep=True,
+                 multistep=True)
 @torch.no_grad()
 def ipndm(D: DenoiserFn, x: torch.Tensor, sigmas, *, order: int = 4, callback: Callback = None) -> torch.Tensor:
     """Improved PNDM (Zhang & Chen 2023, DEIS sec. 4): x' = x + (sigma' - sigma) sum_j c_j d_{i-j} on the
@@ -97,7 +98,8 @@ def _unipc_update(x, t_from, t_to, m0, past, order, variant, m_new=None):
                                        "ramps up over the first steps and down over the last ones",
                               "variant": "B(h) of UniPC: bh2 = e^h - 1 (default), bh1 = h (for very few steps)",
                               "final_order": "the step into sigma = 0: 1 = the data prediction itself (UniPC's); "
-                                             "2-4 = Adams-Bashforth in sigma through the last derivatives"})
+                                             "2-4 = Adams-Bashforth in sigma through the last derivatives"},
+                 multistep=True)
 @torch.no_grad()
 def unipc(D: DenoiserFn, x: torch.Tensor, sigmas, *, order: int = 2, variant: str = "bh2", final_order: int = 1,
           callback: Callback = None) -> torch.Tensor:

@@ -16,7 +16,8 @@ from .solvers import Callback, DenoiserFn, NoiseSampler, _denoise, _noise_fn, _r
 __all__ = ["dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_3m", "lms", "lms_coefficients", "adams_bashforth_step"]
 
 
-@register_sampler(description="DPM-Solver++(2M): multistep 2nd order in lambda = -log(sigma)", order=2, sweep=True)
+@register_sampler(description="DPM-Solver++(2M): multistep 2nd order in lambda = -log(sigma)", order=2, sweep=True,
+                 multistep=True)
 @torch.no_grad()
 def dpmpp_2m(D: DenoiserFn, x: torch.Tensor, sigmas, *, callback: Callback = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), multistep 2nd order in lambda = -log(sigma)."""
@@ -42,7 +43,8 @@ def dpmpp_2m(D: DenoiserFn, x: torch.Tensor, sigmas, *, callback: Callback = Non
 
 
 @register_sampler(description="DPM-Solver++(2M) SDE (eta, s_noise, solver_type midpoint|heun)", order=2,
-                 stochastic=True, option_choices={"solver_type": ("midpoint", "heun")})
+                 stochastic=True, option_choices={"solver_type": ("midpoint", "heun")},
+                 multistep=True)
 @torch.no_grad()
 def dpmpp_2m_sde(D: DenoiserFn, x: torch.Tensor, sigmas, *, eta: float = 1.0, s_noise: float = 1.0,
                  solver_type: str = "midpoint", generator: torch.Generator | None = None,
@@ -79,7 +81,8 @@ def dpmpp_2m_sde(D: DenoiserFn, x: torch.Tensor, sigmas, *, eta: float = 1.0, s_
 
 
 @register_sampler(description="DPM-Solver++(3M) SDE (eta = 0: the 3rd-order multistep ODE solver)", order=3,
-                 stochastic=True)
+                 stochastic=True,
+                 multistep=True)
 @torch.no_grad()
 def dpmpp_3m_sde(D: DenoiserFn, x: torch.Tensor, sigmas, *, eta: float = 1.0, s_noise: float = 1.0,
                  generator: torch.Generator | None = None, noise_sampler: NoiseSampler | None = None,
@@ -119,7 +122,8 @@ def dpmpp_3m_sde(D: DenoiserFn, x: torch.Tensor, sigmas, *, eta: float = 1.0, s_
 
 
 @register_sampler(description="DPM-Solver++(3M): the deterministic 3rd-order multistep ODE solver", order=3,
-                 sweep=True)
+                 sweep=True,
+                 multistep=True)
 def dpmpp_3m(D: DenoiserFn, x: torch.Tensor, sigmas, *, callback: Callback = None) -> torch.Tensor:
     """DPM-Solver++(3M) ODE solver: :func:`dpmpp_3m_sde` with eta = 0."""
     return dpmpp_3m_sde(D, x, sigmas, eta=0.0, callback=callback)
@@ -160,7 +164,8 @@ def adams_bashforth_step(x: torch.Tensor, slopes: list[tuple[float, torch.Tensor
     return x
 
 
-@register_sampler(description="linear multistep (Adams-Bashforth in sigma) of the given order", order=4, sweep=True)
+@register_sampler(description="linear multistep (Adams-Bashforth in sigma) of the given order", order=4, sweep=True,
+                 multistep=True)
 @torch.no_grad()
 def lms(D: DenoiserFn, x: torch.Tensor, sigmas, *, order: int = 4, callback: Callback = None) -> torch.Tensor:
     """Linear multistep (Adams-Bashforth in sigma) of the given order, ramping up from order 1."""

@@ -88,7 +88,9 @@ class Trainer(TrainingLoop):
         return self.info.to_dict()
 
     def meta(self) -> dict:
-        return {**super().meta(), "latent": self.latent}
+        cond_normalizer = getattr(self.dataset, "cond_normalizer", None)  # what `sample --cond` normalizes with
+        return {**super().meta(), "latent": self.latent,
+                "cond_normalizer": None if cond_normalizer is None else cond_normalizer.to_config()}
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return self.phema.checkpoint_tensors()
@@ -175,10 +177,13 @@ class Trainer(TrainingLoop):
 
     def picture(self) -> Path:
         """``samples/step-XXXXXXXX.png``: the EMA network sampled as a loaded run would be (the run's sampling
-        settings, class i % classes for a class-conditional network, decoded for a latent run)."""
+        settings, class i % classes for a class-conditional network, the spatial/context conditions of the first
+        ``num_sample_images`` data items for a network that takes them, decoded for a latent run)."""
         n = self.t.num_sample_images
         run = LoadedRun(Denoiser(self.ema.module, self.formulation).eval(), self.config, self.info, None, self.step,
                         self.run.checkpoint(self.step), self.dataset.decode if self.latent is not None else None)
         labels = torch.arange(n) % run.label_dim if run.label_dim else None
-        x = run.sample(range(n), class_labels=labels, device=self.device, precision=self.precision)
+        cond = {k: v for k, v in self.dataset.get_conditions(torch.arange(n) % len(self.dataset)).items()
+                if k in run.condition_shapes}
+        x = run.sample(range(n), class_labels=labels, cond=cond, device=self.device, precision=self.precision)
         return save_image_grid(run.images(x), self.run.sample_grid(self.step))
