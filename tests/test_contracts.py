@@ -226,7 +226,8 @@ FORMULATION_CASES = {**{name: (lambda name=name: make_formulation(name)) for nam
                      "DDPM-cosine-v-shift2": lambda: Shifted(make_formulation("DDPM", beta_schedule="cosine",
                                                                                 prediction="v"), 2.0),
                      "EDM-shift0.5": lambda: Shifted(make_formulation("EDM"), 0.5),
-                     "iDDPM-shift3": lambda: Shifted(make_formulation("iDDPM"), 3.0)}
+                     "iDDPM-shift3": lambda: Shifted(make_formulation("iDDPM"), 3.0),
+                     "Flow-shift3": lambda: make_formulation("Flow", shift=3.0, logit_mean=0.5, logit_std=1.5)}
 
 def _sigma_grid(formulation, n=9):
     lo, hi = formulation.supported_range

@@ -12,7 +12,7 @@ import warnings
 from . import nets, sampling
 from .analytic import EmpiricalDenoiser, GaussianMixture
 from .denoiser import Clipped, Denoiser, Guided, Thresholded
-from .formulations import DDPM, EDM, FORMULATIONS, IDDPM, VE, VP, Formulation, Preconditioning, make_formulation
+from .formulations import DDPM, EDM, FORMULATIONS, IDDPM, VE, VP, Flow, Formulation, Preconditioning, make_formulation
 from .interop import ElucidatedDiffusion, Unet, from_diffusers
 from .likelihood import log_likelihood
 from .losses import denoising_loss
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "nets", "NETWORKS", "DhariwalUNet", "SongUNet", "build_network", "sampling", "EmpiricalDenoiser",
-    "GaussianMixture", "Denoiser", "Guided", "Clipped", "Thresholded", "DDPM", "EDM", "IDDPM", "VE", "VP",
+    "GaussianMixture", "Denoiser", "Guided", "Clipped", "Thresholded", "DDPM", "EDM", "IDDPM", "VE", "VP", "Flow",
     "FORMULATIONS", "Formulation", "Preconditioning",
     "make_formulation", "denoising_loss", "sample", "inpaint", "log_likelihood", "from_diffusers", "Unet",
     "ElucidatedDiffusion",

@@ -39,10 +39,10 @@ def parse_diffusion(section: dict) -> tuple[Formulation, dict]:
     (they drive the sampling schedule). Keys of other formulations give a ConfigWarning."""
     section = dict(section)
     cls = formulation_class(section.pop("type", "EDM"))
-    shift = 1.0
-    for key in [k for k in section if str(k).lower() == "shift"]:
-        shift = check_number(f"diffusion.{key}", section.pop(key), minimum=0, exclusive=True)
     declared = {p.name.lower(): p for p in describe(cls)}
+    shift = 1.0
+    for key in [k for k in section if str(k).lower() == "shift" and "shift" not in declared]:  # Flow declares its own
+        shift = check_number(f"diffusion.{key}", section.pop(key), minimum=0, exclusive=True)
     elsewhere = {p.name.lower() for other in FORMULATIONS.values() for p in describe(other)}
     params, schedule, ignored = {}, {}, []
     for key, value in section.items():

@@ -4,10 +4,18 @@ through :mod:`elucidate.nets.edm_port`).
 
 May import: run, config, formulations, sampling, nets, denoiser, losses, runtime, errors.
 """
-from .diffusers import ddpm_from_scheduler, from_diffusers, load_diffusers, scheduler_clipping, scheduler_config
+from .diffusers import (
+    ddpm_from_scheduler,
+    flow_from_scheduler,
+    from_diffusers,
+    load_diffusers,
+    scheduler_clipping,
+    scheduler_config,
+)
 from .diffusers_export import export_diffusers
 from .lucidrains import ElucidatedDiffusion, Unet
 
-__all__ = ["from_diffusers", "ddpm_from_scheduler", "scheduler_config", "scheduler_clipping", "load_diffusers",
+__all__ = ["from_diffusers", "ddpm_from_scheduler", "flow_from_scheduler", "scheduler_config", "scheduler_clipping",
+           "load_diffusers",
            "export_diffusers", "Unet",
            "ElucidatedDiffusion"]

@@ -1,5 +1,6 @@
 """diffusers models in elucidate: a UNet + scheduler becomes a :class:`~elucidate.Denoiser` whose
-formulation is the :class:`~elucidate.DDPM` of the scheduler's config, so every elucidate sampler,
+formulation is the :class:`~elucidate.DDPM` of the scheduler's config (or :class:`~elucidate.Flow` for the
+``FlowMatch*`` schedulers), so every elucidate sampler,
 guidance and evaluation runs on it. Local folders only (safetensors); nothing is ever downloaded.
 
 The scheduler contributes its noise schedule (betas, prediction type, timestep conventions) and its x̂0
@@ -17,10 +18,11 @@ import torch
 
 from ..denoiser import Clipped, Denoiser, Thresholded
 from ..errors import UserError
-from ..formulations import DDPM
+from ..formulations import DDPM, Flow
 from ..nets.diffusers_unet import DiffusersUNet, import_diffusers
 
-__all__ = ["PREDICTION_TYPES", "BETA_SCHEDULES", "ddpm_from_scheduler", "scheduler_config", "from_diffusers",
+__all__ = ["PREDICTION_TYPES", "BETA_SCHEDULES", "ddpm_from_scheduler", "flow_from_scheduler", "is_flow_scheduler",
+           "scheduler_config", "from_diffusers",
            "scheduler_clipping",
            "load_diffusers_unet", "load_diffusers", "UNET_CLASSES", "ELUCIDATE_KEY"]
 
@@ -100,6 +102,39 @@ def ddpm_from_scheduler(scheduler) -> DDPM:
                       beta_end=float(c.get("beta_end", 0.02)))
     try:
         return DDPM(**kwargs)
+    except ValueError as e:
+        raise UserError(f"{name}: {e}") from None
+
+
+#: FlowMatch scheduler options that change the levels in ways Flow does not model (a truthy value is refused).
+_FLOW_REFUSED = {"use_dynamic_shifting": "resolution-dependent shifting needs mu (a resolution) at sampling time; "
+                                         "pass a scheduler with a fixed shift instead",
+                 "shift_terminal": "a stretched terminal level is not modelled", "invert_sigmas": "inverted sigmas "
+                 "are not modelled", "stochastic_sampling": "stochastic sampling is not modelled (use an elucidate "
+                 "stochastic sampler)", "use_karras_sigmas": "use elucidate's karras schedule instead",
+                 "use_exponential_sigmas": "use elucidate's exponential schedule instead",
+                 "use_beta_sigmas": "beta sigmas are not modelled"}
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    """Whether a scheduler (object, config mapping or JSON path) is one of diffusers' ``FlowMatch*`` schedulers."""
+    return str(_config_dict(scheduler).get("_class_name", "")).startswith("FlowMatch")
+
+
+def flow_from_scheduler(scheduler) -> Flow:
+    """The :class:`~elucidate.Flow` formulation of a diffusers ``FlowMatch*`` scheduler: its ``shift``
+    (SD3's t' = shift t / (1 + (shift - 1) t)); the network is fed 1000 t, so ``num_train_timesteps`` must be
+    1000. Options that change the levels beyond that (``use_dynamic_shifting``, ...) are refused, one line each."""
+    c = _config_dict(scheduler)
+    name = c.get("_class_name", "scheduler")
+    for key, why in _FLOW_REFUSED.items():
+        if c.get(key):
+            raise UserError(f"{name}: {key} = {c[key]!r} is not supported ({why})")
+    if int(c.get("num_train_timesteps", 1000)) != 1000:
+        raise UserError(f"{name}: num_train_timesteps = {c['num_train_timesteps']} is not supported (Flow feeds the "
+                        f"network 1000 t)")
+    try:
+        return Flow(shift=float(c.get("shift", 1.0)))
     except ValueError as e:
         raise UserError(f"{name}: {e}") from None
 
@@ -195,7 +230,8 @@ def from_diffusers(model, scheduler=None, *, null_class: int | None = None,
 
     ``model`` is a ``UNet2DModel`` / ``UNet2DConditionModel`` (then ``scheduler`` — a scheduler, its
     config or a JSON path — is required) or a local folder (pipeline or UNet; ``scheduler`` optionally
-    overrides the one saved there). The network calls ``unet(x_t, t).sample``; ``class_labels`` and
+    overrides the one saved there); a ``FlowMatch*`` scheduler gives a :class:`~elucidate.Flow` model
+    (:func:`flow_from_scheduler`). The network calls ``unet(x_t, t).sample``; ``class_labels`` and
     ``context`` (``encoder_hidden_states``) pass through as conditioning. ``null_class`` is the class
     embedding meaning "no label" and ``null_context`` the states meaning "no condition" (guidance).
     ``clip``: honour the scheduler's ``clip_sample`` / ``thresholding`` (:func:`scheduler_clipping`; the result is then
@@ -214,7 +250,8 @@ def from_diffusers(model, scheduler=None, *, null_class: int | None = None,
     if null_class is None:
         null_class = meta.get("null_class")
     net = DiffusersUNet(model, label_dim=meta.get("label_dim"), null_class=null_class, null_context=null_context)
-    denoiser = Denoiser(net, ddpm_from_scheduler(scheduler))
+    formulation = flow_from_scheduler(scheduler) if is_flow_scheduler(scheduler) else ddpm_from_scheduler(scheduler)
+    denoiser = Denoiser(net, formulation)
     if clip:
         denoiser = scheduler_clipping(scheduler, denoiser)
     return denoiser.train(model.training)  # the UNet's mode (no change)

@@ -3,7 +3,9 @@
 This is the sampler of the paper's ablations (Fig. 2, Table 2): it integrates the probability-flow
 ODE  dx = [sigma'(t)/sigma(t) + s'(t)/s(t)] x - sigma'(t) s(t)/sigma(t) D(x/s(t); sigma(t)) dt  (eq. 4)
 in the time variable t of the chosen schedule, so e.g. ``schedule='vp', scaling='vp'`` reproduces
-the original VP sampler and ``discretization='edm', schedule='linear', scaling='none'`` is EDM's.
+the original VP sampler and ``discretization='edm', schedule='linear', scaling='none'`` is EDM's;
+``schedule='flow', scaling='flow'`` (sigma(t) = t / (1 - t), s(t) = 1 - t) is flow matching's time variable,
+in which the ODE is dx_t/dt = v_hat and Heun is the flow-matching Heun step.
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ from .solvers import NoiseSampler, _noise_fn, _report
 __all__ = ["ablation", "DISCRETIZATIONS"]
 
 DISCRETIZATIONS = ("vp", "ve", "iddpm", "edm")
-_SCHEDULES = ("vp", "ve", "linear")
-_SCALINGS = ("vp", "none")
+_SCHEDULES = ("vp", "ve", "linear", "flow")
+_SCALINGS = ("vp", "none", "flow")
 _DEFAULT_RANGE = {"vp": None, "ve": (0.02, 100.0), "iddpm": (0.002, 81.0), "edm": (0.002, 80.0)}
 
 
@@ -41,9 +43,10 @@ def ablation(D: Callable[..., torch.Tensor], noise: torch.Tensor, *, num_steps: 
              callback: Callable[[dict], None] | None = None) -> torch.Tensor:
     """Sample from unit-variance ``noise`` with EDM Algorithm 1 under the chosen design choices.
 
-    ``discretization`` vp|ve|iddpm|edm picks the noise levels, ``schedule`` vp|ve|linear the
-    sigma(t), ``scaling`` vp|none the s(t), ``solver`` euler|heun (with ``alpha`` for the generic
-    2nd-order step, 1 = Heun). ``round_sigma`` snaps noise levels to a discrete network's grid.
+    ``discretization`` vp|ve|iddpm|edm picks the noise levels, ``schedule`` vp|ve|linear|flow the
+    sigma(t), ``scaling`` vp|none|flow the s(t) (flow: s = 1 / (1 + sigma(t))), ``solver`` euler|heun
+    (with ``alpha`` for the generic 2nd-order step, 1 = Heun). ``round_sigma`` snaps noise levels to a
+    discrete network's grid.
     """
     _choice("discretization", discretization, DISCRETIZATIONS)
     _choice("schedule", schedule, _SCHEDULES)
@@ -84,6 +87,10 @@ def ablation(D: Callable[..., torch.Tensor], noise: torch.Tensor, *, num_steps: 
         def sigma(t): return math.sqrt(t)
         def sigma_deriv(t): return 0.5 / math.sqrt(t)
         def sigma_inv(s): return s ** 2
+    elif schedule == "flow":  # sigma(t) = t / (1 - t): flow matching's time
+        def sigma(t): return t / (1 - t)
+        def sigma_deriv(t): return 1 / (1 - t) ** 2
+        def sigma_inv(s): return s / (1 + s)
     else:
         def sigma(t): return t
         def sigma_deriv(t): return 1.0
@@ -93,6 +100,9 @@ def ablation(D: Callable[..., torch.Tensor], noise: torch.Tensor, *, num_steps: 
     if scaling == "vp":
         def scale(t): return 1 / math.sqrt(1 + sigma(t) ** 2)
         def scale_deriv(t): return -sigma(t) * sigma_deriv(t) * scale(t) ** 3
+    elif scaling == "flow":  # s = 1 / (1 + sigma(t)) (= 1 - t with the flow schedule)
+        def scale(t): return 1 / (1 + sigma(t))
+        def scale_deriv(t): return -sigma_deriv(t) * scale(t) ** 2
     else:
         def scale(t): return 1.0
         def scale_deriv(t): return 0.0
@@ -111,7 +121,9 @@ def ablation(D: Callable[..., torch.Tensor], noise: torch.Tensor, *, num_steps: 
     for i in range(N):
         t_cur, t_next = t_steps[i], t_steps[i + 1]
         gamma = min(s_churn / N, math.sqrt(2) - 1) if s_churn > 0 and s_tmin <= sigma(t_cur) <= s_tmax else 0.0
-        t_hat = sigma_inv(rnd(sigma(t_cur) + gamma * sigma(t_cur)))
+        # without churn t_hat = t_cur exactly (a t -> sigma -> t round trip can land an ulp above t_cur, and the
+        # noise of line 6 would then be sqrt(round-off))
+        t_hat = sigma_inv(rnd(sigma(t_cur) + gamma * sigma(t_cur))) if gamma > 0 else t_cur
         x_hat = (scale(t_hat) / scale(t_cur)) * x
         if t_hat > t_cur:  # Algorithm 2 lines 5-6 in scaled coordinates
             x_hat = x_hat + (math.sqrt(sigma(t_hat) ** 2 - sigma(t_cur) ** 2) * scale(t_hat) * s_noise) * draw(
