@@ -96,7 +96,31 @@ def with_null_condition(net, key: str, value: torch.Tensor) -> tuple[torch.Tenso
     return value, (make_null(key, value) if make_null is not None else torch.zeros_like(value))
 
 
-class Guided(nn.Module):
+class _Wrapper(nn.Module):
+    """A denoiser wrapping another one: the formulation, range and sigma grid are the wrapped one's."""
+
+    def __init__(self, denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    @property
+    def formulation(self) -> Formulation:
+        return self.denoiser.formulation
+
+    @property
+    def supported_range(self) -> tuple[float, float]:
+        return self.denoiser.formulation.supported_range
+
+    @property
+    def net(self):
+        """The wrapped denoiser's network (None for a network-free denoiser): guidance finds conditions on it."""
+        return getattr(self.denoiser, "net", None)
+
+    def round_sigma(self, sigma):
+        return self.denoiser.round_sigma(sigma)
+
+
+class Guided(_Wrapper):
     """Classifier-free guidance (Ho & Salimans 2022): D_w(x; sigma, c) = D(x; sigma, none) + w (D(x; sigma, c) -
     D(x; sigma, none)), both halves in one batched forward. w = 1 is the conditional model, 0 the
     unconditional one. Samplers see an ordinary denoiser.
@@ -112,27 +136,16 @@ class Guided(nn.Module):
     keys it leaves out keep the built-in null."""
 
     def __init__(self, denoiser: nn.Module, guidance: float, *, guide=None, interval=None, null=None):
-        super().__init__()
+        super().__init__(denoiser)
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 0:
             raise ValueError(f"guidance must be a number >= 0, got {guidance!r}")
-        self.denoiser, self.guidance = denoiser, float(guidance)
+        self.guidance = float(guidance)
         if guide is not None and not callable(guide):
             raise ValueError(f"guide must be a denoiser D(x, sigma, **cond), got {type(guide).__name__}")
         self.guide, self.interval = guide, check_interval(interval)
         if null is not None and (not isinstance(null, dict) or not all(torch.is_tensor(v) for v in null.values())):
             raise ValueError(f"null must be a dict of condition tensors, got {type(null).__name__}")
         self.null = dict(null or {})
-
-    @property
-    def formulation(self) -> Formulation:
-        return self.denoiser.formulation
-
-    @property
-    def supported_range(self) -> tuple[float, float]:
-        return self.denoiser.formulation.supported_range
-
-    def round_sigma(self, sigma):
-        return self.denoiser.round_sigma(sigma)
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         if self.interval is None or self.guidance == 1:
@@ -185,30 +198,6 @@ class Guided(nn.Module):
             length = max(given.shape[1], value.shape[1])
             value, given = (torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t in (value, given))
         return value, given
-
-
-class _Wrapper(nn.Module):
-    """A denoiser wrapping another one: the formulation, range and sigma grid are the wrapped one's."""
-
-    def __init__(self, denoiser):
-        super().__init__()
-        self.denoiser = denoiser
-
-    @property
-    def formulation(self) -> Formulation:
-        return self.denoiser.formulation
-
-    @property
-    def supported_range(self) -> tuple[float, float]:
-        return self.denoiser.formulation.supported_range
-
-    @property
-    def net(self):
-        """The wrapped denoiser's network (None for a network-free denoiser): guidance finds conditions on it."""
-        return getattr(self.denoiser, "net", None)
-
-    def round_sigma(self, sigma):
-        return self.denoiser.round_sigma(sigma)
 
 
 class Clipped(_Wrapper):
