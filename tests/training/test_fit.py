@@ -97,6 +97,19 @@ def test_a_slow_machine_gets_a_narrower_network_and_a_fast_one_a_wider(photos, s
     assert fitted.raw["training"]["lr"] == fit.LR / 2
 
 
+def test_a_folder_of_mixed_sizes_and_modes_is_fitted_to_one_size_in_rgb(tmp_path, step_time):
+    step_time({32: 0.05})
+    Image.new("L", (20, 12)).save(tmp_path / "a.png")
+    Image.new("RGB", (40, 40)).save(tmp_path / "b.png")
+    fitted = fit.fit_config(tmp_path, minutes=1, device="cpu", log=lambda *a: None)
+    data = fitted.raw["data"]
+    assert (data["resolution"], data["center_crop"], data["channels"]) == (32, True, 3)
+    assert "mixed sizes" in fitted.reasons["data.resolution"] and "data.channels" in fitted.reasons
+    from elucidate.data import build_dataset
+
+    assert build_dataset(data).images.shape[1:] == (3, 32, 32)  # training loads what the fit saw
+
+
 def test_bad_inputs_are_one_line_errors(tmp_path):
     from elucidate.errors import UserError
 

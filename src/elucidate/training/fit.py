@@ -151,14 +151,20 @@ def _fit_side(side: int, limit: int) -> int:
     return max(8, min(limit, 4 * round((side - 0.01) / 4)))
 
 
-def _load(section: dict) -> ImageDataset:
+def _load(section: dict, limit: int, reasons: dict[str, str]) -> ImageDataset:
+    """The dataset of ``section``; a folder or zip of mixed sizes is loaded center-cropped at ``limit`` x ``limit``
+    and one of mixed modes as RGB, each recorded in ``section`` (so training loads the same) and in ``reasons``."""
     try:
         return build_dataset(section)
-    except DataError as e:  # mixed sizes or modes: let the fit choose a common size and RGB
-        if "mixed image sizes" in str(e):
-            return build_dataset({**section, "resolution": 32, "center_crop": True})
-        if "mixed image modes" in str(e):
-            return build_dataset({**section, "channels": 3})
+    except DataError as e:
+        if "mixed image sizes" in str(e) and "resolution" not in section:
+            section.update(resolution=limit, center_crop=True)
+            reasons["data.resolution"] = f"images of mixed sizes: center-cropped and resized to {limit}x{limit}"
+            return _load(section, limit, reasons)
+        if "mixed image modes" in str(e) and "channels" not in section:
+            section["channels"] = 3
+            reasons["data.channels"] = "gray and colour images mixed: all as RGB"
+            return _load(section, limit, reasons)
         raise
 
 
@@ -191,11 +197,11 @@ def fit_config(data: str | os.PathLike, *, minutes: float = DEFAULT_MINUTES, dev
     reasons: dict[str, str] = {}
     notes: list[str] = []
 
-    dataset = _load(dict(section))
+    limit = _resolution_limit(dev.type, minutes)
     section = dict(section)
+    dataset = _load(section, limit, reasons)
     native = tuple(dataset.resolution)
     h, w = native
-    limit = _resolution_limit(dev.type, minutes)
     side = _fit_side(min(h, w), limit)
     if (side, side) != native:
         section["resolution"] = side
