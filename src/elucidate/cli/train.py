@@ -1,4 +1,5 @@
-"""Commands that write a run: train, train-vae; and encode (a dataset into a VAE's latents)."""
+"""Commands that write a run: train, train-vae, reflow (a new run from a run's ODE couplings); and encode (a
+dataset into a VAE's latents)."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..training.fit import DEFAULT_MINUTES
+from ..training.reflow import DEFAULT_STEPS as REFLOW_STEPS
 
 __all__ = ["register"]
 
@@ -58,6 +60,24 @@ def register(sub) -> dict:
     add_run_options(p)  # --device: the device the configuration is fitted for (its steps are timed there)
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
+    p = sub.add_parser("reflow", help="straighten a run's ODE: fine-tune it on (noise, sample) pairs of its own "
+                                      "ODE into a new run (rectified flow's reflow; docs/flow.md)")
+    p.add_argument("run", type=Path, help="the trained run directory or checkpoint (its EMA weights)")
+    p.add_argument("--out", type=Path, required=True, help="the new run directory (resumed if it has started)")
+    p.add_argument("--pairs", type=int, default=None, metavar="N",
+                   help="(noise, sample) pairs to generate with the run's ODE (required for a new --out)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help=f"fine-tuning steps (default {REFLOW_STEPS}; sets training.steps)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pairs' noise")
+    p.add_argument("--ode-sampler", default=None, metavar="NAME",
+                   help="deterministic sampler of the pairs (default: the run's sampling.sampler)")
+    p.add_argument("--ode-steps", type=int, default=None, metavar="K",
+                   help="its steps (default: the run's sampling.steps)")
+    p.add_argument("--batch", type=int, default=256, help="samples per batch while generating the pairs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the new run's config, e.g. --set training.lr=1e-3 (repeatable)")
+    add_run_options(p)
+
     p = sub.add_parser("encode", help="pre-encode a dataset with a trained VAE (for latent.encoded)")
     p.add_argument("data", help="digits, mnist, an image folder, a .zip, an .npz/.npy array, or a config YAML "
                                 "(its data section); resized to the VAE's resolution unless it sets one")
@@ -65,7 +85,8 @@ def register(sub) -> dict:
     p.add_argument("--out", type=Path, required=True, help="latents.npz (posterior mean and std of every image)")
     p.add_argument("--batch", type=int, default=256, help="images per encoding batch (does not change results)")
     add_run_options(p)
-    return {"train": cmd_train, "train-vae": cmd_train_vae, "init": cmd_init, "encode": cmd_encode}
+    return {"train": cmd_train, "train-vae": cmd_train_vae, "init": cmd_init, "reflow": cmd_reflow,
+            "encode": cmd_encode}
 
 
 def cmd_train(args) -> int:
@@ -140,6 +161,32 @@ def cmd_init(args) -> int:
     atomic_write_text(args.out, fitted.yaml())
     print(f"wrote {args.out}; train it with: elucidate train {args.out} --out runs/{Path(args.out).stem}")
     return 0
+
+
+def cmd_reflow(args) -> int:
+    import dataclasses
+
+    from ..run import RunDir
+    from ..training.reflow import reflow
+
+    cfg, started = None, RunDir(args.out).config.is_file()
+    if not started:
+        if args.pairs is None:
+            raise UserError(f"--pairs N is needed to start {args.out}: how many (noise, sample) pairs to generate")
+        if args.ode_sampler is not None or args.ode_steps is not None:
+            from ..run.model import load_run, resolve_checkpoint
+
+            base = load_run(resolve_checkpoint(args.run), device="cpu").config.sampling
+            changes = {k: v for k, v in (("sampler", args.ode_sampler), ("steps", args.ode_steps)) if v is not None}
+            cfg = dataclasses.replace(base, **changes)
+            cfg.validate()
+    overrides = list(args.overrides) + ([f"training.steps={args.steps}"] if args.steps is not None else [])
+    summary = reflow(args.run, args.out, pairs=args.pairs, steps=REFLOW_STEPS if args.steps is None else args.steps,
+                     seed=args.seed, cfg=cfg, overrides=overrides if started else list(args.overrides),
+                     batch_size=args.batch, device=args.device, progress=args.progress)
+    return _report(summary, f"reflowed to step {summary['step']} on {summary['pairs']}; checkpoint: "
+                            f"{summary['checkpoint']}; sample it with: elucidate sample {args.out} --sampler euler "
+                            f"--steps 2")
 
 
 def cmd_train_vae(args) -> int:

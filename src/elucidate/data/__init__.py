@@ -1,7 +1,8 @@
 """Datasets for diffusion training, loaded and validated up front and held in memory as tensors.
 
 Kinds: image folders and zips (PNG/JPEG/WEBP/BMP, NVlabs ``dataset.json`` labels), ``.npy``/``.npz``
-arrays (any channel count, uint8 or float), and the bundled real ``digits`` (and ``faces``).
+arrays (any channel count, uint8 or float), the bundled real ``digits`` (and ``faces``), and reflow's (sample,
+noise) couplings (:mod:`.pairs`).
 Every dataset yields ``(image [C, H, W] float32 in model units, label int64 scalar or -1)``, has a
 fast ``get_batch(indices)``, NVlabs-style x-flip indexing and a serializable ``normalizer``.
 Use :func:`build_dataset` with a config dict; all problems raise :class:`DataError` at construction.
@@ -15,7 +16,8 @@ from .dataset import ImageDataset
 from .errors import DataError
 from .images import IMAGE_EXTENSIONS, ImageFolderDataset, ZipImageDataset
 from .normalize import NORMALIZE_MODES, Normalizer
+from .pairs import PairsDataset, read_pairs, write_pairs
 
 __all__ = ["DataError", "Normalizer", "NORMALIZE_MODES", "ImageDataset", "ImageFolderDataset", "ZipImageDataset",
-           "ArrayDataset", "DigitsDataset", "FacesDataset", "IMAGE_EXTENSIONS", "DATASETS", "CONFIG_KEYS",
-           "DATA_KEYS", "build_dataset", "data_section_for"]
+           "ArrayDataset", "PairsDataset", "read_pairs", "write_pairs", "DigitsDataset", "FacesDataset",
+           "IMAGE_EXTENSIONS", "DATASETS", "CONFIG_KEYS", "DATA_KEYS", "build_dataset", "data_section_for"]

@@ -13,6 +13,7 @@ from .bundled import DigitsDataset, FacesDataset, MnistDataset
 from .dataset import ImageDataset
 from .errors import DataError
 from .images import ImageFolderDataset, ZipImageDataset
+from .pairs import PairsDataset
 
 __all__ = ["DATASETS", "CONFIG_KEYS", "DATA_KEYS", "build_dataset", "data_section_for"]
 
@@ -41,13 +42,16 @@ KEY_DOCS = {
     "labels": "use labels when present (default); true on a folder/zip without dataset.json: the sub-folders "
               "are the classes (sorted names); false: no labels",
     "max_size": "keep only the first N items",
+    "pairs": "a pairs file of (sample, noise) couplings written by `elucidate reflow`: trained on instead of the "
+             "data's images, each with its own noise (rectified flow's reflow); the rest of the section still says "
+             "which data the samples stand for (units, metrics)",
 }
 CONFIG_KEYS = tuple(KEY_DOCS)
 DATA_KEYS = CONFIG_KEYS  # the name the run config uses for the accepted ``data:`` keys
 _BUNDLED = {"digits": DigitsDataset, "faces": FacesDataset, "mnist": MnistDataset}
 _ARRAY_ONLY = ("key", "labels_key", "layout", "cond_key", "context_key")
 _BOOLS = ("center_crop", "xflip", "labels")
-_STRINGS = ("key", "labels_key", "layout", "normalize", "cond_key", "context_key", "cond_normalize")
+_STRINGS = ("key", "labels_key", "layout", "normalize", "cond_key", "context_key", "cond_normalize", "pairs")
 
 
 def build_dataset(config: Mapping[str, Any]) -> ImageDataset:
@@ -76,6 +80,12 @@ def build_dataset(config: Mapping[str, Any]) -> ImageDataset:
     if "condition" in options and kind not in _BUNDLED:
         raise DataError(f"data config: condition applies only to the bundled datasets "
                         f"({', '.join(_BUNDLED)}), not {kind!r}; use cond_key/context_key with npz")
+    pairs = options.pop("pairs", None)
+    if pairs is not None:
+        if options.get("xflip"):
+            raise DataError("data config: xflip cannot be used with pairs (a mirrored sample is not the ODE's "
+                            "image of its noise)")
+        return PairsDataset(pairs, build_dataset({**config, "pairs": None}))
     path = options.pop("path", None)
     if kind in _BUNDLED:
         if path is not None:

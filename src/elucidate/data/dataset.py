@@ -32,13 +32,15 @@ class ImageDataset(Dataset):
     (mode ``cond_normalize``, default: the images' ``normalize``, same ``target_std`` and
     ``value_range``); ``context`` is a float32 ``[N, L, D]`` token sequence used as stored (a token
     of all zeros is padding, a row of all zeros means "no context"). ``class_names`` names the labels.
+    ``normalizer``: use this map to model units instead of fitting one (``normalize`` is then unused).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None, *, name: str,
                  xflip: bool = False, normalize: str = "auto", target_std: float = 0.5,
                  value_range: tuple[float, float] | None = None, source: str | None = None,
                  concat: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                 cond_normalize: str | None = None, class_names: list[str] | None = None) -> None:
+                 cond_normalize: str | None = None, class_names: list[str] | None = None,
+                 normalizer: Normalizer | None = None) -> None:
         source = source or name
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
             got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -68,8 +70,11 @@ class ImageDataset(Dataset):
         self.labels: torch.Tensor | None = labels
         self.name: str = name
         self.xflip: bool = xflip
-        self.normalizer: Normalizer = Normalizer.fit(self.images, normalize, target_std=target_std,
-                                                     value_range=value_range, source=source)
+        if normalizer is not None and normalizer.channels != images.shape[1]:
+            raise DataError(f"{source}: the given normalizer has {normalizer.channels} channels but the images "
+                            f"{images.shape[1]}")
+        self.normalizer: Normalizer = normalizer or Normalizer.fit(self.images, normalize, target_std=target_std,
+                                                                   value_range=value_range, source=source)
         self.class_names: list[str] | None = None if class_names is None else list(class_names)
         self.concat: torch.Tensor | None = None if concat is None else concat.contiguous()
         self.context: torch.Tensor | None = context
@@ -154,6 +159,11 @@ class ImageDataset(Dataset):
         if self.context is not None:
             out["context"] = self.context[base]
         return out
+
+    def get_noise(self, indices: torch.Tensor) -> torch.Tensor | None:
+        """The noise paired with each item (``[B, C, H, W]``, model units), or None: training then draws fresh
+        noise. Only a dataset of couplings has it (:class:`~.pairs.PairsDataset`, rectified flow's reflow)."""
+        return None
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = int(index)

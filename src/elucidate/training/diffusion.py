@@ -1,9 +1,10 @@
 """The diffusion trainer: any formulation, any network, pixels or a VAE's latents, one process or many
 (torchrun + DDP), on the one training loop (:mod:`.loop`).
 
-A step draws its global batch from (seed, step): data indices, augmentations, training sigmas, noise and
-condition dropout; each process takes its slice, and dropout uses a generator reseeded from (seed, step, rank).
-The half-life EMA follows every applied step; the post-hoc power EMA (``training.ema``) every step.
+A step draws its global batch from (seed, step): data indices, augmentations, training sigmas, noise (a
+pairs dataset's own noise for reflow) and condition dropout; each process takes its slice, and dropout uses a
+generator reseeded from (seed, step, rank). The half-life EMA follows every applied step; the post-hoc power
+EMA (``training.ema``) every step.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..config import Config, dump_config, parse_config
 from ..config.network import DataInfo, build_network_for
 from ..data import ImageDataset, build_dataset
 from ..denoiser import Denoiser, with_null_condition
+from ..errors import UserError
 from ..losses import denoising_loss
 from ..run.model import LoadedRun
 from ..runtime.distributed import barrier
@@ -50,6 +52,10 @@ class Trainer(TrainingLoop):
 
     def build(self, init) -> None:
         config, t = self.config, self.t
+        if config.data.get("pairs") and (config.latent is not None or t.augment is not None):
+            raise UserError(f"data.pairs (reflow couplings) cannot be combined with "
+                            f"{'a latent run' if config.latent is not None else 'training.augment'}: an augmented or "
+                            f"encoded sample is no longer the ODE's image of its noise")
         self.dataset = self._given_dataset
         if self.dataset is None:  # a given dataset was described by whoever built it
             self.dataset = build_dataset(config.data)
@@ -116,6 +122,9 @@ class Trainer(TrainingLoop):
         noise = torch.randn((B, C, H, W), generator=g)
         part = slice(self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch)
         images, labels = self.dataset.get_batch(indices[part])
+        paired = self.dataset.get_noise(indices[part])  # reflow: each sample's own noise (data.pairs)
+        if paired is not None:
+            noise[part] = paired
         if self.latent is not None:  # a fresh posterior sample of each latent, drawn from (seed, step)
             images = self.dataset.draw_batch(indices, derived_generator(self.t.seed, "latent", step))[part]
         to = dict(device=self.device, non_blocking=True)

@@ -39,7 +39,24 @@ from ..runtime.rng import derive_seed
 from .optim import OptimizerGroup, lr_factor
 from .tensorboard import TensorBoardLog
 
-__all__ = ["TrainingLoop", "TrainingStopped"]
+__all__ = ["TrainingLoop", "TrainingStopped", "load_matching"]
+
+
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``module.load_state_dict(state)``, with a one-line error naming the first tensor that is missing, extra or
+    of another shape (``source`` names where the weights come from)."""
+    own = module.state_dict()
+    for key, value in own.items():
+        if key not in state:
+            raise UserError(f"{source}: no tensor {key!r} for this network (it has {len(state)} tensors, the network "
+                            f"{len(own)}): another architecture?")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise UserError(f"{source}: tensor {key!r} has shape {tuple(state[key].shape)} but this network's is "
+                            f"{tuple(value.shape)}")
+    extra = [key for key in state if key not in own]
+    if extra:
+        raise UserError(f"{source}: tensor {extra[0]!r} has no place in this network (another architecture?)")
+    module.load_state_dict(state)
 
 
 class TrainingStopped(UserError):
@@ -248,6 +265,22 @@ class TrainingLoop:
         self.saved_step = self.step
         barrier()
         return path
+
+    def start_from(self, states: dict[str, dict[str, torch.Tensor]], source: str) -> Path:
+        """Start this new run from existing weights: ``states`` maps a checkpoint prefix (``"net"``, ``"ema"``) to
+        a state dict for that module; the optimizer and step start from zero. The start is written as the step-0
+        checkpoint, so a run stopped before its first checkpoint resumes from it (fine-tuning, reflow,
+        distillation). A run that already has checkpoints is refused: that is resuming."""
+        if self.step or self.run.list_checkpoints():
+            raise UserError(f"{self.run_dir} already has checkpoints (step {self.step}): it resumes from them; "
+                            f"start from {source} in a new --out directory")
+        for prefix, state in states.items():
+            if prefix not in self.modules:
+                raise ValueError(f"no module {prefix!r} to start from; the run has {', '.join(self.modules)}")
+            load_matching(self.modules[prefix], state, source)
+        if self.dist.is_main:
+            self._append_metrics({"event": "start_from", "step": 0, "source": source})
+        return self.save()
 
     def _picture(self) -> Path | None:
         if not self.dist.is_main:
