@@ -8,6 +8,7 @@ Architectures (``build_network(arch, ...)``):
 * ``adm``    -- :class:`DhariwalUNet`, ADM (EDM ``--arch=adm``).
 * ``diffusers_unet2d`` -- a diffusers ``UNet2DModel`` (:mod:`.diffusers_unet`; needs diffusers).
 * ``dit``    -- :class:`DiT`, a transformer with adaLN-Zero (keys ``patch_size, hidden_size, depth, num_heads``).
+* ``edm2``   -- :class:`EDM2UNet`, EDM2's magnitude-preserving U-Net (Karras et al. 2024; NVlabs/edm2's ``UNet``).
 
 All share the constructor keys ``img_resolution`` (int or ``(H, W)``), ``in_channels``,
 ``out_channels`` (default: ``in_channels``), ``model_channels``, ``channel_mult``, ``num_blocks``,
@@ -18,7 +19,8 @@ condition concatenated to x) and ``context_dim`` (a token context for cross-atte
 -> [B, out_channels, H, W]`` (the contract: :class:`~.base.DiffusionNet`; docs/conditioning.md).
 
 ``ddpmpp``, ``ncsnpp`` and ``adm`` use NVlabs/edm's tensor layouts and constructor argument names;
-:func:`elucidate.nets.edm_port.load_edm_network` loads weights exported from edm (docs/edm.md).
+:func:`elucidate.nets.edm_port.load_edm_network` loads weights exported from edm (docs/edm.md). ``edm2`` uses
+NVlabs/edm2's parameter names and arguments; :func:`load_edm2_network` loads weights exported from edm2.
 
 May import: errors.
 """
@@ -33,11 +35,12 @@ from .base import DiffusionNet
 from .dhariwal_unet import DhariwalUNet
 from .diffusers_unet import DiffusersUNet2D
 from .dit import DiT
+from .edm2 import EDM2UNet, load_edm2_network
 from .song_unet import SongUNet
 from .unet import UNet
 
-__all__ = ["UNet", "SongUNet", "DhariwalUNet", "DiffusionNet", "NETWORKS", "PRESETS",
-           "UnknownArgumentError", "build_network", "count_parameters"]
+__all__ = ["UNet", "SongUNet", "DhariwalUNet", "EDM2UNet", "DiffusionNet", "NETWORKS", "PRESETS",
+           "UnknownArgumentError", "build_network", "count_parameters", "load_edm2_network"]
 
 # arch -> (class, preset keyword arguments); explicit keyword arguments override the preset.
 PRESETS = MappingProxyType({
@@ -51,6 +54,7 @@ PRESETS = MappingProxyType({
     "adm": (DhariwalUNet, MappingProxyType(dict(model_channels=192, channel_mult=(1, 2, 3, 4)))),
     "diffusers_unet2d": (DiffusersUNet2D, MappingProxyType({})),
     "dit": (DiT, MappingProxyType({})),
+    "edm2": (EDM2UNet, MappingProxyType({})),
 })
 NETWORKS: tuple[str, ...] = tuple(PRESETS)
 
