@@ -156,6 +156,34 @@ def trained_copy(trained_run, tmp_path) -> Path:
     return Path(shutil.copytree(trained_run, tmp_path / "run"))
 
 
+#: The network of :func:`train_diffusers_run`: a tiny diffusers ``UNet2DModel`` (``network.arch: diffusers_unet2d``).
+DIFFUSERS_NET = {"arch": "diffusers_unet2d", "block_out_channels": [8, 16], "layers_per_block": 1,
+                 "norm_num_groups": 4, "attention_head_dim": 4}
+#: Its default diffusion: a 100-step v-prediction DDPM (exportable to diffusers).
+DDPM_V = {"type": "DDPM", "num_timesteps": 100, "prediction": "v", "timestep_spacing": "trailing"}
+
+
+@pytest.fixture(scope="session")
+def train_diffusers_run(tiny_config, write_config, tmp_path_factory):
+    """``train_diffusers_run(name, network=DIFFUSERS_NET, diffusion=DDPM_V, **sections)``: ``elucidate train`` (3
+    steps) of the tiny run config with that network and diffusion section (each replacing the tiny one;
+    ``network=None`` keeps the tiny U-Net) and the other sections updated; returns a new run directory named
+    ``name`` (the export tests of tests/interop)."""
+    from elucidate.cli import main
+
+    def run(name: str, network: dict | None = DIFFUSERS_NET, diffusion: dict = DDPM_V, **sections) -> Path:
+        defaults = {"training": {"steps": 3, "checkpoint_every": 3, "log_every": 1, "ema_halflife": 8},
+                    "sampling": {"steps": 3, "sampler": "ddim"}}
+        raw = tiny_config(**{**defaults, **{k: {**defaults.get(k, {}), **v} if isinstance(v, dict) else v
+                                            for k, v in sections.items()}})
+        raw["network"], raw["diffusion"] = network or raw["network"], diffusion
+        root = tmp_path_factory.mktemp(name)
+        config = write_config(raw, root / f"{name}.yaml")
+        assert main(["train", str(config), "--out", str(root / name), "--no-progress"]) == 0
+        return root / name
+    return run
+
+
 # ------------------------------------------------------------------------------------------------ running the CLI
 def subprocess_env(**extra) -> dict:
     """The environment of a subprocess the tests start: one thread, unbuffered, this source tree first, no

@@ -295,24 +295,11 @@ def test_missing_diffusers_is_one_clear_line(monkeypatch, pipeline_dir, tmp_path
 
 
 # --- the diffusers_unet2d architecture: train, export, load back -------------------------------------
-DIFFUSERS_NET = {"arch": "diffusers_unet2d", "block_out_channels": [8, 16], "layers_per_block": 1,
-                 "norm_num_groups": 4, "attention_head_dim": 4}
-DDPM_V = {"type": "DDPM", "num_timesteps": 100, "prediction": "v", "timestep_spacing": "trailing"}
-
-
 @pytest.fixture
-def train(tiny_config, write_config, cli_main, tmp_path):
-    """``train(name, network=DIFFUSERS_NET, diffusion=DDPM_V, **sections)``: ``elucidate train`` of the tiny run
-    config with that network and diffusion section (each replacing the tiny one; ``network=None`` keeps the tiny
-    U-Net) and the other sections updated; the run directory ``tmp_path / name``."""
-    def run(name: str, network: dict | None = DIFFUSERS_NET, diffusion: dict = DDPM_V, **sections):
-        raw = tiny_config(training={"steps": 3, "checkpoint_every": 3, "log_every": 1, "ema_halflife": 8},
-                          sampling={"steps": 3, "sampler": "ddim"}, **sections)
-        raw["network"], raw["diffusion"] = network or raw["network"], diffusion
-        config = write_config(raw, tmp_path / f"{name}.yaml")
-        assert cli_main(["train", config, "--out", tmp_path / name, "--no-progress"])[0] == 0
-        return tmp_path / name
-    return run
+def train(train_diffusers_run):
+    """``train(name, network=..., diffusion=..., **sections)``: tests/conftest.py's ``train_diffusers_run`` (a tiny
+    ``diffusers_unet2d`` run under a v-prediction DDPM by default)."""
+    return train_diffusers_run
 
 
 def test_the_arch_follows_the_network_contract():
@@ -372,14 +359,16 @@ def test_train_export_and_load_back_with_diffusers(train, tmp_path, cli_main):
 def test_other_runs_are_refused_naming_what_is_exportable(train, tmp_path, cli_main):
     edm = train("edm", diffusion={"type": "EDM"})  # a diffusers UNet trains under EDM too
     unet = train("unet", network=None)  # the tiny U-Net, under DDPM
-    exportable = "exportable: runs with network.arch diffusers_unet2d and diffusion.type DDPM (without shift)"
+    exportable = ("exportable: runs with network.arch diffusers_unet2d and diffusion.type DDPM (without shift) "
+                  "or Flow")
     assert cli_main(["export", edm, "--diffusers", tmp_path / "a"]) == (
         2, [f"elucidate export: error: {edm} cannot be exported to diffusers (its formulation is EDM); " + exportable])
     assert cli_main(["export", unet, "--diffusers", tmp_path / "b"]) == (
         2, [f"elucidate export: error: {unet} cannot be exported to diffusers (its network is 'unet'); " + exportable])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     with pytest.raises(UserError, match="with a shift"):
-        export_diffusers(train("shifted", diffusion={**DDPM_V, "shift": 2.0}), tmp_path / "c")
+        export_diffusers(train("shifted", diffusion={"type": "DDPM", "num_timesteps": 100, "shift": 2.0}),
+                         tmp_path / "c")
 
 
 def test_export_warns_when_the_data_is_not_in_minus_one_one(train, tmp_path):

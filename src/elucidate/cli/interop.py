@@ -15,7 +15,7 @@ def register(sub) -> dict:
     p.add_argument("run", type=Path, help="run directory (latest checkpoint) or checkpoint file")
     p.add_argument("--diffusers", type=Path, required=True, metavar="OUT",
                    help="write a diffusers DDPMPipeline folder (runs with network.arch diffusers_unet2d and "
-                        "diffusion.type DDPM)")
+                        "diffusion.type DDPM, with a DDPMScheduler, or Flow, with a FlowMatchEulerDiscreteScheduler)")
     p.add_argument("--ema", dest="ema", action="store_true", default=True, help="export the EMA weights (default)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="export the raw training weights")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")

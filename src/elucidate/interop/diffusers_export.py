@@ -1,9 +1,21 @@
 """Export an elucidate run to a diffusers ``DDPMPipeline`` folder (``elucidate export RUN --diffusers OUT``).
 
 Exportable: runs whose network is ``diffusers_unet2d`` (a diffusers ``UNet2DModel``) and whose formulation
-is ``DDPM`` (no shift). The folder holds the UNet (EMA weights by default, safetensors), a
-``DDPMScheduler`` config equal to the run's DDPM and ``model_index.json``; it is written to a temporary
+is ``DDPM`` (no shift) or ``Flow`` (any shift). The folder holds the UNet (EMA weights by default,
+safetensors), a scheduler config and ``model_index.json`` naming ``DDPMPipeline``; it is written to a temporary
 folder next to ``OUT`` and renamed into place, so ``OUT`` is either complete or absent.
+
+* DDPM: a ``DDPMScheduler`` config equal to the run's DDPM (:func:`~elucidate.interop.diffusers.scheduler_config`).
+* Flow: a ``FlowMatchEulerDiscreteScheduler`` config (``num_train_timesteps`` 1000, the run's ``shift``, no
+  dynamic shifting). ``DDPMPipeline`` runs it unchanged: it draws unit noise (x_t at t = 1 is the noise), calls
+  ``scheduler.set_timesteps(N)``, ``unet(x_t, 1000 t)`` (the velocity Flow's network predicts) and
+  ``scheduler.step``, which is the flow-matching Euler step. diffusers has no flow pipeline for a ``UNet2DModel``.
+  The pipeline's default levels (``set_timesteps(N)``: t = linspace(1, 1/1000 shifted, N) shifted, then 0) are
+  not ``Flow.sampling_sigmas(N)`` (t = 0.999, then 1 - k/N, shifted, then 0): on the same levels the two sample
+  alike to float32 round-off; on their own defaults they differ slightly (measured in docs/flow.md).
+
+``DDPMPipeline`` ends with ``(x / 2 + 0.5).clamp(0, 1)``, i.e. expects data normalized to [-1, 1] (elucidate's
+default for images); other normalizations export with a warning.
 """
 from __future__ import annotations
 
@@ -14,12 +26,14 @@ import warnings
 from pathlib import Path
 
 from ..errors import UserError
-from ..formulations import DDPM, Shifted
+from ..formulations import DDPM, Flow, Shifted
 from .diffusers import ELUCIDATE_KEY, scheduler_config
 
 __all__ = ["export_diffusers", "EXPORTABLE"]
 
-EXPORTABLE = "runs with network.arch diffusers_unet2d and diffusion.type DDPM (without shift)"
+EXPORTABLE = "runs with network.arch diffusers_unet2d and diffusion.type DDPM (without shift) or Flow"
+#: The FlowMatchEulerDiscreteScheduler of a Flow: diffusers' flow timesteps are 1000 t, as Flow's c_noise.
+FLOW_TIMESTEPS = 1000
 
 
 def _check_exportable(run: Path, config) -> None:
@@ -28,11 +42,19 @@ def _check_exportable(run: Path, config) -> None:
     if arch != "diffusers_unet2d":
         problems.append(f"its network is {arch!r}")
     formulation = config.formulation()
-    if type(formulation) is not DDPM:
+    if type(formulation) not in (DDPM, Flow):
         problems.append(f"its formulation is {getattr(formulation, 'name', type(formulation).__name__)}"
                         + (" with a shift" if isinstance(formulation, Shifted) else ""))
     if problems:
         raise UserError(f"{run} cannot be exported to diffusers ({' and '.join(problems)}); exportable: {EXPORTABLE}")
+
+
+def _scheduler(diffusers, formulation):
+    """The diffusers scheduler of an exportable formulation (DDPM or Flow)."""
+    if type(formulation) is Flow:
+        return diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=FLOW_TIMESTEPS,
+                                                         shift=float(formulation.shift), use_dynamic_shifting=False)
+    return diffusers.DDPMScheduler(**scheduler_config(formulation))
 
 
 def _replace_dir(tmp: Path, out: Path, force: bool) -> None:
@@ -49,7 +71,8 @@ def _replace_dir(tmp: Path, out: Path, force: bool) -> None:
 
 def export_diffusers(run: str | Path, out: str | Path, *, ema: bool = True, force: bool = False) -> Path:
     """Write ``out`` as a diffusers DDPMPipeline folder from a run directory or checkpoint; returns ``out``.
-    ``diffusers.DDPMPipeline.from_pretrained(out)`` loads it (and samples it, for unconditional models)."""
+    ``diffusers.DDPMPipeline.from_pretrained(out)`` loads it (and samples it, for unconditional models), with a
+    ``DDPMScheduler`` for DDPM runs and a ``FlowMatchEulerDiscreteScheduler`` for Flow runs."""
     from ..config import parse_config
     from ..nets.diffusers_unet import import_diffusers
     from ..run.checkpoint import load_checkpoint
@@ -68,8 +91,7 @@ def export_diffusers(run: str | Path, out: str | Path, *, ema: bool = True, forc
                       stacklevel=2)
     loaded = load_run(ckpt, ema=ema)
     net = loaded.denoiser.net
-    pipe = diffusers.DDPMPipeline(unet=net.unet, scheduler=diffusers.DDPMScheduler(
-        **scheduler_config(loaded.denoiser.formulation)))
+    pipe = diffusers.DDPMPipeline(unet=net.unet, scheduler=_scheduler(diffusers, loaded.denoiser.formulation))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
