@@ -27,12 +27,17 @@ def test_both_trainers_run_the_one_loop():
     assert Trainer.meta is not TrainingLoop.meta and "super().meta()" in __import__("inspect").getsource(Trainer.meta)
 
 
-@pytest.mark.parametrize("verb", ["train", "train-vae"])
+#: the uncertainty case: EDM2's learned u(sigma) head (training.loss_weighting) and an lr decay that starts mid-run
+UNCERTAINTY = {"loss_weighting": "uncertainty", "lr_schedule": {"kind": "inv_sqrt", "ref_batches": 20}}
+
+
+@pytest.mark.parametrize("verb, extra", [("train", {}), ("train-vae", {}), ("train", UNCERTAINTY)],
+                         ids=["train", "train-vae", "train-uncertainty"])
 @pytest.mark.usefixtures("one_thread")  # as the killed process (OMP_NUM_THREADS=1): the same arithmetic
-def test_killed_then_resumed_through_the_one_loop_is_bit_exact(verb, tiny_config, tiny_vae_config, write_config,
-                                                               cli_main, env, tmp_path):
-    raw = (tiny_config(training={"steps": 60, "checkpoint_every": 10, "log_every": 10}) if verb == "train" else
-           tiny_vae_config(training={"steps": 24, "checkpoint_every": 4, "log_every": 4}))
+def test_killed_then_resumed_through_the_one_loop_is_bit_exact(verb, extra, tiny_config, tiny_vae_config,
+                                                               write_config, cli_main, env, tmp_path):
+    raw = (tiny_config(training={"steps": 60, "checkpoint_every": 10, "log_every": 10, **extra}) if verb == "train"
+           else tiny_vae_config(training={"steps": 24, "checkpoint_every": 4, "log_every": 4}))
     steps = raw["training"]["steps"]
     cfg = write_config(raw, tmp_path / "cfg.yaml")
     full, killed = RunDir(tmp_path / "full"), RunDir(tmp_path / "killed")
@@ -51,8 +56,9 @@ def test_killed_then_resumed_through_the_one_loop_is_bit_exact(verb, tiny_config
     assert cli_main([verb, cfg, "--out", killed, "--no-progress"])[0] == 0
     (a, meta_a), (b, meta_b) = load_checkpoint(full.latest_checkpoint()), load_checkpoint(killed.latest_checkpoint())
     assert a.keys() == b.keys() and meta_a["step"] == meta_b["step"] == steps
-    for key in a:  # network, EMA and optimizer state
+    for key in a:  # network, EMA and optimizer state (and the u(sigma) head)
         assert torch.equal(a[key], b[key]), key
+    assert any(key.startswith("uncertainty.") for key in a) == bool(extra)
     records = [json.loads(line) for line in killed.metrics.read_text().splitlines()]
     logged = [r["step"] for r in records if "loss" in r]
     assert logged == sorted(logged) and logged[-1] == steps and any(r.get("event") == "resume" for r in records)

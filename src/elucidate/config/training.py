@@ -19,10 +19,74 @@ from ..runtime.precision import PRECISIONS
 from .schema import validate_section
 
 __all__ = ["LoopConfig", "TrainingConfig", "resumable_keys", "AugmentSettings", "LABEL_LAYOUT", "AUGMENT_LABEL_DIM",
-           "check_augment", "MAX_SIGMA_REL", "check_power_ema"]
+           "check_augment", "MAX_SIGMA_REL", "check_power_ema", "LRScheduleSettings", "LR_SCHEDULE_KEYS",
+           "check_lr_schedule"]
 
 #: widest post-hoc (power) EMA profile: the relative std of a plain running mean (EDM2 eq. 123 at gamma = 0).
 MAX_SIGMA_REL = 1.0 / math.sqrt(12.0)
+
+
+# ------------------------------------------------------------------------------------------------ training.lr_schedule
+#: the kinds of training.lr_schedule and the keys each takes besides ``kind``
+LR_SCHEDULE_KEYS = {"inv_sqrt": ("ref_batches",), "cosine": ("min_lr",), "constant": ()}
+
+
+@dataclass
+class LRScheduleSettings:
+    """``training.lr_schedule``: the factor on ``training.lr`` after the ramp-up, a function of the step only."""
+
+    kind: str = param("constant", "inv_sqrt (EDM2: lr / sqrt(max(t / t_ref, 1)), t = steps done), cosine (from 1 at "
+                                  "the end of the ramp-up to min_lr at training.steps) or constant",
+                      choices=tuple(LR_SCHEDULE_KEYS))
+    ref_batches: float | None = param(None, "inv_sqrt (required): t_ref, in steps (edm2's ref_batches)",
+                                      symbol="t_ref", minimum=0, exclusive=True)
+    min_lr: float = param(0.0, "cosine: the factor reached at training.steps (a fraction of training.lr)", minimum=0,
+                          maximum=1)
+
+
+#: training.lr_schedule's description, its keys' from :class:`LRScheduleSettings`
+LR_SCHEDULE_DOC = ("lr decay after the ramp-up, a function of the step only, e.g. {kind: inv_sqrt, ref_batches: "
+                   "70000}; null = constant. Keys: "
+                   + "; ".join(f"{p.name}: {p.doc}" + (f" ({p.range_text()})" if p.minimum is not None else "")
+                               for p in describe(LRScheduleSettings)) + " (see docs/training.md)")
+
+
+def check_lr_schedule(raw: Any) -> dict | None:
+    """``training.lr_schedule`` validated and completed: None (constant; ``{kind: constant}`` is the same run),
+    ``{kind: inv_sqrt, ref_batches: N}`` or ``{kind: cosine, min_lr: r}``."""
+    if raw is None:
+        return None
+    kinds = " or ".join([", ".join(tuple(LR_SCHEDULE_KEYS)[:-1]), tuple(LR_SCHEDULE_KEYS)[-1]])
+    if not isinstance(raw, dict):
+        raise ConfigError(f"training.lr_schedule = {raw!r}: expected a mapping {{kind: inv_sqrt, ref_batches: N}}, "
+                          f"{{kind: cosine}} or {{kind: constant}} (or null = constant)")
+    names = [f.name for f in fields(LRScheduleSettings)]
+    for key in raw:
+        if key not in names:
+            raise unknown_key("training.lr_schedule", key, names)
+    if "kind" not in raw:
+        raise ConfigError(f"training.lr_schedule.kind is missing: expected {kinds}")
+    kind = raw["kind"]
+    if kind not in LR_SCHEDULE_KEYS:
+        raise ConfigError(f"training.lr_schedule.kind = {kind!r}: expected {kinds}")
+    for key in raw:
+        if key != "kind" and key not in LR_SCHEDULE_KEYS[kind]:
+            takes = ", ".join(LR_SCHEDULE_KEYS[kind]) or "no other key"
+            raise ConfigError(f"training.lr_schedule.{key} does not apply to kind {kind} (it takes {takes})")
+    if kind == "constant":
+        return None
+    if kind == "inv_sqrt" and raw.get("ref_batches") is None:
+        raise ConfigError("training.lr_schedule.ref_batches is missing: kind inv_sqrt needs it (t_ref, the steps "
+                          "after which lr decays as 1 / sqrt(t / t_ref))")
+    docs = {p.name: p for p in describe(LRScheduleSettings)}
+    out = {"kind": kind}
+    for name in LR_SCHEDULE_KEYS[kind]:
+        try:
+            value = check_value(f"training.lr_schedule.{name}", raw.get(name, docs[name].default), docs[name])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        out[name] = float(value)
+    return out
 
 
 @dataclass
@@ -33,6 +97,8 @@ class LoopConfig:
     batch_size: int = param(64, "global batch over all processes", minimum=1)
     lr: float = param(1e-3, "learning rate after the ramp-up", minimum=0, exclusive=True)
     lr_rampup: int = param(10_000, "images over which lr ramps up linearly from 0", minimum=0)
+    # not resumable: the stored config must say which lr trajectory made the weights (as lr and lr_rampup)
+    lr_schedule: dict | None = param(None, LR_SCHEDULE_DOC)
     optimizer: str = param("adam", "adam or adamw", choices=("adam", "adamw"))
     betas: tuple = param(None, "Adam's (beta1, beta2)", default_factory=lambda: (0.9, 0.999))
     eps: float = param(1e-8, "Adam's epsilon", minimum=0, exclusive=True)
@@ -60,6 +126,7 @@ class LoopConfig:
                 isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
             raise ConfigError(f"training.betas = {betas!r}: expected two numbers in [0, 1)")
         self.betas = tuple(float(b) for b in betas)
+        self.lr_schedule = check_lr_schedule(self.lr_schedule)
 
 
 def resumable_keys(cls: type) -> set[str]:
@@ -88,6 +155,10 @@ class TrainingConfig(LoopConfig):
                                        "1, translate: 1, scale: 1, rotate: 1, aniso: 1}: its parameters reach the "
                                        "network as augment_labels (zero when sampling); null = off (see "
                                        "training.augment below and docs/training.md)")
+    loss_weighting: str = param("fixed", "fixed: the formulation's lambda(sigma) loss; uncertainty: EDM2's learned "
+                                         "u(sigma) (Eq. 21), lambda / e^u ||D - y||^2 + u with a small u head "
+                                         "trained beside the network (see docs/training.md)",
+                                choices=("fixed", "uncertainty"))
 
     def validate(self) -> None:
         super().validate()

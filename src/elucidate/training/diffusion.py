@@ -4,7 +4,9 @@
 A step draws its global batch from (seed, step): data indices, augmentations, training sigmas, noise (a
 pairs dataset's own noise for reflow) and condition dropout; each process takes its slice, and dropout uses a
 generator reseeded from (seed, step, rank). The half-life EMA follows every applied step; the post-hoc power
-EMA (``training.ema``) every step.
+EMA (``training.ema``) every step. With ``training.loss_weighting: uncertainty`` a small u(sigma) head
+(:class:`~elucidate.losses.UncertaintyHead`) trains beside the network in the same optimizer (EDM2 eq. 21): it is
+in every checkpoint (``uncertainty.*``) but not in the EMA, and sampling never sees it.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import Config, dump_config, parse_config
@@ -19,7 +22,7 @@ from ..config.network import DataInfo, build_network_for
 from ..data import ImageDataset, build_dataset
 from ..denoiser import Denoiser, with_null_condition
 from ..errors import UserError
-from ..losses import denoising_loss
+from ..losses import UncertaintyHead, denoising_loss, uncertainty_weighted
 from ..run.model import LoadedRun
 from ..runtime.distributed import barrier
 from ..runtime.precision import autocast_for
@@ -32,7 +35,25 @@ from .loop import TrainingLoop, TrainingStopped
 from .optim import make_optimizer
 from .stats import SIGMA_EDGES, IntervalStats
 
-__all__ = ["Trainer", "TrainingStopped", "SIGMA_EDGES"]
+__all__ = ["Trainer", "TrainingStopped", "SIGMA_EDGES", "Objective"]
+
+#: checkpoint prefix of the u(sigma) head of training.loss_weighting: uncertainty
+UNCERTAINTY = "uncertainty"
+
+
+class Objective(nn.Module):
+    """What a step differentiates, as one module (the DDP unit, so the gradients of the network and of the
+    u(sigma) head are all-reduced alike): per sample, the fixed-weight loss lambda(sigma) ||D - y||^2 (mean over
+    elements) and u(sigma) (None without a head)."""
+
+    def __init__(self, denoiser: Denoiser, uncertainty: UncertaintyHead | None = None):
+        super().__init__()
+        self.denoiser, self.uncertainty = denoiser, uncertainty
+
+    def forward(self, y: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, **cond
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        loss = denoising_loss(self.denoiser, y, sigma=sigma, noise=noise, **cond)
+        return loss, None if self.uncertainty is None else self.uncertainty(sigma)
 
 
 class Trainer(TrainingLoop):
@@ -73,16 +94,20 @@ class Trainer(TrainingLoop):
             self.net = self.net.to(memory_format=torch.channels_last)
         self.formulation = config.formulation()
         self.denoiser = Denoiser(self.net, self.formulation)
-        self.model = self.denoiser
+        # initialized after the network, so the network's initial weights do not depend on the loss weighting
+        self.uncertainty = UncertaintyHead().to(self.device) if t.loss_weighting == "uncertainty" else None
+        self.objective = self.model = Objective(self.denoiser, self.uncertainty)
         self.augment = augment_pipe(t.augment, self.info.resolution)  # None = off
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.denoiser, device_ids=ids)
-        self.optimizers, self.base_lrs = [make_optimizer(self.net, t)], [t.lr]
+            self.model = DistributedDataParallel(self.objective, device_ids=ids)
+        self.params = list(self.net.parameters()) + list(self.uncertainty.parameters() if self.uncertainty else [])
+        self.optimizers, self.base_lrs = [make_optimizer(self.params, t)], [t.lr]
         self.ema = EMA(self.net, t.ema_halflife, t.ema_rampup)
         self.modules = {"net": self.net, "ema": self.ema.module}
+        if self.uncertainty is not None:  # restored on resume and checked by the loop; saved by checkpoint_tensors
+            self.modules[UNCERTAINTY] = self.uncertainty
         self.phema = RunPowerEMA(self.net, t.ema, self.run_dir, self.dist.is_main)  # inert if training.ema is null
-        self.params = list(self.net.parameters())
 
     def config_text(self) -> str:
         return dump_config(self.config)
@@ -99,7 +124,9 @@ class Trainer(TrainingLoop):
                 "cond_normalizer": None if cond_normalizer is None else cond_normalizer.to_config()}
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        return self.phema.checkpoint_tensors()
+        head = {} if self.uncertainty is None else {f"{UNCERTAINTY}.{k}": v
+                                                     for k, v in self.uncertainty.state_dict().items()}
+        return {**self.phema.checkpoint_tensors(), **head}
 
     def resume(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self.phema.resume(tensors, self.step)
@@ -108,7 +135,7 @@ class Trainer(TrainingLoop):
         self.phema.after_step(self.net, step, last)
 
     def make_stats(self) -> IntervalStats:
-        return IntervalStats(self.t.batch_size)
+        return IntervalStats(self.t.batch_size, uncertainty=self.uncertainty is not None)
 
     # ------------------------------------------------------------------------------------------ a step
     def _batch(self, step: int):
@@ -122,7 +149,7 @@ class Trainer(TrainingLoop):
         noise = torch.randn((B, C, H, W), generator=g)
         part = slice(self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch)
         images, labels = self.dataset.get_batch(indices[part])
-        paired = self.dataset.get_noise(indices[part])  # reflow: each sample's own noise (data.pairs)
+        paired = None if self.latent is not None else self.dataset.get_noise(indices[part])  # reflow (data.pairs)
         if paired is not None:
             noise[part] = paired
         if self.latent is not None:  # a fresh posterior sample of each latent, drawn from (seed, step)
@@ -153,14 +180,16 @@ class Trainer(TrainingLoop):
         """(cond_channels, context_dim) of the network: which data conditions it takes."""
         return int(getattr(self.net, "cond_channels", 0) or 0), int(getattr(self.net, "context_dim", 0) or 0)
 
-    def optimizer_step(self, step: int) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
-        """One optimizer step: ((per-sample losses, their sigmas), whether the step was applied)."""
+    def optimizer_step(self, step: int) -> tuple[tuple, bool]:
+        """One optimizer step: ((per-sample fixed-weight losses, their sigmas[, their u(sigma) with
+        ``training.loss_weighting: uncertainty``]), whether the step was applied). The gradient is that of the loss
+        of ``training.loss_weighting``."""
         images, conds, sigma, noise = self._batch(step)
         torch.manual_seed(derive_seed(self.t.seed, "dropout", step, self.dist.rank))
-        if not self.net.training:
-            self.net.train()
+        if not self.net.training or (self.uncertainty is not None and not self.uncertainty.training):
+            self.objective.train()
         micro = self.local_batch // self.t.grad_accumulation
-        losses = []
+        losses, us = [], []
         for m in range(self.t.grad_accumulation):
             part = slice(m * micro, (m + 1) * micro)
             cond = {key: value[part] for key, value in conds.items()}
@@ -168,10 +197,12 @@ class Trainer(TrainingLoop):
             sync = self.model.no_sync() if (self.dist.world_size > 1 and not last) else contextlib.nullcontext()
             with sync:
                 with autocast_for(self.precision, self.device):
-                    loss = denoising_loss(self.model, images[part], sigma=sigma[part], noise=noise[part],
-                                          formulation=self.formulation, **cond)
-                (loss.sum() / self.local_batch).backward()
+                    loss, u = self.model(images[part], sigma[part], noise[part], **cond)
+                    trained = loss if u is None else uncertainty_weighted(loss, u)  # EDM2 eq. 21
+                (trained.sum() / self.local_batch).backward()
             losses.append(loss.detach())
+            if u is not None:
+                us.append(u.detach())
         params = [p for p in self.params if p.grad is not None]
         if self.t.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, self.t.grad_clip, foreach=True)
@@ -182,7 +213,7 @@ class Trainer(TrainingLoop):
             self.optimizer.step()
             self.ema.update(self.net, (step + 1) * self.t.batch_size, self.t.batch_size)
         self.optimizer.zero_grad(set_to_none=True)
-        return (torch.cat(losses), sigma), applied
+        return ((torch.cat(losses), sigma) + ((torch.cat(us),) if us else ())), applied
 
     def picture(self) -> Path:
         """``samples/step-XXXXXXXX.png``: the EMA network sampled as a loaded run would be (the run's sampling

@@ -296,8 +296,9 @@ class TrainingLoop:
         return self.optimizer_step(step)
 
     def set_lr(self, step: int) -> None:
-        """Every optimizer at its base learning rate times the schedule's factor for step ``step`` (0-based)."""
-        factor = lr_factor(self.t, (step + 1) * self.t.batch_size)
+        """Every optimizer at its base learning rate times the schedule's factor for step ``step`` (0-based): the
+        ramp-up and ``training.lr_schedule`` (:func:`~.optim.lr_factor`, a function of the step only)."""
+        factor = lr_factor(self.t, step)
         for optimizer, base in zip(self.optimizers, self.base_lrs):
             for group in optimizer.param_groups:
                 group["lr"] = base * factor

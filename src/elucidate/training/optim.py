@@ -1,6 +1,7 @@
 """The optimizers of a training run and the learning-rate schedule every loop applies."""
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -22,10 +23,24 @@ def make_optimizer(params: torch.nn.Module | Iterable[torch.Tensor], t, *, lr: f
         return opt_cls(params, **kwargs)
 
 
-def lr_factor(t, images_seen: int) -> float:
-    """The fraction of its base learning rate each optimizer uses after ``images_seen`` images: a linear
-    ramp-up over ``t.lr_rampup`` images (edm's ``lr_rampup_kimg``; 0 = none)."""
-    return min(images_seen / max(t.lr_rampup, 1e-8), 1.0)
+def lr_factor(t, step: int) -> float:
+    """The fraction of its base learning rate each optimizer uses at step ``step`` (0-based) of the ``training``
+    section ``t``: a linear ramp-up over ``t.lr_rampup`` images (edm's ``lr_rampup_kimg``; 0 = none) times the decay
+    of ``t.lr_schedule`` (null = constant). A function of the step only, so a resumed run continues bit-exactly."""
+    ramp = min((step + 1) * t.batch_size / max(t.lr_rampup, 1e-8), 1.0)  # images seen after this step, as before
+    schedule = t.lr_schedule
+    if schedule is None:
+        return ramp
+    # t = images seen before this step / batch = the 0-based step: edm2's learning_rate_schedule evaluates cur_nimg
+    # before the step, and its cur_nimg / (ref_batches * batch_size) is t / t_ref in steps.
+    if schedule["kind"] == "inv_sqrt":
+        return ramp / math.sqrt(max(step / schedule["ref_batches"], 1.0))  # EDM2 Eq. 67 (edm2's ref_batches)
+    if schedule["kind"] == "cosine":  # cosine from 1 at the end of the ramp-up to min_lr at training.steps
+        start = t.lr_rampup / t.batch_size  # the ramp-up in steps
+        progress = min(max((step - start) / max(t.steps - start, 1e-8), 0.0), 1.0)
+        low = schedule["min_lr"]
+        return ramp * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress)))
+    raise ValueError(f"training.lr_schedule.kind = {schedule['kind']!r}: expected inv_sqrt, cosine or constant")
 
 
 class OptimizerGroup:
