@@ -50,6 +50,11 @@ SKIP = [
     ("docs/edm.md", r"load_edm2_network\(\"edm2-img64",
      "needs the .safetensors the block above writes in edm2's environment; tests/nets/test_edm2_port.py loads ported "
      "weights"),
+    (None, r"^elucidate import \S+\.safetensors", "needs the .safetensors a user exports in edm's / edm2's environment "
+                                                  "(docs/edm.md); tests/cli/test_import.py imports ported weights"),
+    ("docs/edm.md", r"^elucidate (sample|eval) runs/(cifar10-vp|edm2-img64-s)",
+     "samples the run the `elucidate import` line above makes from a user's export; tests/cli/test_import.py samples "
+     "imported runs"),
     (None, r"pt_inception-2015-12-05|--inception", "needs the Inception weights file (91 MB, downloaded by hand; "
                                                    "elucidate never downloads weights)"),
     ("docs/plots.md", r"^image_grid\(images, nrow=None", "a signature listing, not a program"),

@@ -7,7 +7,7 @@ import io
 import json
 from pathlib import Path
 
-from ..data import data_section_for
+from ..data import DATASETS, data_section_for
 from ..errors import UserError
 from ..evaluation import (
     FEATURE_ALIASES,
@@ -136,6 +136,20 @@ def _default_metric(args, run) -> None:
     args.metric = choose_metric(args.metric, dataset, subject)
 
 
+def _require_ref(args, run) -> None:
+    """Without ``--ref`` the run's training data is the reference: a model that records none (a --diffusers folder,
+    a run made by `elucidate import` without --data) needs --ref, said before anything else is chosen."""
+    if args.ref is not None:
+        return
+    if getattr(args, "diffusers", None) is not None:
+        raise UserError("--ref is required with --diffusers (the real data, or its statistics, to compare with)")
+    data = run.config.data
+    if data.get("dataset") not in DATASETS:
+        raise UserError(f"--ref is required: {args.run} does not record the data it was trained on (data.dataset = "
+                        f"{data.get('dataset')!r}); give --ref with the real data (a folder, zip, .npz or 'digits') "
+                        "or its statistics (elucidate ref)")
+
+
 def _dataset_stats(args, run, extractor_name: str, need_features: bool):
     spec = args.ref
     if spec is None:
@@ -163,8 +177,7 @@ def cmd_eval(args) -> int:
 
 def _eval(args, main: bool) -> int:
     run = load_model(args)
-    if args.diffusers is not None and args.ref is None:
-        raise UserError("--ref is required with --diffusers (the real data, or its statistics, to compare with)")
+    _require_ref(args, run)
     cfg = sampling_from_args(run.config.sampling, args, run=run)
     attach_conditions(run, args, None, cfg)  # --cond / --unconditional / the training data's conditions
     _default_metric(args, run)
@@ -265,6 +278,7 @@ def _sweep(args, main: bool) -> int:
         if args.ema_stds is not None and (args.ema_std is not None or args.tuned):
             raise UserError("--ema-stds cannot be combined with --ema-std or --tuned")
         run = load_model(argparse.Namespace(run=args.run, ema=args.ema, ema_std=args.ema_std, device=args.device))
+        _require_ref(args, run)
         base = sampling_from_args(run.config.sampling, args, run=run)
         attach_conditions(run, args, None, base)  # --cond / --unconditional / the training data's conditions
         samplers = _names(args.samplers) if args.samplers else sweep_samplers()

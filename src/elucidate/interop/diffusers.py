@@ -260,7 +260,9 @@ def from_diffusers(model, scheduler=None, *, null_class: int | None = None,
 def load_diffusers(path: str | os.PathLike, *, device=None, steps: int = 50):
     """A local diffusers pixel-space pipeline/UNet folder as a :class:`~elucidate.run.LoadedRun` (for
     ``elucidate sample/eval --diffusers``): sampling defaults DDIM with ``steps`` steps on the scheduler's
-    timesteps, images in [-1, 1], no checkpoint step."""
+    timesteps, or for a ``FlowMatch*`` scheduler (a :class:`~elucidate.Flow` model) Euler with ``steps`` steps on
+    the Flow's own levels (what diffusers' FlowMatchEulerDiscreteScheduler does); images in [-1, 1], no checkpoint
+    step."""
     from ..config import Config
     from ..config.network import DataInfo
     from ..config.sampling import SamplingConfig
@@ -279,7 +281,7 @@ def load_diffusers(path: str | os.PathLike, *, device=None, steps: int = 50):
     if net.img_resolution is None:
         raise UserError(f"{path}: the UNet config has no sample_size, so the image size is unknown")
     formulation = denoiser.formulation
-    sampling = SamplingConfig(sampler="ddim", steps=steps)
+    sampling = SamplingConfig(sampler="euler" if isinstance(formulation, Flow) else "ddim", steps=steps)
     sampling.validate()
     config = Config(data={"dataset": "diffusers", "path": None}, network={"arch": "diffusers", "path": str(path)},
                     diffusion=formulation.to_config(), sampling=sampling)
