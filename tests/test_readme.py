@@ -57,6 +57,12 @@ SKIP = [
      "imported runs"),
     (None, r"pt_inception-2015-12-05|--inception", "needs the Inception weights file (91 MB, downloaded by hand; "
                                                    "elucidate never downloads weights)"),
+    ("docs/training.md", r"^elucidate train my-cifar10\.yaml .*--init edm-cifar10",
+     "needs the .safetensors a user exports in edm's environment (docs/edm.md) and a config for it; "
+     "tests/training/test_init.py starts runs from edm-layout exports"),
+    ("docs/latent.md", r"path/to/sd-vae", "needs a local copy of a Stable Diffusion VAE (a diffusers AutoencoderKL "
+                                          "folder, 335 MB); tests/latent/test_diffusers_vae.py trains, samples and "
+                                          "encodes with a tiny one"),
     ("docs/plots.md", r"^image_grid\(images, nrow=None", "a signature listing, not a program"),
     ("docs/plots.md", r"^plot_flow\(mixture=None", "a signature listing, not a program"),
     ("docs/extending.md", r"^@register_|^# src/elucidate/|^class Flow\(Formulation\)",

@@ -42,6 +42,14 @@ def register(sub) -> dict:
                                 "(default: none, train CONFIG)")
             p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, metavar="M",
                            help="with --data: the training time to fit the configuration to")
+            p.add_argument("--init", default=None, metavar="SOURCE",
+                           help="fine-tune: start the new run from these weights (optimizer and step from zero): a "
+                                "run directory or checkpoint (its EMA weights), a diffusers UNet2DModel folder "
+                                "(network.arch diffusers_unet2d) or an exported NVlabs/edm (ddpmpp, ncsnpp, adm) or "
+                                "edm2 network .safetensors (default: none, random initial weights)")
+            p.add_argument("--init-ema", action="store_true",
+                           help="with --init RUN: the network starts from RUN's raw weights and the EMA from RUN's "
+                                "EMA (default: both from RUN's EMA)")
         else:
             p.add_argument("config", type=Path, help="YAML config (see configs/digits-vae.yaml)")
         p.add_argument("--out", type=Path, required=True, help="run directory (resumed if it has checkpoints)")
@@ -65,7 +73,8 @@ def register(sub) -> dict:
     p.add_argument("run", type=Path, help="the trained run directory or checkpoint (its EMA weights)")
     p.add_argument("--out", type=Path, required=True, help="the new run directory (resumed if it has started)")
     p.add_argument("--pairs", type=int, default=None, metavar="N",
-                   help="(noise, sample) pairs to generate with the run's ODE (required for a new --out)")
+                   help="(noise, sample) pairs to generate with the run's ODE (default: none; required to start a "
+                        "new --out)")
     p.add_argument("--steps", type=int, default=None, metavar="N",
                    help=f"fine-tuning steps (default {REFLOW_STEPS}; sets training.steps)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pairs' noise")
@@ -81,7 +90,8 @@ def register(sub) -> dict:
     p = sub.add_parser("encode", help="pre-encode a dataset with a trained VAE (for latent.encoded)")
     p.add_argument("data", help="digits, mnist, an image folder, a .zip, an .npz/.npy array, or a config YAML "
                                 "(its data section); resized to the VAE's resolution unless it sets one")
-    p.add_argument("--vae", required=True, type=Path, help="train-vae run directory or checkpoint")
+    p.add_argument("--vae", required=True, type=Path,
+                   help="train-vae run directory or checkpoint, or a diffusers AutoencoderKL folder")
     p.add_argument("--out", type=Path, required=True, help="latents.npz (posterior mean and std of every image)")
     p.add_argument("--batch", type=int, default=256, help="images per encoding batch (does not change results)")
     add_run_options(p)
@@ -103,22 +113,35 @@ def cmd_train(args) -> int:
     elif args.config is not None:
         raise UserError(f"give a config file or --data, not both (to train {args.config} on other data: "
                         f"--set data.path={args.data})")
-    else:
+    if args.init_ema and args.init is None:
+        raise UserError("--init-ema needs --init SOURCE (the run whose network and EMA the new run starts from)")
+    if args.init is not None:  # before any work: what SOURCE is, and that --out is a new run
+        from ..training.init import check_new_run, resolve_source
+
+        resolve_source(args.init)
+        check_new_run(args.out, args.init)
+    if args.data is not None:
         config, dataset = _fitted(args)
     with process_group(args.device):
-        summary = Trainer(config, args.out, device=args.device, progress=args.progress, dataset=dataset).train()
+        trainer = Trainer(config, args.out, device=args.device, progress=args.progress, dataset=dataset)
+        if args.init is not None:
+            from ..training.init import start_from_weights
+
+            start_from_weights(trainer, args.init, ema=args.init_ema)
+        summary = trainer.train()
     samples = f"; samples: {summary['samples']}" if summary["samples"] else ""
     return _report(summary, f"trained to step {summary['step']} ({summary['skipped_steps']} skipped); "
-                            f"checkpoint: {summary['checkpoint']}{samples}")
+                            f"checkpoint: {summary['checkpoint']}{samples}",
+                   again="run the same command without --init to resume" if args.init is not None else None)
 
 
-def _report(summary: dict, line: str) -> int:
+def _report(summary: dict, line: str, again: str | None = None) -> int:
     """Print a training's last line (rank 0 only under torchrun); exit status 130 if it was interrupted."""
     from ..runtime.distributed import is_main_process
 
     if summary.get("interrupted"):  # Ctrl-C / SIGTERM: the step finished and checkpointed, nothing else
         line = (f"checkpoint: {summary['checkpoint']}\n"
-                f"interrupted at step {summary['step']} \N{EM DASH} run the same command to resume")
+                f"interrupted at step {summary['step']} \N{EM DASH} {again or 'run the same command to resume'}")
     if is_main_process():
         print(line)
     return 130 if summary.get("interrupted") else 0

@@ -247,18 +247,26 @@ def load_vae_checkpoint(run_or_checkpoint: str | Path) -> tuple[dict, dict, Path
     return tensors, meta, ckpt
 
 
-def load_vae(run_or_checkpoint: str | Path, device: torch.device | str | None = None) -> AutoencoderKL:
-    """The trained AutoencoderKL of a VAE run directory (latest checkpoint) or checkpoint file, in
-    eval mode without gradients, on ``device`` (default CPU)."""
+def load_vae(run_or_checkpoint: str | Path, device: torch.device | str | None = None):
+    """The trained autoencoder of a VAE run directory (latest checkpoint) or checkpoint file, or the diffusers
+    ``AutoencoderKL`` of a diffusers VAE folder (a :class:`~elucidate.latent.diffusers_vae.DiffusersVAE`, as is a
+    latent run's copy of one), in eval mode without gradients, on ``device`` (default CPU)."""
+    from ..latent.diffusers_vae import DIFFUSERS_VAE_KEY, DiffusersVAE, diffusers_vae_dir, load_diffusers_vae
+
+    if diffusers_vae_dir(run_or_checkpoint) is not None:
+        return load_diffusers_vae(run_or_checkpoint, device=device)
     tensors, meta, ckpt = load_vae_checkpoint(run_or_checkpoint)
-    config = parse_vae_config(meta["config"])
-    data = meta["data"]
-    vae = build_autoencoder(config, int(data["channels"]), tuple(int(v) for v in data["resolution"]))
     state = {k[len("net.vae."):]: v for k, v in tensors.items() if k.startswith("net.vae.")}
-    missing, unexpected = vae.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"checkpoint {ckpt} does not match its model config "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if meta.get(DIFFUSERS_VAE_KEY) is not None:  # a latent run's copy of a diffusers VAE
+        vae = DiffusersVAE.from_state(meta[DIFFUSERS_VAE_KEY], state, where=f"checkpoint {ckpt}")
+    else:
+        config = parse_vae_config(meta["config"])
+        data = meta["data"]
+        vae = build_autoencoder(config, int(data["channels"]), tuple(int(v) for v in data["resolution"]))
+        missing, unexpected = vae.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise UserError(f"checkpoint {ckpt} does not match its model config "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     vae.eval().requires_grad_(False)
     return vae.to(device) if device is not None else vae
 
@@ -270,7 +278,7 @@ def load_latent_decoder(path: Path, record: dict, device=None) -> LatentDecoder:
     if own.is_file():
         return LatentDecoder(load_vae(own, device=device), record["scale_factor"])
     source = record["vae"]["source"]
-    if Path(source).is_file():
+    if Path(source).exists():  # a checkpoint file or a diffusers VAE folder
         return LatentDecoder(load_vae(source, device=device), record["scale_factor"])
     raise UserError(f"{path} is a latent-diffusion model but its autoencoder is missing (expected "
                     f"{own}, or {source})")

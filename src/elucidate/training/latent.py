@@ -1,5 +1,7 @@
 """Latent diffusion's data: the training set of a latent run (the posterior of every image under the run's own
-copy of its autoencoder, the scale factor fixed once) and ``elucidate encode`` (pre-encoding a dataset).
+copy of its autoencoder, the scale factor fixed once) and ``elucidate encode`` (pre-encoding a dataset). The
+autoencoder is a train-vae run or checkpoint, or a diffusers ``AutoencoderKL`` folder (a Stable-Diffusion-style
+VAE: :mod:`elucidate.latent.diffusers_vae`; its ``scaling_factor`` is the scale factor unless one is given).
 
 A latent run holds ``vae.safetensors`` (the autoencoder it was trained with) and ``latent.json`` (scale
 factor, latent shape, where the VAE came from); checkpoints carry the same record under ``meta["latent"]``,
@@ -17,9 +19,10 @@ from ..config.schema import check_data, read_config_file
 from ..data import build_dataset, data_section_for
 from ..errors import ConfigError, UserError
 from ..latent.data import LatentDataset, LatentDecoder, scale_for
+from ..latent.diffusers_vae import DIFFUSERS_VAE_KEY, DiffusersVAE, diffusers_vae_dir
 from ..latent.encode import check_pixels, encode_posteriors, read_encoded, write_encoded
 from ..run.checkpoint import save_checkpoint
-from ..run.model import load_vae, load_vae_checkpoint
+from ..run.model import CHECKPOINT_KIND, load_vae, load_vae_checkpoint
 from ..run.rundir import RunDir
 from ..runtime.files import atomic_write_text
 
@@ -30,10 +33,31 @@ def _vae_identity(meta: dict, path: Path) -> dict:
     return {"source": str(Path(path).resolve()), "step": int(meta.get("step", 0)), "crc32": int(meta["crc32"])}
 
 
+def _open_vae(source: str | Path, device=None) -> tuple:
+    """(the autoencoder, its identity ``{source, step, crc32}``, where it is) of a train-vae run or checkpoint,
+    or of a diffusers ``AutoencoderKL`` folder (step 0, the CRC-32 of its tensors)."""
+    folder = diffusers_vae_dir(source)
+    if folder is not None:
+        vae = load_vae(folder, device=device)
+        return vae, {"source": str(folder.resolve()), "step": 0, "crc32": vae.weights_crc32(),
+                     "format": "diffusers"}, folder
+    _, meta, ckpt = load_vae_checkpoint(source)
+    return load_vae(ckpt, device=device), _vae_identity(meta, ckpt), ckpt
+
+
 def _copy_vae(source: str, run_dir: Path) -> dict:
-    """Write the autoencoder of ``source`` (a train-vae run or checkpoint) to ``run_dir/vae.safetensors``
-    (weights and metadata, no optimizer or discriminator); returns where it came from."""
+    """Write the autoencoder of ``source`` (a train-vae run or checkpoint, or a diffusers ``AutoencoderKL``
+    folder) to ``run_dir/vae.safetensors`` (weights and metadata, no optimizer or discriminator); returns where it
+    came from."""
     try:
+        if diffusers_vae_dir(source) is not None:
+            vae, identity, _ = _open_vae(source)
+            meta = {"kind": CHECKPOINT_KIND, "step": 0, DIFFUSERS_VAE_KEY: vae.config_dict(),
+                    "source": identity["source"], "config": {"diffusers": "AutoencoderKL"},
+                    "data": {"channels": vae.in_channels, "resolution": list(vae.img_resolution)}}
+            save_checkpoint(RunDir(run_dir).vae, net=torch.nn.ModuleDict({"vae": vae.vae}), ema=None,
+                            optimizer=None, meta=meta)
+            return identity
         _, meta, ckpt = load_vae_checkpoint(source)
         vae = load_vae(ckpt)
     except UserError as e:
@@ -42,6 +66,11 @@ def _copy_vae(source: str, run_dir: Path) -> dict:
                                  "eval", "skipped_steps") if k in meta}
     save_checkpoint(RunDir(run_dir).vae, net=torch.nn.ModuleDict({"vae": vae}), ema=None, optimizer=None, meta=keep)
     return _vae_identity(meta, ckpt)
+
+
+def _fit(vae, pixels):
+    """A diffusers VAE takes any resolution its down-sampling divides: set it to the data's."""
+    return vae.at_resolution(pixels.resolution) if isinstance(vae, DiffusersVAE) else vae
 
 
 def latent_training_data(config, pixels, run_dir: Path, *, sigma_data: float | None, is_main: bool = True,
@@ -58,7 +87,7 @@ def latent_training_data(config, pixels, run_dir: Path, *, sigma_data: float | N
             atomic_write_text(record_path, json.dumps({"vae": identity, "scale_factor": None}, indent=2) + "\n")
         barrier()
     record = json.loads(record_path.read_text())
-    vae = load_vae(run.vae, device=device)
+    vae = _fit(load_vae(run.vae, device=device), pixels)
     check_pixels(vae, run.vae, pixels)
     if lat.encoded is not None:
         mean, std, file_meta = read_encoded(lat.encoded)
@@ -69,13 +98,19 @@ def latent_training_data(config, pixels, run_dir: Path, *, sigma_data: float | N
         mean, std = encode_posteriors(vae, pixels, device=device)
     if record.get("scale_factor") is None:  # fixed once per run: resume never recomputes it
         sd = 0.5 if sigma_data is None else float(sigma_data)
-        scale = scale_for(mean, sd) if lat.scale_factor == "auto" else float(lat.scale_factor)
+        given = getattr(vae, "scaling_factor", None)  # a diffusers VAE's: what its pipelines scale latents by
+        if lat.scale_factor != "auto":
+            scale, how = float(lat.scale_factor), "given"
+        elif given is not None:
+            scale, how = float(given), "the VAE's scaling_factor"
+        else:
+            scale, how = scale_for(mean, sd), "auto"
         record = dict(record, scale_factor=scale, latent_shape=list(mean.shape[1:]),
                       pixel_shape=[int(vae.in_channels), *vae.img_resolution], posterior_mean_std=float(mean.std()))
         if is_main:
             atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
             log(f"latent diffusion: {len(pixels)} images -> latents {list(mean.shape[1:])}, scale factor "
-                f"{scale:.4g} ({'auto' if lat.scale_factor == 'auto' else 'given'})")
+                f"{scale:.4g} ({how})")
         barrier()
     dataset = LatentDataset(pixels, mean, std, record["scale_factor"], sample_posterior=lat.sample_posterior,
                             decode=LatentDecoder(vae, record["scale_factor"]))
@@ -88,16 +123,16 @@ def encode_dataset(data: dict, vae_source: str | Path, out: str | Path, *, batch
     with the VAE of ``vae_source``; writes ``out`` and returns its metadata."""
     if Path(out).suffix.lower() != ".npz":  # before any work
         raise UserError(f"--out {out}: expected a .npz file")
-    _, vae_meta, ckpt = load_vae_checkpoint(vae_source)
-    vae = load_vae(ckpt, device=device)
+    vae, identity, where = _open_vae(vae_source, device=device)
     data = dict(data)
     data.setdefault("resolution", list(vae.img_resolution) if vae.img_resolution[0] != vae.img_resolution[1]
                     else vae.img_resolution[0])
     dataset = build_dataset(data)
-    check_pixels(vae, ckpt, dataset)
+    vae = _fit(vae, dataset)
+    check_pixels(vae, where, dataset)
     mean, std = encode_posteriors(vae, dataset, batch_size=batch_size, device=device, progress=progress)
-    meta = {"vae": str(Path(ckpt).resolve()), "vae_step": int(vae_meta.get("step", 0)),
-            "vae_crc32": int(vae_meta["crc32"]), "data": data, "posterior_mean_std": float(mean.double().std())}
+    meta = {"vae": identity["source"], "vae_step": identity["step"], "vae_crc32": identity["crc32"], "data": data,
+            "posterior_mean_std": float(mean.double().std())}
     write_encoded(out, mean, std, meta)
     return dict(meta, count=int(mean.shape[0]), latent_shape=list(mean.shape[1:]))
 
