@@ -300,10 +300,14 @@ def test_folder_errors(tmp_path, folder):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("x")
     expect_error(lambda: build_dataset({"dataset": "folder", "path": str(tmp_path / "empty")}), "empty", "no images")
-    for name, data in [("bad.png", b"\x89PNG not really"), ("trunc.png", (root / "a/one.png").read_bytes()[:200])]:
-        (root / "a" / name).write_bytes(data)
-        expect_error(lambda: ImageFolderDataset(root, labels=False), name)
-        (root / "a" / name).unlink()
+    (root / "a" / "bad.png").write_bytes(b"\x89PNG not really")  # not an image: found by the index
+    expect_error(lambda: ImageFolderDataset(root, labels=False), "bad.png")
+    (root / "a" / "bad.png").unlink()
+    # a sound header over damaged data: found when decoded (images are decoded lazily), naming the file
+    (root / "a" / "trunc.png").write_bytes((root / "a/one.png").read_bytes()[:200])
+    lazy = ImageFolderDataset(root, labels=False)
+    expect_error(lambda: lazy.get_batch(torch.arange(lazy.num_images)), "trunc.png")
+    (root / "a" / "trunc.png").unlink()
     # dataset.json: missing entry, listed-but-missing file, bad JSON, bad label
     save(root / "extra.png", rgb(9))
     expect_error(lambda: ImageFolderDataset(root), "dataset.json", "extra.png")

@@ -1,4 +1,6 @@
-"""Datasets for diffusion training, loaded and validated up front and held in memory as tensors.
+"""Datasets for diffusion training, validated up front; small data is held in memory as tensors, large data
+streamed per batch (memory-mapped ``.npy``/stored ``.npz`` arrays, lazily decoded folders and zips: :mod:`.store`,
+:mod:`.mapped`, :mod:`.images`), its training batches read ahead in worker processes (:mod:`.loader`).
 
 Kinds: image folders and zips (PNG/JPEG/WEBP/BMP, NVlabs ``dataset.json`` labels), ``.npy``/``.npz``
 arrays (any channel count, uint8 or float), the bundled real ``digits`` (and ``faces``), and reflow's (sample,

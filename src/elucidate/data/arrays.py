@@ -10,6 +10,12 @@ Conditions: ``cond_key`` names a spatial condition array ``[N, C', H', W']`` (NC
 or the small-axis rule; N,H,W is one channel), cropped and resized to the images' final size like the
 images and normalized by its own normalizer (mode ``cond_normalize``, default the images' mode);
 ``context_key`` a float ``[N, L, D]`` token array (``[N, D]`` is one token) used as stored.
+
+Streaming: the image array of a ``.npy`` file or an uncompressed ``.npz`` member (``np.savez``, ``elucidate pack``)
+is memory-mapped and read per batch (:mod:`.mapped`): layout, float32 conversion and resizing happen to each
+batch's rows, the float checks and normalization statistics are chunked passes over the file. A compressed
+member (``np.savez_compressed``) or a Fortran-order array is loaded into memory as before. Labels and
+conditions are always loaded into memory.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import torch
 
 from .dataset import ImageDataset, check_positive_int
 from .errors import DataError, describe
+from .mapped import MappedStore, open_array_member
 from .transforms import parse_resolution, transform_float, transform_uint8
 
 __all__ = ["ARRAY_SUFFIXES", "LAYOUTS", "ArrayDataset", "read_array", "to_nchw"]
@@ -47,7 +54,8 @@ def _pick_key(keys: list[str], key: str | None, labels_key: str | None, source: 
 
 def read_array(path: str | os.PathLike, key: str | None = None, labels_key: str | None = None, *,
                with_labels: bool = True, others: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """Load the image array (and the ``labels_key`` array unless ``with_labels`` is False) from .npy/.npz.
+    """Open the image array (memory-mapped when it can be: :func:`~.mapped.open_array_member`) and load the
+    ``labels_key`` array unless ``with_labels`` is False, from .npy/.npz.
 
     Returns ``(images, labels_or_None, source)`` where ``source`` names file and key for messages.
     ``others`` are arrays read separately (conditions), never picked as the images.
@@ -63,25 +71,25 @@ def read_array(path: str | os.PathLike, key: str | None = None, labels_key: str 
             if value is not None:
                 raise DataError(f"{file}: option {option}={value!r} needs an .npz file (a .npy holds one array)")
     try:
-        loaded = np.load(file, allow_pickle=False)
+        if suffix == ".npy":
+            return open_array_member(file), None, str(file)
+        archive = np.load(file, allow_pickle=False)
     except _LOAD_ERRORS as exc:
+        if suffix == ".npy" and zipfile.is_zipfile(file):
+            raise DataError(f"{file}: content is an .npz archive, which does not match its suffix "
+                            f"{file.suffix!r}") from None
         raise DataError(f"{file}: cannot read {suffix[1:]} ({describe(exc)})") from exc
-    if isinstance(loaded, np.ndarray) != (suffix == ".npy"):
-        if not isinstance(loaded, np.ndarray):
-            loaded.close()
-        raise DataError(f"{file}: content is {'an .npz archive' if suffix == '.npy' else 'a single .npy array'}, "
-                        f"which does not match its suffix {file.suffix!r}")
-    if isinstance(loaded, np.ndarray):
-        return loaded, None, str(file)
-    with loaded as archive:
+    if isinstance(archive, np.ndarray):
+        raise DataError(f"{file}: content is a single .npy array, which does not match its suffix {file.suffix!r}")
+    with archive:
         keys = list(archive.files)
         chosen = _pick_key(keys, key, labels_key, str(file), others)
         if labels_key is not None and labels_key not in keys:
             raise DataError(f"{file}: no labels array {labels_key!r}; keys: {', '.join(keys)}")
         arrays = []
-        for name in (chosen, labels_key if with_labels else None):
+        for name, mapped in ((chosen, True), (labels_key if with_labels else None, False)):
             try:
-                arrays.append(None if name is None else archive[name])
+                arrays.append(None if name is None else open_array_member(file, name) if mapped else archive[name])
             except _LOAD_ERRORS as exc:
                 raise DataError(f"{file}:{name}: cannot read array ({describe(exc)})") from exc
     return arrays[0], arrays[1], f"{file}:{chosen}"
@@ -195,11 +203,16 @@ class ArrayDataset(ImageDataset):
             raise DataError(f"{path}: center_crop={center_crop!r} must be true or false")
         others = tuple(k for k in (cond_key, context_key) if k is not None)
         array, label_array, source = read_array(path, key, labels_key, with_labels=labels, others=others)
-        array = to_nchw(array, layout, channels, source)
+        count = array.shape[0] if max_size is None else min(max_size, array.shape[0])
+        nchw = to_nchw(array, layout, channels, source)  # a view: validates the layout, reads nothing
         label_tensor = None
         if label_array is not None:
             label_tensor = _to_labels(label_array, array.shape[0], f"{path}:{labels_key}")[:max_size]
-        images = _resize(_to_tensor(array[:max_size], source), size, center_crop)
+        if isinstance(array, np.memmap):  # streamed: rows are read and transformed per batch
+            images = MappedStore(array, nhwc=array.ndim == 4 and nchw.strides != array.strides, count=count,
+                                 size=size, center_crop=center_crop, source=source)
+        else:
+            images = _resize(_to_tensor(nchw[:max_size], source), size, center_crop)
         final = (images.shape[2], images.shape[3])
         concat = None if cond_key is None else _read_condition(path, cond_key, layout, array.shape[0], final,
                                                                center_crop, max_size)

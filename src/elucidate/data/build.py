@@ -13,9 +13,10 @@ from .bundled import DigitsDataset, FacesDataset, MnistDataset
 from .dataset import ImageDataset
 from .errors import DataError
 from .images import ImageFolderDataset, ZipImageDataset
+from .loader import check_workers
 from .pairs import PairsDataset
 
-__all__ = ["DATASETS", "CONFIG_KEYS", "DATA_KEYS", "build_dataset", "data_section_for"]
+__all__ = ["DATASETS", "CONFIG_KEYS", "DATA_KEYS", "RESUMABLE_DATA_KEYS", "build_dataset", "data_section_for"]
 
 DATASETS = ("digits", "folder", "zip", "npz", "faces", "mnist")
 #: Every data config key with its one-line description (the config reference is generated from it).
@@ -42,11 +43,15 @@ KEY_DOCS = {
     "labels": "use labels when present (default); true on a folder/zip without dataset.json: the sub-folders "
               "are the classes (sorted names); false: no labels",
     "max_size": "keep only the first N items",
+    "workers": "processes that read (decode) training batches of a streamed dataset (a memory-mapped .npy/.npz, "
+               "a folder or zip) ahead of the step; 0 = in the training process (default: min(4, CPUs - 1))",
     "pairs": "a pairs file of (sample, noise) couplings written by `elucidate reflow`: trained on instead of the "
              "data's images, each with its own noise (rectified flow's reflow); the rest of the section still says "
              "which data the samples stand for (units, metrics)",
 }
 CONFIG_KEYS = tuple(KEY_DOCS)
+#: data keys that may change when a run is resumed: they change how batches are read, never which
+RESUMABLE_DATA_KEYS = ("workers",)
 DATA_KEYS = CONFIG_KEYS  # the name the run config uses for the accepted ``data:`` keys
 _BUNDLED = {"digits": DigitsDataset, "faces": FacesDataset, "mnist": MnistDataset}
 _ARRAY_ONLY = ("key", "labels_key", "layout", "cond_key", "context_key")
@@ -80,6 +85,13 @@ def build_dataset(config: Mapping[str, Any]) -> ImageDataset:
     if "condition" in options and kind not in _BUNDLED:
         raise DataError(f"data config: condition applies only to the bundled datasets "
                         f"({', '.join(_BUNDLED)}), not {kind!r}; use cond_key/context_key with npz")
+    workers = check_workers(options.pop("workers", None))
+    dataset = _build(kind, options, config)
+    dataset.workers = workers
+    return dataset
+
+
+def _build(kind: str, options: dict, config: Mapping[str, Any]) -> ImageDataset:
     pairs = options.pop("pairs", None)
     if pairs is not None:
         if options.get("xflip"):

@@ -1,12 +1,14 @@
-"""The in-memory image dataset every dataset kind builds: raw tensors + normalizer + x-flip indexing,
-plus optional conditions (a spatial map to concatenate, a token sequence to cross-attend to)."""
+"""The image dataset every dataset kind builds: stored images (in memory, or streamed per batch from a
+memory-mapped array or lazily decoded files: :mod:`.store`) + normalizer + x-flip indexing, plus optional
+conditions (a spatial map to concatenate, a token sequence to cross-attend to), which stay in memory."""
 from __future__ import annotations
 
 import torch
 from torch.utils.data import Dataset
 
 from .errors import DataError
-from .normalize import Normalizer
+from .normalize import Normalizer, chunk_rows
+from .store import ImageStore, TensorStore
 
 __all__ = ["ImageDataset", "check_positive_int"]
 
@@ -19,9 +21,10 @@ def check_positive_int(value: object, option: str, source: str) -> int | None:
 
 
 class ImageDataset(Dataset):
-    """Map-style dataset over images held in memory as one ``[N, C, H, W]`` tensor.
+    """Map-style dataset over ``[N, C, H, W]`` stored images: one tensor in memory or a streamed
+    :class:`~.store.ImageStore` (rows read per batch; :attr:`streamed`).
 
-    ``images`` is the raw stored tensor (uint8, or float32 in the data's own units) and ``labels``
+    ``images`` is the raw stored tensor or store (uint8, or float32 in the data's own units) and ``labels``
     an int64 ``[N]`` tensor of class indices or ``None``. Items are ``(image, label)`` with the image
     float32 ``[C, H, W]`` in model units (see :attr:`normalizer`) and the label an int64 scalar
     (-1 when unlabeled). With ``xflip=True`` the length is ``2N`` and index ``i >= N`` is image
@@ -33,27 +36,29 @@ class ImageDataset(Dataset):
     ``value_range``); ``context`` is a float32 ``[N, L, D]`` token sequence used as stored (a token
     of all zeros is padding, a row of all zeros means "no context"). ``class_names`` names the labels.
     ``normalizer``: use this map to model units instead of fitting one (``normalize`` is then unused).
+    ``workers``: DataLoader worker processes that read a streamed dataset's training batches (``data.workers``;
+    None: :func:`~.loader.default_workers`), set by :func:`~.build.build_dataset`.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None, *, name: str,
+    workers: int | None = None
+
+    def __init__(self, images: torch.Tensor | ImageStore, labels: torch.Tensor | None = None, *, name: str,
                  xflip: bool = False, normalize: str = "auto", target_std: float = 0.5,
                  value_range: tuple[float, float] | None = None, source: str | None = None,
                  concat: torch.Tensor | None = None, context: torch.Tensor | None = None,
                  cond_normalize: str | None = None, class_names: list[str] | None = None,
                  normalizer: Normalizer | None = None) -> None:
         source = source or name
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            images = TensorStore(images)
+        if not isinstance(images, ImageStore):
             got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise DataError(f"{source}: images must be a [N, C, H, W] tensor, got {got}")
         if images.dtype not in (torch.uint8, torch.float32):
             raise DataError(f"{source}: images must be uint8 or float32, got {images.dtype}")
-        if images.shape[0] == 0 or images.numel() == 0:
+        if images.shape[0] == 0 or 0 in images.shape:
             raise DataError(f"{source}: no images (shape {tuple(images.shape)})")
-        if images.is_floating_point():
-            bad = ~torch.isfinite(images)
-            if bool(bad.any()):
-                first = int(bad.flatten(1).any(dim=1).nonzero()[0])
-                raise DataError(f"{source}: {int(bad.sum())} non-finite values (NaN/Inf), first in item {first}")
+        images.check_finite(source)
         if labels is not None:
             if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
                 got = f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}"
@@ -62,10 +67,11 @@ class ImageDataset(Dataset):
                 raise DataError(f"{source}: labels must be >= 0, found {int(labels.min())}")
         if not isinstance(xflip, bool):
             raise DataError(f"{source}: xflip={xflip!r} must be true or false")
-        _check_conditions(images, concat, context, source)
+        _check_conditions(images.shape, concat, context, source)
         if class_names is not None and labels is not None and int(labels.max()) >= len(class_names):
             raise DataError(f"{source}: {len(class_names)} class names but a label {int(labels.max())}")
-        self.images: torch.Tensor = images.contiguous()
+        self.store: ImageStore = images
+        self._span: tuple[float, float] | None = None  # (min, max) of the stored values once known
         self.source: str = source
         self.labels: torch.Tensor | None = labels
         self.name: str = name
@@ -73,7 +79,7 @@ class ImageDataset(Dataset):
         if normalizer is not None and normalizer.channels != images.shape[1]:
             raise DataError(f"{source}: the given normalizer has {normalizer.channels} channels but the images "
                             f"{images.shape[1]}")
-        self.normalizer: Normalizer = normalizer or Normalizer.fit(self.images, normalize, target_std=target_std,
+        self.normalizer: Normalizer = normalizer or Normalizer.fit(self._fit_source(), normalize, target_std=target_std,
                                                                    value_range=value_range, source=source)
         self.class_names: list[str] | None = None if class_names is None else list(class_names)
         self.concat: torch.Tensor | None = None if concat is None else concat.contiguous()
@@ -84,20 +90,49 @@ class ImageDataset(Dataset):
                                                   target_std=target_std, value_range=value_range,
                                                   source=f"{source} (condition)")
 
+    def _fit_source(self) -> torch.Tensor | ImageStore:
+        return self.store if self.store.streamed else self.store.tensor
+
+    @property
+    def images(self) -> torch.Tensor:
+        """All stored images as one ``[N, C, H, W]`` tensor. A streamed dataset reads (decodes) every item into
+        memory for it (for small data, tests and tools that want everything; training never calls it)."""
+        return self.store.materialize()
+
+    @property
+    def streamed(self) -> bool:
+        """Whether items are read per batch (memory-mapped array, lazily decoded files) rather than held in
+        memory."""
+        return self.store.streamed
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """dtype of the stored images: torch.uint8 or torch.float32."""
+        return self.store.dtype
+
+    def stored_range(self) -> tuple[float, float]:
+        """(min, max) of the stored values (one chunked pass over a streamed dataset, then remembered)."""
+        if self._span is None:
+            low, high = float("inf"), float("-inf")
+            for chunk in self.store.chunks(chunk_rows(self.store.shape), progress="value range"):
+                low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+            self._span = (low, high)
+        return self._span
+
     @property
     def num_images(self) -> int:
         """Number of stored images N (``len`` is ``2N`` with xflip)."""
-        return self.images.shape[0]
+        return self.store.shape[0]
 
     @property
     def channels(self) -> int:
         """Channels C of every image."""
-        return self.images.shape[1]
+        return self.store.shape[1]
 
     @property
     def resolution(self) -> tuple[int, int]:
         """Image size ``(H, W)``."""
-        return self.images.shape[2], self.images.shape[3]
+        return self.store.shape[2], self.store.shape[3]
 
     @property
     def num_classes(self) -> int:
@@ -131,7 +166,7 @@ class ImageDataset(Dataset):
     def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images ``[B, C, H, W]`` float32 in model units and labels ``[B]`` int64 for dataset indices."""
         base, flip = self._locate(indices)
-        images = self.normalizer.to_model(self.images[base])
+        images = self.normalizer.to_model(self.store.read(base))
         if self.xflip and bool(flip.any()):
             images[flip] = images[flip].flip(-1)
         return images, self._labels_of(base)
@@ -177,8 +212,11 @@ class ImageDataset(Dataset):
     def describe(self) -> str:
         """One line about the data as training sees it (printed when training starts)."""
         height, width = self.resolution
-        dtype = str(self.images.dtype).removeprefix("torch.")
-        lo, hi = float(self.images.min()), float(self.images.max())
+        dtype = str(self.stored_dtype).removeprefix("torch.")
+        values = f"{dtype} {self.store.kind}"  # a streamed dataset's range would be a pass over all of it
+        if not self.streamed or self._span is not None:
+            lo, hi = self.stored_range()
+            values = f"{dtype} {lo:.4g}..{hi:.4g}" + ("" if not self.streamed else f" {self.store.kind}")
         labels = "no labels"
         if self.labels is not None:
             names = self.class_names or []
@@ -187,24 +225,24 @@ class ImageDataset(Dataset):
         extra = [f"{self.cond_channels}-channel spatial condition"] if self.concat is not None else []
         extra += [f"context tokens {self.context_shape[0]}x{self.context_shape[1]}"] if self.context is not None else []
         return (f"data: {self.num_images} images from {self.source}, {height}x{width}, {self.channels} channel"
-                f"{'s' if self.channels > 1 else ''}, {dtype} {lo:.4g}..{hi:.4g} -> model units by "
+                f"{'s' if self.channels > 1 else ''}, {values} -> model units by "
                 f"{self.normalizer.mode}, {labels}" + "".join(f", {e}" for e in extra)
                 + (f", mirrored copies (x2 = {len(self)})" if self.xflip else ""))
 
     def __repr__(self) -> str:
         height, width = self.resolution
         return (f"{type(self).__name__}(name={self.name!r}, len={len(self)}, images={self.num_images}x"
-                f"{self.channels}x{height}x{width} {str(self.images.dtype).removeprefix('torch.')}, "
+                f"{self.channels}x{height}x{width} {str(self.stored_dtype).removeprefix('torch.')}, "
                 f"num_classes={self.num_classes}, xflip={self.xflip}, normalize={self.normalizer.mode!r}"
                 f"{f', cond_channels={self.cond_channels}' if self.concat is not None else ''}"
                 f"{f', context_shape={self.context_shape}' if self.context is not None else ''})")
 
 
-def _check_conditions(images: torch.Tensor, concat: torch.Tensor | None, context: torch.Tensor | None,
+def _check_conditions(shape: tuple[int, ...], concat: torch.Tensor | None, context: torch.Tensor | None,
                       source: str) -> None:
-    """DataError unless ``concat`` is a finite uint8/float32 ``[N, C', H, W]`` matching the images and
-    ``context`` a finite float32 ``[N, L, D]``."""
-    n, _, h, w = images.shape
+    """DataError unless ``concat`` is a finite uint8/float32 ``[N, C', H, W]`` matching the images (of ``shape``)
+    and ``context`` a finite float32 ``[N, L, D]``."""
+    n, _, h, w = shape
     if concat is not None:
         if not isinstance(concat, torch.Tensor) or concat.ndim != 4 or concat.shape[0] != n \
                 or tuple(concat.shape[2:]) != (h, w) or concat.shape[1] < 1:

@@ -11,6 +11,12 @@ Image modes: palette/bilevel/CMYK/YCbCr images count as their natural mode (L, L
 Without ``channels`` all images must share one mode (otherwise a DataError names one file of each);
 ``channels`` (1 -> L, 2 -> LA, 3 -> RGB, 4 -> RGBA) converts every image to that mode.
 16/32-bit and float images are rejected (store them as .npy instead).
+
+Lazy decoding: building a dataset only indexes the files (names, labels, and each image's header: mode and
+size, read by Pillow without decoding the pixels), so mixed modes/sizes and files that are not images are
+found at once; the pixels are decoded per item when a batch asks for them (:class:`ImageFileStore`; training
+reads batches in DataLoader worker processes, ``data.workers``). A file whose header is fine but whose data
+is damaged (a truncated PNG) is reported, by name, when it is first decoded.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import io
 import json
 import os
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +33,11 @@ from PIL import Image
 
 from .dataset import ImageDataset, check_positive_int
 from .errors import DataError, describe
-from .transforms import parse_resolution, transform_pil
+from .store import ImageStore
+from .transforms import crop_box, parse_resolution, transform_pil
 
-__all__ = ["IMAGE_EXTENSIONS", "LABELS_FILE", "ImageFolderDataset", "ZipImageDataset"]
+__all__ = ["IMAGE_EXTENSIONS", "LABELS_FILE", "ImageFolderDataset", "ZipImageDataset", "ImageFileStore",
+           "FolderFiles", "ZipFiles", "index_images", "load_images"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LABELS_FILE = "dataset.json"
@@ -112,10 +120,23 @@ def folder_classes(names: list[str], where: str) -> tuple[dict[str, int], list[s
     return {name: index[name.split("/", 1)[0]] for name in names}, classes
 
 
+def convert_item(image: Image.Image, where: str, mode: str | None, resolution: tuple[int, int] | None,
+                 center_crop: bool) -> np.ndarray:
+    """A decoded image converted to ``mode`` (None: its natural mode), cropped and resized: uint8 ``[H, W, C]``
+    (the one conversion of the in-memory and the lazy path)."""
+    natural = _natural_mode(image, where)
+    if image.mode != natural:
+        image = image.convert(natural)
+    if mode is not None and image.mode != mode:
+        image = image.convert(mode)
+    array = np.asarray(transform_pil(image, resolution, center_crop))
+    return array[:, :, None] if array.ndim == 2 else array
+
+
 def load_images(names: list[str], read: Callable[[str], bytes], source: str, *, sep: str = "/",
                 resolution: tuple[int, int] | None = None, center_crop: bool = False,
                 channels: int | None = None) -> torch.Tensor:
-    """Decode, convert, crop and resize the named images into one uint8 ``[N, C, H, W]`` tensor.
+    """Decode, convert, crop and resize the named images into one uint8 ``[N, C, H, W]`` tensor in memory.
 
     ``read(name)`` returns a file's bytes; errors name ``f"{source}{sep}{name}"``.
     """
@@ -129,22 +150,144 @@ def load_images(names: list[str], read: Callable[[str], bytes], source: str, *, 
         if i == 0:
             first_name, first_mode = name, mode
         elif target_mode is None and mode != first_mode:
-            raise DataError(f"{source}: mixed image modes: {first_name!r} is {first_mode}, {name!r} is {mode}; "
-                            "set channels (1=L, 3=RGB, 4=RGBA) to convert all images")
-        if image.mode != mode:
-            image = image.convert(mode)
-        if target_mode is not None and image.mode != target_mode:
-            image = image.convert(target_mode)
-        array = np.asarray(transform_pil(image, resolution, center_crop))
-        array = array[:, :, None] if array.ndim == 2 else array
+            raise DataError(_mixed_modes(source, first_name, first_mode, name, mode))
+        array = convert_item(image, where, target_mode, resolution, center_crop)
         if out is None:
             out = np.empty((len(names), *array.shape), dtype=np.uint8)
         elif array.shape != out.shape[1:]:
-            raise DataError(f"{source}: mixed image sizes: {first_name!r} is {out.shape[1]}x{out.shape[2]}, "
-                            f"{name!r} is {array.shape[0]}x{array.shape[1]} (HxW); set resolution to resize them")
+            raise DataError(_mixed_sizes(source, first_name, out.shape[1:3], name, array.shape[:2]))
         out[i] = array
     assert out is not None
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _mixed_modes(source: str, first: str, first_mode: str, name: str, mode: str) -> str:
+    return (f"{source}: mixed image modes: {first!r} is {first_mode}, {name!r} is {mode}; "
+            "set channels (1=L, 3=RGB, 4=RGBA) to convert all images")
+
+
+def _mixed_sizes(source: str, first: str, first_size, name: str, size) -> str:
+    return (f"{source}: mixed image sizes: {first!r} is {first_size[0]}x{first_size[1]}, {name!r} is "
+            f"{size[0]}x{size[1]} (HxW); set resolution to resize them")
+
+
+# ---------------------------------------------------------------------------------------------- lazy decoding
+class FolderFiles:
+    """The files of a folder, by relative path: bytes and image headers."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.source, self.sep = root, str(root), "/"
+
+    def read(self, name: str) -> bytes:
+        try:
+            return (self.root / name).read_bytes()
+        except OSError as exc:
+            raise DataError(f"{self.root}/{name}: cannot read file ({describe(exc)})") from exc
+
+    def header(self, name: str) -> Image.Image:
+        """The image opened without decoding its pixels (Pillow reads the header only)."""
+        return Image.open(self.root / name)
+
+
+class ZipFiles:
+    """The members of a zip archive, by name: bytes and image headers. The archive is opened once per process
+    (DataLoader workers each open their own: a shared file offset would mix their reads)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.source, self.sep = path, str(path), ":"
+        self._archive, self._pid = None, None
+
+    def archive(self) -> zipfile.ZipFile:
+        if self._archive is None or self._pid != os.getpid():
+            try:
+                self._archive, self._pid = zipfile.ZipFile(self.path), os.getpid()
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise DataError(f"{self.path}: not a readable zip archive ({describe(exc)})") from exc
+        return self._archive
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self.archive().read(name)
+        except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, KeyError) as exc:
+            raise DataError(f"{self.path}:{name}: cannot read zip member ({describe(exc)})") from exc
+
+    def header(self, name: str) -> Image.Image:
+        return Image.open(self.archive().open(name))
+
+    def close(self) -> None:
+        if self._archive is not None and self._pid == os.getpid():
+            self._archive.close()
+        self._archive = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_archive": None, "_pid": None}
+
+
+class ImageFileStore(ImageStore):
+    """Image files decoded per item: ``names`` of ``files`` (:class:`FolderFiles`/:class:`ZipFiles`), each
+    converted to ``mode`` (None: its natural mode, the same for all) and cropped/resized to ``resolution``,
+    ``shape`` known from the headers."""
+
+    kind = "decoded per batch"
+
+    def __init__(self, files: FolderFiles | ZipFiles, names: list[str], shape: tuple[int, int, int, int],
+                 mode: str | None, resolution: tuple[int, int] | None, center_crop: bool) -> None:
+        super().__init__(shape, torch.uint8)
+        self.files, self.names, self.mode = files, list(names), mode
+        self.resolution, self.center_crop = resolution, center_crop
+
+    def read(self, rows: torch.Tensor) -> torch.Tensor:
+        out = np.empty((rows.numel(), self.shape[2], self.shape[3], self.shape[1]), dtype=np.uint8)
+        for i, row in enumerate(rows.tolist()):
+            name = self.names[row]
+            where = f"{self.files.source}{self.files.sep}{name}"
+            array = convert_item(_decode(self.files.read, name, where), where, self.mode, self.resolution,
+                                 self.center_crop)
+            if array.shape != out.shape[1:]:
+                raise DataError(f"{where}: decodes to {array.shape[0]}x{array.shape[1]}x{array.shape[2]} (HxWxC) but "
+                                f"its header said {out.shape[1]}x{out.shape[2]}x{out.shape[3]} (changed since?)")
+            out[i] = array
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _headers(files: FolderFiles | ZipFiles, names: list[str]) -> Iterator[tuple[str, str, tuple[int, int]]]:
+    """(name, natural mode, (H, W)) of each image from its header, with a progress bar for many files."""
+    from tqdm.auto import tqdm
+
+    for name in tqdm(names, desc="indexing images", unit="file", leave=False, disable=len(names) < 5000):
+        where = f"{files.source}{files.sep}{name}"
+        try:
+            with files.header(name) as image:
+                yield name, _natural_mode(image, where), (image.height, image.width)
+        except DataError:
+            raise
+        except Exception as exc:  # Pillow raises many types for data that is not an image
+            raise DataError(f"{where}: cannot read image ({describe(exc)})") from exc
+
+
+def index_images(files: FolderFiles | ZipFiles, names: list[str], *, resolution: tuple[int, int] | None,
+                 center_crop: bool, channels: int | None) -> ImageFileStore:
+    """The lazily decoded store of ``names``: every header read once (modes and sizes checked as the
+    in-memory path checks the decoded images), no pixels decoded."""
+    target_mode = CHANNEL_MODES[channels] if channels is not None else None
+    first = None
+    for name, mode, (height, width) in _headers(files, names):
+        if resolution is not None:
+            size = resolution
+        elif center_crop:
+            size = crop_box(height, width, None)[2:]
+        else:
+            size = (height, width)
+        if first is None:
+            first = (name, mode, size)
+        elif target_mode is None and mode != first[1]:
+            raise DataError(_mixed_modes(files.source, first[0], first[1], name, mode))
+        elif size != first[2]:
+            raise DataError(_mixed_sizes(files.source, first[0], first[2], name, size))
+    assert first is not None
+    mode = target_mode or first[1]
+    return ImageFileStore(files, names, (len(names), len(mode), *first[2]), target_mode or first[1], resolution,
+                          center_crop)
 
 
 def _check_image_options(source: str, channels: int | None, center_crop: bool) -> None:
@@ -155,12 +298,13 @@ def _check_image_options(source: str, channels: int | None, center_crop: bool) -
         raise DataError(f"{source}: center_crop={center_crop!r} must be true or false")
 
 
-def _load_tree(all_names: list[str], read: Callable[[str], bytes], labels_raw: bytes | None, source: str,
-               sep: str, *, resolution: int | list[int] | tuple[int, int] | None, center_crop: bool,
-               channels: int | None, max_size: int | None,
-               class_folders: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
+def _load_tree(files: FolderFiles | ZipFiles, all_names: list[str], labels_raw: bytes | None, *,
+               resolution: int | list[int] | tuple[int, int] | None, center_crop: bool, channels: int | None,
+               max_size: int | None, class_folders: bool = False
+               ) -> tuple[ImageFileStore, torch.Tensor | None, list[str] | None]:
     """Shared folder/zip logic: options, labels matching (``dataset.json``, else sub-folders when
-    ``class_folders``), then decoding of the first ``max_size`` images. Returns (images, labels, class names)."""
+    ``class_folders``), then the index of the first ``max_size`` images. Returns (store, labels, class names)."""
+    source, sep = files.source, files.sep
     size = parse_resolution(resolution, f"{source}: resolution")
     _check_image_options(source, check_positive_int(channels, "channels", source), center_crop)
     if not all_names:
@@ -172,8 +316,8 @@ def _load_tree(all_names: list[str], read: Callable[[str], bytes], labels_raw: b
     if table is None and labels_raw is None and class_folders:
         table, class_names = folder_classes(all_names, source)
     labels = _match_labels(table, all_names, kept, labels_where) if table is not None else None
-    images = load_images(kept, read, source, sep=sep, resolution=size, center_crop=center_crop, channels=channels)
-    return images, labels, class_names
+    store = index_images(files, kept, resolution=size, center_crop=center_crop, channels=channels)
+    return store, labels, class_names
 
 
 def _check_labels_option(labels: object, source: str) -> None:
@@ -183,7 +327,7 @@ def _check_labels_option(labels: object, source: str) -> None:
 
 class ImageFolderDataset(ImageDataset):
     """All images under a folder (recursive), with labels from ``<folder>/dataset.json`` if present,
-    or from its class sub-folders with ``labels=True`` (see the module docstring).
+    or from its class sub-folders with ``labels=True`` (see the module docstring), decoded per batch.
 
     ``labels=False`` ignores ``dataset.json``; ``max_size`` keeps the first N images in path order.
     """
@@ -198,27 +342,20 @@ class ImageFolderDataset(ImageDataset):
             raise DataError(f"{root}: not a directory (use dataset 'zip' or 'npz' for files)")
         names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
         names = [n for n in names if _is_image(n)]
-
-        def read(name: str) -> bytes:
-            try:
-                return (root / name).read_bytes()
-            except OSError as exc:
-                raise DataError(f"{root}/{name}: cannot read file ({describe(exc)})") from exc
-
+        files = FolderFiles(root)
         _check_labels_option(labels, str(root))
-        labels_raw = read(LABELS_FILE) if labels is not False and (root / LABELS_FILE).is_file() else None
-        images, label_tensor, classes = _load_tree(names, read, labels_raw, str(root), "/", resolution=resolution,
-                                                   center_crop=center_crop, channels=channels, max_size=max_size,
-                                                   class_folders=labels is True)
-        super().__init__(images, label_tensor, name=root.resolve().name, xflip=xflip, normalize=normalize,
+        labels_raw = files.read(LABELS_FILE) if labels is not False and (root / LABELS_FILE).is_file() else None
+        store, label_tensor, classes = _load_tree(files, names, labels_raw, resolution=resolution,
+                                                  center_crop=center_crop, channels=channels, max_size=max_size,
+                                                  class_folders=labels is True)
+        super().__init__(store, label_tensor, name=root.resolve().name, xflip=xflip, normalize=normalize,
                          target_std=target_std, source=str(root), class_names=classes)
 
 
 class ZipImageDataset(ImageDataset):
     """All images inside a .zip (any depth), with labels from a root ``dataset.json`` member if present.
 
-    Same rules as :class:`ImageFolderDataset` (class sub-folders too); the archive is read fully at
-    construction.
+    Same rules as :class:`ImageFolderDataset` (class sub-folders too); members are decoded per batch.
     """
 
     def __init__(self, path: str | os.PathLike, *, resolution: int | list[int] | tuple[int, int] | None = None,
@@ -227,25 +364,13 @@ class ZipImageDataset(ImageDataset):
         file = Path(path)
         if not file.is_file():
             raise DataError(f"{file}: no such file" if not file.exists() else f"{file}: not a file")
-        try:
-            archive = zipfile.ZipFile(file)
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise DataError(f"{file}: not a readable zip archive ({describe(exc)})") from exc
-        with archive:
-            members = [info.filename for info in archive.infolist() if not info.is_dir()]
-            names = sorted(n for n in members if _is_image(n))
-
-            def read(name: str) -> bytes:
-                try:
-                    return archive.read(name)
-                except (zipfile.BadZipFile, OSError, RuntimeError, EOFError) as exc:
-                    raise DataError(f"{file}:{name}: cannot read zip member ({describe(exc)})") from exc
-
-            _check_labels_option(labels, str(file))
-            labels_raw = read(LABELS_FILE) if labels is not False and LABELS_FILE in members else None
-            images, label_tensor, classes = _load_tree(names, read, labels_raw, str(file), ":",
-                                                       resolution=resolution, center_crop=center_crop,
-                                                       channels=channels, max_size=max_size,
-                                                       class_folders=labels is True)
-        super().__init__(images, label_tensor, name=file.stem, xflip=xflip, normalize=normalize,
+        files = ZipFiles(file)
+        members = [info.filename for info in files.archive().infolist() if not info.is_dir()]
+        names = sorted(n for n in members if _is_image(n))
+        _check_labels_option(labels, str(file))
+        labels_raw = files.read(LABELS_FILE) if labels is not False and LABELS_FILE in members else None
+        store, label_tensor, classes = _load_tree(files, names, labels_raw, resolution=resolution,
+                                                  center_crop=center_crop, channels=channels, max_size=max_size,
+                                                  class_folders=labels is True)
+        super().__init__(store, label_tensor, name=file.stem, xflip=xflip, normalize=normalize,
                          target_std=target_std, source=str(file), class_names=classes)

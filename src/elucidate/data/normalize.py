@@ -19,6 +19,7 @@ Modes (``normalize`` in the data config):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,21 +34,42 @@ _RESOLVED_MODES = NORMALIZE_MODES[1:]
 _CONFIG_KEYS = ("mode", "scale", "bias", "dtype", "value_range")
 _FLOAT_RANGE_TOLERANCE = 1e-4
 _CHUNK = 1024
+_CHUNK_VALUES = 1 << 21
 
 
-def _channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and (population) std of ``images [N, C, H, W]`` in float64, in chunks."""
+def chunk_rows(shape) -> int:
+    """Rows per chunk of a pass over ``[N, C, H, W]`` data: at most 1024 and about 2M values (16 MB as
+    float64), so a pass over large images stays small in memory."""
+    return max(1, min(_CHUNK, _CHUNK_VALUES // max(1, int(shape[1]) * int(shape[2]) * int(shape[3]))))
+
+
+def _chunks(images) -> Iterator[torch.Tensor]:
+    """``images`` ``[N, C, H, W]`` in consecutive chunks of rows: a tensor sliced, a streamed store
+    (:class:`~.store.ImageStore`) read in one pass."""
+    rows = chunk_rows(images.shape)
+    if isinstance(images, torch.Tensor):
+        for start in range(0, images.shape[0], rows):
+            yield images[start:start + rows]
+    else:
+        yield from images.chunks(rows, progress="data statistics")
+
+
+def _data_stats(images) -> tuple[float, float, list[float], list[float]]:
+    """(min, max, per-channel mean, per-channel population std) of ``images`` in one chunked pass (sums in
+    float64); the same numbers whether the rows are in memory or streamed."""
     channels = images.shape[1]
     total = torch.zeros(channels, dtype=torch.float64)
     total_sq = torch.zeros(channels, dtype=torch.float64)
-    for start in range(0, images.shape[0], _CHUNK):
-        chunk = images[start:start + _CHUNK].to(torch.float64)
+    low, high = math.inf, -math.inf
+    for chunk in _chunks(images):
+        low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+        chunk = chunk.to(torch.float64)
         total += chunk.sum(dim=(0, 2, 3))
         total_sq += chunk.square().sum(dim=(0, 2, 3))
     count = images.shape[0] * images.shape[2] * images.shape[3]
     mean = total / count
     var = (total_sq / count - mean.square()).clamp_min(0.0)
-    return mean.tolist(), var.sqrt().tolist()
+    return low, high, mean.tolist(), var.sqrt().tolist()
 
 
 @dataclass(frozen=True)
@@ -101,10 +123,12 @@ class Normalizer:
         return self.dtype == "uint8"
 
     @classmethod
-    def fit(cls, images: torch.Tensor, mode: str = "auto", *, target_std: float = 0.5,
+    def fit(cls, images, mode: str = "auto", *, target_std: float = 0.5,
             value_range: tuple[float, float] | None = None, source: str = "data") -> Normalizer:
         """Fit the normalizer for ``images [N, C, H, W]`` (uint8 or float32) in the given mode.
 
+        ``images`` is a tensor or a streamed :class:`~.store.ImageStore` (the statistics that ``minmax``,
+        ``standardize`` and float ``minus_one_one``/``zero_one`` need are then one chunked pass over it).
         ``value_range`` is the nominal range of float data when known (uint8 is always [0, 255]);
         ``source`` names the data in error messages.
         """
@@ -120,7 +144,7 @@ class Normalizer:
         channels = images.shape[1]
         if mode in ("minus_one_one", "zero_one"):
             if value_range is None:
-                low, high = float(images.min()), float(images.max())
+                low, high = _data_stats(images)[:2]
                 if low < -_FLOAT_RANGE_TOLERANCE or high > 1.0 + _FLOAT_RANGE_TOLERANCE:
                     raise DataError(f"{source}: normalize={mode!r} expects float data in [0, 1] but values span "
                                     f"[{low:.6g}, {high:.6g}]; use 'minmax' or 'standardize'")
@@ -130,11 +154,11 @@ class Normalizer:
             s = width / (high - low)
             scale, bias = [s] * channels, [(-1.0 if mode == "minus_one_one" else 0.0) - low * s] * channels
         elif mode == "minmax":
-            low, high = float(images.min()), float(images.max())
+            low, high = _data_stats(images)[:2]
             s = 2.0 / (high - low) if high > low else 1.0
             scale, bias = [s] * channels, [-1.0 - low * s if high > low else -low] * channels
         elif mode == "standardize":
-            mean, std = _channel_stats(images)
+            mean, std = _data_stats(images)[2:]
             scale = [target_std / sd if sd > 0 else 1.0 for sd in std]
             bias = [-m * s for m, s in zip(mean, scale)]
         else:

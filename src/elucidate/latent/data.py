@@ -56,9 +56,14 @@ class LatentDataset:
         return {k: v for k, v in self.pixels.get_conditions(indices).items() if k != "concat"}
 
 
-def scale_for(mean: torch.Tensor, sigma_data: float) -> float:
-    """``sigma_data / std`` of all posterior-mean elements (so latents have the formulation's sigma_data)."""
-    std = float(mean.double().std())
+def scale_for(mean: torch.Tensor, sigma_data: float, chunk: int = 4096) -> float:
+    """``sigma_data / std`` of all posterior-mean elements (so latents have the formulation's sigma_data), in
+    float64 over chunks of rows (a memory-mapped ``mean`` is never copied whole)."""
+    count = mean.numel()
+    total = sum(float(mean[i:i + chunk].double().sum()) for i in range(0, mean.shape[0], chunk))
+    center = total / max(count, 1)
+    squares = sum(float((mean[i:i + chunk].double() - center).square().sum()) for i in range(0, mean.shape[0], chunk))
+    std = (squares / max(count - 1, 1)) ** 0.5
     if not std > 0:
         raise UserError("the VAE's latents of this data are constant (std 0): cannot scale them")
     return sigma_data / std

@@ -3,12 +3,14 @@ them (``elucidate encode DATA --vae RUN --out latents.npz``), so latent training
 from __future__ import annotations
 
 import json
+import struct
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..data.mapped import open_array_member
 from ..errors import ConfigError, UserError
 from ..runtime.files import atomic_path
 from .autoencoder import AutoencoderKL
@@ -60,16 +62,20 @@ def write_encoded(path: str | Path, mean: torch.Tensor, std: torch.Tensor, meta:
 
 
 def read_encoded(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(mean, std, meta) of a file written by :func:`write_encoded` (one-line errors otherwise)."""
+    """(mean, std, meta) of a file written by :func:`write_encoded` (one-line errors otherwise). ``mean`` and
+    ``std`` are memory-mapped (the file's members are stored uncompressed, files of every version alike): a
+    batch reads its rows from the file, nothing is copied whole into memory."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"latent.encoded = {str(path)!r} does not exist (write it with `elucidate encode`)")
     try:
         with np.load(path, allow_pickle=False) as data:
-            mean, std, meta = data["mean"], data["std"], json.loads(str(data["meta"]))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+            meta = json.loads(str(data["meta"]))
+        mean, std = open_array_member(path, "mean"), open_array_member(path, "std")
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, struct.error) as e:
         raise UserError(f"{path} is not an encoded-latents file from `elucidate encode` ({type(e).__name__})") from None
-    if meta.get("format") != ENCODED_FORMAT or mean.shape != std.shape or mean.ndim != 4:
+    if meta.get("format") != ENCODED_FORMAT or mean.shape != std.shape or mean.ndim != 4 \
+            or mean.dtype != np.float32 or std.dtype != np.float32:
         raise UserError(f"{path} is not an encoded-latents file from `elucidate encode` (format or shapes)")
     return torch.from_numpy(mean), torch.from_numpy(std), meta
 

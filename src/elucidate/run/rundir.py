@@ -168,12 +168,13 @@ def check_same_run(old: dict, new: dict, run_dir: Path, ckpt: Path, *, sections:
                    resumable: Iterable[str] = ()) -> None:
     """Refuse to resume ``run_dir`` (whose checkpoint ``ckpt`` was written with config dict ``old``)
     with config dict ``new`` if they differ in a key that affects the weights: any key of ``sections``
-    (default: all of ``old``'s) except the ``training`` keys named in ``resumable``."""
+    (default: all of ``old``'s) except those named in ``resumable`` (``training`` keys by name, others as
+    ``section.key``, e.g. ``data.workers``)."""
     resumable = set(resumable)
     for section in (old if sections is None else sections):
         before, after = old.get(section, {}), new.get(section, {})
         for key in sorted(set(before) | set(after)):
-            if section == "training" and key in resumable:
+            if (section == "training" and key in resumable) or f"{section}.{key}" in resumable:
                 continue
             if before.get(key) != after.get(key):
                 raise UserError(f"{run_dir} holds a run with {section}.{key} = {before.get(key)!r} "

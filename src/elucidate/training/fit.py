@@ -169,14 +169,14 @@ def _load(section: dict, limit: int, reasons: dict[str, str]) -> ImageDataset:
 
 
 def _summarize(dataset: ImageDataset, section: dict, native: tuple[int, int]) -> DataSummary:
-    raw = dataset.images
-    lo, hi = float(raw.min()), float(raw.max())
+    lo, hi = dataset.stored_range()  # one streamed pass for a memory-mapped or lazily decoded dataset
     n = min(len(dataset), 4096)
     x, _ = dataset.get_batch(torch.linspace(0, len(dataset) - 1, n).long())
     return DataSummary(source=str(section.get("path", section["dataset"])), kind=section["dataset"],
                        count=dataset.num_images, channels=dataset.channels, native=native,
                        resolution=tuple(dataset.resolution), classes=dataset.num_classes,
-                       dtype=str(raw.dtype).removeprefix("torch."), value_range=(lo, hi), std=float(x.float().std()))
+                       dtype=str(dataset.stored_dtype).removeprefix("torch."), value_range=(lo, hi),
+                       std=float(x.float().std()))
 
 
 # ---------------------------------------------------------------------------------------------- the fit

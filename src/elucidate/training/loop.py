@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..config.training import resumable_keys
+from ..data.build import RESUMABLE_DATA_KEYS
 from ..errors import UserError
 from ..run.checkpoint import (
     CheckpointDamaged,
@@ -234,7 +235,8 @@ class TrainingLoop:
                 raise UserError(f"{self.run_dir} holds {holds} run ({ckpt.name}); use a new --out directory")
             old = self.parse_stored_config(meta["config"]).to_dict()
             sections = [s for s in {**old, **new} if s not in self.free_sections]
-            check_same_run(old, new, self.run_dir, ckpt, sections=sections, resumable=resumable_keys(type(self.t)))
+            check_same_run(old, new, self.run_dir, ckpt, sections=sections,
+                           resumable=resumable_keys(type(self.t)) | {f"data.{k}" for k in RESUMABLE_DATA_KEYS})
             check_fits(ckpt, layout, meta, {prefix + ".": m for prefix, m in self.modules.items()}, self.optimizer)
             return load_checkpoint(ckpt, self.device)
 
