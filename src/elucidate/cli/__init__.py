@@ -19,7 +19,7 @@ import warnings
 __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 
 #: The command modules, in the order their commands appear in ``elucidate --help``.
-COMMAND_MODULES = ("train", "demo", "sample", "evaluate", "tune", "reports", "interop", "phema")
+COMMAND_MODULES = ("train", "demo", "sample", "evaluate", "tune", "reports", "interop", "phema", "distill", "data")
 
 
 class _Parser(argparse.ArgumentParser):

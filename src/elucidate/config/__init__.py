@@ -18,6 +18,7 @@ import yaml
 from ..errors import ConfigError
 from ..formulations import Formulation
 from .diffusion import SCHEDULE_KEYS, diffusion_keys, parse_diffusion, resolved
+from .distill import DistillConfig, check_distill
 from .latent import LatentConfig, check_latent
 from .network import DataInfo, build_network_for
 from .sampling import SamplingConfig, schedule_for
@@ -35,7 +36,8 @@ from .schema import (
 from .training import LoopConfig, TrainingConfig
 from .vae import VAEConfig, dump_vae_config, load_vae_config, parse_vae_config
 
-__all__ = ["Config", "TrainingConfig", "LoopConfig", "SamplingConfig", "LatentConfig", "VAEConfig", "ConfigWarning",
+__all__ = ["Config", "TrainingConfig", "LoopConfig", "SamplingConfig", "LatentConfig", "DistillConfig", "VAEConfig",
+           "ConfigWarning",
            "ConfigError", "load_config", "parse_config", "apply_overrides", "dump_config", "read_config_file",
            "diffusion_keys", "SCHEDULE_KEYS", "SECTIONS", "SECTION_TYPES", "DataInfo", "build_network_for",
            "schedule_for", "parse_vae_config", "load_vae_config", "dump_vae_config"]
@@ -54,6 +56,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     latent: LatentConfig | None = None  # diffusion in a VAE's latent space (docs/latent.md)
+    distill: DistillConfig | None = None  # a distilled run: method and teacher (docs/distillation.md)
 
     def formulation(self) -> Formulation:
         """The diffusion formulation the ``diffusion`` section describes."""
@@ -64,6 +67,8 @@ class Config:
         out["training"]["betas"] = list(self.training.betas)
         if out["latent"] is None:  # pixel runs: their configs look as before the section existed
             del out["latent"]
+        if out["distill"] is None:  # likewise for runs that are not distilled
+            del out["distill"]
         return out
 
 
@@ -87,6 +92,7 @@ def parse_config(raw: dict | None) -> Config:
         training=typed_section(SECTION_TYPES["training"], "training", raw.get("training")),
         sampling=typed_section(SECTION_TYPES["sampling"], "sampling", sampling),
         latent=check_latent(raw.get("latent")),
+        distill=check_distill(raw.get("distill")),
     )
     if config.latent is not None and config.training.augment is not None:
         raise ConfigError("training.augment is not supported with latent diffusion (it would transform latents, "

@@ -17,6 +17,7 @@ from ..params import ParamDoc, describe
 from ..sampling import CONFIG_OPTIONS, SAMPLERS, SCHEDULES
 from . import SECTION_TYPES
 from .diffusion import SCHEDULE_KEYS
+from .distill import DistillConfig
 from .latent import LatentConfig
 from .training import AUGMENT_LABEL_DIM, AugmentSettings, LoopConfig
 from .vae import VAE_SECTION_TYPES
@@ -151,7 +152,7 @@ def config_docs(markdown: bool = False) -> str:
             f"gets augment_dim = {AUGMENT_LABEL_DIM}.", ""]
     out += _table(["key", "default", "meaning"],
                   [[r[0], r[2], r[3]] for r in _param_rows(describe(AugmentSettings))], markdown)
-    for section, cls in (("sampling", SECTION_TYPES["sampling"]), ("latent", LatentConfig)):
+    for section, cls in (("sampling", SECTION_TYPES["sampling"]), ("latent", LatentConfig), ("distill", DistillConfig)):
         out += _heading(section, markdown)
         out += section_table(cls, markdown)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,27 @@ from ..nets import NETWORKS
 from ..params import did_you_mean, unknown_key, validate_fields
 
 __all__ = ["SECTIONS", "ConfigWarning", "check_sections", "check_number", "validate_section", "typed_section",
-           "apply_overrides", "parse_with_overrides", "read_config_file", "check_data", "check_network"]
+           "apply_overrides", "parse_with_overrides", "read_config_file", "check_data", "check_network", "load_yaml"]
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 (and Python) do: ``2e-4`` and ``1E3`` are floats (YAML 1.1,
+    which PyYAML implements, wants a dot, ``2.0e-4``, and would read a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    """``yaml.safe_load`` with YAML 1.2 floats (:class:`_Loader`): what config files, ``--set`` and ``--option``
+    values are read with."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 #: The sections of a run's config (the autoencoder's have their own: config.vae.VAE_SECTIONS).
-SECTIONS = ("data", "network", "diffusion", "training", "sampling", "latent")
+SECTIONS = ("data", "network", "diffusion", "training", "sampling", "latent", "distill")
 
 
 class ConfigWarning(UserWarning):
@@ -93,7 +110,7 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], sections=
         if keys[0] not in sections:
             raise ConfigError(f"{where}: {unknown_key('config', keys[0], sections)}")
         try:
-            value = yaml.safe_load(text)
+            value = load_yaml(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"{where}: value is not valid YAML ({e.__class__.__name__})") from None
         node = raw
@@ -135,7 +152,7 @@ def read_config_file(path: str | Path, empty_hint: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if raw is None:

@@ -4,10 +4,11 @@ dataclass.
 May import: sampling, params, errors.
 """
 from .base import FORMULATIONS, Formulation, Preconditioning, as_tensor, make_formulation
+from .consistency import Consistency
 from .ddpm import DDPM
 from .flow import Flow
 from .shift import Shifted, resolution_shift
 from .table1 import EDM, IDDPM, VE, VP
 
 __all__ = ["Preconditioning", "Formulation", "FORMULATIONS", "make_formulation", "as_tensor", "EDM", "VP", "VE",
-           "IDDPM", "DDPM", "Flow", "Shifted", "resolution_shift"]
+           "IDDPM", "DDPM", "Flow", "Shifted", "resolution_shift", "Consistency"]

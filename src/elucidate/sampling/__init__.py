@@ -11,6 +11,7 @@ May import: runtime, errors (and lazily, to re-export them: tuning).
 """
 import warnings
 
+from . import consistency as _consistency  # noqa: F401  (registers consistency sampling, Song et al. 2023)
 from . import highorder as _highorder  # noqa: F401  (registers iPNDM and UniPC)
 from . import multistep as _multistep  # noqa: F401  (registers the built-in multistep samplers)
 from . import solvers as _solvers  # noqa: F401  (registers the built-in single-step samplers)

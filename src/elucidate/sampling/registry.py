@@ -54,6 +54,7 @@ class SamplerSpec:
     stochastic: bool = False        # draws fresh noise with its default options
     sweep: bool = False             # part of the default sampler sweeps
     multistep: bool = False         # reuses earlier steps' predictions: it cannot restart mid-schedule (inpaint)
+    consistency: bool = False       # its D is a consistency function f(x, sigma), not a denoiser (Song et al. 2023)
     option_docs: dict[str, str] = field(default_factory=dict)
     option_choices: dict[str, tuple] = field(default_factory=dict)
 
@@ -101,12 +102,16 @@ SAMPLERS: dict[str, SamplerSpec] = {}
 def register_sampler(*, description: str, order: int, evals_per_step: int = 1, final_step_evals: int = 1,
                     stochastic: bool = False, sweep: bool = False, name: str | None = None,
                     option_docs: dict[str, str] | None = None, option_choices: dict[str, tuple] | None = None,
-                    multistep: bool = False):
-    """Declare a sampler ``fn(D, x, sigmas, *, options..., callback=None) -> x``; returns ``fn`` unchanged."""
+                    multistep: bool = False, consistency: bool = False):
+    """Declare a sampler ``fn(D, x, sigmas, *, options..., callback=None) -> x``; returns ``fn`` unchanged.
+    ``consistency=True``: ``D`` is meant to be a consistency model's f(x, sigma) (it maps any level to the data), so
+    the exact-denoiser contracts of ODE/SDE samplers (convergence, sampling a mixture from its denoiser) do not
+    apply to it; it is still a plain function of any ``D``."""
 
     def decorate(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         spec = SamplerSpec(name or fn.__name__, fn, description, order, evals_per_step, final_step_evals,
-                          stochastic, sweep, multistep, dict(option_docs or {}), dict(option_choices or {}))
+                          stochastic, sweep, multistep, consistency, dict(option_docs or {}),
+                          dict(option_choices or {}))
         positional = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.KEYWORD_ONLY]
         if [p.name for p in positional] != ["D", "x", "sigmas"]:
             raise TypeError(f"sampler {spec.name}: signature must be (D, x, sigmas, *, options...)")

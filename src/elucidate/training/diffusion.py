@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import Config, dump_config, parse_config
 from ..config.network import DataInfo, build_network_for
 from ..data import ImageDataset, build_dataset
+from ..data.loader import BatchPrefetcher, default_workers
 from ..denoiser import Denoiser, with_null_condition
 from ..errors import UserError
 from ..losses import UncertaintyHead, denoising_loss, uncertainty_weighted
@@ -96,7 +97,7 @@ class Trainer(TrainingLoop):
         self.denoiser = Denoiser(self.net, self.formulation)
         # initialized after the network, so the network's initial weights do not depend on the loss weighting
         self.uncertainty = UncertaintyHead().to(self.device) if t.loss_weighting == "uncertainty" else None
-        self.objective = self.model = Objective(self.denoiser, self.uncertainty)
+        self.objective = self.model = self.make_objective()
         self.augment = augment_pipe(t.augment, self.info.resolution)  # None = off
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -108,6 +109,11 @@ class Trainer(TrainingLoop):
         if self.uncertainty is not None:  # restored on resume and checked by the loop; saved by checkpoint_tensors
             self.modules[UNCERTAINTY] = self.uncertainty
         self.phema = RunPowerEMA(self.net, t.ema, self.run_dir, self.dist.is_main)  # inert if training.ema is null
+
+    def make_objective(self) -> nn.Module:
+        """The module a step differentiates (wrapped in DDP with several processes); a trainer with another step
+        (distillation, :mod:`.distill`) returns its own."""
+        return Objective(self.denoiser, self.uncertainty)
 
     def config_text(self) -> str:
         return dump_config(self.config)
@@ -148,7 +154,7 @@ class Trainer(TrainingLoop):
         sigma = self.formulation.training_sigma(B, generator=g, dtype=torch.float32)
         noise = torch.randn((B, C, H, W), generator=g)
         part = slice(self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch)
-        images, labels = self.dataset.get_batch(indices[part])
+        images, labels = self._read_batch(step, indices[part], part)
         paired = None if self.latent is not None else self.dataset.get_noise(indices[part])  # reflow (data.pairs)
         if paired is not None:
             noise[part] = paired
@@ -170,6 +176,29 @@ class Trainer(TrainingLoop):
                 cond[key] = torch.where(keep.reshape((-1,) + (1,) * (value.ndim - 1)), value, null)
         cond = {key: value.to(**to) for key, value in {**cond, **augment}.items()}
         return images, cond, sigma[part].to(**to), noise[part].to(**to)
+
+    def _read_batch(self, step: int, indices: torch.Tensor, part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """``dataset.get_batch(indices)``; a streamed dataset's batches are read ahead in ``data.workers``
+        processes (:class:`~elucidate.data.loader.BatchPrefetcher`), each still a function of (seed, step)."""
+        if getattr(self, "_prefetch", None) is None:
+            B, N, seed = self.t.batch_size, len(self.dataset), self.t.seed
+            workers = getattr(self.dataset, "workers", None)
+            self._prefetch = BatchPrefetcher(self.dataset, lambda s: batch_indices(seed, s, B, N)[part], self.t.steps,
+                                             default_workers() if workers is None else workers,
+                                             release=self._lock.release)
+        return self._prefetch.get(step, indices)
+
+    def _close_prefetch(self) -> None:
+        if getattr(self, "_prefetch", None) is not None:
+            self._prefetch.close()
+
+    def summary(self, ckpt, picture) -> dict:
+        self._close_prefetch()  # training is over: stop the batch workers
+        return super().summary(ckpt, picture)
+
+    def close(self) -> None:
+        self._close_prefetch()
+        super().close()
 
     @property
     def net_label_dim(self) -> int:

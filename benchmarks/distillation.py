@@ -1,0 +1,177 @@
+"""One- and few-step generation by consistency distillation (cd) and easy consistency tuning (ect) of the demo model
+(issue 34): quality at NFE 1, 2, 4 next to the teacher's at NFE 5, 9, 35, and what the distillation costs.
+
+1. The teacher: ``--config`` (default configs/digits-edm.yaml) trained into ``--teacher`` (skipped when it has
+   checkpoints), tuned at ``--tuned-nfe`` (``elucidate tune``, skipped when stored). Scored with its tuned schedules,
+   DPM-Solver++(2M) at every ``--teacher-nfe`` and Heun at NFE 35 (18 steps, the demo's default).
+2. Each ``--methods`` entry: ``elucidate distill TEACHER --method M --out RUNS/M --steps S`` with every checkpoint
+   kept (``--eval-every`` steps apart); the final student scored with the consistency sampler at NFE 1, 2 and 4 (its
+   levels: Karras from sigma_max down to 0.821), every checkpoint at NFE 1 and 2 (the FD-vs-steps curve).
+3. Scores: fd_digits of ``--num`` samples (seeds 0..num-1) against the 1,797 real digits and the share the bundled
+   digits classifier recognizes (confidence >= 0.8), as benchmarks/flow_vs_edm.py. Cost: optimizer steps and
+   wall-clock seconds of training (from the checkpoints' metadata), the distillation's relative to the teacher's.
+
+Prints two markdown tables and writes RUNS/results.json (and RUNS/fd_vs_steps.png if matplotlib is installed).
+
+    python benchmarks/distillation.py [--teacher runs/demo] [--runs runs/distill_bench] [--steps 2000]
+                                      [--eval-every 500] [--num 2000] [--methods cd,ect] [--teacher-nfe 5,9,35]
+                                      [--tuned-nfe 5,9] [--set KEY=VALUE ...] [--config configs/digits-edm.yaml]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from flow_vs_edm import Scorer  # noqa: E402  (fd_digits and recognizable share of a run's samples)
+
+
+def elucidate(*args: str) -> None:
+    print("  $ elucidate " + " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "elucidate", *args, "--no-progress"], check=True)
+
+
+def cost(ckpt: Path) -> dict:
+    """Optimizer steps and wall-clock seconds of training up to ``ckpt`` (its metadata)."""
+    from elucidate.run.checkpoint import check_run_checkpoint
+
+    meta = check_run_checkpoint(ckpt)[1]
+    return {"steps": int(meta["step"]), "seconds": float(meta["seconds"])}
+
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def teacher_rows(path: Path, score: Scorer, teacher_nfe: list[int], tuned_nfe: list[int]) -> list[dict]:
+    from elucidate.run.model import load_run
+    from elucidate.run.rundir import RunDir
+    from elucidate.sampling import steps_for_nfe
+    from elucidate.tuning import tuned_config
+
+    missing = [n for n in tuned_nfe if not RunDir(path).tuned_schedule(n).is_file()]
+    if missing:
+        elucidate("tune", str(path), "--nfe", ",".join(map(str, missing)))
+    run = load_run(path)
+    base = dataclasses.replace(run.config.sampling, s_churn=0.0, schedule="auto", eta=None, sigmas=None)
+    configs = [(f"tuned NFE {n}", tuned_config(base, path, n, shape=run.shape, checkpoint=run.checkpoint.name))
+               for n in tuned_nfe]
+    configs += [("dpmpp_2m", dataclasses.replace(base, sampler="dpmpp_2m", steps=steps_for_nfe("dpmpp_2m", n)))
+                for n in teacher_nfe]
+    configs += [("heun", dataclasses.replace(base, sampler="heun", steps=18))]
+    rows = []
+    for name, cfg in configs:
+        r = {"model": "teacher", "sampler": name, **score(run, cfg)}
+        print(f"  teacher {name:<12} NFE {r['nfe']:>3}  fd_digits {r['fd']:8.3f}  recognizable "
+              f"{100 * r['recognizable']:5.1f} %", flush=True)
+        rows.append(r)
+    return rows
+
+
+def student_rows(path: Path, method: str, score: Scorer, nfes=(1, 2, 4)) -> tuple[list[dict], list[dict]]:
+    """(the final student at each NFE, the curve: every checkpoint at NFE 1 and 2)."""
+    from elucidate.run.model import load_run
+    from elucidate.run.rundir import RunDir
+
+    final, curve = [], []
+    checkpoints = RunDir(path).list_checkpoints()
+    for ckpt in checkpoints:
+        run = load_run(ckpt)
+        last = ckpt == checkpoints[-1]
+        for nfe in (nfes if last else (1, 2)):
+            cfg = dataclasses.replace(run.config.sampling, steps=nfe)  # the consistency sampler: NFE = steps
+            r = {"model": method, "sampler": "consistency", "step": run.step, **score(run, cfg)}
+            if nfe in (1, 2):
+                curve.append(r)
+            if last:
+                final.append(r)
+                print(f"  {method:<7} consistency  NFE {r['nfe']:>3}  fd_digits {r['fd']:8.3f}  recognizable "
+                      f"{100 * r['recognizable']:5.1f} %", flush=True)
+    return final, curve
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", type=Path, default=ROOT / "runs" / "demo", help="the trained run (trained if empty)")
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "digits-edm.yaml",
+                   help="the teacher's config, if it has to be trained")
+    p.add_argument("--runs", type=Path, default=ROOT / "runs" / "distill_bench", help="where the students go")
+    p.add_argument("--steps", type=int, default=2000, help="distillation steps of each method")
+    p.add_argument("--eval-every", type=int, default=500, help="steps between the checkpoints of the FD curve")
+    p.add_argument("--num", type=int, default=2000, help="samples per score")
+    p.add_argument("--methods", default="cd,ect")
+    p.add_argument("--teacher-nfe", default="5,9,35", help="NFEs of the teacher's dpmpp_2m rows")
+    p.add_argument("--tuned-nfe", default="5,9", help="NFEs of the teacher's tuned rows ('' = none)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to every `elucidate distill` (e.g. training.lr=1e-4)")
+    args = p.parse_args(argv)
+
+    from elucidate.run.rundir import RunDir
+
+    if not RunDir(args.teacher).list_checkpoints():
+        elucidate("train", str(args.config), "--out", str(args.teacher))
+    teacher_cost = cost(RunDir(args.teacher).list_checkpoints()[-1])
+    score = Scorer(args.num)
+    results = {"teacher": teacher_rows(args.teacher, score, ints(args.teacher_nfe), ints(args.tuned_nfe)),
+               "teacher_cost": teacher_cost, "students": {}, "curves": {}, "costs": {}}
+    for method in [m for m in args.methods.split(",") if m]:
+        out = args.runs / method
+        sets = [f"training.checkpoint_every={args.eval_every}", "training.keep_checkpoints=0", *args.overrides]
+        elucidate("distill", str(args.teacher), "--method", method, "--out", str(out), "--steps", str(args.steps),
+                  *[a for s in sets for a in ("--set", s)])
+        results["costs"][method] = cost(RunDir(out).list_checkpoints()[-1])
+        results["students"][method], results["curves"][method] = student_rows(out, method, score)
+
+    t = results["teacher_cost"]
+    print(f"\nteacher: {t['steps']} steps, {t['seconds']:.0f} s of training\n")
+    print("| model | sampler | NFE | fd_digits | recognizable | training steps (x teacher) | seconds (x teacher) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results["teacher"]:
+        print(f"| teacher | {r['sampler']} | {r['nfe']} | {r['fd']:.2f} | {100 * r['recognizable']:.1f} % | "
+              f"{t['steps']} | {t['seconds']:.0f} |")
+    for method, rows in results["students"].items():
+        c = results["costs"][method]
+        for r in rows:
+            print(f"| {method} | consistency | {r['nfe']} | {r['fd']:.2f} | {100 * r['recognizable']:.1f} % | "
+                  f"+{c['steps']} ({c['steps'] / max(t['steps'], 1):.2f}) | +{c['seconds']:.0f} "
+                  f"({c['seconds'] / max(t['seconds'], 1e-9):.2f}) |")
+    print("\nFD vs distillation steps (fd_digits at NFE 1 / NFE 2):\n")
+    methods = list(results["curves"])
+    print("| step | " + " | ".join(methods) + " |")
+    print("|---" * (1 + len(methods)) + "|")
+    steps = sorted({r["step"] for rows in results["curves"].values() for r in rows})
+    for step in steps:
+        cells = []
+        for m in methods:
+            by = {r["nfe"]: r["fd"] for r in results["curves"][m] if r["step"] == step}
+            cells.append(" / ".join(f"{by[n]:.2f}" if n in by else "—" for n in (1, 2)))
+        print(f"| {step} | " + " | ".join(cells) + " |")
+    args.runs.mkdir(parents=True, exist_ok=True)
+    (args.runs / "results.json").write_text(json.dumps(results, indent=1))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return 0
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for m in methods:
+        for nfe, style in ((1, "-o"), (2, "--s")):
+            pts = [(r["step"], r["fd"]) for r in results["curves"][m] if r["nfe"] == nfe]
+            ax.plot(*zip(*pts), style, label=f"{m}, NFE {nfe}")
+    ax.set(xlabel="distillation steps", ylabel="fd_digits", yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.runs / "fd_vs_steps.png", dpi=120)
+    print(f"\nwrote {args.runs / 'results.json'} and {args.runs / 'fd_vs_steps.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
