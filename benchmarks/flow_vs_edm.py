@@ -11,9 +11,9 @@
    same steps on the real digits (``--set training.steps=...`` on a copy), so extra training alone is not credited
    to the pairs.
 
-    python benchmarks/flow_vs_edm.py [--runs runs/flow_bench] [--num 2000] [--nfe 5,9,17,35] [--models EDM,Flow,DDPM]
-                                     [--pairs 10000] [--reflow-steps 1000] [--reflow-models Flow,EDM]
-                                     [--skip-reflow] [--skip-table]
+    python benchmarks/flow_vs_edm.py [--runs runs/flow_bench] [--num 2000] [--nfe 5,9,17,35] [--tuned-nfe 5,9]
+                                     [--models EDM,Flow,DDPM] [--pairs 10000] [--reflow-steps 1000]
+                                     [--reflow-models Flow,EDM] [--skip-reflow] [--skip-table]
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ class Scorer:
         return {"fd": fd, "recognizable": rec, "nfe": sampler_nfe(cfg, run.denoiser.formulation)}
 
 
-def table(runs: Path, nfes: list[int], score: Scorer, models: list[str]) -> dict:
+def table(runs: Path, nfes: list[int], score: Scorer, models: list[str], tuned_nfes: list[int]) -> dict:
     from elucidate.run.model import load_run
     from elucidate.run.rundir import RunDir
     from elucidate.sampling import steps_for_nfe
@@ -76,7 +76,7 @@ def table(runs: Path, nfes: list[int], score: Scorer, models: list[str]) -> dict
     results = {}
     for model in models:
         path = train(runs, MODELS[model])
-        missing = [n for n in nfes if not RunDir(path).tuned_schedule(n).is_file()]
+        missing = [n for n in tuned_nfes if not RunDir(path).tuned_schedule(n).is_file()]
         if missing:
             t0 = time.perf_counter()
             elucidate("tune", str(path), "--nfe", ",".join(map(str, missing)))
@@ -85,6 +85,8 @@ def table(runs: Path, nfes: list[int], score: Scorer, models: list[str]) -> dict
         base = dataclasses.replace(run.config.sampling, s_churn=0.0, schedule="auto", eta=None)
         for nfe in nfes:
             for sampler in (*SAMPLERS, "tuned"):
+                if sampler == "tuned" and nfe not in tuned_nfes:
+                    continue
                 if sampler == "tuned":
                     cfg = tuned_config(base, path, nfe, shape=run.shape, checkpoint=run.checkpoint.name)
                 else:
@@ -101,7 +103,7 @@ def print_table(results: dict, nfes: list[int], models: list[str]) -> None:
     print("|---" * (1 + len(models) * (len(SAMPLERS) + 1)) + "|")
     for nfe in nfes:
         cells = [f"{results[(m, s, nfe)]['fd']:.2f} ({100 * results[(m, s, nfe)]['recognizable']:.0f} %)"
-                 for m in models for s in (*SAMPLERS, "tuned")]
+                 if (m, s, nfe) in results else "—" for m in models for s in (*SAMPLERS, "tuned")]
         print(f"| {nfe} | " + " | ".join(cells) + " |")
 
 
@@ -150,6 +152,7 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=2000)
     parser.add_argument("--nfe", default="5,9,17,35")
     parser.add_argument("--models", default="EDM,Flow,DDPM")
+    parser.add_argument("--tuned-nfe", default="5,9", help="the NFEs that get a tuned schedule (tuning is slow)")
     parser.add_argument("--pairs", type=int, default=10000)
     parser.add_argument("--reflow-steps", type=int, default=1000)
     parser.add_argument("--reflow-models", default="Flow,EDM")
@@ -162,7 +165,7 @@ def main() -> None:
     out = {}
     if not args.skip_table:
         models = args.models.split(",")
-        results = table(args.runs, nfes, score, models)
+        results = table(args.runs, nfes, score, models, [int(n) for n in args.tuned_nfe.split(",")])
         print_table(results, nfes, models)
         out["table"] = {f"{m}/{s}/{n}": r for (m, s, n), r in results.items()}
     if not args.skip_reflow:

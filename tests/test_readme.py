@@ -92,6 +92,7 @@ SHRINK = [
     ("docs/lucidrains.md", "num_sample_steps=32,", "num_sample_steps=3,"),
     ("docs/lucidrains.md", "torch.rand(2, 3, 128, 128)", "torch.rand(2, 3, 16, 16)"),
     ("docs/diffusers.md", "num_inference_steps=1000", "num_inference_steps=10"),
+    ("docs/distillation.md", 'method="cd", steps=2000)', 'method="cd", steps=2)'),
     ("docs/sampling.md", "tune(D, (64, 1, 8, 8), nfe=9)",
      "tune(D, (64, 1, 8, 8), nfe=9, samplers=['heun', 'dpmpp_2m'], finalists=1, max_evals=4, reference_steps=16)"),
 ]
@@ -102,6 +103,7 @@ SHRINK = [
 GIVEN = {
     "docs/ddpm.md": "images = torch.rand(8, 1, 8, 8) * 2 - 1",
     "docs/diffusers.md": "provide('path/to/unet', 'path/to/scheduler', 'path/to/pipeline', 'out/ddpm-digits')",
+    "docs/distillation.md": "provide('runs/edm')",
     "docs/latent.md": "x = torch.rand(2, 1, 32, 32) * 2 - 1",
     "docs/likelihood.md": "D = tiny_denoiser(label_dim=10); x = torch.rand(2, 1, 8, 8) * 2 - 1; "
                           "labels = torch.arange(2); provide('runs/demo')",
@@ -188,6 +190,9 @@ def tiny_argv(argv: list[str]) -> list[str]:
         argv += [x for k, v in (("--num", "8"), ("--steps", "8")) if _flag(argv, k) is None for x in (k, v)]
     if command == "tune":
         argv += [x for k, v in TINY_TUNE.items() if _flag(argv, k) is None for x in (k, v)]
+    if command == "distill":  # `--steps 2000` -> 2 (4000 -> 4: a resume still resumes); tests/training/test_distill.py
+        argv = [str(max(1, int(a) // 1000)) if i and argv[i - 1] == "--steps" and a.isdigit() else a
+                for i, a in enumerate(argv)]
     if command == "demo" and _flag(argv, "--steps") is None:
         argv += ["--steps", "2"]
     if command in ("train", "train-vae", "demo") and "--no-progress" not in argv:

@@ -100,6 +100,18 @@ ROWS: dict[str, list[list[str]]] = {
     "report": [[ref(r), "--out", "OUT.html"] for r in ["missing", "garbage", "dir"]],
     "export": [[ref(r), "--diffusers", "OUT"] for r in RUNS] + [["{run}", "--diffusers", "OUT"]],
     "ema": [[ref(r), "--std", "0.05"] for r in RUNS + ["plain"]] + [["{run}", "--std", "2"]],
+    "reflow": [[ref(r), "--out", "OUT", "--pairs", "4"] for r in RUNS] + [
+        ["{run}", "--out", "OUT"], ["{run}", "--out", "OUT", "--pairs", "0"],
+        ["{run}", "--out", "OUT", "--pairs", "4", "--ode-sampler", "euler_ancestral"],
+        ["{run}", "--out", "OUT", "--pairs", "4", "--ode-steps", "0"], ["{run}", "--out", "OUT", "--pairs", "4",
+                                                                         "--set", "training.steps=-1"]],
+    "pack": [[ref(f), "--out", "OUT.npz"] for f in ("missing", "garbage", "dir")] + [["{dir}", "--out", "OUT.txt"]],
+    "import": [[ref(f), "--from", kind, "--out", "OUT"] for f in ("missing", "garbage", "dir", "npz")
+               for kind in ("edm", "edm2")],
+    "distill": [[ref(r), "--method", "cd", "--out", "OUT"] for r in RUNS] + [
+        ["{run}", "--method", "cd", "--out", "OUT", "--steps", "0"],
+        ["{run}", "--method", "ect", "--out", "OUT", "--set", "distill.q=0"], ["{run}", "--method", "cd", "--out",
+                                                                              "{plain}"]],
 }
 CASES = [(verb, args) for verb, rows in ROWS.items() for args in rows]
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-import yaml
-
 from ..config import SECTION_TYPES
+from ..config.schema import load_yaml
 from ..errors import UserError
 from ..params import describe
 from ..run.model import resolve_checkpoint
@@ -122,7 +121,7 @@ def sampling_from_args(base, args, *, run=None):
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--option {item!r}: expected KEY=VALUE, e.g. --option order=3")
-        options[key.strip()] = yaml.safe_load(text)
+        options[key.strip()] = load_yaml(text)
     cfg = dataclasses.replace(base, options=options, **changes)
     cfg.validate()
     for key in ("guide", "guidance_interval"):

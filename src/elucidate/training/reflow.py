@@ -109,8 +109,9 @@ def reflow(run: str | Path, out: str | Path, *, pairs: int, steps: int = DEFAULT
                         f"class-conditional runs")
     cfg = cfg or teacher.config.sampling
     check_deterministic(cfg)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / PAIRS_FILE
+    config = reflow_config(teacher.config, path, steps, overrides)  # a bad override fails before any work
+    out.mkdir(parents=True, exist_ok=True)
     if path.is_file() and len(read_pairs(path)[0]) == pairs:
         log(f"using the {pairs} pairs already in {path}")
     else:
@@ -118,7 +119,6 @@ def reflow(run: str | Path, out: str | Path, *, pairs: int, steps: int = DEFAULT
         images, noise, labels = make_pairs(teacher, pairs, cfg, seed=seed, batch_size=batch_size, device=device,
                                            precision=precision, progress=progress)
         write_pairs(path, images, noise, labels)
-    config = reflow_config(teacher.config, path, steps, overrides)
     trainer = Trainer(config, out, device=device, progress=progress, log=log)
     ema = {k: v.detach().clone() for k, v in teacher.denoiser.net.state_dict().items()}
     trainer.start_from({"net": ema, "ema": ema}, source=f"{checkpoint} (EMA)")
