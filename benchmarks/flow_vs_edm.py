@@ -6,14 +6,16 @@
    (seeds 0..num-1) against the 1,797 real digits, and the share the bundled digits classifier recognizes
    (confidence >= 0.8). Euler/Heun/DPM-Solver++ use each model's own discretization (``schedule: auto``: EDM
    Karras rho = 7, DDPM its trailing timesteps, Flow t uniform from 1 to 0).
-2. Reflow: ``elucidate reflow`` of the Flow run (and the EDM run) with ``--pairs`` pairs and ``--reflow-steps``
-   steps, then fd_digits at NFE 1, 2 and 4 (Euler) before and after; as a control, the same run fine-tuned for the
-   same steps on the real digits (``--set training.steps=...`` on a copy), so extra training alone is not credited
-   to the pairs.
+2. Reflow: ``elucidate reflow`` of the Flow run (and the EDM run) with ``--pairs`` pairs (made by
+   ``--ode-sampler``/``--ode-steps``, by default DPM-Solver++(2M) with 40 steps: an accurate ODE) and
+   ``--reflow-steps`` steps, then fd_digits at NFE 1, 2 and 4 (Euler) before and after; as a control, the same run
+   fine-tuned for the same steps on the real digits (``--set training.steps=...`` on a copy), so extra training
+   alone is not credited to the pairs.
 
     python benchmarks/flow_vs_edm.py [--runs runs/flow_bench] [--num 2000] [--nfe 5,9,17,35] [--tuned-nfe 5,9]
                                      [--models EDM,Flow,DDPM] [--pairs 10000] [--reflow-steps 1000]
-                                     [--reflow-models Flow,EDM] [--skip-reflow] [--skip-table]
+                                     [--reflow-models Flow,EDM] [--ode-sampler dpmpp_2m] [--ode-steps 40]
+                                     [--skip-reflow] [--skip-table]
 """
 from __future__ import annotations
 
@@ -107,7 +109,7 @@ def print_table(results: dict, nfes: list[int], models: list[str]) -> None:
         print(f"| {nfe} | " + " | ".join(cells) + " |")
 
 
-def reflow_study(runs: Path, models: list[str], pairs: int, steps: int, score: Scorer) -> list[dict]:
+def reflow_study(runs: Path, models: list[str], pairs: int, steps: int, score: Scorer, ode: list[str]) -> list[dict]:
     from elucidate.run.model import load_run
     from elucidate.sampling import steps_for_nfe
 
@@ -116,7 +118,7 @@ def reflow_study(runs: Path, models: list[str], pairs: int, steps: int, score: S
         teacher = train(runs, MODELS[model])
         reflowed = runs / f"{MODELS[model]}-reflow"
         t0 = time.perf_counter()
-        elucidate("reflow", str(teacher), "--out", str(reflowed), "--pairs", str(pairs), "--steps", str(steps))
+        elucidate("reflow", str(teacher), "--out", str(reflowed), "--pairs", str(pairs), "--steps", str(steps), *ode)
         reflow_seconds = time.perf_counter() - t0
         control = runs / f"{MODELS[model]}-more"  # the same extra steps on the real data
         if not control.exists():
@@ -156,6 +158,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=10000)
     parser.add_argument("--reflow-steps", type=int, default=1000)
     parser.add_argument("--reflow-models", default="Flow,EDM")
+    parser.add_argument("--ode-sampler", default="dpmpp_2m", help="the sampler of reflow's pairs (an accurate ODE)")
+    parser.add_argument("--ode-steps", type=int, default=40)
     parser.add_argument("--skip-reflow", action="store_true")
     parser.add_argument("--skip-table", action="store_true")
     args = parser.parse_args()
@@ -169,7 +173,8 @@ def main() -> None:
         print_table(results, nfes, models)
         out["table"] = {f"{m}/{s}/{n}": r for (m, s, n), r in results.items()}
     if not args.skip_reflow:
-        rows = reflow_study(args.runs, args.reflow_models.split(","), args.pairs, args.reflow_steps, score)
+        rows = reflow_study(args.runs, args.reflow_models.split(","), args.pairs, args.reflow_steps, score,
+                            ["--ode-sampler", args.ode_sampler, "--ode-steps", str(args.ode_steps)])
         out["reflow"] = [{k if isinstance(k, str) else f"nfe{k}": v for k, v in r.items()} for r in rows]
     args.runs.mkdir(parents=True, exist_ok=True)
     name = "results-" + args.models.replace(",", "-") + ("" if args.skip_reflow else "-reflow") + ".json"
