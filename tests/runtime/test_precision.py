@@ -61,8 +61,8 @@ def test_explicit_bf16_is_kept_and_warns_once_without_hardware(cpu_features):
 
 
 def test_unknown_precision_is_a_clear_error():
-    with pytest.raises(ValueError, match="precision 'fp16': expected one of auto, fp32, bf16"):
-        resolve_precision("fp16", "cpu")
+    with pytest.raises(ValueError, match="precision 'fp8': expected one of auto, fp32, bf16, fp16"):
+        resolve_precision("fp8", "cpu")
 
 
 @pytest.mark.parametrize("features, expected", [({}, "fp32"), ({"avx512_bf16": True}, "bf16")])

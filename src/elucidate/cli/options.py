@@ -102,7 +102,8 @@ def add_sampling_options(p: argparse.ArgumentParser, *, tuned: bool = True) -> N
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw training weights")
     p.add_argument("--batch", type=int, default=64, help="images per sampling batch (does not change results)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                   help="fp32, bf16 autocast, or auto: bf16 where the device has bf16 hardware")
+                   help="fp32, bf16 or fp16 autocast of the network (the solver stays float32), or auto: bf16 "
+                        "where the device has bf16 hardware, else fp32; fp16 for GPUs without bf16 (V100, T4)")
     add_run_options(p)
 
 

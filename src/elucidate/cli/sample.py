@@ -26,6 +26,8 @@ def register(sub) -> dict:
                    help="class label for a class-conditional model (default: seed %% number of classes)")
     add_condition_options(p)
     add_editing_options(p)
+    p.add_argument("--compile", action="store_true",
+                   help="run the network through torch.compile (eager, with one warning, where compilation fails)")
     add_sampling_options(p)
     return {"sample": cmd_sample}
 
@@ -43,6 +45,10 @@ def cmd_sample(args) -> int:
         if info.world_size > 1:
             args.device = str(info.device)
         run = load_model(args)
+        if args.compile:  # the first batch compiles; a failure falls back to eager (runtime.compile)
+            from ..runtime.compile import compiled
+            if isinstance(getattr(run.denoiser, "net", None), torch.nn.Module):
+                run.denoiser.net = compiled(run.denoiser.net)
         cfg = sampling_from_args(run.config.sampling, args, run=run)
         attach_conditions(run, args, seeds, cfg)  # --cond / --unconditional / --null-cond (run.conditions)
         labels = class_labels_for(run, seeds, args.class_label)

@@ -103,8 +103,10 @@ class LoopConfig:
     betas: tuple = param(None, "Adam's (beta1, beta2)", default_factory=lambda: (0.9, 0.999))
     eps: float = param(1e-8, "Adam's epsilon", minimum=0, exclusive=True)
     weight_decay: float = param(0.0, "weight decay (decoupled for adamw)", minimum=0)
-    precision: str = param("fp32", "fp32, bf16 autocast, or auto (bf16 where the device has bf16 hardware, "
-                                     "else fp32; emulated bf16 is many times slower)", choices=PRECISIONS)
+    precision: str = param("fp32", "fp32, bf16 or fp16 autocast, or auto (bf16 where the device has bf16 "
+                                     "hardware, else fp32; emulated bf16 is many times slower); fp16 (with loss "
+                                     "scaling) is for GPUs without bf16 (V100, T4); see docs/scale.md",
+                           choices=PRECISIONS)
     seed: int = param(0, "all randomness of the run derives from it", minimum=0)
     checkpoint_every: int = param(500, "steps between checkpoints", minimum=1, resumable=True)
     sample_every: int = param(500, "steps between sample grids; 0 = only at the end", minimum=0, resumable=True)
@@ -145,6 +147,8 @@ class TrainingConfig(LoopConfig):
                                     minimum=0, exclusive=True)
     grad_accumulation: int = param(1, "micro-batches per step (per process)", minimum=1)
     channels_last: bool = param(False, "NHWC memory format for the network")
+    compile: bool = param(False, "run the network's forward through torch.compile (eager, with one warning, where "
+                                 "compilation fails); checkpoints are unchanged (see docs/scale.md)", resumable=True)
     cond_drop_prob: float = param(0.0, "probability of training a sample without its conditions (labels, "
                                        "concat, context): makes the model usable for classifier-free guidance",
                                   minimum=0, maximum=1)

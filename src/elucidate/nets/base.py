@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .conditioning import check_concat, check_context, widen_input
-from .layers import Conv2d, UNetBlock, parse_resolution
+from .layers import Checkpointed, Conv2d, UNetBlock, parse_resolution
 
 __all__ = ["DiffusionNet"]
 
@@ -60,6 +60,17 @@ class DiffusionNet(nn.Module):
         self.label_dim, self.label_dropout, self.augment_dim = label_dim, float(label_dropout), augment_dim
         self.dropout = float(dropout)
         self.cond_channels, self.context_dim = cond_channels, context_dim
+
+    def use_checkpointing(self, on: bool) -> None:
+        """Activation checkpointing of every block (the ``checkpointing`` constructor argument of the networks that
+        have blocks): each block's activations are recomputed in the backward pass instead of kept, for the same
+        outputs and gradients in less memory (:class:`~.layers.Checkpointed`). Called at the end of ``__init__``."""
+        if not isinstance(on, bool):
+            raise ValueError(f"checkpointing must be true or false, got {on!r}")
+        self.checkpointing = on
+        for module in self.modules():
+            if isinstance(module, Checkpointed):
+                module.checkpointing = on
 
     def widen_input(self, conv: Conv2d) -> Conv2d:
         """The first convolution, taking ``in_channels + cond_channels`` (zero weights for the condition)."""

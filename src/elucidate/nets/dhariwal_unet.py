@@ -30,7 +30,7 @@ class DhariwalUNet(DiffusionNet):
                  model_channels: int = 192,
                  channel_mult: Sequence[int] = (1, 2, 3, 4), channel_mult_emb: int = 4, num_blocks: int = 3,
                  attn_resolutions: Sequence[int] = (32, 16, 8), dropout: float = 0.10,
-                 label_dropout: float = 0.0, channels_per_head: int = 64):
+                 label_dropout: float = 0.0, channels_per_head: int = 64, checkpointing: bool = False):
         super().__init__(img_resolution, in_channels, out_channels, channel_mult, num_blocks,
                          attn_resolutions, dropout, label_dim, label_dropout, augment_dim, cond_channels,
                          context_dim)
@@ -82,6 +82,7 @@ class DhariwalUNet(DiffusionNet):
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, self.out_channels, 3, **init_zero)
         self.add_cross_attention(self.dec[0])
+        self.use_checkpointing(checkpointing)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None,
                 augment_labels: torch.Tensor | None = None, concat: torch.Tensor | None = None,

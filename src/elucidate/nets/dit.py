@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import DiffusionNet
-from .layers import Linear, PositionalEmbedding
+from .layers import Checkpointed, Linear, PositionalEmbedding
 
 __all__ = ["DiT", "DiTBlock", "sincos_position_embedding"]
 
@@ -48,7 +48,7 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
     return torch.addcmul(shift, x, scale + 1)
 
 
-class DiTBlock(nn.Module):
+class DiTBlock(Checkpointed):
     """``x + gate_1 * Attn(adaLN_1(x))``, then ``x + gate_2 * MLP(adaLN_2(x))``, with
     adaLN_i(x) = LayerNorm(x) * (1 + scale_i) + shift_i and (shift, scale, gate) regressed from c."""
 
@@ -92,7 +92,8 @@ class DiT(DiffusionNet):
     def __init__(self, img_resolution: int | Sequence[int], in_channels: int, out_channels: int | None = None,
                  label_dim: int = 0, augment_dim: int = 0, patch_size: int = 2, hidden_size: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 label_dropout: float = 0.0, noise_channels: int = 256):
+                 label_dropout: float = 0.0, noise_channels: int = 256,
+                 checkpointing: bool = False):
         super().__init__(img_resolution, in_channels, out_channels, (1,), depth, (), dropout, label_dim,
                          label_dropout, augment_dim)
         for name, value in [("patch_size", patch_size), ("hidden_size", hidden_size), ("num_heads", num_heads),
@@ -123,6 +124,7 @@ class DiT(DiffusionNet):
         self.final_modulation = Linear(hidden_size, 2 * hidden_size, **_ZERO)
         self.final_linear = Linear(hidden_size, patch_size * patch_size * self.out_channels, **_ZERO)
         self._init_weights()
+        self.use_checkpointing(checkpointing)
 
     @torch.no_grad()
     def _init_weights(self) -> None:

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import UserError
 from .base import DiffusionNet
-from .layers import Conv2d
+from .layers import Checkpointed, Conv2d, recomputing
 
 __all__ = ["normalize", "mp_silu", "mp_sum", "mp_cat", "MPFourier", "MPConv", "EDM2Block", "EDM2CrossAttention",
            "EDM2UNet", "PRECOND_KEYS", "edm2_network_kwargs", "load_edm2_network"]
@@ -102,7 +102,7 @@ class MPConv(nn.Module):
 
     def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1.0) -> torch.Tensor:
         w = self.weight if self.weight.dtype == torch.float64 else self.weight.to(torch.float32)
-        if self.training:
+        if self.training and not recomputing():  # (once per step: not again when a checkpointed block reruns)
             with torch.no_grad():
                 self.weight.copy_(normalize(w, numel=self.fan_in))  # forced weight normalization (Eq. 66)
         w = normalize(w, numel=self.fan_in) * (gain / math.sqrt(self.fan_in))  # Eq. 47 (w re-read after the copy)
@@ -148,7 +148,7 @@ class EDM2CrossAttention(nn.Module):
         return torch.where(has_context.reshape(b, 1, 1, 1), mp_sum(x, y, self.balance), x)
 
 
-class EDM2Block(nn.Module):
+class EDM2Block(Checkpointed):
     """EDM2's encoder/decoder block (Figure 21): optional 2x resampling; ``enc`` blocks project the
     channels (``conv_skip``) and pixel-normalize first, ``dec`` blocks project on the skip path; the
     residual branch ``conv_res1(mp_silu(conv_res0(mp_silu(x)) * (1 + emb_gain * emb_linear(emb))))``
@@ -240,7 +240,7 @@ class EDM2UNet(DiffusionNet):
                  concat_balance: float = 0.5, dropout: float = 0.0, label_dropout: float = 0.0,
                  res_balance: float = 0.3, attn_balance: float = 0.3, clip_act: float | None = 256,
                  channels_per_head: int = 64, resample_filter: Sequence[float] = (1, 1),
-                 img_channels: int | None = None):
+                 img_channels: int | None = None, checkpointing: bool = False):
         if img_channels is not None:  # edm2's name
             if in_channels is not None and in_channels != img_channels:
                 raise ValueError(f"in_channels={in_channels!r} and img_channels={img_channels!r} differ "
@@ -314,6 +314,7 @@ class EDM2UNet(DiffusionNet):
             for b in self.modules():
                 if isinstance(b, EDM2Block) and b.num_heads:
                     b.add_cross_attention(context_dim)
+        self.use_checkpointing(checkpointing)
 
     def level_name(self, level: int) -> str:
         """edm2's ``"<H>x<W>"`` prefix of the modules at ``level``."""

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["INIT_MODES", "weight_init", "num_groups", "Linear", "Conv2d", "GroupNorm",
            "PositionalEmbedding", "FourierEmbedding", "SelfAttention", "CrossAttention", "UNetBlock",
@@ -242,7 +243,43 @@ class CrossAttention(nn.Module):
         return out * has_context.reshape(b, 1, 1, 1).to(out.dtype)
 
 
-class UNetBlock(nn.Module):
+class Checkpointed(nn.Module):
+    """A block whose activations can be recomputed in the backward pass instead of kept (activation checkpointing,
+    ``torch.utils.checkpoint`` without reentrance): with ``checkpointing`` set (by the network's ``checkpointing``
+    argument, :meth:`~.base.DiffusionNet.use_checkpointing`) and gradients enabled, a call keeps only its inputs
+    and recomputes its insides (with the same RNG state: the same dropout) when the gradient is taken. Same outputs
+    and gradients, less memory, one more forward per block."""
+
+    checkpointing = False
+
+    def __call__(self, *args, **kwargs):
+        if not (self.checkpointing and torch.is_grad_enabled()):
+            return super().__call__(*args, **kwargs)
+        calls = []
+
+        def run(*args, **kwargs):  # the second call is the recomputation (see recomputing())
+            global _recomputing
+            calls.append(1)
+            if len(calls) == 1:
+                return super(Checkpointed, self).__call__(*args, **kwargs)
+            _recomputing, before = True, _recomputing
+            try:
+                return super(Checkpointed, self).__call__(*args, **kwargs)
+            finally:
+                _recomputing = before
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+
+_recomputing = False
+
+
+def recomputing() -> bool:
+    """Whether a checkpointed block is being recomputed for the backward pass: a layer that changes its own state
+    in a training forward (EDM2's forced weight normalization) must not do it twice."""
+    return _recomputing
+
+
+class UNetBlock(Checkpointed):
     """Residual block ``x -> skip(x) + conv1(drop(act(norm1(conv0(act(norm0 x))) (+) emb)))``,
     optionally 2x up/down-sampling, followed by optional self-attention and (after
     :meth:`add_cross_attention`) cross-attention to a context.

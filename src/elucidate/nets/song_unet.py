@@ -49,7 +49,7 @@ class SongUNet(DiffusionNet):
                  attn_resolutions: Sequence[int] = (16,), dropout: float = 0.10, label_dropout: float = 0.0,
                  embedding_type: str = "positional", channel_mult_noise: int = 1,
                  encoder_type: str = "standard", decoder_type: str = "standard",
-                 resample_filter: Sequence[float] = (1, 1), num_heads: int = 1):
+                 resample_filter: Sequence[float] = (1, 1), num_heads: int = 1, checkpointing: bool = False):
         super().__init__(img_resolution, in_channels, out_channels, channel_mult, num_blocks,
                          attn_resolutions, dropout, label_dim, label_dropout, augment_dim, cond_channels,
                          context_dim)
@@ -124,6 +124,7 @@ class SongUNet(DiffusionNet):
                 stage["aux_conv"] = Conv2d(cout, self.out_channels, 3, **init_out)
             self.dec.append(stage)
         self.add_cross_attention(self.dec[0]["mid"][0])
+        self.use_checkpointing(checkpointing)
 
     def embed(self, c_noise: torch.Tensor, labels: torch.Tensor | None,
               augment_labels: torch.Tensor | None) -> torch.Tensor:

@@ -7,6 +7,11 @@ generator reseeded from (seed, step, rank). The half-life EMA follows every appl
 EMA (``training.ema``) every step. With ``training.loss_weighting: uncertainty`` a small u(sigma) head
 (:class:`~elucidate.losses.UncertaintyHead`) trains beside the network in the same optimizer (EDM2 eq. 21): it is
 in every checkpoint (``uncertainty.*``) but not in the EMA, and sampling never sees it.
+
+``training.precision: fp16`` scales the loss (``torch.amp.GradScaler``; its state is in the checkpoint metadata, so a
+resumed run continues bit-exactly); a step whose gradient overflowed is skipped as any non-finite step is.
+``training.compile`` runs the forward through ``torch.compile`` (eager if compilation fails: one warning); the
+checkpoints hold the uncompiled network's keys.
 """
 from __future__ import annotations
 
@@ -25,8 +30,9 @@ from ..denoiser import Denoiser, with_null_condition
 from ..errors import UserError
 from ..losses import UncertaintyHead, denoising_loss, uncertainty_weighted
 from ..run.model import LoadedRun
+from ..runtime.compile import compiled
 from ..runtime.distributed import barrier
-from ..runtime.precision import autocast_for
+from ..runtime.precision import autocast_for, grad_scaler
 from ..runtime.rng import batch_indices, derive_seed, derived_generator
 from ..viz import save_image_grid
 from .augment import augment_batch, augment_pipe
@@ -94,7 +100,12 @@ class Trainer(TrainingLoop):
         if t.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.formulation = config.formulation()
-        self.denoiser = Denoiser(self.net, self.formulation)
+        # the step's forward may go through torch.compile; the checkpoints and the EMA keep the plain self.net
+        self.denoiser = Denoiser(compiled(self.net) if t.compile else self.net, self.formulation)
+        self.scaler = grad_scaler(self.precision, self.device)  # fp16: loss scaling; otherwise a pass-through
+        if self.scaler.is_enabled() and type(self).optimizer_step is not Trainer.optimizer_step:
+            raise UserError(f"training.precision fp16 is not supported by {type(self).__name__} (its step has no "
+                            f"loss scaling); use bf16 or fp32")
         # initialized after the network, so the network's initial weights do not depend on the loss weighting
         self.uncertainty = UncertaintyHead().to(self.device) if t.loss_weighting == "uncertainty" else None
         self.objective = self.model = self.make_objective()
@@ -126,7 +137,8 @@ class Trainer(TrainingLoop):
 
     def meta(self) -> dict:
         cond_normalizer = getattr(self.dataset, "cond_normalizer", None)  # what `sample --cond` normalizes with
-        return {**super().meta(), "latent": self.latent,
+        scaler = {"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}  # fp16 only
+        return {**super().meta(), "latent": self.latent, **scaler,
                 "cond_normalizer": None if cond_normalizer is None else cond_normalizer.to_config()}
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
@@ -136,6 +148,8 @@ class Trainer(TrainingLoop):
 
     def resume(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self.phema.resume(tensors, self.step)
+        if self.scaler.is_enabled() and meta.get("grad_scaler"):
+            self.scaler.load_state_dict(meta["grad_scaler"])
 
     def after_step(self, step: int, last: bool) -> None:
         self.phema.after_step(self.net, step, last)
@@ -228,10 +242,11 @@ class Trainer(TrainingLoop):
                 with autocast_for(self.precision, self.device):
                     loss, u = self.model(images[part], sigma[part], noise[part], **cond)
                     trained = loss if u is None else uncertainty_weighted(loss, u)  # EDM2 eq. 21
-                (trained.sum() / self.local_batch).backward()
+                self.scaler.scale(trained.sum() / self.local_batch).backward()
             losses.append(loss.detach())
             if u is not None:
                 us.append(u.detach())
+        self.scaler.unscale_(self.optimizer)  # fp16: the true gradient, for the norm, the clip and the guard
         params = [p for p in self.params if p.grad is not None]
         if self.t.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, self.t.grad_clip, foreach=True)
@@ -239,8 +254,9 @@ class Trainer(TrainingLoop):
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
         applied = bool(torch.isfinite(norm))
         if applied:  # NaN/Inf guard: skip the update and keep the EMA clean
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)  # (fp16: the scaler found no inf either, as the norm is finite)
             self.ema.update(self.net, (step + 1) * self.t.batch_size, self.t.batch_size)
+        self.scaler.update()  # fp16: an overflowed (skipped) step halves the scale
         self.optimizer.zero_grad(set_to_none=True)
         return ((torch.cat(losses), sigma) + ((torch.cat(us),) if us else ())), applied
 

@@ -83,6 +83,8 @@ class VAETrainer(TrainingLoop):
 
     def build(self, init) -> None:
         config, t = self.config, self.t
+        if self.precision == "fp16":  # its two optimizers (autoencoder, discriminator) have no loss scaling
+            raise UserError("training.precision fp16 is not supported by train-vae (no loss scaling); use bf16 or fp32")
         self.dataset = build_dataset(config.data)
         self.channels, self.resolution = self.dataset.channels, tuple(self.dataset.resolution)
         train, held = holdout_split(self.dataset.num_images, t.holdout)
