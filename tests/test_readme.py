@@ -193,6 +193,10 @@ def tiny_argv(argv: list[str]) -> list[str]:
     if command == "distill":  # `--steps 2000` -> 2 (4000 -> 4: a resume still resumes); tests/training/test_distill.py
         argv = [str(max(1, int(a) // 1000)) if i and argv[i - 1] == "--steps" and a.isdigit() else a
                 for i, a in enumerate(argv)]
+    if command == "reflow":  # 10000 pairs -> 16, `--steps 1000` -> 1, `--ode-steps 40` -> 4 (see test_reflow.py)
+        small = {"--pairs": lambda n: min(n, 16), "--steps": lambda n: max(1, n // 1000), "--ode-steps": lambda n: 4}
+        argv = [str(small[argv[i - 1]](int(a))) if i and argv[i - 1] in small and a.isdigit() else a
+                for i, a in enumerate(argv)]
     if command == "demo" and _flag(argv, "--steps") is None:
         argv += ["--steps", "2"]
     if command in ("train", "train-vae", "demo") and "--no-progress" not in argv:
