@@ -57,7 +57,7 @@ def test_original_config_example_and_per_type_defaults():
     ({"training": {"steps": 0}}, "training.steps = 0"),
     ({"training": {"steps": "many"}}, "training.steps = 'many': expected an integer"),
     ({"training": {"lr": -1}}, "training.lr = -1"),
-    ({"training": {"precision": "fp16"}}, "training.precision = 'fp16'"),
+    ({"training": {"precision": "fp8"}}, "training.precision = 'fp8'"),
     ({"training": {"batch_size": 10, "grad_accumulation": 3}}, "not divisible"),
     ({"sampling": {"sampler": "hune"}}, "did you mean 'heun'"),
     ({"sampling": {"s_min": 10, "s_max": 1}}, "sampling.s_min"),

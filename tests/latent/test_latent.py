@@ -247,7 +247,7 @@ def test_feature_networks_from_safetensors(tmp_path):
     ({"loss": {"perceptual": "vgg.pth"}}, r"loss.perceptual = 'vgg.pth': expected 'digits', a path"),
     ({"training": {"holdout": 0}}, r"training.holdout = 0: expected a number > 0"),
     ({"training": {"holdout": 2.5}}, r"training.holdout = 2.5: expected a fraction in \(0, 1\) or a count"),
-    ({"training": {"precision": "fp16"}}, r"training.precision = 'fp16'"),
+    ({"training": {"precision": "fp8"}}, r"training.precision = 'fp8'"),
     ({"training": {"betas": [0.5]}}, r"training.betas"),
     ({"training": {"fd_features": "clip"}}, r"training.fd_features = 'clip'"),
     ({"sampling": {}}, r"unknown key config.sampling"),
