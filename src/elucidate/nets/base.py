@@ -2,12 +2,14 @@
 the conditioning inputs, the shared noise/label embedding)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from .conditioning import check_concat, check_context, widen_input
 from .layers import Checkpointed, Conv2d, UNetBlock, parse_resolution
 
@@ -161,3 +163,28 @@ class DiffusionNet(nn.Module):
             keep = torch.rand(batch, 1, device=device) >= self.label_dropout
             labels = labels * keep.to(labels.dtype)
         return labels
+
+
+def read_state_dict(path: str | os.PathLike, *, allow_torch_load: bool = False, origin: str = "network",
+                    export: str = "net.state_dict()") -> dict[str, torch.Tensor]:
+    """The tensors of an exported network file: safetensors, or with ``allow_torch_load`` a flat state dict read by
+    ``torch.load(weights_only=True)`` (never unpickled otherwise); one-line UserErrors naming ``path``. ``origin``
+    ("edm", "edm2") and ``export`` (what to save) phrase the hints."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{origin} network file {path} does not exist")
+    if not allow_torch_load:
+        from safetensors.torch import load_file
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors raises its own error types for bad files
+            raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}); export {origin}'s "
+                            "tensors with safetensors (docs/edm.md) or pass allow_torch_load=True") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a state dict readable by torch.load(weights_only=True) "
+                        f"({type(e).__name__})") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} does not hold a flat state dict of tensors (export {export})")
+    return dict(state)

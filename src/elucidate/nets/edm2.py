@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .base import DiffusionNet
+from .base import DiffusionNet, read_state_dict
 from .layers import Checkpointed, Conv2d, recomputing
 
 __all__ = ["normalize", "mp_silu", "mp_sum", "mp_cat", "MPFourier", "MPConv", "EDM2Block", "EDM2CrossAttention",
@@ -415,25 +415,6 @@ def edm2_network_kwargs(state: Mapping[str, torch.Tensor]) -> dict:
                 num_blocks=blocks[prefixes[0]], attn_resolutions=tuple(attention))
 
 
-def _read(path: str, allow_torch_load: bool) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise UserError(f"edm2 network file {path} does not exist")
-    if not allow_torch_load:
-        from safetensors.torch import load_file
-        try:
-            return load_file(path)
-        except Exception as e:  # safetensors raises its own error types for bad files
-            raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}); export edm2's "
-                            "tensors with safetensors (docs/edm.md) or pass allow_torch_load=True") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a state dict readable by torch.load(weights_only=True) "
-                        f"({type(e).__name__})") from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path} does not hold a flat state dict of tensors (export net.unet.state_dict())")
-    return dict(state)
-
 
 def load_edm2_network(path: str | os.PathLike, *, allow_torch_load: bool = False, **unet_kwargs) -> EDM2UNet:
     """Our :class:`EDM2UNet` holding the NVlabs/edm2 ``UNet`` tensors in ``path``; eval mode, on the CPU.
@@ -446,7 +427,8 @@ def load_edm2_network(path: str | os.PathLike, *, allow_torch_load: bool = False
     trained with edm2's 64). Raises UserError naming the first unexpected, missing or mis-shaped tensor.
     """
     path = os.fspath(path)
-    state = _unet_state(_read(path, allow_torch_load), path)
+    state = read_state_dict(path, allow_torch_load=allow_torch_load, origin="edm2", export="net.unet.state_dict()")
+    state = _unet_state(state, path)
     net = EDM2UNet(**{**edm2_network_kwargs(state), **unet_kwargs})
     expected = net.state_dict()
     for key, value in state.items():

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import UserError
 from . import build_network
+from .base import read_state_dict
 from .layers import Conv2d
 
 __all__ = ["EDM_ARCHS", "convert_edm_state_dict", "edm_network_kwargs", "load_edm_network"]
@@ -204,26 +205,6 @@ def _network_kwargs(s: _EdmState) -> dict:
     return kw
 
 
-def _read(path: str | os.PathLike, allow_torch_load: bool) -> dict[str, torch.Tensor]:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"edm network file {path} does not exist")
-    if not allow_torch_load:
-        from safetensors.torch import load_file
-        try:
-            return load_file(path)
-        except Exception as e:  # safetensors raises its own error types for bad files
-            raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}); export edm's "
-                            "tensors with safetensors (docs/edm.md) or pass allow_torch_load=True") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a state dict readable by torch.load(weights_only=True) "
-                        f"({type(e).__name__})") from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path} does not hold a flat state dict of tensors (export net.model.state_dict())")
-    return dict(state)
-
 
 def load_edm_network(path: str | os.PathLike, arch: str, *, allow_torch_load: bool = False,
                      **net_kwargs) -> nn.Module:
@@ -236,7 +217,7 @@ def load_edm_network(path: str | os.PathLike, arch: str, *, allow_torch_load: bo
     updated by ``net_kwargs``. Returned in eval mode on the CPU. Raises UserError naming the first
     missing, unexpected or mis-shaped key.
     """
-    state = _read(path, allow_torch_load)
+    state = read_state_dict(path, allow_torch_load=allow_torch_load, origin="edm", export="net.model.state_dict()")
     parsed = _EdmState(state, arch)
     net = build_network(arch, **{**_network_kwargs(parsed), **net_kwargs})
     ours, origin = parsed.convert(net.out_channels)
