@@ -1,6 +1,6 @@
 """Consistency distillation (cd) and easy consistency tuning (ect) of a trained run (docs/distillation.md): one step's
-loss by hand, distillation of an exact Gaussian mixture's ODE into a one-step sampler, bit-exact resume, the command
-line end to end and its bad inputs."""
+loss by hand, distillation of an exact Gaussian mixture's ODE into a one-step sampler, bit-exact resume (fp16 too),
+the command line end to end and its bad inputs."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,6 +14,7 @@ from torch import nn
 from elucidate import Denoiser
 from elucidate.errors import UserError
 from elucidate.formulations import EDM, Consistency
+from elucidate.run import RunDir, load_checkpoint
 from elucidate.run.model import load_run, resolve_checkpoint
 from elucidate.runtime.rng import derive_seed, derived_generator
 from elucidate.training.distill import (
@@ -173,6 +174,35 @@ def test_distill_stopped_then_resumed_is_bit_exact(trained_run, tmp_path, method
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     start = _tensors(tmp_path / "a", 0)  # step 0 is the teacher's EMA
     assert not all(torch.equal(a[k], start[k]) for k in a if k.startswith("net."))
+
+
+@pytest.mark.parametrize("method", ["cd", "ect"])
+def test_distill_trains_in_fp16_with_a_scaler_and_resumes_bit_exactly(trained_run, tmp_path, method):
+    # (ect keeps its default stage length: with a stage a step, 1/(t - r) doubles as fast as the scale backs off)
+    sets = ["training.precision=fp16"] + (["distill.levels=6"] if method == "cd" else [])
+    trainer = trainer_for(trained_run, tmp_path / "step", method, sets)
+    try:  # the student runs under fp16 autocast, its loss scaled
+        assert trainer.scaler.is_enabled()
+        seen, original = [], trainer.model.forward
+
+        def spy(*args, **kwargs):
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            return original(*args, **kwargs)
+        trainer.model.forward = spy
+        trainer.optimizer_step(0)
+        assert seen == [torch.float16, torch.float16]  # f_theta and its stop-gradient target
+    finally:
+        trainer.close()
+    straight = distill(trained_run, tmp_path / "a", method=method, steps=4, overrides=sets, progress=False, log=quiet)
+    distill(trained_run, tmp_path / "b", method=method, steps=2, overrides=sets, progress=False, log=quiet)
+    distill(trained_run, tmp_path / "b", method=method, overrides=["training.steps=4"], progress=False, log=quiet)
+    (a, meta_a), (b, meta_b) = (load_checkpoint(RunDir(tmp_path / d).latest_checkpoint()) for d in ("a", "b"))
+    assert meta_a["step"] == meta_b["step"] == 4 and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert meta_a["grad_scaler"] == meta_b["grad_scaler"] and meta_a["grad_scaler"]["scale"] > 0
+    assert meta_a["precision"] == "fp16" and meta_a["skipped_steps"] == meta_b["skipped_steps"]
+    start = _tensors(tmp_path / "a", 0)
+    assert straight["skipped_steps"] < 4 and not all(torch.equal(a[k], start[k]) for k in a if k.startswith("net."))
 
 
 def test_cli_end_to_end(trained_run, tmp_path, cli_main):

@@ -8,6 +8,8 @@ EMA (``training.ema``) every step. With ``training.loss_weighting: uncertainty``
 (:class:`~elucidate.losses.UncertaintyHead`) trains beside the network in the same optimizer (EDM2 eq. 21): it is
 in every checkpoint (``uncertainty.*``) but not in the EMA, and sampling never sees it.
 
+A step's micro-batches, autocast, loss scaling, clipping, NaN/Inf guard, update and EMA are one skeleton
+(:meth:`Trainer._step_over_micro_batches`), which the distillation trainer's step (:mod:`.distill`) shares.
 ``training.precision: fp16`` scales the loss (``torch.amp.GradScaler``; its state is in the checkpoint metadata, so a
 resumed run continues bit-exactly); a step whose gradient overflowed is skipped as any non-finite step is.
 ``training.compile`` runs the forward through ``torch.compile`` (eager if compilation fails: one warning); the
@@ -16,6 +18,7 @@ checkpoints hold the uncompiled network's keys.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -103,9 +106,6 @@ class Trainer(TrainingLoop):
         # the step's forward may go through torch.compile; the checkpoints and the EMA keep the plain self.net
         self.denoiser = Denoiser(compiled(self.net) if t.compile else self.net, self.formulation)
         self.scaler = grad_scaler(self.precision, self.device)  # fp16: loss scaling; otherwise a pass-through
-        if self.scaler.is_enabled() and type(self).optimizer_step is not Trainer.optimizer_step:
-            raise UserError(f"training.precision fp16 is not supported by {type(self).__name__} (its step has no "
-                            f"loss scaling); use bf16 or fp32")
         # initialized after the network, so the network's initial weights do not depend on the loss weighting
         self.uncertainty = UncertaintyHead().to(self.device) if t.loss_weighting == "uncertainty" else None
         self.objective = self.model = self.make_objective()
@@ -229,23 +229,37 @@ class Trainer(TrainingLoop):
         of ``training.loss_weighting``."""
         images, conds, sigma, noise = self._batch(step)
         torch.manual_seed(derive_seed(self.t.seed, "dropout", step, self.dist.rank))
+
+        def micro_loss(m: int, rows: slice) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+            cond = {key: value[rows] for key, value in conds.items()}
+            loss, u = self.model(images[rows], sigma[rows], noise[rows], **cond)
+            trained = loss if u is None else uncertainty_weighted(loss, u)  # EDM2 eq. 21
+            return trained, (loss,) if u is None else (loss, u)
+
+        (losses, *us), applied = self._step_over_micro_batches(step, micro_loss)
+        return (losses, sigma, *us), applied
+
+    def _step_over_micro_batches(self, step: int, micro_loss: Callable[[int, slice], tuple[torch.Tensor, tuple]]
+                                 ) -> tuple[tuple[torch.Tensor, ...], bool]:
+        """The skeleton of a step (this trainer's and :mod:`.distill`'s): for each of the ``grad_accumulation``
+        micro-batches m (``rows`` of this process's slice), ``micro_loss(m, rows)``, under autocast, returns (the
+        per-sample loss to differentiate, the per-sample tensors to report); the gradient of sum / local batch
+        accumulates (fp16: scaled; with DDP all-reduced at the last micro-batch only), is unscaled, clipped
+        (``training.grad_clip``) and, if its norm is finite, applied and followed by the half-life EMA. Returns
+        (the reported tensors, each concatenated over the micro-batches; whether the step was applied)."""
         if not self.net.training or (self.uncertainty is not None and not self.uncertainty.training):
             self.objective.train()
         micro = self.local_batch // self.t.grad_accumulation
-        losses, us = [], []
+        reported = []
         for m in range(self.t.grad_accumulation):
-            part = slice(m * micro, (m + 1) * micro)
-            cond = {key: value[part] for key, value in conds.items()}
+            rows = slice(m * micro, (m + 1) * micro)
             last = m == self.t.grad_accumulation - 1
             sync = self.model.no_sync() if (self.dist.world_size > 1 and not last) else contextlib.nullcontext()
             with sync:
                 with autocast_for(self.precision, self.device):
-                    loss, u = self.model(images[part], sigma[part], noise[part], **cond)
-                    trained = loss if u is None else uncertainty_weighted(loss, u)  # EDM2 eq. 21
+                    trained, report = micro_loss(m, rows)
                 self.scaler.scale(trained.sum() / self.local_batch).backward()
-            losses.append(loss.detach())
-            if u is not None:
-                us.append(u.detach())
+            reported.append([value.detach() for value in report])
         self.scaler.unscale_(self.optimizer)  # fp16: the true gradient, for the norm, the clip and the guard
         params = [p for p in self.params if p.grad is not None]
         if self.t.grad_clip is not None:
@@ -258,7 +272,7 @@ class Trainer(TrainingLoop):
             self.ema.update(self.net, (step + 1) * self.t.batch_size, self.t.batch_size)
         self.scaler.update()  # fp16: an overflowed (skipped) step halves the scale
         self.optimizer.zero_grad(set_to_none=True)
-        return ((torch.cat(losses), sigma) + ((torch.cat(us),) if us else ())), applied
+        return tuple(torch.cat(values) for values in zip(*reported)), applied
 
     def picture(self) -> Path:
         """``samples/step-XXXXXXXX.png``: the EMA network sampled as a loaded run would be (the run's sampling

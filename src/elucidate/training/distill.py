@@ -17,7 +17,8 @@ trajectory to the same x0:
 theta- is the stop-gradient student itself (improved CT, Song & Dhariwal 2023, and ECT), not Song et al.'s target
 EMA: nothing beyond the run's own state is needed to resume, and the improved-CT paper found the EMA target
 unnecessary. Both calls of a step see the same dropout mask (the generator is reseeded before each, as ECT does).
-The half-life EMA (what samples are made from), checkpoints, resume, DDP and logging are the diffusion trainer's.
+The step's skeleton (micro-batches, autocast and fp16 loss scaling, clipping, the NaN/Inf guard), the half-life EMA
+(what samples are made from), checkpoints, resume, DDP and logging are the diffusion trainer's.
 
 Pixel runs only: the teacher must be a diffusion run on pixels (a latent run is refused: its data would first have
 to be encoded here, which reflow and distillation do not do).
@@ -28,7 +29,6 @@ section (method, teacher checkpoint, settings) and a sampling section defaulting
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -44,7 +44,6 @@ from ..formulations import EDM, Consistency
 from ..run.checkpoint import check_run_checkpoint
 from ..run.model import load_run, resolve_checkpoint
 from ..run.rundir import RunDir
-from ..runtime.precision import autocast_for
 from ..runtime.rng import derive_seed, derived_generator
 from ..sampling import karras_sigmas
 from .diffusion import Trainer
@@ -115,7 +114,8 @@ class Student(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ the trainer
 class DistillTrainer(Trainer):
-    """The diffusion trainer with a consistency step (``config.distill``): data, EMA, checkpoints, resume and DDP are
+    """The diffusion trainer with a consistency step (``config.distill``): data, the step's skeleton
+    (:meth:`~.diffusion.Trainer._step_over_micro_batches`), EMA, checkpoints, resume and DDP are
     :class:`~.diffusion.Trainer`'s."""
 
     def build(self, init) -> None:
@@ -159,31 +159,14 @@ class DistillTrainer(Trainer):
             sigma_to = ect_r(sigma, step // d.double, q=d.q, mapping=d.mapping, k=d.k, b=d.b)
         to = dict(device=self.device, non_blocking=True)
         sigma, sigma_to = sigma[part].to(**to), sigma_to[part].to(**to)
-        if not self.net.training:
-            self.objective.train()
-        micro = self.local_batch // self.t.grad_accumulation
-        losses = []
-        for m in range(self.t.grad_accumulation):
-            rows = slice(m * micro, (m + 1) * micro)
+
+        def micro_loss(m: int, rows: slice) -> tuple[torch.Tensor, tuple[torch.Tensor]]:
             cond = {key: value[rows] for key, value in conds.items()}
-            last = m == self.t.grad_accumulation - 1
-            sync = self.model.no_sync() if (self.dist.world_size > 1 and not last) else contextlib.nullcontext()
-            with sync:
-                with autocast_for(self.precision, self.device):
-                    loss = self._loss(images[rows], noise[rows], sigma[rows], sigma_to[rows], cond, step, m)
-                (loss.sum() / self.local_batch).backward()
-            losses.append(loss.detach())
-        params = [p for p in self.params if p.grad is not None]
-        if self.t.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.t.grad_clip, foreach=True)
-        else:  # the norm is still needed for the NaN/Inf guard
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
-        applied = bool(torch.isfinite(norm))
-        if applied:  # NaN/Inf guard: skip the update and keep the EMA clean
-            self.optimizer.step()
-            self.ema.update(self.net, (step + 1) * B, B)
-        self.optimizer.zero_grad(set_to_none=True)
-        return (torch.cat(losses), sigma), applied
+            loss = self._loss(images[rows], noise[rows], sigma[rows], sigma_to[rows], cond, step, m)
+            return loss, (loss,)
+
+        (losses,), applied = self._step_over_micro_batches(step, micro_loss)
+        return (losses, sigma), applied
 
     def _loss(self, y, z, sigma, sigma_to, cond, step: int, micro: int) -> torch.Tensor:
         """Per-sample loss of one micro-batch (the formula of the module docstring)."""
