@@ -39,7 +39,8 @@ else:
 LONGEST = ("test_demo_digits_are_recognizable", "test_rotations_do_not_leak", "test_lucidrains_snippet_runs_verbatim",
            "test_guided_digits_are_their_class",
            "test_kills_at_random_moments_then_resume_is_bit_identical",
-           "test_two_processes_train_the_same_weights_as_one", "test_two_processes_sample_and_evaluate_as_one")
+           "test_two_processes_train_the_same_weights_as_one", "test_two_processes_sample_and_evaluate_as_one",
+           "test_two_nodes_train_resume_sample_and_evaluate_as_one_process")
 
 
 def pytest_collection_modifyitems(config, items):

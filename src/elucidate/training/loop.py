@@ -33,7 +33,7 @@ from ..run.checkpoint import (
 )
 from ..run.lock import RunLock, RunLocked
 from ..run.rundir import RunDir, check_same_run
-from ..runtime.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from ..runtime.distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, init_distributed
 from ..runtime.files import remove_stale_temp_files
 from ..runtime.precision import resolve_precision
 from ..runtime.rng import derive_seed
@@ -206,7 +206,7 @@ class TrainingLoop:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 self.run.write_config(self.config_text())
                 self.run.metrics.unlink(missing_ok=True)
-            barrier()
+            self._same_start_on_every_process(0)
             return
         for prefix, module in self.modules.items():
             module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
@@ -221,7 +221,17 @@ class TrainingLoop:
             self.run.truncate_metrics(self.step)
             self._append_metrics({"event": "resume", "step": self.step, "checkpoint": ckpt.name, "damaged": damaged})
         self.log(f"resuming {self.run_dir} from {ckpt.name} (step {self.step})")
-        barrier()
+        self._same_start_on_every_process(self.step)
+
+    def _same_start_on_every_process(self, step: int) -> None:
+        """Every process starts from the same step (also the barrier after preparing the run directory): a run
+        directory that nodes see differently (not on a shared filesystem) would pair gradients of different runs."""
+        if self.dist.world_size == 1:
+            return
+        steps = all_reduce_max(torch.tensor([step, -step], dtype=torch.long, device=self.device))
+        if int(steps[0]) != -int(steps[1]):
+            raise UserError(f"{self.run_dir}: the processes start from different steps ({-int(steps[1])} to "
+                            f"{int(steps[0])}); every node must see the same run directory (a shared filesystem)")
 
     def _newest_usable_checkpoint(self) -> tuple[Path | None, dict, dict, list[str]]:
         """(newest undamaged checkpoint, its tensors and metadata, names of damaged ones moved aside).
