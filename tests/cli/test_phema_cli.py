@@ -10,7 +10,7 @@ from elucidate.config import parse_config
 from elucidate.run import RunDir
 from elucidate.run.model import load_run
 from elucidate.training import Trainer
-from elucidate.training.ema import reconstruct
+from elucidate.training.ema import list_snapshots, read_snapshot_info, reconstruct
 
 
 def train(raw: dict, run: Path) -> Path:
@@ -32,6 +32,21 @@ def test_ema_command_writes_a_loadable_checkpoint(trained_copy, tmp_path, capsys
     assert run.ema_checkpoint(0.07).is_file() and (tmp_path / "g.png").is_file()
 
 
+def test_ema_at_an_earlier_step_is_the_run_as_it_was_then_and_guides_the_final_model(trained_copy, tmp_path):
+    run = RunDir(trained_copy)
+    assert main(["ema", str(run), "--std", "0.07", "--step", "3"]) == 0
+    early = run.ema_checkpoint(0.07, step=3)
+    loaded = load_run(early)
+    time = next(i.time for i in map(read_snapshot_info, list_snapshots(run.phema)) if i.step == 3)
+    expected = reconstruct(run.phema, 0.07, target_time=time)
+    state = loaded.denoiser.net.state_dict()
+    assert loaded.step == 3 and all(torch.equal(state[k], expected[k]) for k in state)
+    last = reconstruct(run.phema, 0.07)
+    assert any(not torch.equal(state[k], last[k]) for k in state)  # not the final EMA
+    assert main(["sample", str(run), "--ema-std", "0.07", "--guide", str(early), "--guidance", "2",
+                 "--seeds", "0-1", "--out", str(tmp_path / "g.png")]) == 0  # autoguidance by the early sibling
+
+
 def test_eval_and_sweep_over_ema_lengths(trained_copy, capsys):
     run = RunDir(trained_copy)
     assert main(["eval", str(run), "--ema-std", "0.05", "--num", "8", "--batch", "8"]) == 0
@@ -51,6 +66,7 @@ def plain(tiny_config, tmp_path_factory) -> Path:
     (["ema", "RUN", "--std", "0.3"], "must be in (0, 0.2887)"),
     (["ema", "NOSNAP", "--std", "0.05"], "no power EMA snapshots"),
     (["sweep", "RUN", "--ema-stds", "0.05,x"], "--ema-stds"),
+    (["ema", "RUN", "--std", "0.05", "--step", "4"], "--step 4: "),
 ])
 def test_user_errors_are_one_line(trained_run, plain, capsys, argv, words):
     argv = [{"RUN": str(trained_run), "NOSNAP": str(plain)}.get(a, a) for a in argv]

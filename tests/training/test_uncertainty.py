@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from elucidate import EDM, Denoiser, Flow, denoising_loss
+from elucidate import EDM, Denoiser, Flow, GaussianMixture, denoising_loss
 from elucidate.config import parse_config
 from elucidate.config.network import build_network_for
 from elucidate.losses import UncertaintyHead, uncertainty_weighted
@@ -18,7 +18,7 @@ from elucidate.run import RunDir, load_checkpoint, load_run
 from elucidate.run.model import LoadedRun
 from elucidate.training import Trainer
 from elucidate.training.diffusion import Objective
-from elucidate.training.optim import make_optimizer
+from elucidate.training.optim import lr_factor, make_optimizer
 from elucidate.training.stats import IntervalStats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -176,3 +176,60 @@ def test_switching_the_weighting_on_resume_is_refused(tiny_config, write_config,
     code, err = cli_main(["train", cfg, "--out", tmp_path / "run", "--no-progress", "--set", "training.steps=4",
                           "--set", "training.loss_weighting=uncertainty"])
     assert code != 0 and len(err) == 1 and "training.loss_weighting" in err[0], err
+
+
+class ExactNet(nn.Module):
+    """The F(c_in x, c_noise) that makes D = c_skip x + c_out F the exact denoiser ``exact(x, sigma)`` (EDM's
+    c_noise = ln(sigma) / 4 gives sigma back), in float64; no parameters."""
+
+    def __init__(self, formulation, exact):
+        super().__init__()
+        self.formulation, self.exact = formulation, exact
+
+    def forward(self, x_in, c_noise, **cond):
+        sigma = (4 * c_noise.double()).exp()
+        c_skip, c_out, c_in, _ = self.formulation.precondition(sigma)
+        view = (-1,) + (1,) * (x_in.ndim - 1)
+        x = x_in.double() / c_in.reshape(view)
+        return ((self.exact(x, sigma) - c_skip.reshape(view) * x) / c_out.reshape(view)).to(x_in.dtype)
+
+
+def test_u_converges_to_the_log_of_the_expected_weighted_error(tiny_config):
+    # Data N(0, s^2 I), s = 1 != sigma_data = 0.5, and D the exact denoiser (frozen): its per-element squared error
+    # at sigma has mean s^2 sigma^2 / (s^2 + sigma^2), so eq. 21 (lambda / e^u ||D - y||^2 + u, the error a mean over
+    # elements as in denoising_loss) is minimized by e^u(sigma) = lambda(sigma) s^2 sigma^2 / (s^2 + sigma^2), which
+    # rises from 1 (sigma -> 0) to s^2 / sigma_data^2 = 4. The head is driven as the trainer drives it: the trainer's
+    # Objective, sigma draws, eq. 21 on its output, Adam from make_optimizer, and the loop's lr_factor (cosine decay).
+    s, steps = 1.0, 1500
+    config = parse_config(tiny_config(training={"steps": steps, "batch_size": 256, "lr": 0.01, "lr_rampup": 0,
+                                                "lr_schedule": {"kind": "cosine"}, "loss_weighting": "uncertainty"}))
+    t, formulation = config.training, config.formulation()
+    torch.manual_seed(0)
+    data = GaussianMixture(torch.zeros(1, 64), [s])
+    head = UncertaintyHead()
+    objective = Objective(Denoiser(ExactNet(formulation, data.denoise), formulation), head)
+    assert list(objective.parameters()) == [head.weight]  # only u(sigma) learns
+    opt = make_optimizer(objective, t)
+    z = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0])  # ln(sigma) = P_mean + z P_std: the training distribution's spread
+    sigma = (formulation.P_mean + formulation.P_std * z).exp()
+    optimum = formulation.loss_weight(sigma) * s ** 2 * sigma ** 2 / (s ** 2 + sigma ** 2)  # e^u*(sigma)
+    with torch.no_grad():
+        assert ((head(sigma).exp() / optimum).log().abs() > math.log(1.1)).any()  # the fresh head is far from it
+    g = torch.Generator().manual_seed(0)
+    for k in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = t.lr * lr_factor(t, k)
+        sigmas = formulation.training_sigma(t.batch_size, generator=g, dtype=torch.float32)
+        y, noise = s * torch.randn(t.batch_size, 1, 8, 8, generator=g), torch.randn(t.batch_size, 1, 8, 8, generator=g)
+        loss, u = objective(y, sigmas, noise)
+        uncertainty_weighted(loss, u).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        ratio = head.eval()(sigma).exp() / optimum
+    # Within 5% where 68% of the sigmas are drawn (|z| <= 1), 10% at |z| = 2, where only 5% are: what remains is
+    # Adam's noise on a per-sample loss of relative spread sqrt(2 / 64) and the fit of 128 Fourier features; over
+    # six seeds the worst was 0.8% and 4.2%. A u that ignores sigma, or a loss summed instead of averaged over the
+    # 64 elements (e^u 64x), misses by far more.
+    assert ((ratio[1:4] - 1).abs() < 0.05).all(), ratio
+    assert ((ratio - 1).abs() < 0.10).all(), ratio

@@ -15,16 +15,24 @@ def register(sub) -> dict:
     p.add_argument("run", type=Path, help="run directory trained with training.ema: {type: power, ...}")
     p.add_argument("--std", type=float, required=True, help="relative std sigma_rel of the EMA, e.g. 0.07")
     p.add_argument("--out", type=Path, default=None,
-                   help="checkpoint to write (default RUN/phema/ema-STD.safetensors, which --ema-std reuses)")
+                   help="checkpoint to write (default RUN/phema/ema-STD.safetensors, which --ema-std reuses; "
+                        "with --step RUN/phema/ema-STD-stepSTEP.safetensors)")
+    p.add_argument("--step", type=int, default=None,
+                   help="reconstruct the EMA as it was at this training step (a snapshot's; e.g. an early sibling "
+                        "for autoguidance: sample RUN --guide THAT_FILE) (default: the last snapshot)")
     return {"ema": cmd_ema}
 
 
 def cmd_ema(args) -> int:
     from ..training.ema import write_ema_checkpoint
 
-    path = write_ema_checkpoint(args.run, args.std, args.out)
-    print(f"wrote {path} (EMA with relative std {args.std:g}; `elucidate sample {path} ...` or --ema-std "
-          f"{args.std:g} uses it)")
+    path = write_ema_checkpoint(args.run, args.std, args.out, step=args.step)
+    if args.step is None:
+        print(f"wrote {path} (EMA with relative std {args.std:g}; `elucidate sample {path} ...` or --ema-std "
+              f"{args.std:g} uses it)")
+    else:
+        print(f"wrote {path} (EMA with relative std {args.std:g} at step {args.step}; `elucidate sample {path} ...`, "
+              f"or `--guide {path}` to autoguide the final model by it)")
     return 0
 
 

@@ -110,9 +110,11 @@ class RunDir:
         """Every evaluation result file (``eval/*.json``, also those of earlier versions), sorted by name."""
         return sorted(self.eval.glob("*.json"))
 
-    def ema_checkpoint(self, std: float) -> Path:
-        """The post-hoc EMA of relative std ``std`` as a checkpoint (``elucidate ema``, ``--ema-std``)."""
-        return self.phema / f"ema-{std:.3f}.safetensors"
+    def ema_checkpoint(self, std: float, step: int | None = None) -> Path:
+        """The post-hoc EMA of relative std ``std`` as a checkpoint (``elucidate ema``, ``--ema-std``); at training
+        step ``step`` (``elucidate ema --step``) instead of the last snapshot."""
+        at = "" if step is None else f"-step{step:08d}"
+        return self.phema / f"ema-{std:.3f}{at}.safetensors"
 
     def is_run(self) -> bool:
         """Whether the folder looks like a run directory (config, metrics or checkpoints)."""

@@ -407,14 +407,23 @@ def _snapshots(run: Path) -> list[Path]:
     return snaps
 
 
-def write_ema_checkpoint(run: str | Path, std: float, out: str | Path | None = None) -> Path:
-    """Reconstruct the EMA of relative std ``std`` at the run's last snapshot and write it as a
-    checkpoint (``ema.*`` and ``net.*`` = the reconstruction; config, data and normalizer of the run's
-    latest checkpoint); default ``RUN/phema/ema-{std:.3f}.safetensors`` (:meth:`RunDir.ema_checkpoint`)."""
+def write_ema_checkpoint(run: str | Path, std: float, out: str | Path | None = None, *,
+                         step: int | None = None) -> Path:
+    """Reconstruct the EMA of relative std ``std`` at the run's last snapshot (or at the snapshot of training step
+    ``step``: the run as it was then, e.g. an early sibling to guide the final model with) and write it as a
+    checkpoint (``ema.*`` and ``net.*`` = the reconstruction; config, data and normalizer of the run's latest
+    checkpoint); default ``RUN/phema/ema-{std:.3f}[-step{step:08d}].safetensors`` (:meth:`RunDir.ema_checkpoint`)."""
     run, std = Path(run), check_std(std)
     snaps = _snapshots(run)
-    last = read_snapshot_info(snaps[-1])
-    state = reconstruct(snaps, std)
+    infos = [read_snapshot_info(s) for s in snaps]
+    if step is None:
+        at = infos[-1]
+    else:
+        at = next((i for i in infos if i.step == step), None)
+        if at is None:
+            raise UserError(f"--step {step}: {RunDir(run).phema} has snapshots at steps "
+                            f"{', '.join(str(i.step) for i in infos)} only")
+    state = reconstruct(snaps, std, target_time=at.time)
     loaded = load_run(run, ema=True)
     net = loaded.denoiser.net
     missing = set(net.state_dict()) ^ set(state)
@@ -424,8 +433,9 @@ def write_ema_checkpoint(run: str | Path, std: float, out: str | Path | None = N
     net.load_state_dict(state)
     _, meta = read_header(loaded.checkpoint)
     meta = {k: v for k, v in meta.items() if k not in ("optimizer", "crc32", "format")}
-    meta.update(step=last.step, phema={"std": std, "snapshot_step": last.step, "snapshots": len(snaps)})
-    path = Path(out) if out is not None else RunDir(run).ema_checkpoint(std)
+    meta.update(step=at.step, phema={"std": std, "snapshot_step": at.step,
+                                     "snapshots": sum(i.time <= at.time for i in infos)})
+    path = Path(out) if out is not None else RunDir(run).ema_checkpoint(std, step=step)
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_checkpoint(path, net=net, ema=net, optimizer=None, meta=meta)
 
