@@ -26,8 +26,9 @@ FORMAT = "elucidate-tuned-schedule/1"
 
 @dataclasses.dataclass
 class TunedSchedule:
-    """The result of :func:`elucidate.sampling.tune`: replay it with
-    ``getattr(elucidate.sampling, t.sampler)(D, x, t.sigmas, **t.options)`` (or ``t(D, x)``)."""
+    """The result of :func:`elucidate.sampling.tune` (or of :func:`.consistency.tune_consistency`: the
+    consistency sampler's levels, ``objective`` recording the metric, samples and seeds it was scored on): replay
+    it with ``getattr(elucidate.sampling, t.sampler)(D, x, t.sigmas, **t.options)`` (or ``t(D, x)``)."""
 
     sampler: str
     sigmas: list[float]
@@ -49,6 +50,7 @@ class TunedSchedule:
     evaluations: int = 0
     seconds: float = 0.0
     model: dict = dataclasses.field(default_factory=dict)
+    objective: dict = dataclasses.field(default_factory=dict)
     created: str = dataclasses.field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def __post_init__(self) -> None:
@@ -68,11 +70,13 @@ class TunedSchedule:
         return get_sampler(self.sampler).fn(D, x, self.sigmas_tensor, **self.options, **plumbing)
 
     def validate(self) -> None:
-        """ValueError naming what is wrong: unknown or stochastic sampler, bad options, sigmas that do not
-        run from sigma_max down to 0, or more evaluations than ``nfe``."""
+        """ValueError naming what is wrong: unknown or stochastic sampler (but the consistency sampler), bad
+        options, sigmas that do not run from sigma_max down to 0 (above the consistency boundary epsilon), or more
+        evaluations than ``nfe``."""
         spec = get_sampler(self.sampler)
-        if spec.stochastic:
-            raise ValueError(f"sampler {self.sampler!r} draws noise; a tuned schedule needs an ODE solver")
+        if spec.stochastic and not spec.consistency:
+            raise ValueError(f"sampler {self.sampler!r} draws noise; a tuned schedule needs an ODE solver (or "
+                             "the consistency sampler)")
         if not isinstance(self.options, dict):
             raise ValueError(f"options must be a mapping, got {self.options!r}")
         check_options(self.sampler, self.options)
@@ -83,6 +87,9 @@ class TunedSchedule:
         check_sigmas(self.sigmas)
         if self.sigmas[-1] != 0 or any(b >= a for a, b in zip(self.sigmas, self.sigmas[1:])):
             raise ValueError("sigmas must decrease strictly from sigma_max to exactly 0")
+        epsilon = self.options.get("epsilon", 0.0) if spec.consistency else 0.0
+        if any(0 < s <= epsilon for s in self.sigmas):
+            raise ValueError(f"the consistency levels must lie above epsilon = {epsilon:g}")
         if not math.isclose(self.sigmas[0], self.sigma_max, rel_tol=1e-12):
             raise ValueError(f"sigmas start at {self.sigmas[0]:g}, not at sigma_max = {self.sigma_max:g}")
         if isinstance(self.nfe, bool) or not isinstance(self.nfe, int) or self.nfe < 1:
