@@ -58,11 +58,11 @@ def conditions(net, batch: int, tokens: int = 3, seed: int = 5) -> dict:
 # --- networks ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "edm2"])
 def test_every_network_takes_every_conditioning(arch, kind):
     net = perturb(net_for(arch, **KINDS[kind]))
     x = torch.randn(3, 3, 12, 20)  # non-square
-    cond = conditions(net, 3, tokens=2 + ARCHS.index(arch))  # any number of tokens (one would ignore the queries)
+    cond = conditions(net, 3, tokens=2 + [*ARCHS, "edm2"].index(arch))  # any number of tokens (one ignores queries)
     out = net(x, torch.tensor([-1.0, 0.0, 0.7]), **cond)
     assert out.shape == (3, 3, 12, 20)
     out.square().mean().backward()

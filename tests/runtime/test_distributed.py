@@ -77,6 +77,11 @@ def test_two_processes_train_the_same_weights_as_one(tiny_config, tiny_vae_confi
         "augment_dim": ("diffusion", tiny_config(network={"channel_mult": [1, 2], "augment_dim": 4},
                                                  training={"steps": 2})),
         "vae": ("vae", tiny_vae_config(training={"steps": 6, "checkpoint_every": 6, "log_every": 3})),
+        # EDM2: forced weight normalization rewrites the weights in every training forward on every rank, and the
+        # uncertainty head's gradient is all-reduced with the network's (both in the one DDP module)
+        "edm2": ("diffusion", tiny_config(network={"arch": "edm2", "channel_mult": [1, 2], "attn_resolutions": [4]},
+                                          training={"steps": 3, "checkpoint_every": 3, "lr": 0.01,
+                                                    "loss_weighting": "uncertainty"})),
     }
     spec = tmp_path / "configs.json"
     spec.write_text(json.dumps(configs))
