@@ -39,6 +39,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from distillation import cost  # noqa: E402  (steps and training seconds of a checkpoint)
 
 INV_SQRT = "training.lr_schedule={kind: inv_sqrt, ref_batches: 600}"
 #: name -> (config, --set overrides): each row adds one ingredient to the one before it
@@ -55,17 +58,14 @@ def elucidate(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "elucidate", *args, "--no-progress"], check=True)
 
 
-def checkpoints(path: Path) -> dict[int, Path]:
-    return {int(p.stem.split("-")[1]): p for p in sorted((path / "checkpoints").glob("ckpt-*.safetensors"))}
-
-
 def train(runs: Path, name: str) -> Path:
     from elucidate.config import load_config
+    from elucidate.run import RunDir
 
     config, overrides = VARIANTS[name]
     path = runs / name
     steps = load_config(ROOT / config).training.steps
-    if steps not in checkpoints(path):  # (resumes a run that was stopped)
+    if not RunDir(path).checkpoint(steps).is_file():  # (resumes a run that was stopped)
         sets = [a for o in overrides for a in ("--set", o)]
         elucidate("train", str(ROOT / config), "--out", str(path), *sets)
     return path
@@ -97,12 +97,6 @@ class Scorer:
             score = classifier_score(self.classifier.predict_proba(pixels), threshold=0.8)
         return {"fd": compute_metric("fd_mnist", stats, self.ref)["value"],
                 "recognizable": float(score.confident_fraction), "classes": int((score.histogram > 0).sum())}
-
-
-def seconds(ckpt: Path) -> float:
-    from elucidate.run.checkpoint import check_run_checkpoint
-
-    return float(check_run_checkpoint(ckpt)[1]["seconds"])
 
 
 def crossing(points: list[tuple[float, float]], target: float) -> float | None:
@@ -147,12 +141,12 @@ def main(argv=None) -> None:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for name in names:
         path = args.runs / name if args.no_train else train(args.runs, name)
-        ckpts = checkpoints(path)
+        ckpts = RunDir(path).list_checkpoints()
         if not ckpts:
             continue
         res = results.setdefault(name, {})
-        last = max(ckpts)
-        res["seconds"], res["steps"] = seconds(ckpts[last]), last
+        res.update(cost(ckpts[-1]))  # the newest checkpoint's steps and training seconds
+        last = res["steps"]
         curve, std0 = res.setdefault("curve", {}), float(args.ema_stds.split(",")[0])
         for step in sorted({*range(args.curve_every, last, args.curve_every), last}):
             if str(step) not in curve:
