@@ -278,3 +278,45 @@ def test_cd_needs_its_teacher_to_resume(trained_run, tmp_path, cli_main):
     code, err = cli_main(["distill", teacher, "--method", "cd", "--out", out, "--steps", "2", "--no-progress"])
     assert code == 2 and len(err) == 1 and "teacher" in err[0] and "missing" in err[0], err
 
+
+
+@pytest.fixture(scope="module")
+def edm2_augmented_run(tiny_config, tmp_path_factory):
+    """A tiny run of the EDM2 network (forced weight normalization) trained with augmentation (augment labels)."""
+    from elucidate.cli import main
+
+    root = tmp_path_factory.mktemp("edm2")
+    raw = tiny_config(network={"arch": "edm2", "model_channels": 8, "channel_mult": [1], "num_blocks": 1,
+                               "attn_resolutions": []},
+                      training={"steps": 2, "augment": {"p": 0.5, "xflip": 1}, "loss_weighting": "uncertainty"})
+    (root / "run.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", str(root / "run.yaml"), "--out", str(root / "run"), "--no-progress"]) == 0
+    return root / "run"
+
+
+@pytest.mark.parametrize("method", ["cd", "ect"])
+def test_an_edm2_teacher_trained_with_augmentation_distills(edm2_augmented_run, tmp_path, cli_main, method):
+    # the student keeps the teacher's network, augment input included (fed nothing: zeros, as sampling does), and an
+    # in-place weight renormalization in the training-mode calls (edm2's MPConv) does not break the backward pass
+    out = tmp_path / method
+    code, err = cli_main(["distill", edm2_augmented_run, "--method", method, "--out", out, "--steps", "2",
+                          "--no-progress"])
+    assert code == 0, err
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["training"]["augment"] is None and config["network"]["augment_dim"] > 0
+    assert config["training"]["loss_weighting"] == "fixed"
+    start, end = _tensors(out, 0), _tensors(out, 2)
+    teacher = _tensors(edm2_augmented_run, 2)
+    assert all(torch.equal(start["net." + k[len("ema."):]], v) for k, v in teacher.items() if k.startswith("ema."))
+    assert any(not torch.equal(start[k], end[k]) for k in start if k.startswith("net."))
+    assert torch.isfinite(load_run(out).sample(range(2))).all()
+
+
+def test_a_run_that_cannot_start_is_not_left_behind(trained_run, tmp_path, monkeypatch):
+    def fail(self, states, source):
+        raise UserError("the weights do not fit")
+
+    monkeypatch.setattr(DistillTrainer, "start_from", fail)
+    with pytest.raises(UserError, match="do not fit"):
+        distill(trained_run, tmp_path / "new", method="ect", steps=1, progress=False, log=quiet)
+    assert not (tmp_path / "new").exists()

@@ -30,6 +30,7 @@ section (method, teacher checkpoint, settings) and a sampling section defaulting
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from torch import nn
 from ..config import Config, load_config, parse_config
 from ..config.distill import METHODS
 from ..config.schema import SECTIONS, parse_with_overrides
+from ..config.training import AUGMENT_LABEL_DIM
 from ..denoiser import Denoiser
 from ..errors import UserError
 from ..formulations import EDM, Consistency
@@ -176,20 +178,23 @@ class DistillTrainer(Trainer):
             x = y + sigma.reshape(view) * z  # x_{n+1} = y + sigma_{n+1} z
             with torch.no_grad():  # x_hat_n: the frozen teacher's ODE step (Song et al. 2023, Algorithm 2)
                 x_to = teacher_step(self.teacher, x, sigma, sigma_to, d.solver, **cond)
-            torch.manual_seed(seed)
-            pred = self.model(x, sigma, **cond)  # f_theta(x_{n+1}, sigma_{n+1})
-            torch.manual_seed(seed)  # the same dropout mask for the target
+            torch.manual_seed(seed)  # the target first (see below), then the student with the same dropout mask
             with torch.no_grad():
                 target = self.objective(x_to, sigma_to, **cond)  # f_theta-(x_hat_n, sigma_n), theta- = sg(theta)
+            torch.manual_seed(seed)
+            pred = self.model(x, sigma, **cond)  # f_theta(x_{n+1}, sigma_{n+1})
             return consistency_distance(pred, target, d.metric, d.huber_c)  # lambda(sigma_n) = 1
-        torch.manual_seed(seed)
-        pred = self.model(y + sigma.reshape(view) * z, sigma, **cond)  # f(y + t n, t)
+        # The stop-gradient target is evaluated before the student: a network that renormalizes its weights in place
+        # when called in training mode (edm2's forced weight normalization) would otherwise change, after the
+        # student's call, weights its backward pass still needs.
         positive = sigma_to > 0
-        torch.manual_seed(seed)  # the same dropout mask for the target (ECT reseeds the RNG)
+        torch.manual_seed(seed)  # the same dropout mask for both calls (ECT reseeds the RNG)
         with torch.no_grad():  # sg f(y + r n, r); at r = 0 the target is y itself (ECT's loss.py)
             r = torch.where(positive, sigma_to, sigma)  # rows with r = 0 are evaluated at t and then replaced
             target = torch.nan_to_num(self.objective(y + r.reshape(view) * z, r, **cond))
             target = torch.where(positive.reshape(view), target.to(y.dtype), y)
+        torch.manual_seed(seed)
+        pred = self.model(y + sigma.reshape(view) * z, sigma, **cond)  # f(y + t n, t)
         return consistency_distance(pred, target, d.metric, d.huber_c) / (sigma - sigma_to)  # ECT's 1 / (t - r)
 
 
@@ -204,6 +209,8 @@ def distill_config(teacher: Config, checkpoint: Path, method: str, *, steps: int
     raw = teacher.to_dict()
     raw["data"] = {k: v for k, v in raw["data"].items() if k != "pairs"}
     raw["training"] = {**raw["training"], "steps": int(steps), "augment": None, "loss_weighting": "fixed"}
+    if teacher.training.augment is not None:  # the same network: its augment input stays (fed zeros, as sampling does)
+        raw["network"] = {**raw["network"], "augment_dim": AUGMENT_LABEL_DIM}
     if epsilon > 0:
         formulation = teacher.formulation()
         if type(formulation) is not EDM:
@@ -266,7 +273,14 @@ def distill(run: str | Path, out: str | Path, *, method: str, steps: int = DEFAU
     dim = teacher.info.channels * math.prod(teacher.info.resolution)
     config = distill_config(teacher.config, checkpoint, method, steps=steps, epsilon=epsilon, dim=dim, metric=metric,
                             overrides=overrides)
+    created = not out.exists()
     trainer = DistillTrainer(config, out, device=device, progress=progress, log=log)
     ema = {k: v.detach().clone() for k, v in teacher.denoiser.net.state_dict().items()}
-    trainer.start_from({"net": ema, "ema": ema}, source=f"{checkpoint} (EMA)")
+    try:
+        trainer.start_from({"net": ema, "ema": ema}, source=f"{checkpoint} (EMA)")
+    except BaseException:  # nothing half-written: a run that could not start is not left behind
+        trainer.close()
+        if created and trainer.dist.is_main:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return trainer.train()
