@@ -2,20 +2,27 @@
 (issue 34): quality at NFE 1, 2, 4 next to the teacher's at NFE 5, 9, 35, and what the distillation costs.
 
 1. The teacher: ``--config`` (default configs/digits-edm.yaml) trained into ``--teacher`` (skipped when it has
-   checkpoints), tuned at ``--tuned-nfe`` (``elucidate tune``, skipped when stored). Scored with its tuned schedules,
+   checkpoints); with ``--teacher-std S`` (a run trained with post-hoc EMA, e.g. configs/mnist-edm2.yaml) the
+   teacher is its post-hoc EMA of std S, written as the run RUNS/teacher (``elucidate ema --out``). It is tuned at
+   ``--tuned-nfe`` (``elucidate tune``, skipped when stored). Scored with its tuned schedules,
    DPM-Solver++(2M) at every ``--teacher-nfe`` and Heun at NFE 35 (18 steps, the demo's default).
 2. Each ``--methods`` entry: ``elucidate distill TEACHER --method M --out RUNS/M --steps S`` with every checkpoint
    kept (``--eval-every`` steps apart); the final student scored with the consistency sampler at NFE 1, 2 and 4 (its
    levels: Karras from sigma_max down to 0.821), every checkpoint at NFE 1 and 2 (the FD-vs-steps curve).
-3. Scores: fd_digits of ``--num`` samples (seeds 0..num-1) against the 1,797 real digits and the share the bundled
-   digits classifier recognizes (confidence >= 0.8), as benchmarks/flow_vs_edm.py. Cost: optimizer steps and
-   wall-clock seconds of training (from the checkpoints' metadata), the distillation's relative to the teacher's.
+3. Scores: the FD of ``--num`` samples (seeds 0..num-1) against the real data and the share the bundled classifier
+   recognizes (confidence >= 0.8): fd_digits and the digits classifier for the 8x8 digits (as
+   benchmarks/flow_vs_edm.py), fd_mnist and the MNIST classifier for MNIST (as benchmarks/mnist_edm2.py). Cost:
+   optimizer steps and wall-clock seconds of training (from the checkpoints' metadata), the distillation's relative
+   to the teacher's.
 
 Prints two markdown tables and writes RUNS/results.json (and RUNS/fd_vs_steps.png if matplotlib is installed).
 
     python benchmarks/distillation.py [--teacher runs/demo] [--runs runs/distill_bench] [--steps 2000]
                                       [--eval-every 500] [--num 2000] [--methods cd,ect] [--teacher-nfe 5,9,35]
                                       [--tuned-nfe 5,9] [--set KEY=VALUE ...] [--config configs/digits-edm.yaml]
+                                      [--teacher-std S]
+    python benchmarks/distillation.py --teacher runs/mnist_bench/mnist-edm2 --teacher-std 0.05 \
+        --runs runs/distill_bench/mnist --methods ect --steps 1200 --eval-every 400 --num 500 --tuned-nfe ""
 """
 from __future__ import annotations
 
@@ -49,6 +56,32 @@ def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def scorer_for(teacher: Path, num: int):
+    """The scorer of the teacher's data: (scorer, the FD's name)."""
+    from elucidate.run.model import load_run
+
+    if load_run(teacher).config.data.get("dataset") == "mnist":
+        from mnist_edm2 import Scorer as MnistScorer  # fd_mnist and the MNIST classifier's recognized share
+        return MnistScorer(num), "fd_mnist"
+    return Scorer(num), "fd_digits"
+
+
+def posthoc_teacher(run: Path, std: float, out: Path) -> Path:
+    """The post-hoc EMA of std ``std`` of ``run`` (trained with power EMA) as a run directory of its own, ``out``
+    (the run's config and one checkpoint, at the run's last step): what can be tuned and distilled."""
+    import shutil
+
+    from elucidate.run.rundir import RunDir
+
+    last = RunDir(run).list_checkpoints()[-1]
+    ckpt = RunDir(out).checkpoints / last.name
+    if not ckpt.is_file():
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(RunDir(run).config, RunDir(out).config)
+        elucidate("ema", str(run), "--std", str(std), "--out", str(ckpt))
+    return out
+
+
 def teacher_rows(path: Path, score: Scorer, teacher_nfe: list[int], tuned_nfe: list[int]) -> list[dict]:
     from elucidate.run.model import load_run
     from elucidate.run.rundir import RunDir
@@ -68,7 +101,7 @@ def teacher_rows(path: Path, score: Scorer, teacher_nfe: list[int], tuned_nfe: l
     rows = []
     for name, cfg in configs:
         r = {"model": "teacher", "sampler": name, **score(run, cfg)}
-        print(f"  teacher {name:<12} NFE {r['nfe']:>3}  fd_digits {r['fd']:8.3f}  recognizable "
+        print(f"  teacher {name:<12} NFE {r['nfe']:>3}  fd {r['fd']:8.3f}  recognizable "
               f"{100 * r['recognizable']:5.1f} %", flush=True)
         rows.append(r)
     return rows
@@ -91,7 +124,7 @@ def student_rows(path: Path, method: str, score: Scorer, nfes=(1, 2, 4)) -> tupl
                 curve.append(r)
             if last:
                 final.append(r)
-                print(f"  {method:<7} consistency  NFE {r['nfe']:>3}  fd_digits {r['fd']:8.3f}  recognizable "
+                print(f"  {method:<7} consistency  NFE {r['nfe']:>3}  fd {r['fd']:8.3f}  recognizable "
                       f"{100 * r['recognizable']:5.1f} %", flush=True)
     return final, curve
 
@@ -110,6 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--tuned-nfe", default="5,9", help="NFEs of the teacher's tuned rows ('' = none)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to every `elucidate distill` (e.g. training.lr=1e-4)")
+    p.add_argument("--teacher-std", type=float, default=None,
+                   help="distill the teacher's post-hoc EMA of this std (a run trained with power EMA)")
     args = p.parse_args(argv)
 
     from elucidate.run.rundir import RunDir
@@ -117,9 +152,15 @@ def main(argv=None) -> int:
     if not RunDir(args.teacher).list_checkpoints():
         elucidate("train", str(args.config), "--out", str(args.teacher))
     teacher_cost = cost(RunDir(args.teacher).list_checkpoints()[-1])
-    score = Scorer(args.num)
-    results = {"teacher": teacher_rows(args.teacher, score, ints(args.teacher_nfe), ints(args.tuned_nfe)),
-               "teacher_cost": teacher_cost, "students": {}, "curves": {}, "costs": {}}
+    if args.teacher_std is not None:
+        args.teacher = posthoc_teacher(args.teacher, args.teacher_std, args.runs / "teacher")
+    score, fd_name = scorer_for(args.teacher, args.num)
+    path = args.runs / "results.json"  # the students not run this time keep their rows (same teacher only)
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    keep = old.get("teacher_path") == str(args.teacher.resolve())
+    results = {"teacher_path": str(args.teacher.resolve()), "teacher_cost": teacher_cost,
+               "teacher": teacher_rows(args.teacher, score, ints(args.teacher_nfe), ints(args.tuned_nfe)),
+               **{k: old.get(k, {}) if keep else {} for k in ("students", "curves", "costs")}}
     for method in [m for m in args.methods.split(",") if m]:
         out = args.runs / method
         sets = [f"training.checkpoint_every={args.eval_every}", "training.keep_checkpoints=0", *args.overrides]
@@ -130,7 +171,7 @@ def main(argv=None) -> int:
 
     t = results["teacher_cost"]
     print(f"\nteacher: {t['steps']} steps, {t['seconds']:.0f} s of training\n")
-    print("| model | sampler | NFE | fd_digits | recognizable | training steps (x teacher) | seconds (x teacher) |")
+    print(f"| model | sampler | NFE | {fd_name} | recognizable | training steps (x teacher) | seconds (x teacher) |")
     print("|---|---|---|---|---|---|---|")
     for r in results["teacher"]:
         print(f"| teacher | {r['sampler']} | {r['nfe']} | {r['fd']:.2f} | {100 * r['recognizable']:.1f} % | "
@@ -141,7 +182,7 @@ def main(argv=None) -> int:
             print(f"| {method} | consistency | {r['nfe']} | {r['fd']:.2f} | {100 * r['recognizable']:.1f} % | "
                   f"+{c['steps']} ({c['steps'] / max(t['steps'], 1):.2f}) | +{c['seconds']:.0f} "
                   f"({c['seconds'] / max(t['seconds'], 1e-9):.2f}) |")
-    print("\nFD vs distillation steps (fd_digits at NFE 1 / NFE 2):\n")
+    print(f"\nFD vs distillation steps ({fd_name} at NFE 1 / NFE 2):\n")
     methods = list(results["curves"])
     print("| step | " + " | ".join(methods) + " |")
     print("|---" * (1 + len(methods)) + "|")
@@ -153,7 +194,7 @@ def main(argv=None) -> int:
             cells.append(" / ".join(f"{by[n]:.2f}" if n in by else "—" for n in (1, 2)))
         print(f"| {step} | " + " | ".join(cells) + " |")
     args.runs.mkdir(parents=True, exist_ok=True)
-    (args.runs / "results.json").write_text(json.dumps(results, indent=1))
+    path.write_text(json.dumps(results, indent=1))
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -165,7 +206,7 @@ def main(argv=None) -> int:
         for nfe, style in ((1, "-o"), (2, "--s")):
             pts = [(r["step"], r["fd"]) for r in results["curves"][m] if r["nfe"] == nfe]
             ax.plot(*zip(*pts), style, label=f"{m}, NFE {nfe}")
-    ax.set(xlabel="distillation steps", ylabel="fd_digits", yscale="log")
+    ax.set(xlabel="distillation steps", ylabel=fd_name, yscale="log")
     ax.legend()
     fig.tight_layout()
     fig.savefig(args.runs / "fd_vs_steps.png", dpi=120)

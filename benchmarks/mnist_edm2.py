@@ -86,7 +86,7 @@ class Scorer:
         import torch
 
         from elucidate.data.pixels import to_pixels
-        from elucidate.evaluation.evaluate import compute_metric
+        from elucidate.evaluation.evaluate import compute_metric, sampler_nfe
         from elucidate.metrics import FeatureStats, classifier_score
 
         x = run.sample(range(self.num), cfg, batch_size=250, precision="bf16")
@@ -96,7 +96,8 @@ class Scorer:
         with torch.no_grad():
             score = classifier_score(self.classifier.predict_proba(pixels), threshold=0.8)
         return {"fd": compute_metric("fd_mnist", stats, self.ref)["value"],
-                "recognizable": float(score.confident_fraction), "classes": int((score.histogram > 0).sum())}
+                "recognizable": float(score.confident_fraction), "classes": int((score.histogram > 0).sum()),
+                "nfe": sampler_nfe(cfg or run.config.sampling, run.denoiser.formulation)}
 
 
 def crossing(points: list[tuple[float, float]], target: float) -> float | None:

@@ -191,8 +191,11 @@ def tiny_argv(argv: list[str]) -> list[str]:
         argv += ["--num", str(MAX_NUM)]
     if command == "likelihood":
         argv += [x for k, v in (("--num", "8"), ("--steps", "8")) if _flag(argv, k) is None for x in (k, v)]
-    if command == "tune":
-        argv += [x for k, v in TINY_TUNE.items() if _flag(argv, k) is None for x in (k, v)]
+    if command == "tune":  # a distilled run's tuner (docs/distillation.md) takes only --num of these
+        config = Path(argv[1]) / "config.yaml" if len(argv) > 1 else None
+        distilled = bool(config and config.is_file() and (yaml.safe_load(config.read_text()) or {}).get("distill"))
+        argv += [x for k, v in TINY_TUNE.items() if _flag(argv, k) is None and (k == "--num" or not distilled)
+                 for x in (k, v)]
     if command == "distill":  # `--steps 2000` -> 2 (4000 -> 4: a resume still resumes); tests/training/test_distill.py
         argv = [str(max(1, int(a) // 1000)) if i and argv[i - 1] == "--steps" and a.isdigit() else a
                 for i, a in enumerate(argv)]
