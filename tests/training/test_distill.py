@@ -320,3 +320,15 @@ def test_a_run_that_cannot_start_is_not_left_behind(trained_run, tmp_path, monke
     with pytest.raises(UserError, match="do not fit"):
         distill(trained_run, tmp_path / "new", method="ect", steps=1, progress=False, log=quiet)
     assert not (tmp_path / "new").exists()
+
+
+def test_ect_trains_in_fp32_unless_told_otherwise(trained_run):
+    # ECT's 1 / (t - r) with t - r shrinking by q per stage needs fp32 (bf16 collapsed after stage 8 on the digits,
+    # docs/distillation.md); cd keeps the teacher's precision; --set still decides
+    ckpt = resolve_checkpoint(trained_run)
+    teacher = load_run(ckpt, device="cpu").config
+    teacher.training.precision = "bf16"
+    ect = distill_config(teacher, ckpt, "ect", steps=2, epsilon=0.0, dim=64)
+    cd = distill_config(teacher, ckpt, "cd", steps=2, epsilon=0.002, dim=64)
+    told = distill_config(teacher, ckpt, "ect", steps=2, epsilon=0.0, dim=64, overrides=["training.precision=bf16"])
+    assert (ect.training.precision, cd.training.precision, told.training.precision) == ("fp32", "bf16", "bf16")

@@ -209,6 +209,8 @@ def distill_config(teacher: Config, checkpoint: Path, method: str, *, steps: int
     raw = teacher.to_dict()
     raw["data"] = {k: v for k, v in raw["data"].items() if k != "pairs"}
     raw["training"] = {**raw["training"], "steps": int(steps), "augment": None, "loss_weighting": "fixed"}
+    if method == "ect":  # ECT's loss divides a difference of two outputs by t - r, which shrinks by q per stage to
+        raw["training"]["precision"] = "fp32"  # below bf16's resolution: fp32 unless --set says otherwise
     if teacher.training.augment is not None:  # the same network: its augment input stays (fed zeros, as sampling does)
         raw["network"] = {**raw["network"], "augment_dim": AUGMENT_LABEL_DIM}
     if epsilon > 0:
