@@ -20,7 +20,7 @@ Prints two markdown tables and writes RUNS/results.json (and RUNS/fd_vs_steps.pn
     python benchmarks/distillation.py [--teacher runs/demo] [--runs runs/distill_bench] [--steps 2000]
                                       [--eval-every 500] [--num 2000] [--methods cd,ect] [--teacher-nfe 5,9,35]
                                       [--tuned-nfe 5,9] [--set KEY=VALUE ...] [--config configs/digits-edm.yaml]
-                                      [--teacher-std S]
+                                      [--teacher-std S] [--picture ect]
     python benchmarks/distillation.py --teacher runs/mnist_bench/mnist-edm2 --teacher-std 0.05 \
         --runs runs/distill_bench/mnist --methods ect --steps 1200 --eval-every 400 --num 500 --tuned-nfe ""
 """
@@ -107,6 +107,30 @@ def teacher_rows(path: Path, score: Scorer, teacher_nfe: list[int], tuned_nfe: l
     return rows
 
 
+def picture(teacher: Path, student: Path, results: dict, method: str, out: Path) -> Path:
+    """Seeds 0-63: the teacher with Heun (NFE 35) next to the student at NFE 1 and 2, each titled with its FD."""
+    import dataclasses
+
+    from elucidate.run.model import load_run
+    from elucidate.viz import image_grid, new_figure, save_figure
+
+    t, s = load_run(teacher), load_run(student)
+    fd = {r["nfe"]: r for r in results["students"][method]}
+    heun = next(r for r in results["teacher"] if r["sampler"] == "heun")
+    panels = [(t, dataclasses.replace(t.config.sampling, sampler="heun", steps=18, s_churn=0.0),
+               f"teacher, Heun NFE 35: {heun['fd']:.2f}")]
+    panels += [(s, dataclasses.replace(s.config.sampling, steps=n), f"{method}, NFE {n}: {fd[n]['fd']:.2f}")
+               for n in (1, 2)]
+    fig = new_figure(3.2 * len(panels), 3.6)
+    for k, (run, cfg, title) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        ax.imshow(image_grid(run.images(run.sample(range(64), cfg)), nrow=8, scale=4)[..., 0], cmap="gray",
+                  vmin=0, vmax=255)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    return save_figure(fig, out)
+
+
 def student_rows(path: Path, method: str, score: Scorer, nfes=(1, 2, 4)) -> tuple[list[dict], list[dict]]:
     """(the final student at each NFE, the curve: every checkpoint at NFE 1 and 2)."""
     from elucidate.run.model import load_run
@@ -143,6 +167,8 @@ def main(argv=None) -> int:
     p.add_argument("--tuned-nfe", default="5,9", help="NFEs of the teacher's tuned rows ('' = none)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to every `elucidate distill` (e.g. training.lr=1e-4)")
+    p.add_argument("--picture", default=None, metavar="METHOD",
+                   help="draw the teacher next to this student at NFE 1 and 2 (RUNS/samples.png)")
     p.add_argument("--teacher-std", type=float, default=None,
                    help="distill the teacher's post-hoc EMA of this std (a run trained with power EMA)")
     args = p.parse_args(argv)
@@ -195,6 +221,9 @@ def main(argv=None) -> int:
         print(f"| {step} | " + " | ".join(cells) + " |")
     args.runs.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
+    if args.picture:
+        drawn = picture(args.teacher, args.runs / args.picture, results, args.picture, args.runs / "samples.png")
+        print(f"wrote {drawn}")
     try:
         import matplotlib
         matplotlib.use("Agg")

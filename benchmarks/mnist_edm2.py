@@ -15,8 +15,14 @@ the contribution of each ingredient, the FD-against-training-time curve of each 
    default) if the trend held. Steps, not the seconds a run measured, are the time axis:
    the seconds depend on what else the machine ran.
 3. Autoguidance (Karras et al. 2024b): the final model of each ``--guided`` run (post-hoc EMA of the first std)
-   guided by itself as it was at step ``--guide-step`` (an early, weaker sibling: the curve's post-hoc EMA there),
-   at each ``--guidance`` weight. It costs a second network evaluation per step, no training.
+   guided by itself as it was at an earlier step (a weaker sibling: the post-hoc EMA there, ``elucidate ema RUN
+   --std S --step K``), for each ``--autoguide`` setting STEP:W (guide step, weight) or STEP:W:S_CHURN (EDM's
+   stochastic sampler, S_tmin 0.05, S_tmax 50, S_noise 1.003). It costs a second network evaluation per step, no
+   training. ``--held-out N`` re-scores the setting with the highest recognized share (chosen on seeds 0..num-1)
+   on N new seeds (num..num+N-1): the honest figure for a setting chosen by its score. ``--picture STEP:W`` draws
+   seeds 0-63 of the final model unguided and with that setting into RUNS/autoguided.png (and the guided grid
+   alone into RUNS/samples.png). STEP may also name a smaller sibling of GUIDES (``xs``: 16 channels, 600 steps,
+   trained into RUNS/xs): its final post-hoc EMA of the first std is the guide.
 Scores: fd_mnist of ``--num`` samples (seeds 0..num-1; Heun, 18 steps = NFE 35, the configs' sampler) against the
 5,000 real digits, and the share the bundled MNIST classifier recognizes (confidence >= 0.8). Both configs train at
 about the same cost per step (0.66 and 0.69 s on 2 quiet AVX512-BF16 cores), so equal steps are equal wall-clock;
@@ -26,7 +32,8 @@ Prints markdown tables and writes RUNS/results.json (and RUNS/fd_vs_time.png if 
 
     python benchmarks/mnist_edm2.py [--runs runs/mnist_bench] [--variants mnist-edm,mnist-edm2] [--num 500]
                                     [--curve-every 800] [--ema-stds 0.05,0.10] [--guided mnist-edm2]
-                                    [--guide-step 800] [--guidance 1.5,2,3] [--target-fd 112] [--no-train]
+                                    [--autoguide 800:3,400:5,400:5:40] [--held-out 1000] [--picture 400:5]
+                                    [--target-fd 112] [--no-train]
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +51,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from distillation import cost  # noqa: E402  (steps and training seconds of a checkpoint)
 
+#: smaller siblings to guide with (``--autoguide NAME:W``): name -> (config, --set overrides), trained into RUNS/NAME
+GUIDES = {"xs": ("configs/mnist-edm2.yaml", ["network.model_channels=16", "training.steps=600",
+                                             "training.checkpoint_every=200", "training.sample_every=600",
+                                             "training.ema={type: power, stds: [0.05, 0.10], snapshot_every: 200}"])}
+#: the autoguidance settings scored by default, STEP:W[:S_CHURN] (docs/edm2.md's table)
+AUTOGUIDE = "800:1.5,800:2,800:3,800:5,400:3,400:4,400:5,400:6,400:7,800:3:40,400:5:40"
 INV_SQRT = "training.lr_schedule={kind: inv_sqrt, ref_batches: 600}"
 #: name -> (config, --set overrides): each row adds one ingredient to the one before it
 VARIANTS = {
@@ -62,9 +76,9 @@ def train(runs: Path, name: str) -> Path:
     from elucidate.config import load_config
     from elucidate.run import RunDir
 
-    config, overrides = VARIANTS[name]
+    config, overrides = {**VARIANTS, **GUIDES}[name]
     path = runs / name
-    steps = load_config(ROOT / config).training.steps
+    steps = load_config(ROOT / config, list(overrides)).training.steps
     if not RunDir(path).checkpoint(steps).is_file():  # (resumes a run that was stopped)
         sets = [a for o in overrides for a in ("--set", o)]
         elucidate("train", str(ROOT / config), "--out", str(path), *sets)
@@ -72,13 +86,13 @@ def train(runs: Path, name: str) -> Path:
 
 
 class Scorer:
-    """fd_mnist and the MNIST classifier's recognized share of a run's samples from seeds 0..num-1."""
+    """fd_mnist and the MNIST classifier's recognized share of a run's samples from seeds first..first+num-1."""
 
-    def __init__(self, num: int):
+    def __init__(self, num: int, first: int = 0):
         from elucidate.evaluation import feature_extractor, load_dataset_stats
         from elucidate.metrics.digits_net import load_mnist_classifier
 
-        self.num, self.extractor = num, feature_extractor("fd_mnist")
+        self.num, self.first, self.extractor = num, first, feature_extractor("fd_mnist")
         self.ref = load_dataset_stats("mnist", "fd_mnist")
         self.classifier = load_mnist_classifier()
 
@@ -89,7 +103,7 @@ class Scorer:
         from elucidate.evaluation.evaluate import compute_metric, sampler_nfe
         from elucidate.metrics import FeatureStats, classifier_score
 
-        x = run.sample(range(self.num), cfg, batch_size=250, precision="bf16")
+        x = run.sample(range(self.first, self.first + self.num), cfg, batch_size=250, precision="bf16")
         pixels = to_pixels(x, run.normalizer)
         stats = FeatureStats(keep_features=True)
         stats.update(self.extractor(pixels))
@@ -98,6 +112,59 @@ class Scorer:
         return {"fd": compute_metric("fd_mnist", stats, self.ref)["value"],
                 "recognizable": float(score.confident_fraction), "classes": int((score.histogram > 0).sum()),
                 "nfe": sampler_nfe(cfg or run.config.sampling, run.denoiser.formulation)}
+
+
+def guide_checkpoint(path: Path, std: float, step: int) -> Path:
+    """The run's post-hoc EMA of ``std`` as it was at ``step`` (written if missing): the autoguidance guide."""
+    from elucidate.run import RunDir
+    from elucidate.training.ema import write_ema_checkpoint
+
+    guide = RunDir(path).ema_checkpoint(std, step=step)
+    return guide if guide.is_file() else write_ema_checkpoint(path, std, step=step)
+
+
+def guide_for(runs: Path, path: Path, std: float, spec: str, train_guides: bool) -> Path:
+    """The guide of an autoguide setting: the run itself at step ``spec`` or the sibling GUIDES[spec]'s post-hoc EMA
+    of ``std`` (trained into RUNS/spec first if ``train_guides``)."""
+    from elucidate.run import RunDir
+    from elucidate.training.ema import write_ema_checkpoint
+
+    if spec.isdigit():
+        return guide_checkpoint(path, std, int(spec))
+    sibling = train(runs, spec) if train_guides else runs / spec
+    guide = RunDir(sibling).ema_checkpoint(std)
+    return guide if guide.is_file() else write_ema_checkpoint(sibling, std)
+
+
+def autoguided_key(w, guide: str, best: str, churn: float | None = None) -> str:
+    by = f"step {guide}" if str(guide).isdigit() else str(guide)
+    return f"autoguided {float(w):g} by {by} ({best})" + (f" S_churn {churn:g}" if churn else "")
+
+
+def picture(final, path: Path, std: float, setting: str, res: dict, best: str, runs: Path) -> None:
+    """Seeds 0-63 of ``final`` unguided and autoguided by ``setting`` (STEP:W) side by side (RUNS/autoguided.png),
+    the guided grid alone (RUNS/samples.png)."""
+    from elucidate.viz import image_grid, new_figure, save_figure, save_image_grid
+
+    spec, w = setting.split(":")
+    key = autoguided_key(w, spec, best)
+    guided = dataclasses.replace(final.config.sampling, guide=str(guide_for(runs, path, std, spec, False)),
+                                 guidance=float(w))
+    fig = new_figure(9.6, 5.0)
+    for k, (cfg, title) in enumerate([(None, f"post-hoc EMA {std:g}: {fmt(res[best])} recognized"),
+                                      (guided, f"+ autoguidance by {key.split(' by ')[1].split(' (')[0]} "
+                                               f"(w = {float(w):g}): "
+                                               f"{fmt(res[key]) if key in res else ''}")]):
+        images = final.images(final.sample(range(64), cfg, batch_size=64))
+        grid = image_grid(images, nrow=8, scale=2)
+        if cfg is guided:
+            save_image_grid(images, runs / "samples.png", nrow=8, scale=2)
+        ax = fig.add_subplot(1, 2, k + 1)
+        ax.imshow(grid[..., 0], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    save_figure(fig, runs / "autoguided.png")
+    print(f"  wrote {runs / 'autoguided.png'} and {runs / 'samples.png'}")
 
 
 def crossing(points: list[tuple[float, float]], target: float) -> float | None:
@@ -124,8 +191,9 @@ def main(argv=None) -> None:
     p.add_argument("--curve-every", type=int, default=800)
     p.add_argument("--ema-stds", default="0.05,0.10")
     p.add_argument("--guided", default="mnist-edm2", help="runs to autoguide ('' for none)")
-    p.add_argument("--guide-step", type=int, default=800)
-    p.add_argument("--guidance", default="1.5,2,3")
+    p.add_argument("--autoguide", default=AUTOGUIDE, help="STEP:W[:S_CHURN] settings, comma-separated")
+    p.add_argument("--held-out", type=int, default=0, help="re-score the most recognized setting on N new seeds")
+    p.add_argument("--picture", default=None, metavar="STEP:W", help="draw the final model unguided and guided")
     p.add_argument("--target-fd", type=float, default=112.0)
     p.add_argument("--no-train", action="store_true", help="score only the runs that are trained")
     args = p.parse_args(argv)
@@ -166,16 +234,33 @@ def main(argv=None) -> None:
                     res[key] = score(load_run(RunDir(path).ema_checkpoint(float(std))))
                     print(f"  {name:<13} post-hoc EMA std {std}  {fmt(res[key])}", flush=True)
                     results_path.write_text(json.dumps(results, indent=1))
-        if name in args.guided.split(",") and str(args.guide_step) in curve:
+        if name in args.guided.split(","):
             final, best = load_run(RunDir(path).ema_checkpoint(std0, step=last)), f"ema {std0:.3f}"  # the curve's
-            guide = RunDir(path).ema_checkpoint(std0, step=args.guide_step)  # written for the curve
-            for w in args.guidance.split(","):
-                key = f"autoguided {float(w):g} by step {args.guide_step}" + (f" ({best})" if best else "")
+            for setting in (a.split(":") for a in args.autoguide.split(",") if a):
+                spec, w, churn = setting[0], float(setting[1]), float((setting[2:] or [0])[0])
+                key = autoguided_key(w, spec, best, churn)
                 if key not in res:
-                    cfg = dataclasses.replace(final.config.sampling, guide=str(guide), guidance=float(w))
+                    extra = dict(s_churn=churn, s_min=0.05, s_max=50.0, s_noise=1.003) if churn else {}
+                    guide = guide_for(args.runs, path, std0, spec, not args.no_train)
+                    cfg = dataclasses.replace(final.config.sampling, guide=str(guide), guidance=w, **extra)
                     res[key] = score(final, cfg)
                     print(f"  {name:<13} {key}  {fmt(res[key])}", flush=True)
                     results_path.write_text(json.dumps(results, indent=1))
+            guided = [k for k in res if k.startswith("autoguided") and "seeds" not in k]
+            if args.held_out and guided:
+                chosen = max(guided, key=lambda k: res[k]["recognizable"])
+                key = f"{chosen} seeds {args.num}-{args.num + args.held_out - 1}"
+                if key not in res:
+                    w, spec, churn = re.match(r"autoguided (\S+) by (?:step )?(\S+) .*?(?:S_churn (\S+))?$",
+                                              chosen).groups()
+                    extra = dict(s_churn=float(churn), s_min=0.05, s_max=50.0, s_noise=1.003) if churn else {}
+                    guide = guide_for(args.runs, path, std0, spec, not args.no_train)
+                    cfg = dataclasses.replace(final.config.sampling, guide=str(guide), guidance=float(w), **extra)
+                    res[key] = Scorer(args.held_out, first=args.num)(final, cfg)
+                    results_path.write_text(json.dumps(results, indent=1))
+                print(f"  {name:<13} held out: {key}  {fmt(res[key])}", flush=True)
+            if args.picture:
+                picture(final, path, std0, args.picture, res, best, args.runs)
 
     print(f"\nfd_mnist ({args.num} samples, Heun 18 steps) and recognizable share; target: fd <= {args.target_fd:g} "
           f"and >= 97 % recognizable\n")
