@@ -13,14 +13,15 @@
    recognizes (confidence >= 0.8): fd_digits and the digits classifier for the 8x8 digits (as
    benchmarks/flow_vs_edm.py), fd_mnist and the MNIST classifier for MNIST (as benchmarks/mnist_edm2.py). Cost:
    optimizer steps and wall-clock seconds of training (from the checkpoints' metadata), the distillation's relative
-   to the teacher's.
+   to the teacher's; those seconds are only as good as the machine was quiet, so ``--step-cost cd,ect`` also
+   measures seconds per step of the teacher's training and of each method, interleaved in one process.
 
 Prints two markdown tables and writes RUNS/results.json (and RUNS/fd_vs_steps.png if matplotlib is installed).
 
     python benchmarks/distillation.py [--teacher runs/demo] [--runs runs/distill_bench] [--steps 2000]
                                       [--eval-every 500] [--num 2000] [--methods cd,ect] [--teacher-nfe 5,9,35]
                                       [--tuned-nfe 5,9] [--set KEY=VALUE ...] [--config configs/digits-edm.yaml]
-                                      [--teacher-std S] [--picture ect]
+                                      [--teacher-std S] [--picture ect:2500] [--step-cost cd,ect]
     python benchmarks/distillation.py --teacher runs/mnist_bench/mnist-edm2 --teacher-std 0.05 \
         --runs runs/distill_bench/mnist --methods ect --steps 1200 --eval-every 400 --num 500 --tuned-nfe ""
 """
@@ -29,8 +30,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,20 +110,23 @@ def teacher_rows(path: Path, score: Scorer, teacher_nfe: list[int], tuned_nfe: l
     return rows
 
 
-def picture(teacher: Path, student: Path, results: dict, method: str, out: Path) -> Path:
-    """Seeds 0-63: the teacher with Heun (NFE 35) next to the student at NFE 1 and 2, each titled with its FD."""
+def picture(teacher: Path, student: Path, results: dict, method: str, step: int | None, out: Path) -> Path:
+    """Seeds 0-63: the teacher with Heun (NFE 35) next to the student (its checkpoint at ``step``, default the last)
+    at NFE 1 and 2, each titled with its FD."""
     import dataclasses
 
     from elucidate.run.model import load_run
+    from elucidate.run.rundir import RunDir
     from elucidate.viz import image_grid, new_figure, save_figure
 
-    t, s = load_run(teacher), load_run(student)
-    fd = {r["nfe"]: r for r in results["students"][method]}
+    t = load_run(teacher)
+    s = load_run(RunDir(student).checkpoint(step) if step is not None else student)
+    fd = {r["nfe"]: r for r in results["curves"][method] if r["step"] == s.step}
     heun = next(r for r in results["teacher"] if r["sampler"] == "heun")
     panels = [(t, dataclasses.replace(t.config.sampling, sampler="heun", steps=18, s_churn=0.0),
                f"teacher, Heun NFE 35: {heun['fd']:.2f}")]
-    panels += [(s, dataclasses.replace(s.config.sampling, steps=n), f"{method}, NFE {n}: {fd[n]['fd']:.2f}")
-               for n in (1, 2)]
+    panels += [(s, dataclasses.replace(s.config.sampling, steps=n), f"{method} ({s.step} steps), NFE {n}: "
+                                                                    f"{fd[n]['fd']:.2f}") for n in (1, 2)]
     fig = new_figure(3.2 * len(panels), 3.6)
     for k, (run, cfg, title) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
@@ -129,6 +135,47 @@ def picture(teacher: Path, student: Path, results: dict, method: str, out: Path)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     return save_figure(fig, out)
+
+
+def step_cost(teacher: Path, methods: list[str], repeats: int = 3, steps: int = 20) -> dict:
+    """Seconds per optimizer step of the teacher's own training and of each method's distillation (their configs as
+    `train` and `distill` make them, precision included), the best of ``repeats`` interleaved short runs: what
+    the relative wall-clock of a distillation is on a machine that runs nothing else."""
+    import tempfile
+
+    from elucidate.run.model import load_run, resolve_checkpoint
+    from elucidate.training import Trainer
+    from elucidate.training.distill import CD_EPSILON, DistillTrainer, distill_config
+
+    ckpt = resolve_checkpoint(teacher)
+    run = load_run(ckpt)
+    dim = run.info.channels * math.prod(run.info.resolution)
+    sets = [f"training.steps={steps}", f"training.checkpoint_every={steps}", "training.sample_every=0"]
+    seconds = {name: [] for name in ["teacher", *methods]}
+    for _ in range(repeats):
+        for name in seconds:
+            with tempfile.TemporaryDirectory() as tmp:
+                quiet = dict(progress=False, log=lambda *a, **k: None)
+                if name == "teacher":
+                    config = load_config_with(run.config, sets)
+                    trainer = Trainer(config, Path(tmp) / "run", **quiet)
+                else:
+                    config = distill_config(run.config, ckpt, name, steps=steps, dim=dim, overrides=sets[1:],
+                                            epsilon=CD_EPSILON if name == "cd" else 0.0)
+                    trainer = DistillTrainer(config, Path(tmp) / "run", **quiet)
+                    state = {k: v.clone() for k, v in run.denoiser.net.state_dict().items()}
+                    trainer.start_from({"net": state, "ema": state}, source="step_cost")
+                t0 = time.perf_counter()
+                trainer.train()
+                seconds[name].append((time.perf_counter() - t0) / steps)
+    return {name: min(v) for name, v in seconds.items()}
+
+
+def load_config_with(config, overrides: list[str]):
+    from elucidate.config import parse_config
+    from elucidate.config.schema import SECTIONS, parse_with_overrides
+
+    return parse_with_overrides(config.to_dict(), overrides, parse_config, SECTIONS, source="the teacher's config")
 
 
 def student_rows(path: Path, method: str, score: Scorer, nfes=(1, 2, 4)) -> tuple[list[dict], list[dict]]:
@@ -167,8 +214,10 @@ def main(argv=None) -> int:
     p.add_argument("--tuned-nfe", default="5,9", help="NFEs of the teacher's tuned rows ('' = none)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to every `elucidate distill` (e.g. training.lr=1e-4)")
-    p.add_argument("--picture", default=None, metavar="METHOD",
-                   help="draw the teacher next to this student at NFE 1 and 2 (RUNS/samples.png)")
+    p.add_argument("--step-cost", default="", metavar="METHODS",
+                   help="measure seconds per step of the teacher's training and these methods', interleaved")
+    p.add_argument("--picture", default=None, metavar="METHOD[:STEP]",
+                   help="draw the teacher next to this student (at STEP) at NFE 1 and 2 (RUNS/samples.png)")
     p.add_argument("--teacher-std", type=float, default=None,
                    help="distill the teacher's post-hoc EMA of this std (a run trained with power EMA)")
     args = p.parse_args(argv)
@@ -195,6 +244,11 @@ def main(argv=None) -> int:
         results["costs"][method] = cost(RunDir(out).list_checkpoints()[-1])
         results["students"][method], results["curves"][method] = student_rows(out, method, score)
 
+    if args.step_cost:
+        per_step = step_cost(args.teacher, [m for m in args.step_cost.split(",") if m])
+        results["step_cost"] = per_step
+        print("\nseconds per step (interleaved, nothing else running): " + ", ".join(
+            f"{name} {sec:.3f} ({sec / per_step['teacher']:.2f}x)" for name, sec in per_step.items()))
     t = results["teacher_cost"]
     print(f"\nteacher: {t['steps']} steps, {t['seconds']:.0f} s of training\n")
     print(f"| model | sampler | NFE | {fd_name} | recognizable | training steps (x teacher) | seconds (x teacher) |")
@@ -222,7 +276,9 @@ def main(argv=None) -> int:
     args.runs.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
     if args.picture:
-        drawn = picture(args.teacher, args.runs / args.picture, results, args.picture, args.runs / "samples.png")
+        method, _, step = args.picture.partition(":")
+        drawn = picture(args.teacher, args.runs / method, results, method, int(step) if step else None,
+                        args.runs / "samples.png")
         print(f"wrote {drawn}")
     try:
         import matplotlib

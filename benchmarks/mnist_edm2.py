@@ -56,7 +56,7 @@ GUIDES = {"xs": ("configs/mnist-edm2.yaml", ["network.model_channels=16", "train
                                              "training.checkpoint_every=200", "training.sample_every=600",
                                              "training.ema={type: power, stds: [0.05, 0.10], snapshot_every: 200}"])}
 #: the autoguidance settings scored by default, STEP:W[:S_CHURN] (docs/edm2.md's table)
-AUTOGUIDE = "800:1.5,800:2,800:3,800:5,400:3,400:4,400:5,400:6,400:7,800:3:40,400:5:40"
+AUTOGUIDE = "800:1.5,800:2,800:3,800:5,400:3,400:4,400:5,400:6,400:7,xs:3,xs:5,800:3:40,400:5:40"
 INV_SQRT = "training.lr_schedule={kind: inv_sqrt, ref_batches: 600}"
 #: name -> (config, --set overrides): each row adds one ingredient to the one before it
 VARIANTS = {

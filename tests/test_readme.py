@@ -63,8 +63,8 @@ SKIP = [
     ("docs/latent.md", r"path/to/sd-vae", "needs a local copy of a Stable Diffusion VAE (a diffusers AutoencoderKL "
                                           "folder, 335 MB); tests/latent/test_diffusers_vae.py trains, samples and "
                                           "encodes with a tiny one"),
-    ("docs/edm2.md", r"--step 800|ema-0\.050-step00000800",
-     "the snapshot at step 800 of the full run (a tiny run has steps 1 and 2); tests/cli/test_phema_cli.py "
+    ("docs/edm2.md", r"--step 400|ema-0\.050-step00000400",
+     "the snapshot at step 400 of the full run (a tiny run has steps 1 and 2); tests/cli/test_phema_cli.py "
      "reconstructs an earlier step and autoguides the final model by it"),
     ("docs/plots.md", r"^image_grid\(images, nrow=None", "a signature listing, not a program"),
     ("docs/plots.md", r"^plot_flow\(mixture=None", "a signature listing, not a program"),
