@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,25 +32,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from distillation import cost  # noqa: E402  (steps and training seconds of a checkpoint)
+from distillation import cost, seconds_per_step  # noqa: E402  (a checkpoint's steps and seconds; interleaved timing)
+from mnist_edm2 import train_run  # noqa: E402  (elucidate train, unless the run has its last checkpoint)
 
 VARIANTS = {"digits-edm": "configs/digits-edm.yaml", "digits-edm2": "configs/digits-edm2.yaml"}
-
-
-def elucidate(*args: str) -> None:
-    print("  $ elucidate " + " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "elucidate", *args, "--no-progress"], check=True)
-
-
-def train(path: Path, config: str, steps: int | None) -> Path:
-    from elucidate.config import load_config
-    from elucidate.run import RunDir
-
-    last = steps or load_config(ROOT / config).training.steps
-    if not RunDir(path).checkpoint(last).is_file():  # (resumes a run that was stopped)
-        elucidate("train", str(ROOT / config), "--out", str(path),
-                  *(["--set", f"training.steps={steps}"] if steps else []))
-    return path
 
 
 def strict_classifier(seed: int = 0):
@@ -99,25 +82,16 @@ class Scorer:
                 "strict": float((p.max(1) >= 0.8).mean()), "classes": int(len(np.unique(p.argmax(1))))}
 
 
-def step_cost(names: list[str], repeats: int = 3, steps: int = 30) -> dict:
-    """Seconds per training step of each variant's config (its batch, precision and network on the digits), the
-    best of ``repeats`` interleaved short runs: their ratio is what equal wall-clock means."""
-    import tempfile
-
+def step_cost(names: list[str], steps: int = 30) -> dict:
+    """Seconds per training step of each variant's config (its batch, precision and network on the digits),
+    interleaved (distillation.seconds_per_step): their ratio is what equal wall-clock means."""
     from elucidate.config import load_config
     from elucidate.training import Trainer
 
-    seconds = {n: [] for n in names}
-    for _ in range(repeats):
-        for n in names:
-            cfg = load_config(ROOT / VARIANTS[n], [f"training.steps={steps}", f"training.checkpoint_every={steps}",
-                                                   "training.sample_every=0"])
-            with tempfile.TemporaryDirectory() as tmp:
-                trainer = Trainer(cfg, Path(tmp) / "run", progress=False, log=lambda *a, **k: None)
-                t0 = time.perf_counter()
-                trainer.train()
-                seconds[n].append((time.perf_counter() - t0) / steps)
-    return {n: min(s) for n, s in seconds.items()}
+    sets = [f"training.steps={steps}", f"training.checkpoint_every={steps}", "training.sample_every=0"]
+    configs = {n: load_config(ROOT / VARIANTS[n], sets) for n in names}
+    return seconds_per_step({n: lambda out, c=c: Trainer(c, out, progress=False, log=lambda *a, **k: None)
+                             for n, c in configs.items()}, steps)
 
 
 def fmt(r: dict) -> str:
@@ -157,7 +131,7 @@ def main(argv=None) -> None:
         key = name + (f"-{steps[name]}" if name in steps else "")
         path = args.runs / key
         if not args.no_train:
-            train(path, VARIANTS[name], steps.get(name))
+            train_run(path, VARIANTS[name], [f"training.steps={steps[name]}"] if name in steps else [])
         ckpts = RunDir(path).list_checkpoints()
         if not ckpts:
             continue

@@ -137,12 +137,28 @@ def picture(teacher: Path, student: Path, results: dict, method: str, step: int 
     return save_figure(fig, out)
 
 
-def step_cost(teacher: Path, methods: list[str], repeats: int = 3, steps: int = 20) -> dict:
-    """Seconds per optimizer step of the teacher's own training and of each method's distillation (their configs as
-    `train` and `distill` make them, precision included), the best of ``repeats`` interleaved short runs: what
-    the relative wall-clock of a distillation is on a machine that runs nothing else."""
+def seconds_per_step(trainers: dict, steps: int, repeats: int = 3) -> dict:
+    """{name: seconds per optimizer step}: each ``trainers[name](run_dir)`` (a new trainer of ``steps`` steps in a
+    temporary run directory) trained in turn, ``repeats`` rounds interleaved, the best round of each: ratios measured
+    this way hold on a machine that runs nothing else."""
     import tempfile
 
+    seconds = {name: [] for name in trainers}
+    for _ in range(repeats):
+        for name, make in trainers.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                trainer = make(Path(tmp) / "run")
+                t0 = time.perf_counter()
+                trainer.train()
+                seconds[name].append((time.perf_counter() - t0) / steps)
+    return {name: min(v) for name, v in seconds.items()}
+
+
+def step_cost(teacher: Path, methods: list[str], steps: int = 20) -> dict:
+    """Seconds per optimizer step of the teacher's own training and of each method's distillation (their configs as
+    `train` and `distill` make them, precision included), interleaved (:func:`seconds_per_step`)."""
+    from elucidate.config import parse_config
+    from elucidate.config.schema import apply_overrides
     from elucidate.run.model import load_run, resolve_checkpoint
     from elucidate.training import Trainer
     from elucidate.training.distill import CD_EPSILON, DistillTrainer, distill_config
@@ -151,31 +167,21 @@ def step_cost(teacher: Path, methods: list[str], repeats: int = 3, steps: int = 
     run = load_run(ckpt)
     dim = run.info.channels * math.prod(run.info.resolution)
     sets = [f"training.steps={steps}", f"training.checkpoint_every={steps}", "training.sample_every=0"]
-    seconds = {name: [] for name in ["teacher", *methods]}
-    for _ in range(repeats):
-        for name in seconds:
-            with tempfile.TemporaryDirectory() as tmp:
-                quiet = dict(progress=False, log=lambda *a, **k: None)
-                if name == "teacher":
-                    config = load_config_with(run.config, sets)
-                    trainer = Trainer(config, Path(tmp) / "run", **quiet)
-                else:
-                    config = distill_config(run.config, ckpt, name, steps=steps, dim=dim, overrides=sets[1:],
-                                            epsilon=CD_EPSILON if name == "cd" else 0.0)
-                    trainer = DistillTrainer(config, Path(tmp) / "run", **quiet)
-                    state = {k: v.clone() for k, v in run.denoiser.net.state_dict().items()}
-                    trainer.start_from({"net": state, "ema": state}, source="step_cost")
-                t0 = time.perf_counter()
-                trainer.train()
-                seconds[name].append((time.perf_counter() - t0) / steps)
-    return {name: min(v) for name, v in seconds.items()}
+    quiet = dict(progress=False, log=lambda *a, **k: None)
 
+    def distiller(method: str):
+        def make(out: Path):
+            config = distill_config(run.config, ckpt, method, steps=steps, dim=dim, overrides=sets[1:],
+                                    epsilon=CD_EPSILON if method == "cd" else 0.0)
+            trainer = DistillTrainer(config, out, **quiet)
+            state = {k: v.clone() for k, v in run.denoiser.net.state_dict().items()}
+            trainer.start_from({"net": state, "ema": state}, source="step_cost")
+            return trainer
+        return make
 
-def load_config_with(config, overrides: list[str]):
-    from elucidate.config import parse_config
-    from elucidate.config.schema import SECTIONS, parse_with_overrides
-
-    return parse_with_overrides(config.to_dict(), overrides, parse_config, SECTIONS, source="the teacher's config")
+    teacher_config = parse_config(apply_overrides(run.config.to_dict(), sets))
+    return seconds_per_step({"teacher": lambda out: Trainer(teacher_config, out, **quiet),
+                             **{m: distiller(m) for m in methods}}, steps)
 
 
 def student_rows(path: Path, method: str, score: Scorer, nfes=(1, 2, 4)) -> tuple[list[dict], list[dict]]:

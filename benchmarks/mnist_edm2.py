@@ -41,15 +41,13 @@ import argparse
 import dataclasses
 import json
 import math
-import re
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from distillation import cost  # noqa: E402  (steps and training seconds of a checkpoint)
+from distillation import cost, elucidate  # noqa: E402  (a checkpoint's steps and seconds; run the CLI)
 
 #: smaller siblings to guide with (``--autoguide NAME:W``): name -> (config, --set overrides), trained into RUNS/NAME
 GUIDES = {"xs": ("configs/mnist-edm2.yaml", ["network.model_channels=16", "training.steps=600",
@@ -67,21 +65,20 @@ VARIANTS = {
 }
 
 
-def elucidate(*args: str) -> None:
-    print("  $ elucidate " + " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "elucidate", *args, "--no-progress"], check=True)
-
-
 def train(runs: Path, name: str) -> Path:
+    """RUNS/NAME trained from VARIANTS or GUIDES[name]."""
+    config, overrides = {**VARIANTS, **GUIDES}[name]
+    return train_run(runs / name, config, overrides)
+
+
+def train_run(path: Path, config: str, overrides: list[str] = ()) -> Path:
+    """``elucidate train CONFIG --out PATH --set ...`` unless PATH has its last checkpoint (resumes a stopped run)."""
     from elucidate.config import load_config
     from elucidate.run import RunDir
 
-    config, overrides = {**VARIANTS, **GUIDES}[name]
-    path = runs / name
     steps = load_config(ROOT / config, list(overrides)).training.steps
-    if not RunDir(path).checkpoint(steps).is_file():  # (resumes a run that was stopped)
-        sets = [a for o in overrides for a in ("--set", o)]
-        elucidate("train", str(ROOT / config), "--out", str(path), *sets)
+    if not RunDir(path).checkpoint(steps).is_file():
+        elucidate("train", str(ROOT / config), "--out", str(path), *[a for o in overrides for a in ("--set", o)])
     return path
 
 
@@ -114,31 +111,32 @@ class Scorer:
                 "nfe": sampler_nfe(cfg or run.config.sampling, run.denoiser.formulation)}
 
 
-def guide_checkpoint(path: Path, std: float, step: int) -> Path:
-    """The run's post-hoc EMA of ``std`` as it was at ``step`` (written if missing): the autoguidance guide."""
-    from elucidate.run import RunDir
-    from elucidate.training.ema import write_ema_checkpoint
-
-    guide = RunDir(path).ema_checkpoint(std, step=step)
-    return guide if guide.is_file() else write_ema_checkpoint(path, std, step=step)
-
-
 def guide_for(runs: Path, path: Path, std: float, spec: str, train_guides: bool) -> Path:
-    """The guide of an autoguide setting: the run itself at step ``spec`` or the sibling GUIDES[spec]'s post-hoc EMA
-    of ``std`` (trained into RUNS/spec first if ``train_guides``)."""
+    """The guide of an autoguide setting (written if missing): the run itself at step ``spec`` or the sibling
+    GUIDES[spec]'s final post-hoc EMA of ``std`` (trained into RUNS/spec first if ``train_guides``)."""
     from elucidate.run import RunDir
     from elucidate.training.ema import write_ema_checkpoint
 
-    if spec.isdigit():
-        return guide_checkpoint(path, std, int(spec))
-    sibling = train(runs, spec) if train_guides else runs / spec
-    guide = RunDir(sibling).ema_checkpoint(std)
-    return guide if guide.is_file() else write_ema_checkpoint(sibling, std)
+    step = int(spec) if spec.isdigit() else None
+    run = path if step is not None else train(runs, spec) if train_guides else runs / spec
+    guide = RunDir(run).ema_checkpoint(std, step=step)
+    return guide if guide.is_file() else write_ema_checkpoint(run, std, step=step)
 
 
-def autoguided_key(w, guide: str, best: str, churn: float | None = None) -> str:
-    by = f"step {guide}" if str(guide).isdigit() else str(guide)
-    return f"autoguided {float(w):g} by {by} ({best})" + (f" S_churn {churn:g}" if churn else "")
+def autoguide_settings(text: str, best: str) -> dict[str, tuple[str, float, float]]:
+    """``--autoguide`` STEP:W[:S_CHURN],... -> {result key: (guide spec, w, S_churn)}."""
+    settings = {}
+    for setting in (a.split(":") for a in text.split(",") if a):
+        spec, w, churn = setting[0], float(setting[1]), float((setting[2:] or [0])[0])
+        by = f"step {spec}" if spec.isdigit() else spec
+        settings[f"autoguided {w:g} by {by} ({best})" + (f" S_churn {churn:g}" if churn else "")] = (spec, w, churn)
+    return settings
+
+
+def guided_config(final, guide: Path, w: float, churn: float = 0.0):
+    """``final``'s sampling config autoguided by ``guide`` at weight ``w`` (with EDM's churn if ``churn``)."""
+    extra = dict(s_churn=churn, s_min=0.05, s_max=50.0, s_noise=1.003) if churn else {}
+    return dataclasses.replace(final.config.sampling, guide=str(guide), guidance=w, **extra)
 
 
 def picture(final, path: Path, std: float, setting: str, res: dict, best: str, runs: Path) -> None:
@@ -146,10 +144,8 @@ def picture(final, path: Path, std: float, setting: str, res: dict, best: str, r
     the guided grid alone (RUNS/samples.png)."""
     from elucidate.viz import image_grid, new_figure, save_figure, save_image_grid
 
-    spec, w = setting.split(":")
-    key = autoguided_key(w, spec, best)
-    guided = dataclasses.replace(final.config.sampling, guide=str(guide_for(runs, path, std, spec, False)),
-                                 guidance=float(w))
+    (key, (spec, w, _)), = autoguide_settings(setting, best).items()
+    guided = guided_config(final, guide_for(runs, path, std, spec, False), w)
     fig = new_figure(9.6, 5.0)
     for k, (cfg, title) in enumerate([(None, f"post-hoc EMA {std:g}: {fmt(res[best])} recognized"),
                                       (guided, f"+ autoguidance by {key.split(' by ')[1].split(' (')[0]} "
@@ -236,27 +232,20 @@ def main(argv=None) -> None:
                     results_path.write_text(json.dumps(results, indent=1))
         if name in args.guided.split(","):
             final, best = load_run(RunDir(path).ema_checkpoint(std0, step=last)), f"ema {std0:.3f}"  # the curve's
-            for setting in (a.split(":") for a in args.autoguide.split(",") if a):
-                spec, w, churn = setting[0], float(setting[1]), float((setting[2:] or [0])[0])
-                key = autoguided_key(w, spec, best, churn)
+            settings = autoguide_settings(args.autoguide, best)
+            for key, (spec, w, churn) in settings.items():
                 if key not in res:
-                    extra = dict(s_churn=churn, s_min=0.05, s_max=50.0, s_noise=1.003) if churn else {}
                     guide = guide_for(args.runs, path, std0, spec, not args.no_train)
-                    cfg = dataclasses.replace(final.config.sampling, guide=str(guide), guidance=w, **extra)
-                    res[key] = score(final, cfg)
+                    res[key] = score(final, guided_config(final, guide, w, churn))
                     print(f"  {name:<13} {key}  {fmt(res[key])}", flush=True)
                     results_path.write_text(json.dumps(results, indent=1))
-            guided = [k for k in res if k.startswith("autoguided") and "seeds" not in k]
-            if args.held_out and guided:
-                chosen = max(guided, key=lambda k: res[k]["recognizable"])
+            if args.held_out and settings:  # the most recognized of these settings, on new seeds
+                chosen = max(settings, key=lambda k: res[k]["recognizable"])
                 key = f"{chosen} seeds {args.num}-{args.num + args.held_out - 1}"
                 if key not in res:
-                    w, spec, churn = re.match(r"autoguided (\S+) by (?:step )?(\S+) .*?(?:S_churn (\S+))?$",
-                                              chosen).groups()
-                    extra = dict(s_churn=float(churn), s_min=0.05, s_max=50.0, s_noise=1.003) if churn else {}
+                    spec, w, churn = settings[chosen]
                     guide = guide_for(args.runs, path, std0, spec, not args.no_train)
-                    cfg = dataclasses.replace(final.config.sampling, guide=str(guide), guidance=float(w), **extra)
-                    res[key] = Scorer(args.held_out, first=args.num)(final, cfg)
+                    res[key] = Scorer(args.held_out, first=args.num)(final, guided_config(final, guide, w, churn))
                     results_path.write_text(json.dumps(results, indent=1))
                 print(f"  {name:<13} held out: {key}  {fmt(res[key])}", flush=True)
             if args.picture:
